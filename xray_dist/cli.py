@@ -1,0 +1,149 @@
+"""``xray-dist`` subcommands. Thin: parse flags, build one config, call one function, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from xray_dist.errors import XrayDistError
+
+log = logging.getLogger("xray_dist")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="decode DICOMs once into a Parquet cache with a patient-level split")
+    p.add_argument("data_dir")
+    p.add_argument("--labels", help="CSV of paths (or file stems) and labels; default: folder per class")
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
+
+
+def cmd_prepare(a) -> int:
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.dataset import prepare
+
+    cfg = PrepareConfig(
+        data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
+        preprocess=PreprocessSpec(image_size=a.image_size), val_fraction=a.val_fraction,
+        test_fraction=a.test_fraction, seed=a.seed, address=a.address, num_cpus=a.num_cpus,
+    )
+    report = prepare(cfg)
+    print(format_prepare_summary(report, a.out))
+    return 0
+
+
+def format_prepare_summary(report: dict, out: str) -> str:
+    lines = [
+        f"prepare: {report['ok']} of {report['found']} files used, {len(report['quarantined'])} quarantined, "
+        f"{len(report['missing'])} label rows without a file, {len(report['unlabeled'])} unlabeled files"
+        + (" (cache reused)" if report["cache_reused"] else ""),
+        "  classes: " + ", ".join(f"{k}={v}" for k, v in report["classes"].items()),
+        "  splits:  " + ", ".join(f"{k}={v['images']} images/{v['patients']} patients" for k, v in report["splits"].items()),
+    ]
+    for q in report["quarantined"][:10]:
+        lines.append(f"  quarantined {q['path']}: {q['reason']}")
+    if len(report["quarantined"]) > 10:
+        lines.append(f"  ... and {len(report['quarantined']) - 10} more")
+    for m in report["missing"][:5]:
+        lines.append(f"  missing {m['path']}: {m['reason']}")
+    for w in report.get("warnings", []):
+        lines.append(f"  warning: {w}")
+    lines.append(f"  report: {Path(out) / 'prepare_report.json'}")
+    return "\n".join(lines)
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write synthetic chest-like radiographs as DICOM files + labels.csv")
+    p.add_argument("out")
+    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--images-per-patient", type=int, default=2)
+    p.add_argument("--classes", default="normal,finding", help="comma-separated; the first has no finding")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_synth(a) -> int:
+    from xray_dist.synth import synthesize
+
+    classes = tuple(c.strip() for c in a.classes.split(",") if c.strip())
+    r = synthesize(a.out, patients=a.patients, images_per_patient=a.images_per_patient, classes=classes,
+                   size=a.size, seed=a.seed)
+    print(f"synth: wrote {len(r.files)} DICOM files for {a.patients} patients to {r.out}; labels in {r.labels_csv}")
+    return 0
+
+
+def _add_preview(sub) -> None:
+    p = sub.add_parser("preview", help="write a PNG of exactly what the model sees for one DICOM file")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=224)
+
+
+def cmd_preview(a) -> int:
+    from PIL import Image
+
+    from xray_dist.config import PreprocessSpec
+    from xray_dist.dicom import load_image
+
+    img = load_image(a.file, PreprocessSpec(image_size=a.size))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img, mode="L").save(a.out)
+    print(f"preview: {a.file} -> {a.out} ({a.size}x{a.size}, 8-bit grayscale, MONOCHROME2)")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="local single-node test mode: synth -> prepare -> train -> predict")
+    p.add_argument("--out", default="xray-dist-demo")
+    p.add_argument("--num-cpus", type=int, default=None)
+
+
+def cmd_demo(a) -> int:
+    from xray_dist.demo import run_demo
+
+    run_demo(a.out, num_cpus=a.num_cpus)
+    return 0
+
+
+COMMANDS = {
+    "prepare": (_add_prepare, cmd_prepare),
+    "synth": (_add_synth, cmd_synth),
+    "preview": (_add_preview, cmd_preview),
+    "demo": (_add_demo, cmd_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xray-dist", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    try:
+        return COMMANDS[a.command][1](a)
+    except (XrayDistError, ValueError) as e:
+        print(f"xray-dist {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

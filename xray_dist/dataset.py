@@ -1,0 +1,270 @@
+"""``prepare``: scan → decode once in parallel with Ray Data → Parquet cache → patient split → report.
+
+Cache layout (``CACHE/``)::
+
+    images/*.parquet        one row per input file: path, patient (salted hash), image (uint8
+                            S×S tensor), error_kind, error — written by Ray Data, never rewritten
+                            unless the inputs or the preprocessing spec change
+    images/_COMPLETE.json   the key the images were made with; written last, so a crashed prepare
+                            is never mistaken for a finished one
+    manifest.parquet        one row per image used: path, split, label, patient
+    preprocess.json         the :class:`~xray_dist.config.PreprocessSpec`
+    prepare_report.json     found / ok / quarantined / missing / unlabeled / classes / splits
+    .salt                   the salt of the patient-key hash (keep it private)
+
+The decoded images depend only on the files and the preprocessing spec; labels and the split live
+in the manifest, so changing ``--seed`` or the fractions re-splits without decoding anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
+from xray_dist.dicom import read_for_cache
+from xray_dist.errors import CacheError, DicomReadError, PrepareError
+from xray_dist.labels import scan_labels
+from xray_dist.splits import patient_labels, split_patients
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = "images"
+COMPLETE = "_COMPLETE.json"
+MANIFEST = "manifest.parquet"
+REPORT = "prepare_report.json"
+SPEC = "preprocess.json"
+SALT = ".salt"
+META_COLUMNS = ["path", "patient", "error_kind", "error"]
+
+
+def _salt(cache: Path) -> str:
+    """The cache's patient-key salt: ``XRAY_DIST_SALT`` if set, else a random one kept in ``.salt``."""
+    env = os.environ.get("XRAY_DIST_SALT")
+    if env:
+        return env
+    p = cache / SALT
+    if p.is_file():
+        return p.read_text().strip()
+    salt = secrets.token_hex(16)
+    p.write_text(salt)
+    p.chmod(0o600)
+    return salt
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` body: decode each file; a bad file becomes a row with its error."""
+    spec = PreprocessSpec.from_dict(spec_dict)
+    s = spec.image_size
+    n = len(batch["path"])
+    images = np.zeros((n, s, s), dtype=np.uint8)
+    patients, kinds, errors = [], [], []
+    for i, (rel, full) in enumerate(zip(batch["path"], batch["abspath"])):
+        try:
+            images[i], key = read_for_cache(str(full), spec, salt)
+            patients.append(key)
+            kinds.append("")
+            errors.append("")
+        except DicomReadError as e:
+            patients.append("")
+            kinds.append(e.kind)
+            errors.append(e.reason)
+        except Exception as e:  # noqa: BLE001 - an unforeseen failure still quarantines only this file
+            patients.append("")
+            kinds.append("unexpected")
+            errors.append(f"{type(e).__name__}: {e}")
+            log.warning("unexpected error decoding %s: %s", rel, e)
+    return {
+        "path": np.asarray(batch["path"], dtype=object),
+        "patient": np.asarray(patients, dtype=object),
+        "image": images,
+        "error_kind": np.asarray(kinds, dtype=object),
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
+def _images_key(data_dir: Path, rels: list[str], spec: PreprocessSpec, salt: str) -> str:
+    stats = []
+    for rel in rels:
+        st = (data_dir / rel).stat()
+        stats.append([rel, st.st_size, st.st_mtime_ns])
+    return stable_hash({"data_dir": str(data_dir.resolve()), "files": stats, "spec": spec.to_dict(),
+                        "salt": stable_hash(salt)})
+
+
+def _check_cache_dir(cache: Path) -> None:
+    if cache.exists() and any(cache.iterdir()):
+        ours = (cache / SPEC).exists() or (cache / IMAGES_DIR).exists() or (cache / SALT).exists()
+        if not ours:
+            raise PrepareError(f"--out {cache} exists and is not an xray-dist cache; choose an empty or new directory")
+
+
+def _decode_all(cfg: PrepareConfig, rels: list[str], images_dir: Path, salt: str) -> None:
+    from xray_dist.runtime import init_ray
+
+    ray = init_ray(cfg.address, cfg.num_cpus)
+    data_dir = Path(cfg.data_dir).resolve()
+    items = [{"path": rel, "abspath": str(data_dir / rel)} for rel in rels]
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = max(1, min(len(items), cpus * 4))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec_dict": cfg.preprocess.to_dict(), "salt": salt},
+        batch_size=8,
+        batch_format="numpy",
+    )
+    ds.write_parquet(str(images_dir))
+
+
+def read_image_meta(cache: str | Path) -> pa.Table:
+    """Path, patient and error of every decoded input (no pixels read)."""
+    return pq.read_table(Path(cache) / IMAGES_DIR, columns=META_COLUMNS)
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run ``prepare`` and return the report (also written to ``CACHE/prepare_report.json``)."""
+    t0 = time.time()
+    data_dir = Path(cfg.data_dir)
+    cache = Path(cfg.out)
+    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column)
+    if not scan.items:
+        raise PrepareError(
+            f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
+            f"{len(scan.unlabeled)} unlabeled files" + (" (is --labels right?)" if cfg.labels else
+                                                        " (expected DATA/<class>/**/*.dcm or --labels CSV)")
+        )
+    _check_cache_dir(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    salt = _salt(cache)
+    rels = [rel for rel, _ in scan.items]
+    labels = dict(scan.items)
+    key = _images_key(data_dir, rels, cfg.preprocess, salt)
+    images_dir = cache / IMAGES_DIR
+    marker = images_dir / COMPLETE
+    reused = marker.is_file() and json.loads(marker.read_text()).get("key") == key
+    if not reused:
+        if images_dir.exists():
+            log.info("cache %s was made from other inputs or settings; decoding again", images_dir)
+            shutil.rmtree(images_dir)
+        log.info("decoding %d files with Ray Data", len(rels))
+        _decode_all(cfg, rels, images_dir, salt)
+        marker.write_text(json.dumps({"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict()}))
+    else:
+        log.info("reusing decoded images in %s (same inputs and preprocessing)", images_dir)
+    (cache / SPEC).write_text(json.dumps(cfg.preprocess.to_dict(), indent=2))
+
+    meta = read_image_meta(cache).to_pylist()
+    seen = {m["path"] for m in meta}
+    lost = sorted(set(rels) - seen)
+    if lost:  # a decode task that lost rows must never pass silently
+        raise CacheError(f"{len(lost)} files have no row in {images_dir} (e.g. {lost[0]}); delete the cache and retry")
+    meta = [m for m in meta if m["path"] in labels]
+    ok = sorted((m for m in meta if not m["error"]), key=lambda m: m["path"])
+    quarantined = sorted(({"path": m["path"], "reason": f"{m['error_kind']}: {m['error']}"}
+                          for m in meta if m["error"]), key=lambda q: q["path"])
+    if not ok:
+        raise PrepareError(
+            f"none of the {len(meta)} labelled files could be read; first reasons: "
+            + "; ".join(f"{q['path']}: {q['reason']}" for q in quarantined[:3])
+        )
+
+    strata = patient_labels([(m["patient"], labels[m["path"]]) for m in ok])
+    split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    manifest = pa.table({
+        "path": [m["path"] for m in ok],
+        "split": [split_of[m["patient"]] for m in ok],
+        "label": [labels[m["path"]] for m in ok],
+        "patient": [m["patient"] for m in ok],
+    })
+    pq.write_table(manifest, cache / MANIFEST)
+
+    classes = Counter(manifest.column("label").to_pylist())
+    splits: dict[str, dict[str, int]] = {}
+    for split in ("train", "val", "test"):
+        rows = [i for i, s in enumerate(manifest.column("split").to_pylist()) if s == split]
+        pats = {manifest.column("patient")[i].as_py() for i in rows}
+        if rows or split != "test":
+            splits[split] = {"images": len(rows), "patients": len(pats)}
+    warnings = []
+    if len(classes) < 2:
+        warnings.append(f"only one class ({next(iter(classes))}) has usable images; training needs two")
+    if splits["val"]["images"] == 0 and cfg.val_fraction > 0:
+        warnings.append("the validation split is empty (too few patients per class)")
+    report = {
+        "data_dir": str(data_dir.resolve()),
+        "labels": str(cfg.labels) if cfg.labels else "folders",
+        "found": len(meta),
+        "ok": len(ok),
+        "quarantined": quarantined,
+        "missing": scan.missing,
+        "unlabeled": scan.unlabeled,
+        "classes": dict(sorted(classes.items())),
+        "splits": splits,
+        "image_size": cfg.preprocess.image_size,
+        "preprocess": cfg.preprocess.to_dict(),
+        "split_settings": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed},
+        "cache_reused": reused,
+        "warnings": warnings,
+        "seconds": round(time.time() - t0, 2),
+    }
+    assert report["found"] == report["ok"] + len(quarantined)
+    (cache / REPORT).write_text(json.dumps(report, indent=2))
+    for w in warnings:
+        log.warning(w)
+    return report
+
+
+# ---- reading the cache (training, sweeps, bench) -------------------------------------------------
+
+def load_spec(cache: str | Path) -> PreprocessSpec:
+    p = Path(cache) / SPEC
+    if not p.is_file():
+        raise CacheError(f"{cache} is not a prepared cache (no {SPEC}); run `xray-dist prepare` first")
+    return PreprocessSpec.from_dict(json.loads(p.read_text()))
+
+
+def load_manifest(cache: str | Path) -> pa.Table:
+    p = Path(cache) / MANIFEST
+    if not p.is_file() or not (Path(cache) / IMAGES_DIR / COMPLETE).is_file():
+        raise CacheError(f"{cache} is not a complete prepared cache (no {MANIFEST}); run `xray-dist prepare` first")
+    return pq.read_table(p)
+
+
+def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndarray]:
+    """Paths and images of one split, in manifest order, read with pyarrow (for driver-side work)."""
+    manifest = load_manifest(cache)
+    paths = [p for p, s in zip(manifest.column("path").to_pylist(), manifest.column("split").to_pylist()) if s == split]
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    dset = pads.dataset(Path(cache) / IMAGES_DIR, format="parquet")
+    table = dset.to_table(columns=["path", "image"], filter=pc.field("path").isin(paths))
+    spec = load_spec(cache)
+    index = {p: i for i, p in enumerate(table.column("path").to_pylist())}
+    flat = table.column("image").combine_chunks()
+    images = _tensor_column_to_numpy(flat, spec.image_size)
+    order = [index[p] for p in paths]
+    return paths, images[order]
+
+
+def _tensor_column_to_numpy(col: pa.Array, size: int) -> np.ndarray:
+    """A Ray tensor-extension (or plain binary/list) column → ``(n, size, size)`` uint8."""
+    storage = col.storage if isinstance(col, pa.ExtensionArray) else col
+    if pa.types.is_binary(storage.type) or pa.types.is_large_binary(storage.type):
+        return np.stack([np.frombuffer(b.as_py(), dtype=np.uint8) for b in storage]).reshape(-1, size, size)
+    values = storage.flatten()
+    while not pa.types.is_integer(values.type):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).astype(np.uint8).reshape(-1, size, size)

@@ -1,0 +1,61 @@
+"""Typed errors that carry the file and the reason.
+
+Every error here survives pickling between Ray processes (``__reduce__`` rebuilds it from its
+arguments), so a worker's failure reaches the driver with its path and reason intact.
+"""
+
+from __future__ import annotations
+
+
+class XrayDistError(Exception):
+    """Base class for every error raised on purpose by xray-dist."""
+
+
+class DicomReadError(XrayDistError):
+    """A DICOM file could not be turned into a model input.
+
+    ``kind`` is a short stable code (``not_dicom``, ``no_pixel_data``, ...) that reports group by;
+    ``reason`` is the human sentence, naming the DICOM tag where one is at fault.
+    """
+
+    kind = "unreadable"
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
+
+
+class NotDicomError(DicomReadError):
+    kind = "not_dicom"
+
+
+class NoPixelDataError(DicomReadError):
+    kind = "no_pixel_data"
+
+
+class UnsupportedImageError(DicomReadError):
+    kind = "unsupported_image"
+
+
+class MissingCodecError(DicomReadError):
+    kind = "missing_codec"
+
+
+class CorruptPixelDataError(DicomReadError):
+    kind = "corrupt_pixel_data"
+
+
+class PrepareError(XrayDistError):
+    """The inputs to ``prepare`` are unusable as a whole (nothing usable left, bad CSV, ...)."""
+
+
+class CacheError(XrayDistError):
+    """A cache directory is missing, incomplete or was made with other settings."""
+
+
+class ModelSpecError(XrayDistError):
+    """A model, checkpoint or weights file does not fit the requested architecture."""

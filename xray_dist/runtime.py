@@ -1,0 +1,40 @@
+"""Connecting to Ray the same way from the CLI, the jobs and the tests.
+
+Address resolution: the ``--address`` flag, else ``RAY_ADDRESS`` (set by ``ray job submit`` for
+the job's driver), else a fresh embedded instance (``ray.init(address="local")``). A bare
+``ray.init()`` is never used: it would attach to whatever ``/tmp/ray/ray_current_cluster`` names,
+even a cluster that died long ago.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+#: Environment every Ray worker gets: Keras 2 (tf-keras) for MultiWorkerMirroredStrategy support
+#: (Keras 3's model.fit fails under it, keras-team/keras#20585), and quiet TensorFlow logs.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def resolve_address(address: str | None) -> str:
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Start or join Ray (idempotent: reuses a connection this process already has)."""
+    import ray
+
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return ray
+    addr = resolve_address(address)
+    kwargs = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
+    if addr == "local":
+        kwargs["num_cpus"] = num_cpus
+        kwargs["include_dashboard"] = False
+    log.info("ray.init(address=%r)", addr)
+    ray.init(address=addr, **kwargs)
+    return ray

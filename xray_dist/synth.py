@@ -1,0 +1,179 @@
+"""Synthetic chest-like radiographs written as real DICOM files, with a learnable finding per class.
+
+Each patient gets one class; each of their images shows that class's finding (a dense round
+opacity at a class-specific place in the lungs; the first class, conventionally ``normal``, has
+none). Files rotate through the encodings the reader must get right, so every test and the demo
+exercise MONOCHROME1/2, 8- and 16-bit, signed values with rescale, windowing, big endian, RLE and
+JPEG 2000 (lossless and lossy). Patient names, IDs and birth dates are filled in on purpose so that
+tests can prove none of them leaks into anything xray-dist writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+
+#: The encodings synth rotates through (index = image number modulo len).
+ENCODINGS = (
+    "mono2_u16_explicit",
+    "mono1_u16_implicit",
+    "signed_rescale_window",
+    "mono2_u8",
+    "rle",
+    "j2k_lossless",
+    "big_endian",
+    "j2k_lossy",
+)
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    out: Path
+    labels_csv: Path
+    files: list[Path]
+    labels: dict[str, str]  # relative path -> class
+    patients: dict[str, str]  # relative path -> raw patient ID (for tests only)
+
+
+def chest_phantom(size: int, finding: int | None, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A chest-like image in [0, 1] (higher = denser), with the finding of class index ``finding``."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    jitter = rng.normal(0, 0.015, size=4)
+    body = (((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.52) ** 2) < 1.0
+    img = np.where(body, 0.55, 0.05)
+    for cx in (0.31 + jitter[0], 0.69 + jitter[1]):  # lungs: dark
+        lung = (((xx - cx) / 0.15) ** 2 + ((yy - 0.5 - jitter[2]) / 0.3) ** 2) < 1.0
+        img = np.where(lung, 0.22, img)
+    img += 0.12 * (np.abs(xx - 0.5) < 0.04)  # spine
+    img += 0.06 * (np.sin(yy * 2 * np.pi * 7 + jitter[3] * 20) > 0.6) * body  # ribs
+    if finding is not None and finding > 0:
+        k = n_classes - 1
+        angle = 2 * np.pi * (finding - 1) / max(k, 1)
+        fx = 0.5 + (0.19 if np.cos(angle) >= 0 else -0.19) + rng.normal(0, 0.02)
+        fy = 0.5 + 0.15 * np.sin(angle) + rng.normal(0, 0.02)
+        r = 0.085 + rng.normal(0, 0.008)
+        blob = np.exp(-(((xx - fx) ** 2 + (yy - fy) ** 2) / (2 * r**2)))
+        img += 0.45 * blob
+    img += rng.normal(0, 0.02, img.shape)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _base_dataset(patient_id: str, patient_idx: int, image_idx: int, rng: np.random.Generator) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    sop_uid = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = f"Synthetic^Patient{patient_idx:04d}"
+    ds.PatientID = patient_id
+    birth = _dt.date(1940, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365 * 60)))
+    ds.PatientBirthDate = birth.strftime("%Y%m%d")
+    ds.PatientSex = "F" if rng.random() < 0.5 else "M"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.InstanceNumber = image_idx + 1
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    return ds
+
+
+def encode(ds: Dataset, img: np.ndarray, encoding: str) -> Dataset:
+    """Store the [0, 1] image ``img`` in ``ds`` with the named encoding (see :data:`ENCODINGS`)."""
+    if encoding in ("mono2_u16_explicit", "rle", "j2k_lossless", "j2k_lossy", "big_endian"):
+        stored = np.rint(img * 4095).astype(np.uint16)
+        ds.set_pixel_data(stored, "MONOCHROME2", 12)
+        if encoding == "rle":
+            ds.compress(RLELossless)
+        elif encoding == "j2k_lossless":
+            ds.compress(JPEG2000Lossless)
+        elif encoding == "j2k_lossy":
+            ds.compress(JPEG2000, j2k_cr=[15])
+        elif encoding == "big_endian":
+            ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+            ds.PixelData = stored.astype(">u2").tobytes()
+    elif encoding == "mono1_u16_implicit":
+        stored = np.rint((1.0 - img) * 16383).astype(np.uint16)
+        ds.set_pixel_data(stored, "MONOCHROME1", 14)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif encoding == "signed_rescale_window":
+        hu = img * 3000.0 - 1000.0  # modality values
+        stored = np.rint(hu / 2.0).astype(np.int16)  # slope 2, intercept 0 → signed stored values
+        ds.set_pixel_data(stored, "MONOCHROME2", 16)
+        ds.RescaleSlope = 2
+        ds.RescaleIntercept = 0
+        ds.RescaleType = "US"
+        ds.WindowCenter = [500, 300]  # the first window covers the whole range; the second would clip
+        ds.WindowWidth = [3001, 800]
+    elif encoding == "mono2_u8":
+        stored = np.rint(img * 255).astype(np.uint8)
+        ds.set_pixel_data(stored, "MONOCHROME2", 8)
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    return ds
+
+
+def synthesize(
+    out: str | Path,
+    patients: int = 40,
+    images_per_patient: int = 2,
+    classes: tuple[str, ...] = ("normal", "finding"),
+    size: int = 256,
+    seed: int = 0,
+    encodings: tuple[str, ...] = ENCODINGS,
+) -> SynthResult:
+    """Write ``patients * images_per_patient`` DICOM files and ``OUT/labels.csv``."""
+    if len(classes) < 2:
+        raise ValueError(f"synth needs at least 2 classes. Received: classes={classes!r}")
+    if patients < len(classes):
+        raise ValueError(f"synth needs at least one patient per class. Received: patients={patients}, classes={classes}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files: list[Path] = []
+    labels: dict[str, str] = {}
+    pids: dict[str, str] = {}
+    n = 0
+    for p in range(patients):
+        cls_idx = p % len(classes)
+        patient_id = f"SYN{seed:03d}{p:05d}"
+        for i in range(images_per_patient):
+            img = chest_phantom(size, cls_idx, len(classes), rng)
+            enc = encodings[n % len(encodings)]
+            ds = encode(_base_dataset(patient_id, p, i, rng), img, enc)
+            rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
+            path = out / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+            labels[rel] = classes[cls_idx]
+            pids[rel] = patient_id
+            n += 1
+    labels_csv = out / "labels.csv"
+    with labels_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for rel, lab in labels.items():
+            w.writerow([rel, lab])
+    return SynthResult(out=out, labels_csv=labels_csv, files=files, labels=labels, patients=pids)
