@@ -156,7 +156,8 @@ def voi_unit_range(x: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
         try:
-            y = np.asarray(apply_voi_lut(x, ds, index=0, prefer_lut=True), dtype=np.float64)
+            # LUT indices are integers: modality values from integer stored values are whole numbers
+            y = np.asarray(apply_voi_lut(np.rint(x).astype(np.int64), ds, index=0, prefer_lut=True), dtype=np.float64)
             bits = int(item.LUTDescriptor[2])
         except Exception as e:  # noqa: BLE001
             raise CorruptPixelDataError(str(path), f"(0028,3010) VOI LUT Sequence unusable: {e}") from None

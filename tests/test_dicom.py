@@ -1,0 +1,272 @@
+"""xray_dist.dicom: one class per pipeline step / policy, files written by the tests or shipped
+by pydicom-data (real CR radiographs RG1 chest and RG3 extremity)."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from xray_dist import dicom
+from xray_dist.config import PreprocessSpec
+from xray_dist.errors import (
+    CorruptPixelDataError,
+    DicomReadError,
+    NoPixelDataError,
+    NotDicomError,
+    UnsupportedImageError,
+)
+
+SPEC = PreprocessSpec(image_size=64)
+
+
+def shipped(name: str) -> str:
+    p = get_testdata_file(name)
+    assert p, f"pydicom-data does not ship {name}"
+    return p
+
+
+def write_gray(path, stored: np.ndarray, photometric="MONOCHROME2", bits=None, **attrs) -> str:
+    """A minimal CR file with the given stored values and extra attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "P1"
+    ds.Modality = "CR"
+    ds.set_pixel_data(stored, photometric, bits or stored.dtype.itemsize * 8)
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+class TestTransferSyntaxes:
+    """Every listed syntax decodes; lossless pairs give identical model input, lossy is close."""
+
+    @pytest.mark.parametrize("stem", ["RG1", "RG3"])
+    def test_real_radiograph_j2k_lossless_identical_to_uncompressed(self, stem):
+        # pydicom-data pairs J2KR with UNCR (reversible) and J2KI with UNCI (its lossy decode)
+        unc = dicom.load_image(shipped(f"{stem}_UNCR.dcm"), SPEC)
+        j2kr = dicom.load_image(shipped(f"{stem}_J2KR.dcm"), SPEC)
+        np.testing.assert_array_equal(unc, j2kr)
+        assert unc.std() > 20  # a real radiograph, not a blank
+
+    @pytest.mark.parametrize("stem", ["RG1", "RG3"])
+    def test_real_radiograph_j2k_lossy_close(self, stem):
+        unc = dicom.load_image(shipped(f"{stem}_UNCR.dcm"), SPEC).astype(int)
+        j2ki = dicom.load_image(shipped(f"{stem}_J2KI.dcm"), SPEC).astype(int)
+        assert np.abs(unc - j2ki).mean() < 2.0
+        assert np.abs(unc - j2ki).max() <= 40
+
+    def test_real_radiograph_monochrome1_is_inverted(self):
+        # RG1 is a MONOCHROME1 chest CR: after inversion the (dense) mediastinum is brighter than the lungs'
+        # air and the collimated border; the image centre must be brighter than the darkest part.
+        ds = pydicom.dcmread(shipped("RG1_UNCI.dcm"))
+        assert ds.PhotometricInterpretation == "MONOCHROME1"
+        shown = dicom.unit_gray(ds, "RG1")
+        raw = dicom.voi_unit_range(dicom.modality_values(ds.pixel_array, ds), ds, "RG1")
+        np.testing.assert_allclose(shown, 1.0 - raw)
+        h, w = shown.shape  # the patient's centre is denser (brighter) than the image's corners after inversion
+        assert shown[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3].mean() > shown[: h // 10, : w // 10].mean()
+
+    @pytest.mark.parametrize("compressed,reference", [
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("MR_small_bigendian.dcm", "MR_small.dcm"),
+        ("MR_small_implicit.dcm", "MR_small.dcm"),
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),
+    ])
+    def test_lossless_syntaxes_identical(self, compressed, reference):
+        if "emri" in reference:  # multi-frame: compare decoded first frames through the pipeline steps
+            a = pydicom.dcmread(shipped(compressed)).pixel_array[0]
+            b = pydicom.dcmread(shipped(reference)).pixel_array[0]
+            np.testing.assert_array_equal(a, b)
+            return
+        np.testing.assert_array_equal(dicom.load_image(shipped(compressed), SPEC),
+                                      dicom.load_image(shipped(reference), SPEC))
+
+    @pytest.mark.parametrize("name", [
+        "JPEG-LL.dcm",                        # JPEG lossless process 14 SV1 (.70)
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",
+        "JPGExtended.dcm",                    # JPEG extended 12-bit (.51)
+        "SC_rgb_jpeg_dcmtk.dcm",              # JPEG baseline (.50), YBR
+        "JPEGLSNearLossless_16.dcm",          # JPEG-LS near-lossless (.81)
+        "SC_rgb_rle.dcm",
+        "examples_jpeg2k.dcm",
+    ])
+    def test_other_syntaxes_decode(self, name):
+        img = dicom.load_image(shipped(name), SPEC)
+        assert img.shape == (64, 64) and img.dtype == np.uint8
+        assert img.std() > 1
+
+
+class TestModalityLUT:
+    def test_rescale_slope_intercept(self, tmp_path):
+        stored = np.arange(16, dtype=np.int16).reshape(4, 4) - 8
+        p = write_gray(tmp_path / "r.dcm", stored, bits=16, RescaleSlope=3, RescaleIntercept=-100)
+        ds = pydicom.dcmread(p)
+        np.testing.assert_allclose(dicom.modality_values(ds.pixel_array, ds), stored * 3.0 - 100)
+
+    def test_modality_lut_sequence(self):
+        ds = pydicom.dcmread(shipped("mlut_18.dcm"))
+        out = dicom.modality_values(ds.pixel_array, ds)
+        lut = np.asarray(ds.ModalityLUTSequence[0].LUTData)
+        assert out.min() >= lut.min() and out.max() <= lut.max()
+        assert not np.array_equal(out, ds.pixel_array.astype(float))
+
+
+class TestVOI:
+    def test_linear_window_formula(self):
+        # PS3.3 C.11.2.1.2.1 with c=50, w=11: x <= 44.5 -> 0, x > 54.5 -> 1, linear between.
+        x = np.array([0, 44.5, 45, 49.5, 54.5, 55, 100], dtype=float)
+        y = dicom.apply_window(x, 50, 11)
+        np.testing.assert_allclose(y, [0, 0, 0.05, 0.5, 1.0, 1.0, 1.0])
+
+    def test_linear_exact_and_sigmoid(self):
+        x = np.array([0, 40, 50, 60, 100], dtype=float)
+        np.testing.assert_allclose(dicom.apply_window(x, 50, 20, "LINEAR_EXACT"), [0, 0, 0.5, 1, 1])
+        s = dicom.apply_window(x, 50, 20, "SIGMOID")
+        assert s[2] == pytest.approx(0.5) and np.all(np.diff(s) > 0)
+
+    def test_first_window_used(self, tmp_path):
+        stored = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (100, 1))
+        p = write_gray(tmp_path / "w.dcm", stored, bits=16, WindowCenter=[500, 100], WindowWidth=[1001, 10])
+        ds = pydicom.dcmread(p)
+        x = dicom.voi_unit_range(dicom.modality_values(ds.pixel_array, ds), ds, p)
+        np.testing.assert_allclose(x[0], dicom.apply_window(stored[0].astype(float), 500, 1001))
+
+    def test_window_applies_after_rescale(self, tmp_path):
+        stored = np.full((8, 8), 100, dtype=np.uint16)
+        # modality value 2*100-1000 = -800 sits at the centre of the window -> 0.5 (nearly)
+        p = write_gray(tmp_path / "rw.dcm", stored, bits=16, RescaleSlope=2, RescaleIntercept=-1000,
+                       WindowCenter=-800, WindowWidth=401)
+        assert dicom.load_image(p, SPEC).mean() == pytest.approx(129, abs=1)
+
+    def test_voi_lut_sequence(self):
+        ds = pydicom.dcmread(shipped("vlut_04.dcm"))
+        x = dicom.voi_unit_range(dicom.modality_values(ds.pixel_array, ds), ds, "vlut_04.dcm")
+        assert 0.0 <= x.min() < x.max() <= 1.0
+
+    def test_no_voi_is_min_max(self, tmp_path):
+        stored = np.array([[100, 200], [300, 500]], dtype=np.uint16)
+        ds = pydicom.dcmread(write_gray(tmp_path / "m.dcm", stored, bits=16))
+        np.testing.assert_allclose(dicom.voi_unit_range(stored.astype(float), ds, "m"), [[0, 0.25], [0.5, 1]])
+
+
+class TestPhotometric:
+    def test_monochrome1_equals_inverted_monochrome2(self, tmp_path):
+        rng = np.random.default_rng(0)
+        v = rng.integers(0, 4096, (50, 50)).astype(np.uint16)
+        m2 = write_gray(tmp_path / "m2.dcm", v, "MONOCHROME2", 12)
+        m1 = write_gray(tmp_path / "m1.dcm", (4095 - v).astype(np.uint16), "MONOCHROME1", 12)
+        np.testing.assert_array_equal(dicom.load_image(m1, SPEC), dicom.load_image(m2, SPEC))
+
+    def test_rgb_becomes_luminance(self):
+        ds = pydicom.dcmread(shipped("SC_rgb.dcm"))
+        x = dicom.unit_gray(ds, "SC_rgb.dcm")
+        rgb = ds.pixel_array.astype(float)
+        expected = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255
+        np.testing.assert_allclose(x, expected)
+
+    def test_palette_colour(self):
+        img = dicom.load_image(shipped("examples_palette.dcm"), SPEC)
+        assert img.std() > 5
+
+
+class TestResize:
+    def test_pad_keeps_aspect(self, tmp_path):
+        v = np.full((100, 50), 4095, dtype=np.uint16)
+        v[0, 0] = 0  # give min-max a range: the image is white
+        img = dicom.load_image(write_gray(tmp_path / "tall.dcm", v, bits=12), PreprocessSpec(image_size=20))
+        assert img.shape == (20, 20)
+        assert img[:, :4].max() == 0 and img[:, -4:].max() == 0  # black side bars
+        assert img[2:-2, 7:13].min() > 240  # the image itself, unstretched in the middle
+
+    def test_preview_matches_cache_size(self):
+        assert dicom.load_image(shipped("RG3_UNCI.dcm"), PreprocessSpec(image_size=224)).shape == (224, 224)
+
+
+class TestRejected:
+    def test_not_dicom(self, tmp_path):
+        p = tmp_path / "notes.dcm"
+        p.write_text("this is not DICOM")
+        with pytest.raises(NotDicomError, match="notes.dcm"):
+            dicom.load_image(p, SPEC)
+
+    def test_empty_file(self, tmp_path):
+        p = tmp_path / "empty.dcm"
+        p.write_bytes(b"")
+        with pytest.raises(DicomReadError, match="empty.dcm"):
+            dicom.load_image(p, SPEC)
+
+    def test_structured_report_has_no_pixels(self):
+        with pytest.raises(NoPixelDataError, match="Pixel Data"):
+            dicom.load_image(shipped("reportsi.dcm"), SPEC)
+
+    def test_multi_frame(self):
+        with pytest.raises(UnsupportedImageError, match="Number of Frames = 10"):
+            dicom.load_image(shipped("emri_small.dcm"), SPEC)
+
+    def test_truncated_pixel_data(self, tmp_path):
+        good = write_gray(tmp_path / "g.dcm", np.ones((64, 64), np.uint16), bits=12)
+        data = open(good, "rb").read()
+        bad = tmp_path / "truncated.dcm"
+        bad.write_bytes(data[: len(data) - 3000])
+        with pytest.raises(DicomReadError, match="truncated.dcm"):
+            dicom.load_image(bad, SPEC)
+
+    def test_truncated_j2k_stream(self):
+        with pytest.raises(DicomReadError):
+            dicom.load_image(shipped("emri_small_jpeg_2k_lossless_too_short.dcm"), SPEC)
+
+    def test_shipped_truncated_file(self):
+        with pytest.raises(CorruptPixelDataError, match="MR_truncated"):
+            dicom.load_image(shipped("MR_truncated.dcm"), SPEC)
+
+    def test_errors_survive_pickling(self):
+        e = pickle.loads(pickle.dumps(NotDicomError("/data/x.dcm", "not a DICOM Part 10 file")))
+        assert isinstance(e, NotDicomError) and e.path == "/data/x.dcm" and e.reason.startswith("not a")
+        assert e.kind == "not_dicom"
+
+    def test_missing_codec_names_package(self):
+        # A fresh process whose JPEG 2000 decoder has no plugins left, as on a machine without
+        # pylibjpeg-openjpeg (and without Pillow's JPEG 2000 support).
+        code = (
+            "from pydicom.pixels import get_decoder\n"
+            "from pydicom.uid import JPEG2000Lossless\n"
+            "d = get_decoder(JPEG2000Lossless)\n"
+            "for name in list(d.available_plugins):\n    d.remove_plugin(name)\n"
+            "from xray_dist.dicom import read_dataset\n"
+            "from xray_dist.errors import MissingCodecError\n"
+            f"try:\n    read_dataset({shipped('RG3_J2KR.dcm')!r})\n"
+            "except MissingCodecError as e:\n    print('MISSING', e)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert "MISSING" in out.stdout, out.stderr
+        assert "RG3_J2KR.dcm" in out.stdout and "pylibjpeg-openjpeg" in out.stdout
+
+
+class TestPatientKey:
+    def test_salted_and_falls_back_to_study(self, tmp_path):
+        p = write_gray(tmp_path / "a.dcm", np.ones((4, 4), np.uint16), bits=12)
+        ds = pydicom.dcmread(p)
+        k1, k2 = dicom.patient_key(ds, "salt1", "a"), dicom.patient_key(ds, "salt2", "a")
+        assert k1 != k2 and "P1" not in k1
+        ds.PatientID = ""
+        ds.StudyInstanceUID = "1.2.3"
+        k3 = dicom.patient_key(ds, "salt1", "a")
+        ds.StudyInstanceUID = "1.2.4"
+        assert k3 != dicom.patient_key(ds, "salt1", "a")
