@@ -115,10 +115,83 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _add_train_flags(p) -> None:
+    """Flags of ``train`` (and ``jobs/train.py``); unset flags fall back to --config, then TrainConfig."""
+    S = argparse.SUPPRESS
+    p.add_argument("--cache", default=S, help="cache directory from `xray-dist prepare`")
+    p.add_argument("--out", default=S, help="run directory (rerun with the same one to resume)")
+    p.add_argument("--epochs", type=int, default=S)
+    p.add_argument("--batch-size", type=int, default=S, help="per replica (global = this x replicas)")
+    p.add_argument("--lr", type=float, default=S)
+    p.add_argument("--head-width", type=int, default=S, help="hidden Dense units in the head (0 = none)")
+    p.add_argument("--dropout", type=float, default=S)
+    p.add_argument("--num-classes", type=int, default=S, help="class scheme size K (default: every label)")
+    p.add_argument("--negative-class", default=S)
+    p.add_argument("--unfreeze-blocks", type=int, default=S, help="top VGG16 blocks that train (0-5)")
+    p.add_argument("--weights", default=S, help="imagenet | none | PATH to VGG16 no-top .h5")
+    p.add_argument("--num-workers", type=int, default=S)
+    p.add_argument("--gpus-per-worker", type=int, default=S)
+    p.add_argument("--cpus-per-worker", type=float, default=S)
+    p.add_argument("--cpu-replicas", type=int, default=S, help="split the CPU into N logical devices (no GPU)")
+    p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=S)
+    p.add_argument("--max-failures", type=int, default=S)
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--address", default=S, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--config", default=None, help="YAML file of flag values")
+
+
+def train_config_from_args(a) -> "TrainConfig":
+    from xray_dist.config import TrainConfig, load_yaml_overrides
+
+    values = load_yaml_overrides(a.config)
+    values.update({k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"--config {a.config}: unknown keys {sorted(unknown)}")
+    for required in ("cache", "out"):
+        if required not in values:
+            raise ValueError(f"--{required} is required (on the command line or in --config)")
+    return TrainConfig(**values)
+
+
+def _add_train(sub) -> None:
+    _add_train_flags(sub.add_parser("train", help="fine-tune VGG16 on a prepared cache with Ray Train"))
+
+
+def cmd_train(a) -> int:
+    from xray_dist.train import train
+
+    res = train(train_config_from_args(a))
+    m = res.metrics
+    print(f"train: best epoch {m['best_epoch']}/{m['epochs']}: val_auc {m['val_auc']:.3f}, "
+          f"val_auc_abnormal {m['val_auc_abnormal']:.3f}, sensitivity {m['sensitivity']:.2f}, "
+          f"specificity {m['specificity']:.2f}, {m['images_per_s']:.1f} images/s; classes {m['classes']}")
+    print(f"  run: {res.out} (metrics.json, history.csv, training_curves.png, roc.png, model/)")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="class probabilities for DICOM files with a trained run")
+    p.add_argument("inputs", nargs="+", help="DICOM files or directories")
+    p.add_argument("--model", required=True, help="a run directory from `xray-dist train`")
+    p.add_argument("--out", required=True, help="CSV to write")
+
+
+def cmd_predict(a) -> int:
+    from xray_dist.predict import predict_files
+
+    rows = predict_files(a.model, a.inputs, a.out)
+    bad = sum(1 for r in rows if r["error"])
+    print(f"predict: {len(rows) - bad} files scored, {bad} unreadable (see the error column) -> {a.out}")
+    return 0
+
+
 COMMANDS = {
     "prepare": (_add_prepare, cmd_prepare),
     "synth": (_add_synth, cmd_synth),
     "preview": (_add_preview, cmd_preview),
+    "train": (_add_train, cmd_train),
+    "predict": (_add_predict, cmd_predict),
     "demo": (_add_demo, cmd_demo),
 }
 

@@ -110,3 +110,83 @@ def load_yaml_overrides(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; the same object reaches every Ray worker.
+
+    Attributes:
+        cache: a directory written by ``xray-dist prepare``.
+        out: the run directory (metrics, history, plots, exported model, Ray checkpoints).
+        epochs, batch_size, lr: ``batch_size`` is per replica; the global batch is
+            ``batch_size * replicas`` (replicas = workers × devices per worker).
+        head_width: hidden Dense units before the logits (0 = no hidden layer).
+        num_classes: class scheme size K (None = every label); see :mod:`xray_dist.classes`.
+        negative_class: the label that counts as negative for ``val_auc_abnormal``.
+        unfreeze_blocks: how many of VGG16's 5 conv blocks train, counted from the top.
+        weights: ``imagenet``, ``none`` or a path to a VGG16 no-top ``.h5`` weights file.
+        num_workers, gpus_per_worker, cpus_per_worker: Ray Train scaling. ``cpus_per_worker``
+            defaults to 0.5 without GPUs (so Ray Data keeps CPU on small machines) and 1 with them.
+        cpu_replicas: split the CPU into this many logical devices and mirror across them; it
+            exercises the multi-device-per-worker path on a machine without GPUs (tests, demo).
+        metric: what "best" means for kept checkpoints and the exported model.
+        max_failures: worker failures survived by restarting from the last checkpoint.
+        mixed_precision: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``off`` or ``on``.
+    """
+
+    cache: str
+    out: str
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-4
+    head_width: int = 0
+    dropout: float = 0.3
+    num_classes: int | None = None
+    negative_class: str = "normal"
+    unfreeze_blocks: int = 0
+    weights: str = "imagenet"
+    num_workers: int = 1
+    gpus_per_worker: int = 0
+    cpus_per_worker: float | None = None
+    cpu_replicas: int = 0
+    address: str | None = None
+    seed: int = 0
+    metric: str = "val_auc_abnormal"
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    mixed_precision: str = "auto"
+    shuffle_buffer: int = 256
+    features: str | None = None  # set by sweeps: a frozen-feature cache to train the top on
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1", "epochs"),
+            (self.batch_size >= 1, "batch_size must be >= 1", "batch_size"),
+            (self.lr > 0, "lr must be > 0", "lr"),
+            (self.head_width >= 0, "head_width must be >= 0 (0 = no hidden layer)", "head_width"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)", "dropout"),
+            (0 <= self.unfreeze_blocks <= 5, "unfreeze_blocks must be in 0..5", "unfreeze_blocks"),
+            (self.num_workers >= 1, "num_workers must be >= 1", "num_workers"),
+            (self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0", "gpus_per_worker"),
+            (self.num_classes is None or self.num_classes >= 2, "num_classes must be >= 2", "num_classes"),
+            (self.mixed_precision in ("auto", "on", "off"), "mixed_precision must be auto|on|off", "mixed_precision"),
+            (self.cpu_replicas >= 0, "cpu_replicas must be >= 0", "cpu_replicas"),
+        ]
+        for ok, msg, name in checks:
+            if not ok:
+                raise ValueError(f"{msg}. Received: {name}={getattr(self, name)!r}")
+        if self.cpu_replicas and self.gpus_per_worker:
+            raise ValueError("cpu_replicas splits the CPU when there are no GPUs; it cannot be combined with "
+                             f"gpus_per_worker={self.gpus_per_worker}. Drop one of them.")
+        if not self.weights:
+            raise ValueError("weights must be 'imagenet', 'none' or a path to a .h5 file")
+
+    @property
+    def worker_cpus(self) -> float:
+        if self.cpus_per_worker is not None:
+            return self.cpus_per_worker
+        return 1.0 if self.gpus_per_worker else 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -268,3 +268,13 @@ def _tensor_column_to_numpy(col: pa.Array, size: int) -> np.ndarray:
     while not pa.types.is_integer(values.type):
         values = values.flatten()
     return values.to_numpy(zero_copy_only=False).astype(np.uint8).reshape(-1, size, size)
+
+
+def read_report_summary(cache: str | Path) -> dict:
+    """Counts from the prepare report (no paths), for run metrics and reports."""
+    p = Path(cache) / REPORT
+    if not p.is_file():
+        return {}
+    r = json.loads(p.read_text())
+    return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]), "classes": r["classes"],
+            "splits": r["splits"], "image_size": r["image_size"]}

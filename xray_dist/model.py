@@ -1,0 +1,163 @@
+"""VGG16 base + a head sized to the task; preprocessing inside the model.
+
+The model takes the cached image as is — ``(S, S)`` or ``(S, S, 1)`` uint8, 0 = black — and does
+the rest itself (:class:`VGGInput`): grayscale → 3 identical channels → ``vgg16.preprocess_input``'s
+transform (BGR order, ImageNet channel means subtracted, no scaling). So training, prediction and
+export can never preprocess differently.
+
+Layers keep Keras's names (``block1_conv1`` … ``block5_pool``) so that freezing by block is a
+name lookup. The head is ``GlobalAveragePooling2D`` → optional ``Dense(head_width, relu)`` +
+dropout → ``logits`` (1 sigmoid unit for two classes, K softmax units for K).
+
+Keras here is ``tf_keras`` (Keras 2): Keras 3's ``model.fit`` fails under
+MultiWorkerMirroredStrategy (keras-team/keras#20585).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tensorflow as tf
+import tf_keras as keras
+
+from xray_dist.errors import ModelSpecError
+
+log = logging.getLogger(__name__)
+
+#: The file Keras downloads for ``weights="imagenet"`` (and what ``--weights PATH`` should point to offline).
+IMAGENET_NOTOP = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_NOTOP
+_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild the architecture (saved beside every checkpoint and export)."""
+
+    image_size: int
+    num_outputs: int
+    head_width: int = 0
+    dropout: float = 0.3
+    unfreeze_blocks: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{k: d[k] for k in ("image_size", "num_outputs", "head_width", "dropout", "unfreeze_blocks")})
+
+
+@keras.utils.register_keras_serializable(package="xray_dist")
+class VGGInput(keras.layers.Layer):
+    """Cached uint8 grayscale → VGG16 input: float, 3 channels, BGR mean subtracted."""
+
+    def call(self, x):
+        x = tf.cast(x, self.compute_dtype)
+        if x.shape.rank == 3:
+            x = x[..., None]
+        x = tf.concat([x, x, x], axis=-1)
+        return x - tf.constant(_BGR_MEAN, dtype=self.compute_dtype)
+
+
+def vgg16_base(image_size: int, weights: str) -> keras.Model:
+    """VGG16 without its top. ``weights``: ``imagenet``, ``none`` or a path to a no-top ``.h5`` file."""
+    shape = (image_size, image_size, 3)
+    if weights == "none":
+        return keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    if weights == "imagenet":
+        try:
+            return keras.applications.VGG16(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as e:  # noqa: BLE001 - offline clusters fail in many ways (DNS, SSL, HTTP)
+            cached = Path(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras"))) / "models" / IMAGENET_NOTOP
+            raise ModelSpecError(
+                f"could not fetch the ImageNet VGG16 weights ({type(e).__name__}: {e}). Expected the file "
+                f"{IMAGENET_NOTOP} (from {IMAGENET_URL}) in {cached.parent}; on an offline cluster copy it to shared "
+                f"storage and pass --weights /path/to/{IMAGENET_NOTOP}"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelSpecError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path to "
+                             f"{IMAGENET_NOTOP})")
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    try:
+        base.load_weights(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ModelSpecError(f"--weights {path}: not VGG16 no-top weights ({type(e).__name__}: {e})") from None
+    return base
+
+
+def set_unfrozen_blocks(base: keras.Model, unfreeze_blocks: int) -> None:
+    """The top ``unfreeze_blocks`` conv blocks train; the others are frozen (by layer name)."""
+    first_trainable = 6 - unfreeze_blocks  # blocks 1..5
+    for layer in base.layers:
+        if layer.name.startswith("block"):
+            layer.trainable = int(layer.name[5]) >= first_trainable
+        else:
+            layer.trainable = False
+
+
+def add_head(features, spec: ModelSpec, name_prefix: str = ""):
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+    if spec.head_width:
+        x = keras.layers.Dense(spec.head_width, activation="relu", name="head_dense")(x)
+        x = keras.layers.Dropout(spec.dropout, name="head_dropout")(x)
+    activation = "sigmoid" if spec.num_outputs == 1 else "softmax"
+    return keras.layers.Dense(spec.num_outputs, activation=activation, dtype="float32", name="logits")(x)
+
+
+def build_model(spec: ModelSpec, weights: str = "none") -> keras.Model:
+    """The full model: cached image in, class probabilities out."""
+    if spec.num_outputs < 1:
+        raise ModelSpecError(f"num_outputs must be >= 1. Received: num_outputs={spec.num_outputs}")
+    base = vgg16_base(spec.image_size, weights)
+    set_unfrozen_blocks(base, spec.unfreeze_blocks)
+    inputs = keras.Input((spec.image_size, spec.image_size), dtype="uint8", name="image")
+    x = VGGInput(name="vgg_input")(inputs)
+    x = base(x, training=False) if spec.unfreeze_blocks == 0 else base(x)
+    return keras.Model(inputs, add_head(x, spec), name="xray_vgg16")
+
+
+def trainable_parameters(model: keras.Model) -> int:
+    return int(sum(int(tf.size(w)) for w in model.trainable_weights))
+
+
+def _h5_logits_shape(path: Path) -> tuple | None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "logits" not in root:
+            return None
+        found = []
+        root["logits"].visititems(lambda n, o: found.append(o.shape) if n.endswith("kernel:0") else None)
+        return tuple(found[0]) if found else None
+
+
+def load_weights_checked(model: keras.Model, path: str | Path) -> None:
+    """Load full-model weights; a file whose logits differ fails naming both shapes."""
+    path = Path(path)
+    want = tuple(model.get_layer("logits").kernel.shape)
+    have = _h5_logits_shape(path)
+    if have is not None and have != want:
+        raise ModelSpecError(f"{path}: its logits kernel has shape {have}, but this model's logits need {want} "
+                             "(a different number of classes or head width)")
+    try:
+        model.load_weights(str(path))
+    except ValueError as e:
+        raise ModelSpecError(f"{path}: does not fit this model: {e}") from None
+
+
+def save_spec(directory: str | Path, spec: ModelSpec, extra: dict) -> None:
+    (Path(directory) / "model_spec.json").write_text(json.dumps({"model": spec.to_dict(), **extra}, indent=2))
+
+
+def read_spec(directory: str | Path) -> dict:
+    p = Path(directory) / "model_spec.json"
+    if not p.is_file():
+        raise ModelSpecError(f"{directory}: no model_spec.json; is it a run or model directory from xray-dist train?")
+    return json.loads(p.read_text())

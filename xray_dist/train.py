@@ -1,0 +1,439 @@
+"""Training: one per-worker function (:func:`train_func`) and its Ray Train driver (:func:`train`).
+
+Distribution. Between Ray Train workers: ``MultiWorkerMirroredStrategy`` (``TensorflowTrainer``
+sets ``TF_CONFIG``); MWMS also mirrors across all GPUs inside each worker. One worker with several
+devices uses ``MirroredStrategy``; one worker with one device runs without collectives. Each
+worker's input is a ``tf.data`` pipeline made with ``distribute_datasets_from_function`` whose
+elements are per-replica batches, so the global batch is ``batch_size × replicas``.
+
+Data. Ray Data reads the Parquet cache; ``DataConfig`` gives each worker an equal shard of the
+training split (equal rows → equal batches → no MWMS hang on the last batch), shuffled every epoch
+with a local buffer and prefetched. Class imbalance: balanced per-sample weights
+``n / (K · n_k)`` from the training split, carried as a column.
+
+Validation. Rank 0 scores the whole validation split each epoch with direct model calls (no
+collectives), computes the metrics of :mod:`xray_dist.metrics`, and every worker calls
+``ray.train.report``; rank 0 attaches the checkpoint (weights, epoch history, validation scores).
+``CheckpointConfig`` keeps the best few by ``cfg.metric``; ``FailureConfig`` restarts workers from
+the latest checkpoint, and running again with the same ``--out`` resumes (Train V2 restores the run
+from its storage path). Each epoch is recorded once: the history travels inside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xray_dist.classes import ClassScheme, build_scheme
+from xray_dist.config import TrainConfig
+from xray_dist.errors import CacheError, XrayDistError
+
+log = logging.getLogger(__name__)
+
+RAY_DIR = "ray"
+RUN_NAME = "train"
+MODEL_DIR = "model"
+SCALAR_KEYS = ("val_loss", "val_accuracy", "val_auc", "val_auc_abnormal", "threshold", "sensitivity",
+               "specificity", "loss", "images_per_s", "epoch_seconds")
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def attach_labels(batch: dict, label_of: dict, weight_of: dict) -> dict:
+    """Keep the rows of one split (by path) and add ``label`` (class index) and ``weight``."""
+    keep = np.array([p in label_of for p in batch["path"]], dtype=bool)
+    paths = np.asarray(batch["path"])[keep]
+    labels = np.array([label_of[p] for p in paths], dtype=np.int32)
+    return {
+        "image": np.asarray(batch["image"])[keep],
+        "label": labels,
+        "weight": np.array([weight_of[int(c)] for c in labels], dtype=np.float32),
+    }
+
+
+def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float]):
+    """A Ray Dataset of one split: ``image`` (S×S uint8), ``label`` (int32), ``weight`` (float32)."""
+    import ray
+
+    from xray_dist.dataset import IMAGES_DIR, load_manifest
+
+    m = load_manifest(cache)
+    rows = zip(m.column("path").to_pylist(), m.column("split").to_pylist(), m.column("label").to_pylist())
+    label_of = {p: scheme.mapping[lab] for p, s, lab in rows if s == split}
+    if not label_of:
+        raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
+    ds = ray.data.read_parquet(str(Path(cache) / IMAGES_DIR), columns=["path", "image"])
+    return ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight},
+                          batch_format="numpy", batch_size=256), len(label_of)
+
+
+def balanced_weights(counts: dict[int, int]) -> dict[int, float]:
+    n, k = sum(counts.values()), len(counts)
+    return {c: n / (k * max(v, 1)) for c, v in counts.items()}
+
+
+# ---- per-worker training ---------------------------------------------------------------------------
+
+def _configure_devices(cfg: TrainConfig):
+    """Logical CPU devices (``cpu_replicas``), mixed precision; returns (strategy, precision policy name)."""
+    import tensorflow as tf
+    import tf_keras as keras
+    import ray.train
+
+    ctx = ray.train.get_context()
+    if cfg.cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_replicas)
+    gpus = tf.config.list_physical_devices("GPU")
+    for g in gpus:
+        tf.config.experimental.set_memory_growth(g, True)
+    policy = "float32"
+    if gpus and cfg.mixed_precision != "off":
+        major = int(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (7, 0))[0])
+        policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    elif cfg.mixed_precision == "on":
+        policy = "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    if ctx.get_world_size() > 1:
+        comm = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+            else tf.distribute.experimental.CommunicationImplementation.RING)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=comm)
+    else:
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
+                  [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
+    return strategy, policy
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Equal steps on every worker: MWMS hangs if one worker runs out of batches before the others."""
+
+    per_replica_batch: int
+    local_replicas: int
+    steps: int
+
+    @classmethod
+    def make(cls, n_train: int, world: int, replicas: int, batch_size: int) -> "StepPlan":
+        rows = n_train // world  # DataConfig's equal split gives every worker this many rows
+        local = max(replicas // world, 1)
+        per_replica = max(1, min(batch_size, rows // local))
+        steps = rows // (per_replica * local)
+        if steps < 1:
+            raise XrayDistError(f"{n_train} training images cannot feed {replicas} replicas; use fewer workers")
+        return cls(per_replica, local, steps)
+
+
+def _train_input(strategy, shard, image_size: int, plan: StepPlan, shuffle_buffer: int, seed: int):
+    """An endless tf.data input over this worker's Ray Data shard; elements are per-replica batches.
+
+    Each pass over the shard (one Ray Data epoch, reshuffled) yields exactly ``steps × local
+    replicas`` full batches — the rest of the pass is drained unused — so Keras epochs and data
+    passes stay aligned on every worker.
+    """
+    import tensorflow as tf
+
+    per_pass = plan.steps * plan.local_replicas
+
+    def gen():
+        epoch = 0
+        while True:
+            epoch += 1
+            it = shard.iter_batches(batch_size=plan.per_replica_batch, batch_format="numpy", prefetch_batches=2,
+                                    drop_last=True, local_shuffle_buffer_size=shuffle_buffer or None,
+                                    local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
+            for i, b in enumerate(it):
+                if i < per_pass:
+                    yield b["image"], b["label"].astype(np.float32), b["weight"]
+
+    sig = (tf.TensorSpec((None, image_size, image_size), tf.uint8), tf.TensorSpec((None,), tf.float32),
+           tf.TensorSpec((None,), tf.float32))
+
+    def dataset_fn(_ctx):
+        ds = tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(tf.data.AUTOTUNE)
+        opts = tf.data.Options()
+        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(opts)
+
+    if strategy.num_replicas_in_sync == 1:
+        return dataset_fn(None)
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _score(model, shard, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(n, K)`` and labels for a whole (unsplit) dataset, with direct model calls."""
+    from xray_dist.metrics import class_probabilities
+
+    probs, labels = [], []
+    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        probs.append(np.asarray(model(b["image"], training=False), dtype=np.float64))
+        labels.append(b["label"])
+    return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int)
+
+
+def train_func(config: dict) -> None:
+    """The per-worker loop (Ray Train ``train_loop_per_worker``); also reused by every sweep trial."""
+    import ray.train
+    import tf_keras as keras
+
+    from xray_dist.metrics import evaluate
+    from xray_dist.model import ModelSpec, build_model, load_weights_checked, trainable_parameters
+
+    cfg: TrainConfig = config["cfg"]
+    scheme = ClassScheme.from_dict(config["scheme"])
+    spec = ModelSpec.from_dict(config["model_spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    keras.utils.set_random_seed(cfg.seed)
+    strategy, policy = _configure_devices(cfg)
+    replicas = strategy.num_replicas_in_sync
+    if rank == 0:
+        log.info("strategy %s: %d replicas (%d workers), global batch %d, precision %s",
+                 type(strategy).__name__, replicas, world, cfg.batch_size * replicas, policy)
+
+    with strategy.scope():
+        model = build_model(spec, cfg.weights)
+        loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
+        model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=loss)
+    params = trainable_parameters(model)
+
+    history: list[dict] = []
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            load_weights_checked(model, Path(d) / "weights.h5")
+            state = json.loads((Path(d) / "state.json").read_text())
+        history, start = state["history"], state["epoch"]
+        if rank == 0:
+            log.info("resuming from checkpoint after epoch %d", start)
+
+    plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
+    train_input = _train_input(strategy, ray.train.get_dataset_shard("train"), spec.image_size, plan,
+                               cfg.shuffle_buffer, cfg.seed)
+    if start >= cfg.epochs:
+        return
+    reporter = _EpochReporter(cfg, scheme, ray.train.get_dataset_shard("val"), history, rank, world, params,
+                              replicas, policy, plan)
+    model.fit(train_input, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=plan.steps, verbose=0,
+              callbacks=[reporter])
+
+
+def _make_reporter_class():
+    import tf_keras as keras
+
+    class EpochReporter(keras.callbacks.Callback):
+        """After each epoch: rank 0 validates and checkpoints; every worker reports (a barrier)."""
+
+        def __init__(self, cfg, scheme, val_shard, history, rank, world, params, replicas, policy, plan):
+            super().__init__()
+            self.cfg, self.scheme, self.val_shard, self.history = cfg, scheme, val_shard, history
+            self.rank, self.world, self.n_params, self.replicas, self.policy, self.plan = (
+                rank, world, params, replicas, policy, plan)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            import ray.train
+
+            from xray_dist.metrics import evaluate
+
+            seconds = time.time() - self.t0
+            images = self.plan.steps * self.plan.per_replica_batch * self.replicas
+            metrics = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
+                       "epoch_seconds": seconds, "images_per_s": images / seconds,
+                       "trainable_parameters": self.n_params, "replicas": self.replicas,
+                       "global_batch": self.plan.per_replica_batch * self.replicas}
+            checkpoint, tmp = None, None
+            if self.rank == 0:
+                probs, labels = _score(self.model, self.val_shard)
+                m = evaluate(labels, probs, list(self.scheme.names))
+                per_class = m.pop("val_auc_per_class")
+                metrics.update(m)
+                metrics.update({f"val_auc_{k}": v for k, v in per_class.items()})
+                self.history.append(dict(metrics))
+                tmp = Path(tempfile.mkdtemp(prefix="xray_ckpt_"))
+                self.model.save_weights(str(tmp / "weights.h5"))
+                (tmp / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
+                np.savez(tmp / "val_scores.npz", probs=probs, labels=labels)
+                checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+                log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
+                         "sens %.2f spec %.2f %.1f img/s (%s)", epoch + 1, self.cfg.epochs, metrics["loss"],
+                         m["val_loss"], m["val_auc"], m["val_auc_abnormal"], m["sensitivity"], m["specificity"],
+                         metrics["images_per_s"], self.policy)
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return EpochReporter
+
+
+def _EpochReporter(*args):  # noqa: N802 - builds the Keras callback lazily (TensorFlow imports in workers only)
+    return _make_reporter_class()(*args)
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict
+    history: list[dict]
+    scheme: ClassScheme
+
+
+def _check_resume_compatible(cfg: TrainConfig, out: Path) -> None:
+    saved = out / "config.json"
+    if not saved.is_file():
+        return
+    old = json.loads(saved.read_text())
+    fixed = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class",
+             "unfreeze_blocks", "weights", "seed", "features")
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if old.get(k) != getattr(cfg, k)]
+    if diff:
+        raise XrayDistError(f"--out {out} holds a run with other settings ({'; '.join(diff)}); "
+                            "use a new --out, or the same settings to resume it")
+
+
+def run_setup(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict]:
+    """Class scheme, model spec and class weights for ``cfg`` (shared by train and tune)."""
+    from xray_dist.dataset import load_manifest, load_spec
+    from xray_dist.model import ModelSpec
+
+    m = load_manifest(cfg.cache)
+    train_labels = [lab for lab, s in zip(m.column("label").to_pylist(), m.column("split").to_pylist())
+                    if s == "train"]
+    scheme = build_scheme(dict(Counter(train_labels)), cfg.num_classes, cfg.negative_class)
+    counts = Counter(scheme.mapping[lab] for lab in train_labels)
+    weights = balanced_weights({c: counts.get(c, 0) for c in range(scheme.num_classes)})
+    spec = ModelSpec(image_size=load_spec(cfg.cache).image_size, num_outputs=scheme.num_outputs,
+                     head_width=cfg.head_width, dropout=cfg.dropout, unfreeze_blocks=cfg.unfreeze_blocks)
+    return scheme, spec.to_dict(), weights
+
+
+def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path | None = None):
+    """The ``TensorflowTrainer`` for ``cfg`` (the sweep builds its trials' trainers here too)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from xray_dist.runtime import WORKER_ENV
+
+    scheme, spec, weights = run_setup(cfg)
+    train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights)
+    val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights)
+    out = Path(cfg.out).resolve()
+    resources = {"CPU": cfg.worker_cpus}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_func,
+        train_loop_config={"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.gpus_per_worker),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(storage or out / RAY_DIR),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute=cfg.metric,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer, scheme, spec
+
+
+def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: Path) -> TrainResult:
+    """From a finished Ray Train result: exported model, metrics.json, history.csv, plots."""
+    from xray_dist.dataset import load_spec, read_report_summary
+    from xray_dist.model import ModelSpec, save_spec
+    from xray_dist.plots import plot_history, plot_roc
+
+    best = _best_checkpoint(result, cfg.metric)
+    model_dir = out / MODEL_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with best.as_directory() as d:
+        shutil.copy(Path(d) / "weights.h5", model_dir / "weights.h5")
+        state = json.loads((Path(d) / "state.json").read_text())
+        scores = np.load(Path(d) / "val_scores.npz")
+        probs, labels = scores["probs"], scores["labels"]
+    with result.checkpoint.as_directory() as d:
+        history = json.loads((Path(d) / "state.json").read_text())["history"]
+    best_row = state["history"][-1]
+    save_spec(model_dir, ModelSpec.from_dict(spec), {
+        "classes": scheme.to_dict(), "preprocess": load_spec(cfg.cache).to_dict(),
+        "threshold": best_row["threshold"], "epoch": state["epoch"],
+    })
+    np.savez(out / "val_scores.npz", probs=probs, labels=labels)
+    with (out / "history.csv").open("w", newline="") as f:
+        keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    final = history[-1]
+    metrics = {
+        "final": final, "best": best_row, "best_epoch": state["epoch"], "epochs": len(history),
+        "metric": cfg.metric, "val_auc": best_row["val_auc"], "val_auc_abnormal": best_row["val_auc_abnormal"],
+        "sensitivity": best_row["sensitivity"], "specificity": best_row["specificity"],
+        "trainable_parameters": final["trainable_parameters"],
+        "images_per_s": float(np.mean([h["images_per_s"] for h in history])),
+        "classes": list(scheme.names), "config": cfg.to_dict(), "dataset": read_report_summary(cfg.cache),
+        "complete": len(history) >= cfg.epochs,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    plot_history(history, out / "training_curves.png")
+    plot_roc(labels, probs, list(scheme.names), out / "roc.png")
+    return TrainResult(out=out, metrics=metrics, history=history, scheme=scheme)
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def _best_checkpoint(result, metric: str):
+    cands = [(m.get(metric), c) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+    cands = [(v, c) for v, c in cands if not (isinstance(v, float) and math.isnan(v))]
+    if cands:
+        return max(cands, key=lambda vc: vc[0])[1]
+    if result.checkpoint is None:
+        raise XrayDistError(f"training reported no checkpoint (error: {result.error})")
+    return result.checkpoint
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) training as described by ``cfg``; write everything into ``cfg.out``."""
+    from xray_dist.runtime import init_ray
+
+    out = Path(cfg.out).resolve()
+    _check_resume_compatible(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    init_ray(cfg.address)
+    trainer, scheme, spec = make_trainer(cfg)
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise XrayDistError(f"training failed: {result.error}") from result.error
+    res = export_run(cfg, result, scheme, spec, out)
+    res.metrics["wall_seconds"] = round(time.time() - t0, 1)
+    (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2, default=_json_default))
+    return res
