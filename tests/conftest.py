@@ -1,6 +1,6 @@
 """Shared fixtures: real DICOM files, one Ray runtime per test session, one prepared cache.
 
-Ray is started once for the whole session as a two-node ``ray.cluster_utils.Cluster`` (1 CPU
+Ray is started once for the whole session as a two-node ``ray.cluster_utils.Cluster`` (2 logical CPUs
 each, like two small machines), so prepare, training and sweep tests all run on real Ray
 without paying for several starts.
 """
@@ -23,16 +23,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A real two-node Ray cluster on this machine (head + one worker node, 1 CPU each)."""
+    """A real two-node Ray cluster on this machine (head + one worker node, 2 logical CPUs each)."""
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 400 * 1024**2,
+        head_node_args={"num_cpus": 2, "object_store_memory": 400 * 1024**2,
                         "resources": {"node_head": 1}},
     )
-    cluster.add_node(num_cpus=1, object_store_memory=400 * 1024**2, resources={"node_worker": 1})
+    cluster.add_node(num_cpus=2, object_store_memory=400 * 1024**2, resources={"node_worker": 1})
     cluster.wait_for_nodes()
     from xray_dist.runtime import WORKER_ENV
 
@@ -44,8 +44,8 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_binary(tmp_path_factory):
-    """24 patients × 2 images, normal vs finding, all encodings, 96 px."""
-    return synthesize(tmp_path_factory.mktemp("synth_binary"), patients=24, images_per_patient=2, size=96, seed=1)
+    """40 patients × 2 images, normal vs finding, all encodings, 96 px."""
+    return synthesize(tmp_path_factory.mktemp("synth_binary"), patients=40, images_per_patient=2, size=96, seed=1)
 
 
 @pytest.fixture(scope="session")

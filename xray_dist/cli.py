@@ -133,6 +133,7 @@ def _add_train_flags(p) -> None:
     p.add_argument("--gpus-per-worker", type=int, default=S)
     p.add_argument("--cpus-per-worker", type=float, default=S)
     p.add_argument("--cpu-replicas", type=int, default=S, help="split the CPU into N logical devices (no GPU)")
+    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default=S)
     p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=S)
     p.add_argument("--max-failures", type=int, default=S)
     p.add_argument("--seed", type=int, default=S)

@@ -130,6 +130,7 @@ class TrainConfig:
             defaults to 0.5 without GPUs (so Ray Data keeps CPU on small machines) and 1 with them.
         cpu_replicas: split the CPU into this many logical devices and mirror across them; it
             exercises the multi-device-per-worker path on a machine without GPUs (tests, demo).
+        placement_strategy: how Ray places the workers (``STRICT_SPREAD``: one per node).
         metric: what "best" means for kept checkpoints and the exported model.
         max_failures: worker failures survived by restarting from the last checkpoint.
         mixed_precision: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``off`` or ``on``.
@@ -157,6 +158,7 @@ class TrainConfig:
     max_failures: int = 2
     mixed_precision: str = "auto"
     shuffle_buffer: int = 256
+    placement_strategy: str = "PACK"
     features: str | None = None  # set by sweeps: a frozen-feature cache to train the top on
 
     def __post_init__(self) -> None:
@@ -172,6 +174,8 @@ class TrainConfig:
             (self.num_classes is None or self.num_classes >= 2, "num_classes must be >= 2", "num_classes"),
             (self.mixed_precision in ("auto", "on", "off"), "mixed_precision must be auto|on|off", "mixed_precision"),
             (self.cpu_replicas >= 0, "cpu_replicas must be >= 0", "cpu_replicas"),
+            (self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+             "placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", "placement_strategy"),
         ]
         for ok, msg, name in checks:
             if not ok:

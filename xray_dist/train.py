@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 RAY_DIR = "ray"
 RUN_NAME = "train"
+DATA_CPUS = 0.25
 MODEL_DIR = "model"
 SCALAR_KEYS = ("val_loss", "val_accuracy", "val_auc", "val_auc_abnormal", "threshold", "sensitivity",
                "specificity", "loss", "images_per_s", "epoch_seconds")
@@ -73,9 +74,11 @@ def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weig
     label_of = {p: scheme.mapping[lab] for p, s, lab in rows if s == split}
     if not label_of:
         raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
-    ds = ray.data.read_parquet(str(Path(cache) / IMAGES_DIR), columns=["path", "image"])
+    # Fractional CPUs: the Train workers hold most of a small node's CPU, and a data task that waits
+    # for a whole free CPU would stall ingestion for good.
+    ds = ray.data.read_parquet(str(Path(cache) / IMAGES_DIR), columns=["path", "image"], num_cpus=DATA_CPUS)
     return ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight},
-                          batch_format="numpy", batch_size=256), len(label_of)
+                          batch_format="numpy", batch_size=256, num_cpus=DATA_CPUS), len(label_of)
 
 
 def balanced_weights(counts: dict[int, int]) -> dict[int, float]:
@@ -183,6 +186,21 @@ def _score(model, shard, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int)
 
 
+def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str) -> None:
+    """``RUN/workers/rank<N>.json``: where each worker ran and on what (visible when RUN is shared storage)."""
+    import socket
+
+    import ray
+
+    d = Path(cfg.out) / "workers"
+    d.mkdir(parents=True, exist_ok=True)
+    info = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(), "strategy": type(strategy).__name__,
+            "replicas": strategy.num_replicas_in_sync, "devices": list(strategy.extended.worker_devices),
+            "precision": policy}
+    (d / f"rank{rank}.json").write_text(json.dumps(info, indent=2))
+
+
 def train_func(config: dict) -> None:
     """The per-worker loop (Ray Train ``train_loop_per_worker``); also reused by every sweep trial."""
     import ray.train
@@ -199,6 +217,7 @@ def train_func(config: dict) -> None:
     keras.utils.set_random_seed(cfg.seed)
     strategy, policy = _configure_devices(cfg)
     replicas = strategy.num_replicas_in_sync
+    _record_worker(cfg, rank, world, strategy, policy)
     if rank == 0:
         log.info("strategy %s: %d replicas (%d workers), global batch %d, precision %s",
                  type(strategy).__name__, replicas, world, cfg.batch_size * replicas, policy)
@@ -253,7 +272,7 @@ def _make_reporter_class():
 
             seconds = time.time() - self.t0
             images = self.plan.steps * self.plan.per_replica_batch * self.replicas
-            metrics = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
+            metrics = {"epoch": epoch + 1, "world_size": self.world, "loss": float((logs or {}).get("loss", float("nan"))),
                        "epoch_seconds": seconds, "images_per_s": images / seconds,
                        "trainable_parameters": self.n_params, "replicas": self.replicas,
                        "global_batch": self.plan.per_replica_batch * self.replicas}
@@ -342,7 +361,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
         train_loop_per_worker=train_func,
         train_loop_config={"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.gpus_per_worker),
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(storage or out / RAY_DIR),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,

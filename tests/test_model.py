@@ -1,0 +1,96 @@
+"""xray_dist.model: head sized to the task, unfreeze depth, in-model preprocessing, weights loading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+tf_keras = pytest.importorskip("tf_keras")
+
+from xray_dist.errors import ModelSpecError  # noqa: E402
+from xray_dist.model import ModelSpec, VGGInput, build_model, load_weights_checked, trainable_parameters  # noqa: E402
+
+
+def conv_trainable(model) -> dict[int, bool]:
+    base = model.get_layer("vgg16")
+    out = {}
+    for layer in base.layers:
+        if layer.name.startswith("block") and "conv" in layer.name:
+            out.setdefault(int(layer.name[5]), layer.trainable)
+    return out
+
+
+class TestHead:
+    def test_binary_is_one_sigmoid(self):
+        m = build_model(ModelSpec(image_size=32, num_outputs=1))
+        assert m.output_shape == (None, 1)
+        assert m.get_layer("logits").activation.__name__ == "sigmoid"
+        out = m(np.zeros((2, 32, 32), np.uint8)).numpy()
+        assert np.all((out > 0) & (out < 1))
+
+    def test_k_softmax_and_hidden_layer(self):
+        m = build_model(ModelSpec(image_size=32, num_outputs=4, head_width=16))
+        assert m.output_shape == (None, 4)
+        assert m.get_layer("head_dense").units == 16
+        np.testing.assert_allclose(m(np.full((3, 32, 32), 100, np.uint8)).numpy().sum(axis=1), 1.0, rtol=1e-5)
+
+    def test_no_hidden_layer_when_width_zero(self):
+        m = build_model(ModelSpec(image_size=32, num_outputs=1, head_width=0))
+        assert "head_dense" not in [layer.name for layer in m.layers]
+
+
+class TestUnfreeze:
+    @pytest.mark.parametrize("depth", [0, 1, 2, 5])
+    def test_top_blocks_train(self, depth):
+        m = build_model(ModelSpec(image_size=32, num_outputs=1, unfreeze_blocks=depth))
+        assert conv_trainable(m) == {b: b > 5 - depth for b in range(1, 6)}
+
+    def test_more_depth_more_parameters(self):
+        counts = [trainable_parameters(build_model(ModelSpec(32, 1, unfreeze_blocks=d))) for d in (0, 1, 2)]
+        assert counts[0] == 512 + 1 and counts[0] < counts[1] < counts[2]
+
+
+class TestPreprocessing:
+    def test_matches_keras_preprocess_input(self):
+        img = np.random.default_rng(0).integers(0, 256, (2, 8, 8), dtype=np.uint8)
+        ours = VGGInput()(img).numpy()
+        ref = tf_keras.applications.vgg16.preprocess_input(np.repeat(img[..., None], 3, -1).astype("float32"))
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+class TestWeights:
+    def test_weights_file_by_path(self, tmp_path):
+        src = tf_keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+        path = tmp_path / "vgg16_notop.h5"
+        src.save_weights(str(path))
+        m = build_model(ModelSpec(32, 1), weights=str(path))
+        np.testing.assert_array_equal(m.get_layer("vgg16").get_layer("block3_conv2").get_weights()[0],
+                                      src.get_layer("block3_conv2").get_weights()[0])
+
+    def test_weights_path_missing(self, tmp_path):
+        with pytest.raises(ModelSpecError, match="no such file"):
+            build_model(ModelSpec(32, 1), weights=str(tmp_path / "nope.h5"))
+
+    def test_checkpoint_with_other_logits_names_both_shapes(self, tmp_path):
+        four = build_model(ModelSpec(32, 4))
+        path = tmp_path / "four.h5"
+        four.save_weights(str(path))
+        binary = build_model(ModelSpec(32, 1))
+        with pytest.raises(ModelSpecError, match=r"\(512, 4\).*\(512, 1\)"):
+            load_weights_checked(binary, path)
+
+    def test_imagenet_offline_error_names_file_and_flag(self, tmp_path):
+        # A fresh process with an empty Keras cache and no way out (an unroutable proxy).
+        env = dict(os.environ, KERAS_HOME=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
+                   HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+        code = ("from xray_dist.model import build_model, ModelSpec\n"
+                "try:\n    build_model(ModelSpec(32, 1), weights='imagenet')\n"
+                "except Exception as e:\n    print(type(e).__name__, e)\n")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert "ModelSpecError" in out.stdout, out.stderr[-2000:]
+        assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in out.stdout and "--weights" in out.stdout

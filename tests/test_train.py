@@ -1,0 +1,201 @@
+"""Training on real Ray: two workers on a two-node cluster, the multi-device path on logical CPUs,
+a worker killed mid-run, resuming, predict agreeing with validation, and a `ray job submit`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xray_dist.config import TrainConfig
+from xray_dist.dataset import load_manifest
+from xray_dist.metrics import auroc
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(cache, out, **kw) -> TrainConfig:
+    base = dict(cache=str(cache), out=str(out), epochs=3, batch_size=8, lr=1e-4, weights="none",
+                unfreeze_blocks=5, num_workers=1, cpus_per_worker=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_history(run) -> list[dict]:
+    with open(Path(run) / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, prepared_binary, tmp_path_factory):
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    out = tmp_path_factory.mktemp("run2w")
+    # STRICT_SPREAD: one worker on each node, each leaving CPU for Ray Data on its node.
+    res = train(cfg_for(cache, out, num_workers=2, placement_strategy="STRICT_SPREAD", epochs=4))
+    return res, cache, out
+
+
+def test_two_workers_on_two_nodes_learn(two_worker_run):
+    res, _, out = two_worker_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val_auc_abnormal"] >= 0.9 and m["val_auc"] >= 0.9
+    final = m["final"]
+    assert final["world_size"] == 2
+    workers = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert workers[0]["node_id"] != workers[1]["node_id"]  # one worker on each node
+    assert {w["strategy"] for w in workers} == {"CollectiveAllReduceStrategy"}
+    assert final["replicas"] == 2 and final["global_batch"] == 16
+    assert [int(h["epoch"]) for h in read_history(out)] == [1, 2, 3, 4]
+    for name in ("metrics.json", "history.csv", "training_curves.png", "roc.png", "model/weights.h5",
+                 "model/model_spec.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert m["trainable_parameters"] > 14_000_000 and m["images_per_s"] > 0
+    assert {"sensitivity", "specificity", "val_auc_normal", "val_auc_finding"} <= set(m["best"])
+
+
+def test_predict_agrees_with_validation(two_worker_run, synth_binary, tmp_path):
+    from xray_dist import cli
+
+    _, cache, out = two_worker_run
+    manifest = load_manifest(cache).to_pandas()
+    val = manifest[manifest.split == "val"]
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"nope")
+    files = [str(synth_binary.out / p) for p in val.path] + [str(bad)]
+    assert cli.main(["predict", "--model", str(out), *files, "--out", str(tmp_path / "preds.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    assert len(rows) == len(files)
+    assert rows[-1]["error"].startswith("not_dicom") and rows[-1]["prediction"] == ""
+    good = rows[:-1]
+    assert all(r["error"] == "" and r["prediction"] in ("normal", "finding") for r in good)
+    p_abn = np.array([float(r["p_finding"]) for r in good])
+    np.testing.assert_allclose(p_abn + np.array([float(r["p_normal"]) for r in good]), 1.0, rtol=1e-6)
+    y = (val.label == "finding").to_numpy()
+    scores = np.load(out / "val_scores.npz")
+    np.testing.assert_allclose(np.sort(p_abn), np.sort(1 - scores["probs"][:, 0]), atol=1e-4)
+    m = json.loads((out / "metrics.json").read_text())
+    assert auroc(y, p_abn) == pytest.approx(m["val_auc_abnormal"], abs=1e-6)
+
+
+def test_multi_device_worker_on_logical_cpus(ray_cluster, prepared_binary, tmp_path):
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    res = train(cfg_for(cache, tmp_path / "run", epochs=1, cpu_replicas=2, batch_size=4))
+    final = res.metrics["final"]
+    assert final["replicas"] == 2 and final["world_size"] == 1 and final["global_batch"] == 8
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::RayTrainWorker"):
+                pids.append(int(d.name))
+    return pids
+
+
+def test_worker_killed_mid_run_resumes_and_counts_each_epoch_once(ray_cluster, prepared_binary, tmp_path):
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            ckpts = list((out / "ray" / "train").glob("checkpoint_*")) if (out / "ray" / "train").exists() else []
+            pids = _train_worker_pids()
+            if ckpts and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.5)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = train(cfg_for(cache, out, epochs=4))
+    t.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert [int(h["epoch"]) for h in read_history(out)] == [1, 2, 3, 4]
+    assert res.metrics["epochs"] == 4 and res.metrics["complete"]
+
+
+def test_rerun_same_out_resumes(ray_cluster, prepared_binary, tmp_path):
+    from xray_dist.errors import XrayDistError
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    out = tmp_path / "run"
+    train(cfg_for(cache, out, epochs=2))
+    first = read_history(out)
+    train(cfg_for(cache, out, epochs=3))
+    second = read_history(out)
+    assert [int(h["epoch"]) for h in second] == [1, 2, 3]
+    assert [h["epoch_seconds"] for h in second[:2]] == [h["epoch_seconds"] for h in first]  # not retrained
+    with pytest.raises(XrayDistError, match="head_width"):
+        train(cfg_for(cache, out, epochs=3, head_width=8))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(prepared_binary, tmp_path):
+    """`ray job submit` of jobs/train.py to a `ray start --head` this test starts and stops."""
+    _, cache = prepared_binary
+    bindir = Path(sys.executable).parent
+    gcs, dash = _free_port(), _free_port()
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}",
+         "--object-store-memory=400000000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ok = subprocess.run([str(bindir / "ray"), "job", "list", "--address", address], env=env,
+                                capture_output=True).returncode == 0
+            if ok:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head's dashboard never came up")
+        out = tmp_path / "jobrun"
+        sub = subprocess.run(
+            [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             sys.executable, "jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2",
+             "--weights", "none", "--unfreeze-blocks", "5", "--batch-size", "8", "--lr", "1e-4"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        assert "train: best epoch" in sub.stdout
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["epochs"] == 2 and m["config"]["num_workers"] == 1
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
