@@ -163,14 +163,26 @@ def _free_port() -> int:
 def test_ray_job_submit(prepared_binary, tmp_path):
     """`ray job submit` of jobs/train.py to a `ray start --head` this test starts and stops."""
     _, cache = prepared_binary
+    import secrets
+    import shutil
+    import tempfile
+
     bindir = Path(sys.executable).parent
     gcs, dash = _free_port(), _free_port()
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    short = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # Ray's socket paths must stay short
+    token = short / "token"
+    token.write_text(secrets.token_hex(32))
+    # Ray 2.60 clusters use token authentication; the head, the CLI and the job share this token.
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}",
-         "--object-store-memory=400000000"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={short}",
+         "--object-store-memory=400000000",
+         # the session's own cluster already holds Ray's default agent ports on this machine
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -184,11 +196,14 @@ def test_ray_job_submit(prepared_binary, tmp_path):
         else:
             pytest.fail("the Ray head's dashboard never came up")
         out = tmp_path / "jobrun"
-        sub = subprocess.run(
-            [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             sys.executable, "jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2",
-             "--weights", "none", "--unfreeze-blocks", "5", "--batch-size", "8", "--lr", "1e-4"],
-            env=env, capture_output=True, text=True, timeout=600)
+        cmd = [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+               sys.executable, "jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2",
+               "--weights", "none", "--unfreeze-blocks", "5", "--batch-size", "8", "--lr", "1e-4"]
+        for _ in range(20):  # the head's job agent starts a little after the dashboard answers
+            sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in sub.stderr + sub.stdout:
+                break
+            time.sleep(3)
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
         assert "train: best epoch" in sub.stdout
         m = json.loads((out / "metrics.json").read_text())
@@ -199,3 +214,4 @@ def test_ray_job_submit(prepared_binary, tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(short, ignore_errors=True)

@@ -186,6 +186,15 @@ def _score(model, shard, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int)
 
 
+def _devices(strategy) -> list[str]:
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: one device
+        import tensorflow as tf
+
+        return [d.name for d in tf.config.list_logical_devices("GPU")[:1] or tf.config.list_logical_devices("CPU")[:1]]
+
+
 def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str) -> None:
     """``RUN/workers/rank<N>.json``: where each worker ran and on what (visible when RUN is shared storage)."""
     import socket
@@ -196,7 +205,7 @@ def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: st
     d.mkdir(parents=True, exist_ok=True)
     info = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(), "strategy": type(strategy).__name__,
-            "replicas": strategy.num_replicas_in_sync, "devices": list(strategy.extended.worker_devices),
+            "replicas": strategy.num_replicas_in_sync, "devices": _devices(strategy),
             "precision": policy}
     (d / f"rank{rank}.json").write_text(json.dumps(info, indent=2))
 
