@@ -115,19 +115,28 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def _add_train_flags(p) -> None:
-    """Flags of ``train`` (and ``jobs/train.py``); unset flags fall back to --config, then TrainConfig."""
+def _add_train_flags(p, sweep: bool = False) -> None:
+    """Flags of ``train`` (and ``jobs/train.py``); unset flags fall back to --config, then TrainConfig.
+
+    For ``tune`` (``sweep=True``) --num-classes, --unfreeze-blocks and --lr take lists to search.
+    """
     S = argparse.SUPPRESS
     p.add_argument("--cache", default=S, help="cache directory from `xray-dist prepare`")
     p.add_argument("--out", default=S, help="run directory (rerun with the same one to resume)")
     p.add_argument("--epochs", type=int, default=S)
     p.add_argument("--batch-size", type=int, default=S, help="per replica (global = this x replicas)")
-    p.add_argument("--lr", type=float, default=S)
-    p.add_argument("--head-width", type=int, default=S, help="hidden Dense units in the head (0 = none)")
+    if sweep:
+        p.add_argument("--lr", default=S, help="MIN,MAX: learning rate searched log-uniformly")
+        p.add_argument("--num-classes", default=S, help="class scheme sizes to search, e.g. 2,4")
+        p.add_argument("--unfreeze-blocks", default=S, help="unfreeze depths to search, e.g. 0,1,2")
+        p.add_argument("--head-widths", default=S, help="head widths to search, e.g. 0,64,256")
+    else:
+        p.add_argument("--lr", type=float, default=S)
+        p.add_argument("--head-width", type=int, default=S, help="hidden Dense units in the head (0 = none)")
+        p.add_argument("--num-classes", type=int, default=S, help="class scheme size K (default: every label)")
+        p.add_argument("--unfreeze-blocks", type=int, default=S, help="top VGG16 blocks that train (0-5)")
     p.add_argument("--dropout", type=float, default=S)
-    p.add_argument("--num-classes", type=int, default=S, help="class scheme size K (default: every label)")
     p.add_argument("--negative-class", default=S)
-    p.add_argument("--unfreeze-blocks", type=int, default=S, help="top VGG16 blocks that train (0-5)")
     p.add_argument("--weights", default=S, help="imagenet | none | PATH to VGG16 no-top .h5")
     p.add_argument("--num-workers", type=int, default=S)
     p.add_argument("--gpus-per-worker", type=int, default=S)
@@ -171,6 +180,63 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="Ray Tune sweep over head width x classes x unfreeze depth (x lr)")
+    _add_train_flags(p, sweep=True)
+    S = argparse.SUPPRESS
+    p.add_argument("--num-samples", type=int, default=S, help="grid: repeats of the grid; random: trials")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default=S)
+    p.add_argument("--search", choices=["grid", "random", "optuna"], default=S)
+    p.add_argument("--max-concurrent", type=int, default=S, help="default: what the cluster's resources allow")
+    p.add_argument("--workers-per-trial", type=int, default=S)
+    p.add_argument("--no-shared-features", action="store_true", default=S,
+                   help="recompute the frozen base in every trial (for comparison)")
+
+
+def _values(v, cast) -> tuple:
+    if isinstance(v, (list, tuple)):
+        return tuple(cast(x) for x in v)
+    return tuple(cast(x) for x in str(v).split(",") if x.strip())
+
+
+def sweep_config_from_args(a):
+    from xray_dist.config import SweepConfig, TrainConfig, load_yaml_overrides
+
+    raw = load_yaml_overrides(a.config)
+    raw.update(vars(a))
+    sweep_kw = {}
+    for key, cast in (("head_widths", int), ("num_classes", int), ("unfreeze_blocks", int)):
+        if key in raw:
+            sweep_kw[key] = _values(raw.pop(key), cast)
+    if "lr" in raw:
+        lr = _values(raw.pop("lr"), float)
+        sweep_kw["lr"] = (lr[0], lr[-1])
+    if "workers_per_trial" in raw:
+        raw["num_workers"] = raw.pop("workers_per_trial")
+    for key in ("num_samples", "scheduler", "search", "max_concurrent"):
+        if key in raw:
+            sweep_kw[key] = raw.pop(key)
+    if raw.pop("no_shared_features", False):
+        sweep_kw["shared_features"] = False
+    base = {k: v for k, v in raw.items() if k in TrainConfig.__dataclass_fields__}
+    for required in ("cache", "out"):
+        if required not in base:
+            raise ValueError(f"--{required} is required (on the command line or in --config)")
+    return SweepConfig(base=TrainConfig(**base), out=base["out"], **sweep_kw)
+
+
+def cmd_tune(a) -> int:
+    from xray_dist.tune import sweep
+
+    s = sweep(sweep_config_from_args(a))
+    print(f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, "
+          f"{s['failed']} failed) in {s['seconds']:.0f} s")
+    if "best" in s:
+        b = s["best"]
+        print(f"  best: {b['config']} val_auc_abnormal {b['metrics']['val_auc_abnormal']:.3f} -> model {b['model']}")
+    return 0
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="class probabilities for DICOM files with a trained run")
     p.add_argument("inputs", nargs="+", help="DICOM files or directories")
@@ -193,6 +259,7 @@ COMMANDS = {
     "preview": (_add_preview, cmd_preview),
     "train": (_add_train, cmd_train),
     "predict": (_add_predict, cmd_predict),
+    "tune": (_add_tune, cmd_tune),
     "demo": (_add_demo, cmd_demo),
 }
 

@@ -194,3 +194,42 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep over head width × number of classes × unfreeze depth (× learning rate).
+
+    ``base`` is the training config every trial starts from; trials differ only by
+    ``dataclasses.replace`` of the searched fields. ``search="grid"`` runs every combination of the
+    three dimensions ``num_samples`` times (learning rate sampled log-uniformly in ``lr``);
+    ``random`` draws ``num_samples`` configurations.
+    """
+
+    base: TrainConfig
+    out: str
+    num_samples: int = 1
+    head_widths: tuple[int, ...] = (0, 64, 256)
+    num_classes: tuple[int, ...] = (2,)
+    unfreeze_blocks: tuple[int, ...] = (0, 1, 2)
+    lr: tuple[float, float] = (1e-4, 1e-4)
+    scheduler: str = "asha"
+    search: str = "grid"
+    max_concurrent: int | None = None
+    shared_features: bool = True
+    grace_period: int = 1
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError(f"scheduler must be asha or fifo. Received: scheduler={self.scheduler!r}")
+        if self.search not in ("grid", "random", "optuna"):
+            raise ValueError(f"search must be grid, random or optuna. Received: search={self.search!r}")
+        if not (0 < self.lr[0] <= self.lr[1]):
+            raise ValueError(f"lr must be MIN,MAX with 0 < MIN <= MAX. Received: lr={self.lr!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1. Received: num_samples={self.num_samples}")
+        for name, values, lo, hi in (("head_widths", self.head_widths, 0, 1 << 16),
+                                     ("num_classes", self.num_classes, 2, 1000),
+                                     ("unfreeze_blocks", self.unfreeze_blocks, 0, 5)):
+            if not values or any(not lo <= v <= hi for v in values):
+                raise ValueError(f"{name} values must be in [{lo}, {hi}]. Received: {name}={values!r}")

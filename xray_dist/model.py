@@ -122,6 +122,43 @@ def build_model(spec: ModelSpec, weights: str = "none") -> keras.Model:
     return keras.Model(inputs, add_head(x, spec), name="xray_vgg16")
 
 
+def frozen_part(image_size: int, weights: str, unfreeze_blocks: int) -> keras.Model:
+    """Cached image → activations at the frozen boundary (``block{5-D}_pool``)."""
+    base = vgg16_base(image_size, weights)
+    inputs = keras.Input((image_size, image_size), dtype="uint8", name="image")
+    x = VGGInput(name="vgg_input")(inputs)
+    sub = keras.Model(base.input, base.get_layer(f"block{5 - unfreeze_blocks}_pool").output)
+    return keras.Model(inputs, sub(x, training=False), name="vgg16_frozen")
+
+
+def build_top_model(spec: ModelSpec, feature_shape: tuple) -> keras.Model:
+    """The trainable part only: frozen-boundary activations → VGG blocks 5−D+1..5 → head.
+
+    Layers carry the names of the full model's layers, so :func:`transfer_top_weights` can copy
+    them into a full model by name for export.
+    """
+    inputs = keras.Input(tuple(feature_shape), name="features")
+    x = inputs
+    filters = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+    convs = {1: 2, 2: 2, 3: 3, 4: 3, 5: 3}
+    for block in range(6 - spec.unfreeze_blocks, 6):
+        for i in range(1, convs[block] + 1):
+            x = keras.layers.Conv2D(filters[block], 3, activation="relu", padding="same",
+                                    name=f"block{block}_conv{i}")(x)
+        x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+    return keras.Model(inputs, add_head(x, spec), name="xray_vgg16_top")
+
+
+def transfer_top_weights(top: keras.Model, full: keras.Model) -> None:
+    """Copy every weighted layer of ``top`` into the same-named layer of ``full`` (or its VGG16 base)."""
+    base = full.get_layer("vgg16")
+    for layer in top.layers:
+        if not layer.weights:
+            continue
+        target = base.get_layer(layer.name) if layer.name.startswith("block") else full.get_layer(layer.name)
+        target.set_weights(layer.get_weights())
+
+
 def trainable_parameters(model: keras.Model) -> int:
     return int(sum(int(tf.size(w)) for w in model.trainable_weights))
 

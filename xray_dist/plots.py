@@ -44,3 +44,30 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, names: list[str], path: str 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], path: str | Path, metric: str = "val_auc_abnormal") -> None:
+    """The objective against each searched dimension (one dot per trial; failed trials left out)."""
+    dims = ["head_width", "num_classes", "unfreeze_blocks", "lr"]
+    ok = [r for r in rows if r["status"] != "failed" and not np.isnan(float(r["val_auc_abnormal"]))]
+    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.6), sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, dim in zip(axes, dims):
+        xs = np.array([float(r[dim]) for r in ok])
+        ys = np.array([float(r["val_auc_abnormal"]) for r in ok])
+        colours = ["tab:green" if r["status"] == "completed" else "tab:orange" for r in ok]
+        if dim == "lr":
+            ax.set_xscale("log")
+            ax.scatter(xs, ys, c=colours)
+        else:
+            cats = sorted(set(xs))
+            pos = np.array([cats.index(x) for x in xs]) + rng.uniform(-0.12, 0.12, len(xs))
+            ax.scatter(pos, ys, c=colours)
+            ax.set_xticks(range(len(cats)), [f"{int(c)}" for c in cats])
+        ax.set_xlabel(dim)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"best {metric}")
+    fig.suptitle("Sweep: green = completed, orange = stopped early by ASHA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -51,20 +51,21 @@ SCALAR_KEYS = ("val_loss", "val_accuracy", "val_auc", "val_auc_abnormal", "thres
 
 # ---- data ------------------------------------------------------------------------------------------
 
-def attach_labels(batch: dict, label_of: dict, weight_of: dict) -> dict:
-    """Keep the rows of one split (by path) and add ``label`` (class index) and ``weight``."""
+def attach_labels(batch: dict, label_of: dict, weight_of: dict, column: str = "image") -> dict:
+    """Keep the rows of one split (by path): ``x`` (the model input), ``label`` (class index), ``weight``."""
     keep = np.array([p in label_of for p in batch["path"]], dtype=bool)
     paths = np.asarray(batch["path"])[keep]
     labels = np.array([label_of[p] for p in paths], dtype=np.int32)
     return {
-        "image": np.asarray(batch["image"])[keep],
+        "x": np.asarray(batch[column])[keep],
         "label": labels,
         "weight": np.array([weight_of[int(c)] for c in labels], dtype=np.float32),
     }
 
 
-def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float]):
-    """A Ray Dataset of one split: ``image`` (S×S uint8), ``label`` (int32), ``weight`` (float32)."""
+def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float],
+                  features: str | None = None):
+    """A Ray Dataset of one split: ``x`` (S×S uint8 image, or frozen features), ``label``, ``weight``."""
     import ray
 
     from xray_dist.dataset import IMAGES_DIR, load_manifest
@@ -76,8 +77,9 @@ def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weig
         raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
     # Fractional CPUs: the Train workers hold most of a small node's CPU, and a data task that waits
     # for a whole free CPU would stall ingestion for good.
-    ds = ray.data.read_parquet(str(Path(cache) / IMAGES_DIR), columns=["path", "image"], num_cpus=DATA_CPUS)
-    return ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight},
+    source, column = (Path(features) / "shards", "x") if features else (Path(cache) / IMAGES_DIR, "image")
+    ds = ray.data.read_parquet(str(source), columns=["path", column], num_cpus=DATA_CPUS)
+    return ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight, "column": column},
                           batch_format="numpy", batch_size=256, num_cpus=DATA_CPUS), len(label_of)
 
 
@@ -139,7 +141,7 @@ class StepPlan:
         return cls(per_replica, local, steps)
 
 
-def _train_input(strategy, shard, image_size: int, plan: StepPlan, shuffle_buffer: int, seed: int):
+def _train_input(strategy, shard, input_spec, plan: StepPlan, shuffle_buffer: int, seed: int):
     """An endless tf.data input over this worker's Ray Data shard; elements are per-replica batches.
 
     Each pass over the shard (one Ray Data epoch, reshuffled) yields exactly ``steps × local
@@ -159,9 +161,9 @@ def _train_input(strategy, shard, image_size: int, plan: StepPlan, shuffle_buffe
                                     local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
             for i, b in enumerate(it):
                 if i < per_pass:
-                    yield b["image"], b["label"].astype(np.float32), b["weight"]
+                    yield b["x"], b["label"].astype(np.float32), b["weight"]
 
-    sig = (tf.TensorSpec((None, image_size, image_size), tf.uint8), tf.TensorSpec((None,), tf.float32),
+    sig = (input_spec, tf.TensorSpec((None,), tf.float32),
            tf.TensorSpec((None,), tf.float32))
 
     def dataset_fn(_ctx):
@@ -181,7 +183,7 @@ def _score(model, shard, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
 
     probs, labels = [], []
     for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        probs.append(np.asarray(model(b["image"], training=False), dtype=np.float64))
+        probs.append(np.asarray(model(b["x"], training=False), dtype=np.float64))
         labels.append(b["label"])
     return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int)
 
@@ -213,9 +215,9 @@ def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: st
 def train_func(config: dict) -> None:
     """The per-worker loop (Ray Train ``train_loop_per_worker``); also reused by every sweep trial."""
     import ray.train
+    import tensorflow as tf
     import tf_keras as keras
 
-    from xray_dist.metrics import evaluate
     from xray_dist.model import ModelSpec, build_model, load_weights_checked, trainable_parameters
 
     cfg: TrainConfig = config["cfg"]
@@ -232,7 +234,16 @@ def train_func(config: dict) -> None:
                  type(strategy).__name__, replicas, world, cfg.batch_size * replicas, policy)
 
     with strategy.scope():
-        model = build_model(spec, cfg.weights)
+        if cfg.features:
+            from xray_dist.features import read_meta
+            from xray_dist.model import build_top_model
+
+            shape = tuple(read_meta(cfg.features)["shape"])
+            model = build_top_model(spec, shape)
+            input_spec = tf.TensorSpec((None, *shape), tf.float32)
+        else:
+            model = build_model(spec, cfg.weights)
+            input_spec = tf.TensorSpec((None, spec.image_size, spec.image_size), tf.uint8)
         loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
         model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=loss)
     params = trainable_parameters(model)
@@ -249,7 +260,7 @@ def train_func(config: dict) -> None:
             log.info("resuming from checkpoint after epoch %d", start)
 
     plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
-    train_input = _train_input(strategy, ray.train.get_dataset_shard("train"), spec.image_size, plan,
+    train_input = _train_input(strategy, ray.train.get_dataset_shard("train"), input_spec, plan,
                                cfg.shuffle_buffer, cfg.seed)
     if start >= cfg.epochs:
         return
@@ -360,8 +371,8 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
     from xray_dist.runtime import WORKER_ENV
 
     scheme, spec, weights = run_setup(cfg)
-    train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights)
-    val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights)
+    train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights, cfg.features)
+    val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights, cfg.features)
     out = Path(cfg.out).resolve()
     resources = {"CPU": cfg.worker_cpus}
     if cfg.gpus_per_worker:
@@ -396,7 +407,10 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     model_dir = out / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
     with best.as_directory() as d:
-        shutil.copy(Path(d) / "weights.h5", model_dir / "weights.h5")
+        if cfg.features:
+            _export_full_from_top(cfg, spec, Path(d) / "weights.h5", model_dir / "weights.h5")
+        else:
+            shutil.copy(Path(d) / "weights.h5", model_dir / "weights.h5")
         state = json.loads((Path(d) / "state.json").read_text())
         scores = np.load(Path(d) / "val_scores.npz")
         probs, labels = scores["probs"], scores["labels"]
@@ -427,6 +441,22 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     plot_history(history, out / "training_curves.png")
     plot_roc(labels, probs, list(scheme.names), out / "roc.png")
     return TrainResult(out=out, metrics=metrics, history=history, scheme=scheme)
+
+
+def _export_full_from_top(cfg: TrainConfig, spec: dict, top_weights: Path, dest: Path) -> None:
+    """A features-trained top → the full model (same frozen base: same weights source and seed)."""
+    import tf_keras as keras
+
+    from xray_dist.features import read_meta
+    from xray_dist.model import ModelSpec, build_model, build_top_model, transfer_top_weights
+
+    ms = ModelSpec.from_dict(spec)
+    top = build_top_model(ms, tuple(read_meta(cfg.features)["shape"]))
+    top.load_weights(str(top_weights))
+    keras.utils.set_random_seed(cfg.seed)
+    full = build_model(ms, cfg.weights)
+    transfer_top_weights(top, full)
+    full.save_weights(str(dest))
 
 
 def _json_default(o):

@@ -1,0 +1,156 @@
+"""Sweeps on real Ray Tune driving Ray Train V2: all three dimensions, early stopping, a failed
+trial recorded while the others finish, an interrupted sweep resumed, shared frozen features."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xray_dist.config import PrepareConfig, PreprocessSpec, SweepConfig, TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache3(ray_cluster, tmp_path_factory):
+    """Three labels (normal + two findings), 32 px."""
+    from xray_dist.dataset import prepare
+    from xray_dist.synth import synthesize
+
+    data = tmp_path_factory.mktemp("synth3")
+    syn = synthesize(data, patients=36, images_per_patient=2, classes=("normal", "nodule", "effusion"), size=64,
+                     seed=5)
+    cache = tmp_path_factory.mktemp("cache3")
+    prepare(PrepareConfig(data_dir=str(data), labels=str(syn.labels_csv), out=str(cache),
+                          preprocess=PreprocessSpec(image_size=32), seed=2))
+    return cache
+
+
+def base(cache, out, **kw) -> TrainConfig:
+    d = dict(cache=str(cache), out=str(out), epochs=2, batch_size=8, lr=1e-3, weights="none", num_workers=1,
+             cpus_per_worker=0.5)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def read_results(out) -> list[dict]:
+    with open(Path(out) / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_over_all_three_dimensions(cache3, tmp_path):
+    from xray_dist.tune import sweep
+
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(base=base(cache3, out), out=str(out), head_widths=(0, 8), num_classes=(2, 3),
+                      unfreeze_blocks=(0, 1), lr=(1e-3, 3e-3), scheduler="asha", max_concurrent=2)
+    summary = sweep(cfg)
+    rows = read_results(out)
+    assert len(rows) == 8 and summary["failed"] == 0
+    assert {(r["head_width"], r["num_classes"], r["unfreeze_blocks"]) for r in rows} == {
+        (h, k, d) for h in ("0", "8") for k in ("2", "3") for d in ("0", "1")}
+    assert all(1e-3 <= float(r["lr"]) <= 3e-3 for r in rows)
+    assert all(r["status"] in ("completed", "stopped_early") for r in rows)
+    assert all(r["shared_features"] == "True" for r in rows)  # depths 0 and 1 both freeze something
+    best = json.loads((out / "best.json").read_text())
+    assert {"config", "metrics", "model"} <= set(best) and "val_auc_abnormal" in best["metrics"]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert max(float(r["val_auc_abnormal"]) for r in completed) == pytest.approx(best["metrics"]["val_auc_abnormal"])
+    assert (out / "sweep.png").is_file()
+    # the best model is a full model that predict accepts
+    from xray_dist.predict import load_run_model
+
+    lm = load_run_model(best["model"])
+    assert lm.scheme.num_classes == best["config"]["num_classes"]
+    params = {int(r["unfreeze_blocks"]): int(r["trainable_parameters"]) for r in rows if r["trainable_parameters"]}
+    assert params[1] > params[0]
+
+
+def test_failed_trial_recorded_others_finish(cache3, tmp_path):
+    from xray_dist.tune import sweep
+
+    out = tmp_path / "sweep"
+    # K = 5 needs five labels; the cache has three: that trial raises, the K = 2 trial completes.
+    cfg = SweepConfig(base=base(cache3, out, epochs=1), out=str(out), head_widths=(0,), num_classes=(2, 5),
+                      unfreeze_blocks=(0,), scheduler="fifo", max_concurrent=2)
+    summary = sweep(cfg)
+    rows = {r["num_classes"]: r for r in read_results(out)}
+    assert rows["5"]["status"] == "failed" and "num_classes=5" in rows["5"]["error"]
+    assert rows["2"]["status"] == "completed" and summary["failed"] == 1
+
+
+def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path):
+    from xray_dist.tune import sweep
+
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "xray_dist.cli", "tune", "--cache", str(cache3), "--out", str(out),
+            "--epochs", "1", "--weights", "none", "--head-widths", "0,8,16", "--num-classes", "2",
+            "--unfreeze-blocks", "0", "--lr", "1e-3,1e-3", "--scheduler", "fifo", "--max-concurrent", "1",
+            "--batch-size", "8", "--cpus-per-worker", "0.5", "--address", ray_cluster.address]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        done = list((out / "trials").glob("*/metrics.json")) if (out / "trials").exists() else []
+        if done:
+            break
+        time.sleep(1)
+    assert done, "the first trial never finished"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver dies mid-sweep
+    proc.wait()
+    first_mtime = done[0].stat().st_mtime_ns
+    cfg = SweepConfig(base=base(cache3, out, epochs=1), out=str(out), head_widths=(0, 8, 16), num_classes=(2,),
+                      unfreeze_blocks=(0,), lr=(1e-3, 1e-3), scheduler="fifo", max_concurrent=1)
+    summary = sweep(cfg)
+    rows = read_results(out)
+    assert len(rows) == 3 and summary["completed"] == 3
+    assert done[0].stat().st_mtime_ns == first_mtime  # the finished trial was not run again
+
+
+def test_cached_features_match_uncached(cache3, tmp_path):
+    """The frozen-feature shortcut: same activations, and a trial on them learns like one on images."""
+    import dataclasses
+
+    import tf_keras as keras
+
+    from xray_dist.dataset import load_split_arrays
+    from xray_dist.features import ensure_features
+    from xray_dist.model import frozen_part
+    from xray_dist.train import train
+
+    feats = ensure_features(cache3, "none", 0, 0)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(feats / "shards")
+    by_path = dict(zip(table.column("path").to_pylist(), table.column("x").to_numpy(zero_copy_only=False)))
+    paths, images = load_split_arrays(cache3, "val")
+    keras.utils.set_random_seed(0)
+    direct = frozen_part(32, "none", 0)(images, training=False).numpy()
+    cached = np.stack([np.asarray(by_path[p]).reshape(direct.shape[1:]) for p in paths])
+    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+
+    cfg = base(cache3, tmp_path / "uncached", epochs=3, unfreeze_blocks=0, head_width=16, num_classes=2)
+    plain = train(cfg).metrics
+    fast = train(dataclasses.replace(cfg, out=str(tmp_path / "cached"), features=str(feats))).metrics
+    assert plain["trainable_parameters"] == fast["trainable_parameters"]
+    assert abs(plain["val_auc_abnormal"] - fast["val_auc_abnormal"]) < 0.15
+    # the exported model of the cached run is a full model: predict on images reproduces its validation AUROC
+    from xray_dist.metrics import auroc
+    from xray_dist.predict import load_run_model, predict_arrays
+
+    lm = load_run_model(tmp_path / "cached")
+    from xray_dist.dataset import load_manifest
+
+    m = load_manifest(cache3).to_pandas().set_index("path")
+    y = np.array([m.loc[p, "label"] != "normal" for p in paths])
+    probs = predict_arrays(lm, images)
+    assert auroc(y, 1 - probs[:, 0]) == pytest.approx(fast["val_auc_abnormal"], abs=1e-6)

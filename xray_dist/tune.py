@@ -1,0 +1,210 @@
+"""Sweeps: Ray Tune over head width × number of classes × unfreeze depth (× learning rate).
+
+Train V2 pattern: each trial is a function trainable (:func:`trial_fn`) that builds its
+:class:`~xray_dist.config.TrainConfig` with ``dataclasses.replace`` and launches the very same
+``TensorflowTrainer`` as ``xray-dist train`` (:func:`xray_dist.train.make_trainer`), with
+``TuneReportCallback`` forwarding every epoch's report to Tune, so ASHA can stop weak trials early.
+
+Trials with unfreeze depth D < 5 train on shared frozen features (:mod:`xray_dist.features`),
+computed once per (cache, weights, D) before the trials start.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xray_dist.config import SweepConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+SWEEP_NAME = "sweep"
+TRIAL_CPUS = 0.1  # the trial function only waits for its Trainer; the workers hold the real resources
+
+
+def trial_config(base: TrainConfig, params: dict, out: str, features: dict) -> TrainConfig:
+    cfg = dataclasses.replace(base, head_width=int(params["head_width"]), num_classes=int(params["num_classes"]),
+                              unfreeze_blocks=int(params["unfreeze_blocks"]), lr=float(params["lr"]), out=out)
+    return dataclasses.replace(cfg, features=features.get(str(cfg.unfreeze_blocks)))
+
+
+def trial_fn(params: dict) -> None:
+    """One trial: the same Trainer as ``xray-dist train``; its reports reach Tune through the callback."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from xray_dist.train import export_run, make_trainer
+
+    ctx = ray.tune.get_context()
+    out = Path(params["_sweep_out"]) / "trials" / Path(ctx.get_trial_dir()).name
+    cfg = trial_config(params["_base"], params, str(out), params["_features"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    export_run(cfg, result, scheme, spec, out)
+
+
+def default_max_concurrent(sweep: SweepConfig, resources: dict) -> int:
+    b = sweep.base
+    if b.gpus_per_worker:
+        return max(1, int(resources.get("GPU", 0) // (b.num_workers * b.gpus_per_worker)))
+    per_trial = b.num_workers * b.worker_cpus + TRIAL_CPUS + 0.5  # + room for Ray Data
+    return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def param_space(sweep: SweepConfig) -> tuple[dict, int]:
+    """Tune's param space and num_samples for the search mode."""
+    from ray import tune
+
+    lr = tune.loguniform(*sweep.lr) if sweep.lr[0] < sweep.lr[1] else sweep.lr[0]
+    if sweep.search == "grid":
+        grid = list(itertools.product(sweep.head_widths, sweep.num_classes, sweep.unfreeze_blocks))
+        space = {"combo": tune.grid_search([list(g) for g in grid]), "lr": lr}
+        return space, sweep.num_samples
+    return ({"head_width": tune.choice(list(sweep.head_widths)), "num_classes": tune.choice(list(sweep.num_classes)),
+             "unfreeze_blocks": tune.choice(list(sweep.unfreeze_blocks)), "lr": lr}, sweep.num_samples)
+
+
+def _grid_to_params(fn):
+    def wrapped(params: dict) -> None:
+        if "combo" in params:
+            params = dict(params)
+            params["head_width"], params["num_classes"], params["unfreeze_blocks"] = params.pop("combo")
+        fn(params)
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def sweep(cfg: SweepConfig) -> dict:
+    """Run (or resume) the sweep; write results.csv, best.json and the metric-vs-dimension PNG."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from xray_dist.features import ensure_features
+    from xray_dist.runtime import init_ray
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.base.address)
+    t0 = time.time()
+    features: dict[str, str] = {}
+    if cfg.shared_features:
+        for d in sorted(set(cfg.unfreeze_blocks)):
+            path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
+            if path is not None:
+                features[str(d)] = str(path)
+        log.info("shared frozen features (no input augmentation, so they are exact): %s", sorted(features))
+    else:
+        log.info("shared frozen features off: every trial recomputes the frozen base")
+    space, num_samples = param_space(cfg)
+    space.update({"_base": cfg.base, "_sweep_out": str(out), "_features": features})
+    max_conc = cfg.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
+                               reduction_factor=2) if cfg.scheduler == "asha" else FIFOScheduler())
+    search_alg = None
+    if cfg.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
+        search_alg = OptunaSearch()
+    trainable = tune.with_resources(_grid_to_params(trial_fn), {"cpu": TRIAL_CPUS})
+    path = out / SWEEP_NAME
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming the sweep in %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
+                                   param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples,
+                                        scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc),
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=str(out),
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+    log.info("sweep: up to %d trials at a time", max_conc)
+    grid = tuner.fit()
+    rows = collect_results(grid, cfg, out)
+    summary = write_outputs(rows, cfg, out, time.time() - t0)
+    return summary
+
+
+def _params_of(config: dict) -> dict:
+    p = dict(config)
+    if "combo" in p:
+        p["head_width"], p["num_classes"], p["unfreeze_blocks"] = p.pop("combo")
+    return {k: p[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
+
+
+def collect_results(grid, cfg: SweepConfig, out: Path) -> list[dict]:
+    rows = []
+    for r in grid:
+        params = _params_of(r.config)
+        trial_dir = out / "trials" / Path(r.path).name
+        metrics_file = trial_dir / "metrics.json"
+        df = r.metrics_dataframe
+        row = {**params, "trial": Path(r.path).name, "status": "", "epochs": 0, "val_auc_abnormal": float("nan"),
+               "val_auc": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
+               "trainable_parameters": "", "wall_seconds": float("nan"), "shared_features": "",
+               "model": "", "error": ""}
+        if df is not None and len(df) and cfg.base.metric in df:
+            best = df.loc[df[cfg.base.metric].astype(float).idxmax()]
+            row.update({"epochs": int(df["epoch"].max()), "val_auc_abnormal": float(best["val_auc_abnormal"]),
+                        "val_auc": float(best["val_auc"]), "sensitivity": float(best["sensitivity"]),
+                        "specificity": float(best["specificity"]),
+                        "trainable_parameters": int(best["trainable_parameters"]),
+                        "wall_seconds": float(df["time_total_s"].max()) if "time_total_s" in df else float("nan")})
+        if r.error:
+            row["status"], row["error"] = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}"
+        elif metrics_file.is_file():
+            row["status"] = "completed"
+            row["model"] = str(trial_dir)
+        else:
+            row["status"] = "stopped_early"
+        tcfg = trial_dir / "config.json"
+        if tcfg.is_file():
+            row["shared_features"] = bool(json.loads(tcfg.read_text()).get("features"))
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal",
+          "val_auc", "sensitivity", "specificity", "trainable_parameters", "wall_seconds", "shared_features",
+          "model", "error"]
+
+
+def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float) -> dict:
+    from xray_dist.plots import plot_sweep
+
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_auc_abnormal"])]
+    summary = {"trials": len(rows), "completed": len(finished),
+               "failed": sum(r["status"] == "failed" for r in rows),
+               "stopped_early": sum(r["status"] == "stopped_early" for r in rows), "seconds": round(seconds, 1)}
+    if finished:
+        best = max(finished, key=lambda r: r["val_auc_abnormal"])
+        metrics = json.loads((Path(best["model"]) / "metrics.json").read_text())
+        best_json = {"config": {k: best[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")},
+                     "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
+                                                         "trainable_parameters", "epochs", "best_epoch")},
+                     "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric}
+        (out / "best.json").write_text(json.dumps(best_json, indent=2))
+        summary["best"] = best_json
+    plot_sweep(rows, out / "sweep.png", cfg.base.metric)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
