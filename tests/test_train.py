@@ -66,6 +66,13 @@ def test_two_workers_on_two_nodes_learn(two_worker_run):
     assert {"sensitivity", "specificity", "val_auc_normal", "val_auc_finding"} <= set(m["best"])
 
 
+def test_nothing_identifying_in_run_outputs(two_worker_run, synth_binary):
+    _, _, out = two_worker_run
+    secrets = set(synth_binary.patients.values()) | {f"Synthetic^Patient{i:04d}" for i in range(40)}
+    blob = "\n".join(f.read_bytes().decode("latin-1") for f in out.rglob("*") if f.is_file())
+    assert not sorted(s for s in secrets if s in blob)
+
+
 def test_predict_agrees_with_validation(two_worker_run, synth_binary, tmp_path):
     from xray_dist import cli
 

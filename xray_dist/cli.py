@@ -189,6 +189,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--search", choices=["grid", "random", "optuna"], default=S)
     p.add_argument("--max-concurrent", type=int, default=S, help="default: what the cluster's resources allow")
     p.add_argument("--workers-per-trial", type=int, default=S)
+    p.add_argument("--combos", default=S, help="explicit W:K:D triples instead of the full grid, e.g. 0:2:0,64:4:1")
     p.add_argument("--no-shared-features", action="store_true", default=S,
                    help="recompute the frozen base in every trial (for comparison)")
 
@@ -216,6 +217,8 @@ def sweep_config_from_args(a):
     for key in ("num_samples", "scheduler", "search", "max_concurrent"):
         if key in raw:
             sweep_kw[key] = raw.pop(key)
+    if "combos" in raw:
+        sweep_kw["combos"] = tuple(tuple(int(v) for v in c.split(":")) for c in str(raw.pop("combos")).split(","))
     if raw.pop("no_shared_features", False):
         sweep_kw["shared_features"] = False
     base = {k: v for k, v in raw.items() if k in TrainConfig.__dataclass_fields__}

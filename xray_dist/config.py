@@ -203,7 +203,8 @@ class SweepConfig:
     ``base`` is the training config every trial starts from; trials differ only by
     ``dataclasses.replace`` of the searched fields. ``search="grid"`` runs every combination of the
     three dimensions ``num_samples`` times (learning rate sampled log-uniformly in ``lr``);
-    ``random`` draws ``num_samples`` configurations.
+    ``random`` draws ``num_samples`` configurations. ``combos`` replaces the full product of the
+    three dimensions by an explicit list of ``(head_width, num_classes, unfreeze_blocks)``.
     """
 
     base: TrainConfig
@@ -218,6 +219,7 @@ class SweepConfig:
     max_concurrent: int | None = None
     shared_features: bool = True
     grace_period: int = 1
+    combos: tuple[tuple[int, int, int], ...] | None = None  # explicit (head_width, num_classes, unfreeze_blocks)
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("asha", "fifo"):

@@ -1,7 +1,8 @@
 """``xray-dist demo``: the local single-node test mode, end to end on embedded Ray and the CPU.
 
 synth → prepare → train (2 workers would need a cluster; here 1 worker mirrored over 2 logical
-CPU devices, so the multi-device path runs too) → predict on the held-out validation files.
+CPU devices, so the multi-device path runs too) → predict on the held-out validation files →
+a tiny sweep (two head widths on shared frozen features).
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     out = Path(out).resolve()
     t0 = time.time()
     init_ray(None, num_cpus)
-    print(f"[demo 1/4] synth: synthetic chest radiographs -> {out / 'data'}")
+    print(f"[demo 1/5] synth: synthetic chest radiographs -> {out / 'data'}")
     syn = synthesize(out / "data", patients=48, images_per_patient=2, size=128, seed=7)
     print(f"           {len(syn.files)} DICOM files in 8 encodings")
 
-    print(f"[demo 2/4] prepare: decode once with Ray Data -> {out / 'cache'}")
+    print(f"[demo 2/5] prepare: decode once with Ray Data -> {out / 'cache'}")
     report = prepare(PrepareConfig(data_dir=str(out / "data"), labels=str(syn.labels_csv), out=str(out / "cache"),
                                    preprocess=PreprocessSpec(image_size=32)))
     print(format_prepare_summary(report, str(out / "cache")))
 
-    print(f"[demo 3/4] train: VGG16 (random init, all blocks trainable) with Ray Train -> {out / 'run'}")
+    print(f"[demo 3/5] train: VGG16 (random init, all blocks trainable) with Ray Train -> {out / 'run'}")
     res = train(TrainConfig(cache=str(out / "cache"), out=str(out / "run"), epochs=3, batch_size=8, lr=1e-4,
                             weights="none", unfreeze_blocks=5, cpu_replicas=2))
     m = res.metrics
     print(f"           val_auc_abnormal {m['val_auc_abnormal']:.3f}, sensitivity {m['sensitivity']:.2f}, "
           f"specificity {m['specificity']:.2f} (best of {m['epochs']} epochs)")
 
-    print(f"[demo 4/4] predict: held-out validation files -> {out / 'predictions.csv'}")
+    print(f"[demo 4/5] predict: held-out validation files -> {out / 'predictions.csv'}")
     manifest = load_manifest(out / "cache").to_pandas()
     val = manifest[manifest.split == "val"]
     rows = predict_files(out / "run", [str(out / "data" / p) for p in val.path], out / "predictions.csv")
@@ -46,8 +47,18 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     correct = sum(r["prediction"] == truth[r["path"]] for r in rows)
     print(f"           {correct}/{len(rows)} validation files predicted correctly (argmax)")
 
+    print(f"[demo 5/5] tune: a tiny sweep (head width 0 vs 16, frozen base, shared features) -> {out / 'sweep'}")
+    from xray_dist.config import SweepConfig
+    from xray_dist.tune import sweep
+
+    summary = sweep(SweepConfig(base=TrainConfig(cache=str(out / "cache"), out=str(out / "sweep"), epochs=2,
+                                                 batch_size=8, lr=1e-3, weights="none"),
+                                out=str(out / "sweep"), combos=((0, 2, 0), (16, 2, 0)), scheduler="fifo",
+                                max_concurrent=1))
+    print(f"           {summary['completed']} trials completed; results in {out / 'sweep' / 'results.csv'}")
+
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:")
     for name in ("cache/prepare_report.json", "run/metrics.json", "run/training_curves.png", "run/roc.png",
-                 "predictions.csv"):
+                 "predictions.csv", "sweep/results.csv", "sweep/best.json", "sweep/sweep.png"):
         print(f"  {out / name}")
-    return {"prepare": report, "train": m, "predictions": rows}
+    return {"prepare": report, "train": m, "predictions": rows, "sweep": summary}

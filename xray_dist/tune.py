@@ -69,7 +69,7 @@ def param_space(sweep: SweepConfig) -> tuple[dict, int]:
 
     lr = tune.loguniform(*sweep.lr) if sweep.lr[0] < sweep.lr[1] else sweep.lr[0]
     if sweep.search == "grid":
-        grid = list(itertools.product(sweep.head_widths, sweep.num_classes, sweep.unfreeze_blocks))
+        grid = list(sweep.combos or itertools.product(sweep.head_widths, sweep.num_classes, sweep.unfreeze_blocks))
         space = {"combo": tune.grid_search([list(g) for g in grid]), "lr": lr}
         return space, sweep.num_samples
     return ({"head_width": tune.choice(list(sweep.head_widths)), "num_classes": tune.choice(list(sweep.num_classes)),
@@ -111,8 +111,10 @@ def sweep(cfg: SweepConfig) -> dict:
     space, num_samples = param_space(cfg)
     space.update({"_base": cfg.base, "_sweep_out": str(out), "_features": features})
     max_conc = cfg.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
+    # stop_last_trials=False: a trial that reaches the last epoch returns by itself and exports its model
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
-                               reduction_factor=2) if cfg.scheduler == "asha" else FIFOScheduler())
+                               reduction_factor=2, stop_last_trials=False)
+                 if cfg.scheduler == "asha" else FIFOScheduler())
     search_alg = None
     if cfg.search == "optuna":
         try:

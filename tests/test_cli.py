@@ -1,0 +1,77 @@
+"""The thin layers: CLI flag/config handling, preview, the cluster launcher config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from xray_dist import cli
+from xray_dist.config import PreprocessSpec
+from xray_dist.dicom import load_image
+from xray_dist.synth import synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_preview_writes_exactly_the_model_input(tmp_path):
+    syn = synthesize(tmp_path / "d", patients=2, images_per_patient=2, size=80, seed=3)
+    src = next(f for f in syn.files if "mono1" in f.name)  # MONOCHROME1: must come out inverted
+    assert cli.main(["preview", str(src), "--out", str(tmp_path / "p.png"), "--size", "48"]) == 0
+    png = np.asarray(Image.open(tmp_path / "p.png"))
+    assert png.shape == (48, 48) and png.dtype == np.uint8
+    np.testing.assert_array_equal(png, load_image(src, PreprocessSpec(image_size=48)))
+    assert png[24, 24] > png[2, 2]  # body (dense) brighter than the air outside it
+
+
+def test_preview_bad_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "x.dcm"
+    bad.write_text("no")
+    assert cli.main(["preview", str(bad), "--out", str(tmp_path / "p.png")]) == 2
+    assert "x.dcm" in capsys.readouterr().err
+
+
+def test_train_flags_override_yaml_config(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"cache": "/c", "out": "/o", "epochs": 7, "head-width": 64, "lr": 0.01}))
+    a = cli.build_parser().parse_args(["train", "--config", str(conf), "--epochs", "3"])
+    cfg = cli.train_config_from_args(a)
+    assert (cfg.epochs, cfg.head_width, cfg.lr, cfg.cache) == (3, 64, 0.01, "/c")
+    assert cfg.batch_size == 16  # the TrainConfig default, defined once
+
+
+def test_train_config_errors_name_the_field(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"cache": "/c", "out": "/o", "unfreeze_blocks": 9}))
+    with pytest.raises(ValueError, match="unfreeze_blocks=9"):
+        cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+    conf.write_text(yaml.safe_dump({"cache": "/c", "out": "/o", "wieghts": "none"}))
+    with pytest.raises(ValueError, match="wieghts"):
+        cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+
+
+def test_tune_flags_take_lists():
+    a = cli.build_parser().parse_args(["tune", "--cache", "/c", "--out", "/s", "--head-widths", "0,64",
+                                       "--num-classes", "2,4", "--unfreeze-blocks", "0,2", "--lr", "1e-4,1e-2",
+                                       "--workers-per-trial", "2"])
+    s = cli.sweep_config_from_args(a)
+    assert (s.head_widths, s.num_classes, s.unfreeze_blocks, s.lr) == ((0, 64), (2, 4), (0, 2), (1e-4, 1e-2))
+    assert s.base.num_workers == 2 and s.out == "/s"
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    assert set(config["available_node_types"]) == {"head", "gpu_worker"}
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    setup = " ".join(raw["setup_commands"])
+    assert "pip install" in setup and "xray-dist" in setup
+    assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])  # never public
+    ports = [p["FromPort"] for p in raw["provider"]["security_group"]["IpPermissions"]]
+    assert ports == [22]
