@@ -46,6 +46,13 @@ def trial_fn(params: dict) -> None:
     ctx = ray.tune.get_context()
     out = Path(params["_sweep_out"]) / "trials" / Path(ctx.get_trial_dir()).name
     cfg = trial_config(params["_base"], params, str(out), params["_features"])
+    done = out / "metrics.json"
+    if done.is_file() and json.loads(done.read_text()).get("complete"):
+        # Tune reruns a trial whose end it had not recorded when the sweep was interrupted: the
+        # trial already finished, so report its final epoch again instead of training.
+        final = json.loads(done.read_text())["final"]
+        ray.tune.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
