@@ -22,6 +22,10 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     for key in ("val_auc", "val_auc_abnormal", "sensitivity", "specificity"):
         b.plot(epochs, [h.get(key, np.nan) for h in history], "o-", label=key)
     b.set_ylim(0, 1.02); b.set_xlabel("epoch"); b.legend(loc="lower right"); b.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Training curves")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
