@@ -47,15 +47,18 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     correct = sum(r["prediction"] == truth[r["path"]] for r in rows)
     print(f"           {correct}/{len(rows)} validation files predicted correctly (argmax)")
 
-    print(f"[demo 5/5] tune: a tiny sweep (head width 0 vs 16, frozen base, shared features) -> {out / 'sweep'}")
+    print(f"[demo 5/5] tune: a tiny sweep (head width 0 vs 16, block 5 trainable on shared frozen features) "
+          f"-> {out / 'sweep'}")
     from xray_dist.config import SweepConfig
     from xray_dist.tune import sweep
 
     summary = sweep(SweepConfig(base=TrainConfig(cache=str(out / "cache"), out=str(out / "sweep"), epochs=2,
                                                  batch_size=8, lr=1e-3, weights="none"),
-                                out=str(out / "sweep"), combos=((0, 2, 0), (16, 2, 0)), scheduler="fifo",
-                                max_concurrent=1))
-    print(f"           {summary['completed']} trials completed; results in {out / 'sweep' / 'results.csv'}")
+                                out=str(out / "sweep"), combos=((0, 2, 1), (16, 2, 1)), lr=(1e-3, 1e-3),
+                                scheduler="fifo", max_concurrent=1))
+    best = summary.get("best", {})
+    print(f"           {summary['completed']} trials completed; best {best.get('config')} "
+          f"val_auc_abnormal {best.get('metrics', {}).get('val_auc_abnormal', float('nan')):.3f}")
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:")
     for name in ("cache/prepare_report.json", "run/metrics.json", "run/training_curves.png", "run/roc.png",
