@@ -68,6 +68,7 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str = "val_auc_abnorm
             pos = np.array([cats.index(x) for x in xs]) + rng.uniform(-0.12, 0.12, len(xs))
             ax.scatter(pos, ys, c=colours)
             ax.set_xticks(range(len(cats)), [f"{int(c)}" for c in cats])
+            ax.set_xlim(-0.5, len(cats) - 0.5)
         ax.set_xlabel(dim)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"best {metric}")
