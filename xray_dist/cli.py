@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from xray_dist.errors import XrayDistError
+
+if TYPE_CHECKING:
+    from xray_dist.config import TrainConfig
 
 log = logging.getLogger("xray_dist")
 

@@ -20,7 +20,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 
 from xray_dist.config import SweepConfig, TrainConfig
 
