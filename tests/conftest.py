@@ -58,3 +58,47 @@ def prepared_binary(ray_cluster, synth_binary, tmp_path_factory):
     report = prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv),
                                    out=str(cache), preprocess=PreprocessSpec(image_size=32), seed=3))
     return report, cache
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(ray_cluster, prepared_binary, tmp_path_factory):
+    """A real 2-worker training run (one worker per node, 4 epochs, all blocks trainable, 32 px):
+    (TrainResult, cache, run directory). Shared by the training tests and the results tests
+    (explain, report, export) so the suite trains it once."""
+    from xray_dist.config import TrainConfig
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    out = tmp_path_factory.mktemp("run2w")
+    # STRICT_SPREAD: one worker on each node, each leaving CPU for Ray Data on its node.
+    res = train(TrainConfig(cache=str(cache), out=str(out), epochs=4, batch_size=8, lr=1e-4, weights="none",
+                            unfreeze_blocks=5, num_workers=2, cpus_per_worker=0.5, placement_strategy="STRICT_SPREAD"))
+    return res, cache, out
+
+
+def render_in_chromium(page: Path, screenshot: Path) -> str:
+    """Open ``page`` in headless Chromium; return the ``data-images`` mark the page's script sets
+    once loaded ("decoded/total") and write a screenshot. Fails when Chromium is missing."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("XRAY_DIST_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is required (XRAY_DIST_REQUIRE_BROWSER is set) but not installed")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--allow-file-access-from-files"]
+    dom = subprocess.run([exe, *flags, "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([exe, *flags, "--window-size=1200,2400", f"--screenshot={screenshot}", page.resolve().as_uri()],
+                   capture_output=True, timeout=120)
+    import re
+
+    m = re.search(r'data-images="([^"]*)"', dom)
+    return m.group(1) if m else ""
+
+
+@pytest.fixture
+def chromium():
+    """:func:`render_in_chromium` for tests that check a page in a real browser."""
+    return render_in_chromium

@@ -37,17 +37,6 @@ def read_history(run) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def two_worker_run(ray_cluster, prepared_binary, tmp_path_factory):
-    from xray_dist.train import train
-
-    _, cache = prepared_binary
-    out = tmp_path_factory.mktemp("run2w")
-    # STRICT_SPREAD: one worker on each node, each leaving CPU for Ray Data on its node.
-    res = train(cfg_for(cache, out, num_workers=2, placement_strategy="STRICT_SPREAD", epochs=4))
-    return res, cache, out
-
-
 def test_two_workers_on_two_nodes_learn(two_worker_run):
     res, _, out = two_worker_run
     m = json.loads((out / "metrics.json").read_text())
@@ -64,6 +53,21 @@ def test_two_workers_on_two_nodes_learn(two_worker_run):
         assert (out / name).is_file(), name
     assert m["trainable_parameters"] > 14_000_000 and m["images_per_s"] > 0
     assert {"sensitivity", "specificity", "val_auc_normal", "val_auc_finding"} <= set(m["best"])
+
+
+def test_tensorboard_scalars_match_history(two_worker_run):
+    import tensorflow as tf
+
+    _, _, out = two_worker_run
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    seen: dict[tuple[str, int], float] = {}
+    for e in tf.compat.v1.train.summary_iterator(str(events[0])):
+        for v in e.summary.value:
+            seen[(v.tag, e.step)] = float(tf.make_ndarray(v.tensor))
+    for row in read_history(out):
+        for key in ("loss", "val_loss", "val_auc_abnormal", "sensitivity"):
+            assert seen[(key, int(row["epoch"]))] == pytest.approx(float(row[key]), rel=1e-5), key
 
 
 def test_nothing_identifying_in_run_outputs(two_worker_run, synth_binary):

@@ -47,14 +47,17 @@ def read_results(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path):
+def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, monkeypatch, chromium):
     from xray_dist.tune import sweep
 
     out = tmp_path / "sweep"
+    # the cache given relative to the driver's working directory, as users type it: trials run in
+    # their own directories, so the sweep must resolve it first
+    monkeypatch.chdir(cache3.parent)
     # four combinations that vary head width, class scheme and unfreeze depth, plus K = 5, which needs
     # five labels: the cache has three, so that trial raises while the others finish.
     combos = ((0, 2, 0), (8, 3, 0), (0, 3, 1), (8, 2, 1), (0, 5, 0))
-    cfg = SweepConfig(base=base(cache3, out), out=str(out), combos=combos, lr=(1e-3, 3e-3), scheduler="asha",
+    cfg = SweepConfig(base=base(cache3.name, out), out=str(out), combos=combos, lr=(1e-3, 3e-3), scheduler="asha",
                       max_concurrent=2)
     summary = sweep(cfg)
     rows = read_results(out)
@@ -79,6 +82,17 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path):
     assert lm.scheme.num_classes == best["config"]["num_classes"]
     params = {int(r["unfreeze_blocks"]): int(r["trainable_parameters"]) for r in ok if r["trainable_parameters"]}
     assert params[1] > params[0]
+    # the sweep's HTML report: every trial in the table, the best trial's run below it
+    from xray_dist.report import write_report
+
+    page = write_report(out, tmp_path / "sweep.html", n_boot=200)
+    text = page.read_text()
+    import re
+
+    table = re.search(r'<table class="results">(.*?)</table>', text, re.S).group(1)
+    assert table.count("<tr><td>") == 5  # every trial, the failed one included
+    assert "failed" in text and "Best trial" in text and Path(best["model"]).name in text
+    assert chromium(page, tmp_path / "sweep.png") == "5/5"  # sweep plot + the best run's four pictures
 
 
 def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path):

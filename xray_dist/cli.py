@@ -260,6 +260,56 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looks, per input file")
+    p.add_argument("inputs", nargs="+", help="DICOM files or directories")
+    p.add_argument("--model", required=True, help="a run directory from `xray-dist train` (or a sweep trial)")
+    p.add_argument("--out", required=True, help="directory for <name>.png, <name>.npy and explain.csv")
+    p.add_argument("--class", dest="class_name", default=None,
+                   help="class name or index to explain (default: the predicted class)")
+
+
+def cmd_explain(a) -> int:
+    from xray_dist.explain import explain_files
+
+    rows = explain_files(a.model, a.inputs, a.out, a.class_name)
+    bad = [r for r in rows if r["error"]]
+    print(f"explain: {len(rows) - len(bad)} heatmaps, {len(bad)} unreadable -> {a.out}")
+    for r in bad:
+        print(f"  {r['path']}: {r['error']}", file=sys.stderr)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML report for a run or a sweep")
+    p.add_argument("target", help="a run directory (xray-dist train) or a sweep directory (xray-dist tune)")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+
+
+def cmd_report(a) -> int:
+    from xray_dist.report import write_report
+
+    path = write_report(a.target, a.out, n_boot=a.bootstrap)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a serving model: cached-format image in, class probabilities out")
+    p.add_argument("--model", required=True, help="a run directory from `xray-dist train` (or a sweep trial)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--format", choices=["savedmodel", "keras"], default="savedmodel")
+
+
+def cmd_export(a) -> int:
+    from xray_dist.export import export_model
+
+    path = export_model(a.model, a.out, a.format)
+    print(f"export: {a.format} -> {path} (with model_spec.json and serving.json)")
+    return 0
+
+
 COMMANDS = {
     "prepare": (_add_prepare, cmd_prepare),
     "synth": (_add_synth, cmd_synth),
@@ -267,6 +317,9 @@ COMMANDS = {
     "train": (_add_train, cmd_train),
     "predict": (_add_predict, cmd_predict),
     "tune": (_add_tune, cmd_tune),
+    "explain": (_add_explain, cmd_explain),
+    "report": (_add_report, cmd_report),
+    "export": (_add_export, cmd_export),
     "demo": (_add_demo, cmd_demo),
 }
 

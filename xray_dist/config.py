@@ -195,6 +195,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolved(self) -> "TrainConfig":
+        """Paths made absolute against the driver's working directory (Ray workers and Tune trials
+        run elsewhere, so a relative ``cache`` would point nowhere)."""
+        weights = self.weights if self.weights in ("imagenet", "none") else _absolute(self.weights)
+        features = _absolute(self.features) if self.features else None
+        return dataclasses.replace(self, cache=_absolute(self.cache), out=_absolute(self.out), weights=weights,
+                                   features=features)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
 
 @dataclass(frozen=True)
 class SweepConfig:

@@ -242,6 +242,19 @@ def load_manifest(cache: str | Path) -> pa.Table:
     return pq.read_table(p)
 
 
+def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: float):
+    """A Ray Dataset over Parquet files of the cache whose read tasks ask for ``num_cpus``.
+
+    Uses Ray Data's V1 Parquet reader: Ray 2.60's default V2 reader adds a ``ListFiles`` operator
+    that asks for a whole CPU whatever ``num_cpus`` says, so on a small node whose Train workers
+    already hold part of the CPUs ingestion waits forever (seen on 2-CPU machines in sweeps).
+    """
+    import ray
+
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(str(directory), columns=columns, num_cpus=num_cpus)
+
+
 def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndarray]:
     """Paths and images of one split, in manifest order, read with pyarrow (for driver-side work)."""
     manifest = load_manifest(cache)

@@ -60,9 +60,8 @@ class _Extractor:
 def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int,
                     concurrency: int = 2) -> Path | None:
     """The feature directory for this (cache, weights, depth), computed now if missing."""
-    import ray
 
-    from xray_dist.dataset import IMAGES_DIR, load_spec
+    from xray_dist.dataset import IMAGES_DIR, load_spec, read_cache_parquet
 
     layer = boundary_layer(unfreeze_blocks)
     if layer is None:
@@ -76,7 +75,7 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
         shutil.rmtree(out)  # an interrupted extraction
     size = load_spec(cache).image_size
     log.info("computing frozen features at %s for depth %d (once per cache, weights and depth)", layer, unfreeze_blocks)
-    ds = ray.data.read_parquet(str(Path(cache) / IMAGES_DIR), columns=["path", "image", "error"], num_cpus=0.25)
+    ds = read_cache_parquet(Path(cache) / IMAGES_DIR, ["path", "image", "error"], 0.25)
     ds = ds.filter(lambda r: not r["error"]).select_columns(["path", "image"])
     ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"image_size": size, "weights": weights, "seed": seed,
                                                            "unfreeze_blocks": unfreeze_blocks},

@@ -1,5 +1,7 @@
 """Clinical metrics from probabilities: AUROC (macro one-vs-rest, per class, abnormal vs negative),
-a threshold chosen on validation, and sensitivity/specificity at it. Plain numpy, no sklearn."""
+a threshold chosen on validation, sensitivity/specificity at it, bootstrap confidence intervals,
+calibration (reliability bins, expected calibration error) and the confusion matrix.
+Plain numpy, no sklearn."""
 
 from __future__ import annotations
 
@@ -13,16 +15,9 @@ def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # midranks for ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # midranks for ties, 1-based
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -91,3 +86,55 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold:
         "specificity": spec,
         "val_images": int(len(labels)),
     }
+
+
+def bootstrap_ci(stat, arrays: tuple, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 strata: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Point estimate and percentile bootstrap interval of ``stat(*arrays)`` over resampled rows.
+
+    With ``strata`` (e.g. the labels) each resample keeps every stratum's size, so a rare class
+    never vanishes from a resample and AUROC stays defined. Resamples where ``stat`` is NaN are
+    dropped; the interval is NaN when fewer than half survive.
+    """
+    arrays = tuple(np.asarray(a) for a in arrays)
+    n = len(arrays[0])
+    point = float(stat(*arrays))
+    if n == 0:
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(strata == g) for g in np.unique(strata)] if strata is not None else [np.arange(n)]
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        v = stat(*(a[idx] for a in arrays))
+        if not np.isnan(v):
+            vals.append(v)
+    if len(vals) < n_boot / 2:
+        return point, float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return point, float(lo), float(hi)
+
+
+def reliability(y_true: np.ndarray, prob: np.ndarray, bins: int = 10) -> dict:
+    """Calibration of ``prob`` as the probability that ``y_true`` is 1, in equal-width bins.
+
+    Returns per-bin ``count``, mean ``confidence`` and observed ``frequency`` (NaN for empty bins)
+    and ``ece``: the count-weighted mean of |frequency − confidence| (Naeini et al., 2015).
+    """
+    y = np.asarray(y_true).astype(float).ravel()
+    p = np.clip(np.asarray(prob, dtype=np.float64).ravel(), 0.0, 1.0)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(which, weights=p, minlength=bins) / count
+        freq = np.bincount(which, weights=y, minlength=bins) / count
+    filled = count > 0
+    ece = float(np.sum(count[filled] * np.abs(freq[filled] - conf[filled])) / max(len(p), 1))
+    return {"edges": np.linspace(0, 1, bins + 1), "count": count, "confidence": conf, "frequency": freq, "ece": ece}
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """``(k, k)`` counts; rows are true classes, columns predicted ones."""
+    m = np.zeros((k, k), dtype=int)
+    np.add.at(m, (np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)), 1)
+    return m

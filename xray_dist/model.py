@@ -64,6 +64,17 @@ class VGGInput(keras.layers.Layer):
         return x - tf.constant(_BGR_MEAN, dtype=self.compute_dtype)
 
 
+@keras.utils.register_keras_serializable(package="xray_dist")
+class ClassProbabilities(keras.layers.Layer):
+    """Model outputs → ``(n, K)`` class probabilities: one sigmoid unit ``p`` becomes ``[1 - p, p]``."""
+
+    def call(self, x):
+        x = tf.cast(x, tf.float32)
+        if x.shape[-1] == 1:
+            return tf.concat([1.0 - x, x], axis=-1)
+        return x
+
+
 def vgg16_base(image_size: int, weights: str) -> keras.Model:
     """VGG16 without its top. ``weights``: ``imagenet``, ``none`` or a path to a no-top ``.h5`` file."""
     shape = (image_size, image_size, 3)

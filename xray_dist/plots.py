@@ -1,4 +1,5 @@
-"""Pictures of results: training curves and ROC curves (matplotlib, headless)."""
+"""Pictures of results: training curves, ROC curves, calibration, confusion matrix, sweep plots and
+Grad-CAM overlays (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -32,19 +33,83 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_roc(labels: np.ndarray, probs: np.ndarray, names: list[str], path: str | Path) -> None:
+def _ci_text(intervals: dict | None, key: str) -> str:
+    if not intervals or key not in intervals or np.isnan(intervals[key][0]):
+        return ""
+    lo, hi = intervals[key]
+    return f", 95% CI {lo:.2f}-{hi:.2f}"
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, names: list[str], path: str | Path,
+             intervals: dict | None = None) -> None:
+    """ROC of abnormal vs the negative class, plus one-vs-rest per class when K > 2.
+
+    ``intervals`` maps ``"abnormal"`` or a class name to an AUROC confidence interval for the legend.
+    """
     fig, ax = plt.subplots(figsize=(5.5, 5))
     abnormal = labels != 0
     score = 1 - probs[:, 0]
     fpr, tpr, _ = roc_curve(abnormal, score)
-    ax.plot(fpr, tpr, lw=2.5, label=f"abnormal vs {names[0]} (AUROC {auroc(abnormal, score):.3f})")
+    ax.plot(fpr, tpr, lw=2.5, label=f"abnormal vs {names[0]} (AUROC {auroc(abnormal, score):.3f}"
+                                    f"{_ci_text(intervals, 'abnormal')})")
     if len(names) > 2:
         for c in range(1, len(names)):
             fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-            ax.plot(fpr, tpr, lw=1, label=f"{names[c]} vs rest (AUROC {auroc(labels == c, probs[:, c]):.3f})")
+            ax.plot(fpr, tpr, lw=1, label=f"{names[c]} vs rest (AUROC {auroc(labels == c, probs[:, c]):.3f}"
+                                          f"{_ci_text(intervals, names[c])})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity"); ax.set_title("Validation ROC")
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_calibration(curves: dict[str, dict], path: str | Path) -> None:
+    """Reliability diagram: observed frequency against mean predicted probability per bin.
+
+    ``curves`` maps a legend name to :func:`xray_dist.metrics.reliability`'s result.
+    """
+    fig, (a, b) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    a.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    width = 1.0 / max(len(next(iter(curves.values()))["count"]), 1)
+    for i, (name, rel) in enumerate(curves.items()):
+        filled = rel["count"] > 0
+        a.plot(rel["confidence"][filled], rel["frequency"][filled], "o-", label=f"{name} (ECE {rel['ece']:.3f})")
+        centres = (rel["edges"][:-1] + rel["edges"][1:]) / 2
+        b.bar(centres + (i - (len(curves) - 1) / 2) * width / len(curves), rel["count"],
+              width=width / len(curves), alpha=0.7)
+    a.set_ylabel("observed frequency"); a.set_xlim(0, 1); a.set_ylim(0, 1.02); a.grid(alpha=0.3)
+    a.legend(loc="upper left", fontsize=8); a.set_title("Calibration (validation)")
+    b.set_xlabel("predicted probability"); b.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, names: list[str], path: str | Path) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 1.1 * len(names) + 2.5))
+    ax.imshow(matrix, cmap="Blues")
+    hi = matrix.max() if matrix.size else 0
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > hi / 2 else "black", fontsize=12)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right"); ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted (argmax)"); ax.set_ylabel("true"); ax.set_title("Confusion matrix (validation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_gradcam(image: np.ndarray, heat: np.ndarray, title: str, path: str | Path) -> None:
+    """The model input in gray with the Grad-CAM heatmap over it, side by side with the plain input."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax in (a, b):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([]); ax.set_yticks([])
+    im = b.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    a.set_title("model input"); b.set_title("Grad-CAM")
+    fig.colorbar(im, ax=b, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

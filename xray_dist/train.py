@@ -65,9 +65,8 @@ def attach_labels(batch: dict, label_of: dict, weight_of: dict, column: str = "i
 def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float],
                   features: str | None = None):
     """A Ray Dataset of one split: ``x`` (S×S uint8 image, or frozen features), ``label``, ``weight``."""
-    import ray
 
-    from xray_dist.dataset import IMAGES_DIR, load_manifest
+    from xray_dist.dataset import IMAGES_DIR, load_manifest, read_cache_parquet
 
     m = load_manifest(cache)
     rows = zip(m.column("path").to_pylist(), m.column("split").to_pylist(), m.column("label").to_pylist())
@@ -77,7 +76,7 @@ def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weig
     # Fractional CPUs: the Train workers hold most of a small node's CPU, and a data task that waits
     # for a whole free CPU would stall ingestion for good.
     source, column = (Path(features) / "shards", "x") if features else (Path(cache) / IMAGES_DIR, "image")
-    ds = ray.data.read_parquet(str(source), columns=["path", column], num_cpus=DATA_CPUS)
+    ds = read_cache_parquet(source, ["path", column], DATA_CPUS)
     return ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight, "column": column},
                           batch_format="numpy", batch_size=256, num_cpus=DATA_CPUS), len(label_of)
 
@@ -439,7 +438,28 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     plot_history(history, out / "training_curves.png")
     plot_roc(labels, probs, list(scheme.names), out / "roc.png")
+    write_tensorboard(history, out / "tensorboard")
     return TrainResult(out=out, metrics=metrics, history=history, scheme=scheme)
+
+
+def write_tensorboard(history: list[dict], logdir: Path) -> None:
+    """Every per-epoch number of the history as TensorBoard scalars (``tensorboard --logdir RUN``).
+
+    Written by the driver from the reports, so it works wherever the workers ran; a resumed run
+    rewrites the whole file from the full history.
+    """
+    import tensorflow as tf
+
+    if logdir.exists():
+        shutil.rmtree(logdir)
+    writer = tf.summary.create_file_writer(str(logdir))
+    with writer.as_default():
+        for row in history:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    tf.summary.scalar(key, float(value), step=int(row["epoch"]))
+    writer.close()
 
 
 def _export_full_from_top(cfg: TrainConfig, spec: dict, top_weights: Path, dest: Path) -> None:
@@ -480,7 +500,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as described by ``cfg``; write everything into ``cfg.out``."""
     from xray_dist.runtime import init_ray
 
-    out = Path(cfg.out).resolve()
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
     _check_resume_compatible(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -65,7 +65,9 @@ def default_max_concurrent(sweep: SweepConfig, resources: dict) -> int:
     b = sweep.base
     if b.gpus_per_worker:
         return max(1, int(resources.get("GPU", 0) // (b.num_workers * b.gpus_per_worker)))
-    per_trial = b.num_workers * b.worker_cpus + TRIAL_CPUS + 0.5  # + room for Ray Data
+    from xray_dist.train import DATA_CPUS
+
+    per_trial = b.num_workers * b.worker_cpus + TRIAL_CPUS + DATA_CPUS  # + room for one Ray Data task
     return max(1, int(resources.get("CPU", 1) // per_trial))
 
 
@@ -101,7 +103,8 @@ def sweep(cfg: SweepConfig) -> dict:
     from xray_dist.features import ensure_features
     from xray_dist.runtime import init_ray
 
-    out = Path(cfg.out).resolve()
+    cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=str(Path(cfg.out).resolve()))
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.base.address)
     t0 = time.time()

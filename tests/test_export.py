@@ -1,0 +1,68 @@
+"""Serving export: reloaded in a fresh process, both formats give predict's probabilities."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from xray_dist.dataset import load_split_arrays
+
+pytestmark = pytest.mark.slow
+
+LOAD_SAVEDMODEL = """
+import sys, numpy as np, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+f = m.signatures["serving_default"]
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], f(image=tf.constant(x))["probabilities"].numpy())
+assert not any(k.startswith("xray_dist") for k in sys.modules), "SavedModel needed project code"
+"""
+
+LOAD_KERAS = """
+import sys, numpy as np, tf_keras as keras
+import xray_dist.model  # registers the two custom layers
+m = keras.models.load_model(sys.argv[1])
+np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["savedmodel", "keras"])
+def test_export_reloads_in_a_fresh_process_with_predicts_numbers(two_worker_run, tmp_path, fmt):
+    from xray_dist import cli
+    from xray_dist.predict import load_run_model, predict_arrays
+
+    _, cache, run = two_worker_run
+    _, images = load_split_arrays(cache, "val")
+    assert images.dtype == np.uint8 and images.ndim == 3  # the cached format the signature takes
+    out = tmp_path / "served"
+    assert cli.main(["export", "--model", str(run), "--out", str(out), "--format", fmt]) == 0
+    serving = json.loads((out / "serving.json").read_text())
+    spec = json.loads((out / "model_spec.json").read_text())
+    assert serving["input"]["shape"] == [None, 32, 32] and serving["input"]["dtype"] == "uint8"
+    assert serving["output"]["classes"] == spec["classes"]["names"] == ["normal", "finding"]
+    assert spec["preprocess"]["image_size"] == 32 and 0 < serving["threshold"] < 1
+    np.save(tmp_path / "x.npy", images)
+    script = LOAD_SAVEDMODEL if fmt == "savedmodel" else LOAD_KERAS
+    model_path = out / ("savedmodel" if fmt == "savedmodel" else "model.keras")
+    subprocess.run([sys.executable, "-c", script, str(model_path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True, timeout=300)
+    served = np.load(tmp_path / "y.npy")
+    expected = predict_arrays(load_run_model(run), images)
+    assert served.shape == (len(images), 2)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_export_rejects_unknown_format_and_non_runs(two_worker_run, tmp_path):
+    from xray_dist.errors import ModelSpecError
+    from xray_dist.export import export_model
+
+    _, _, run = two_worker_run
+    with pytest.raises(ModelSpecError, match="onnx"):
+        export_model(run, tmp_path / "o", "onnx")
+    with pytest.raises(ModelSpecError, match="no exported model"):
+        export_model(tmp_path, tmp_path / "o")

@@ -1,0 +1,79 @@
+"""``export``: a trained run → a serving model that needs no xray-dist code to run.
+
+The serving model takes the cached-format image — ``(n, S, S)`` uint8 grayscale, exactly what
+:func:`xray_dist.dicom.load_image` returns under the run's preprocessing spec — and returns
+``(n, K)`` class probabilities (the one-unit sigmoid head expanded to ``[1 - p, p]``). The
+preprocessing into VGG16's input space lives inside the model (:class:`xray_dist.model.VGGInput`).
+
+Formats:
+
+- ``savedmodel`` (default): ``DIR/savedmodel/`` with the ``serving_default`` signature
+  ``image (uint8 [None, S, S]) → probabilities (float32 [None, K])``; loads with plain TensorFlow
+  (``tf.saved_model.load``) and serves with TensorFlow Serving.
+- ``keras``: ``DIR/model.keras`` (tf-keras format); loading needs ``xray_dist`` importable for its
+  two custom layers.
+
+Beside it: ``model_spec.json`` (architecture, class scheme, preprocessing spec, threshold) and
+``serving.json`` (what the signature takes and returns, in words a serving engineer can act on).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from xray_dist.errors import ModelSpecError
+from xray_dist.predict import load_run_model
+
+FORMATS = ("savedmodel", "keras")
+
+
+def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> Path:
+    """Write the serving model of ``run`` into ``out``; returns the model's path."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from xray_dist.model import ClassProbabilities, read_spec
+
+    if fmt not in FORMATS:
+        raise ModelSpecError(f"--format must be one of {FORMATS}. Received: format={fmt!r}")
+    lm = load_run_model(run)
+    run = Path(run)
+    model_dir = run / "model" if (run / "model").is_dir() else run
+    spec = read_spec(model_dir)
+    size = lm.preprocess.image_size
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    image = keras.Input((size, size), dtype="uint8", name="image")
+    serving = keras.Model(image, ClassProbabilities(name="probabilities")(lm.model(image, training=False)),
+                          name="xray_vgg16_serving")
+    if fmt == "savedmodel":
+        path = out / "savedmodel"
+        if path.exists():
+            shutil.rmtree(path)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.uint8, name="image")])
+        def serve(image):
+            return {"probabilities": serving(image, training=False)}
+
+        module = tf.Module()
+        module.model = serving
+        module.serve = serve
+        tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+    else:
+        path = out / "model.keras"
+        serving.save(str(path))
+    shutil.copy(model_dir / "model_spec.json", out / "model_spec.json")
+    (out / "serving.json").write_text(json.dumps({
+        "format": fmt,
+        "model": path.name,
+        "input": {"name": "image", "dtype": "uint8", "shape": [None, size, size],
+                  "meaning": "grayscale radiograph after the preprocessing spec (0 = black), as in the cache"},
+        "output": {"name": "probabilities", "dtype": "float32", "shape": [None, lm.scheme.num_classes],
+                   "classes": list(lm.scheme.names)},
+        "abnormal_score": f"1 - probabilities[:, 0] (class 0 is {lm.scheme.names[0]!r})",
+        "threshold": lm.threshold,
+        "preprocess": spec["preprocess"],
+    }, indent=2))
+    return path

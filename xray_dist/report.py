@@ -1,0 +1,256 @@
+"""``report``: one self-contained HTML file for a training run or a sweep.
+
+For a run (a directory written by ``xray-dist train``, or a sweep trial): model and dataset
+summary, validation metrics with bootstrap 95 % confidence intervals (AUROC abnormal vs negative
+and per class, sensitivity/specificity at the run's threshold), training curves, ROC curves,
+confusion matrix, calibration (expected calibration error and a reliability diagram). For a sweep
+(``results.csv`` + ``best.json``): the results table, the metric against each dimension, then the
+best trial's run report.
+
+Everything comes from what the run already wrote (``metrics.json``, ``history.csv``,
+``val_scores.npz``, ``model/model_spec.json``) and the cache's ``prepare_report.json``; no DICOM
+header is read, so no identifying value can reach the page. Images are embedded as PNG data URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from xray_dist.errors import XrayDistError
+from xray_dist.metrics import auroc, bootstrap_ci, confusion_matrix, reliability, sens_spec
+
+N_BOOT = 1000
+
+
+def _png(draw: Callable[[io.BytesIO], None], alt: str) -> str:
+    buf = io.BytesIO()
+    draw(buf)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.2e}" if v != 0 and abs(v) < 0.01 else f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _ci(point: float, lo: float, hi: float) -> str:
+    if math.isnan(point):
+        return "n/a"
+    if math.isnan(lo):
+        return f"{point:.3f} (interval undefined)"
+    return f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def run_metrics_with_intervals(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float,
+                               n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """Point estimates and stratified bootstrap 95 % intervals of the run's validation metrics."""
+    abnormal = (labels != 0).astype(int)
+    score = 1.0 - probs[:, 0]
+    out = {"auroc_abnormal": bootstrap_ci(auroc, (abnormal, score), n_boot, seed=seed, strata=labels)}
+    for c in range(1, len(names)) if len(names) > 2 else [1]:
+        out[f"auroc_{names[c]}"] = bootstrap_ci(auroc, ((labels == c).astype(int), probs[:, c]), n_boot,
+                                                seed=seed, strata=labels)
+    out["sensitivity"] = bootstrap_ci(lambda y, s: sens_spec(y, s, threshold)[0], (abnormal, score), n_boot,
+                                      seed=seed, strata=labels)
+    out["specificity"] = bootstrap_ci(lambda y, s: sens_spec(y, s, threshold)[1], (abnormal, score), n_boot,
+                                      seed=seed, strata=labels)
+    return out
+
+
+def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10) -> dict[str, dict]:
+    """Reliability of the abnormal score; for K > 2 also of the top-label confidence."""
+    curves = {f"abnormal (1 - p({names[0]}))": reliability(labels != 0, 1.0 - probs[:, 0], bins)}
+    if len(names) > 2:
+        top = np.argmax(probs, axis=1)
+        curves["top-label confidence"] = reliability(top == labels, probs.max(axis=1), bins)
+    return curves
+
+
+def _run_section(run: Path, n_boot: int) -> str:
+    from xray_dist.plots import plot_calibration, plot_confusion, plot_history, plot_roc
+
+    for name in ("metrics.json", "history.csv", "val_scores.npz"):
+        if not (run / name).is_file():
+            raise XrayDistError(f"{run}: no {name}; is it a finished `xray-dist train` run or sweep trial?")
+    metrics = json.loads((run / "metrics.json").read_text())
+    spec = json.loads((run / "model" / "model_spec.json").read_text()) if (run / "model" / "model_spec.json").is_file() else {}
+    with (run / "history.csv").open() as f:
+        history = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
+    for h in history:
+        h["epoch"] = int(h["epoch"])
+    scores = np.load(run / "val_scores.npz")
+    probs, labels = scores["probs"], scores["labels"].astype(int)
+    names = list(metrics["classes"])
+    threshold = float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5)))
+    ci = run_metrics_with_intervals(labels, probs, names, threshold, n_boot)
+    intervals = {"abnormal": ci["auroc_abnormal"][1:]}
+    intervals.update({n: ci[f"auroc_{n}"][1:] for n in names[1:] if f"auroc_{n}" in ci})
+    cal = calibration_curves(labels, probs, names)
+    cm = confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
+    cfg = metrics.get("config", {})
+    model = spec.get("model", {})
+
+    parts = [f"<h2>Run <code>{html.escape(run.name)}</code></h2>"]
+    parts.append(_table(["setting", "value"], [
+        ["classes", ", ".join(names)],
+        ["image size", model.get("image_size", cfg.get("image_size"))],
+        ["head width", model.get("head_width", cfg.get("head_width"))],
+        ["unfreeze depth (VGG blocks trainable)", model.get("unfreeze_blocks", cfg.get("unfreeze_blocks"))],
+        ["base weights", cfg.get("weights")],
+        ["learning rate", cfg.get("lr")],
+        ["epochs run / best epoch", f"{metrics.get('epochs')} / {metrics.get('best_epoch')}"],
+        ["trainable parameters", metrics.get("trainable_parameters")],
+        ["workers", cfg.get("num_workers")],
+        ["wall time (s)", metrics.get("wall_seconds")],
+    ], "kv"))
+    n_abn = int((labels != 0).sum())
+    parts.append(f"<h3>Validation metrics</h3><p>{len(labels)} validation images ({n_abn} abnormal, "
+                 f"{len(labels) - n_abn} {html.escape(names[0])}). Intervals: stratified percentile bootstrap, "
+                 f"{n_boot} resamples, 95 %. The threshold {threshold:.3f} on the abnormal score "
+                 f"(1 − p({html.escape(names[0])})) was chosen on this same validation set (Youden's J), so "
+                 "sensitivity and specificity at it are optimistic; confirm on a held-out test split.</p>")
+    rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auroc_abnormal"])]]
+    rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auroc_{n}"])] for n in names[1:] if f"auroc_{n}" in ci]
+    rows += [["macro AUROC", _fmt(metrics.get("val_auc"))],
+             [f"sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
+             [f"specificity at {threshold:.3f}", _ci(*ci["specificity"])],
+             ["accuracy (argmax)", _fmt(float(np.mean(np.argmax(probs, axis=1) == labels)))]]
+    rows += [[f"expected calibration error, {k}", _fmt(v["ece"])] for k, v in cal.items()]
+    parts.append(_table(["metric", "value [95 % CI]"], rows, "metrics"))
+    if any(v[1] == v[2] for v in ci.values()):
+        parts.append(f"<p><em>A zero-width interval comes from a perfect score on these {len(labels)} images, "
+                     "which every resample repeats; it is not certainty. Validate on more patients.</em></p>")
+    parts.append('<div class="figs">')
+    if history:
+        parts.append(_png(lambda b: plot_history(history, b), "Training curves"))
+    parts.append(_png(lambda b: plot_roc(labels, probs, names, b, intervals), "ROC curves (validation)"))
+    parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
+    parts.append(_png(lambda b: plot_calibration(cal, b), "Reliability diagram (validation)"))
+    parts.append("</div>")
+    parts.append(_dataset_section(cfg.get("cache"), metrics.get("dataset", {})))
+    return "\n".join(parts)
+
+
+def _dataset_section(cache: str | None, summary: dict) -> str:
+    report = {}
+    if cache and (Path(cache) / "prepare_report.json").is_file():
+        report = json.loads((Path(cache) / "prepare_report.json").read_text())
+    src = report or summary
+    if not src:
+        return "<h3>Dataset</h3><p>No prepare report found (the cache has moved?).</p>"
+    parts = ["<h3>Dataset</h3>"]
+    parts.append(_table(["", "count"], [["files found", src.get("found")], ["used", src.get("ok")],
+                                        ["quarantined", len(src["quarantined"]) if isinstance(src.get("quarantined"), list)
+                                         else src.get("quarantined")]], "kv"))
+    splits = src.get("splits", {})
+    parts.append(_table(["split", "images", "patients"],
+                        [[k, v.get("images"), v.get("patients")] for k, v in splits.items()]))
+    parts.append(_table(["label", "images"], [[k, v] for k, v in sorted(src.get("classes", {}).items())]))
+    for key, what in (("quarantined", "Quarantined files (unreadable; not used)"),
+                      ("unlabeled", "Files without a label (not used)"),
+                      ("missing", "Labelled paths with no file")):
+        listed = report.get(key, []) if report else []
+        if not listed:
+            continue
+        shown = listed[:200]
+        parts.append(f"<h4>{what}: {len(listed)}</h4>")
+        parts.append(_table(["file", "reason"], [[q.get("path"), q.get("reason", "")] if isinstance(q, dict)
+                                                 else [q, ""] for q in shown]))
+        if len(listed) > len(shown):
+            parts.append(f"<p>… and {len(listed) - len(shown)} more in prepare_report.json.</p>")
+    return "\n".join(parts)
+
+
+def _sweep_section(sweep: Path) -> tuple[str, Path | None]:
+    with (sweep / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    best = json.loads((sweep / "best.json").read_text()) if (sweep / "best.json").is_file() else None
+    cols = ["head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal", "val_auc",
+            "sensitivity", "specificity", "trainable_parameters", "wall_seconds"]
+    cols = [c for c in cols if rows and c in rows[0]]
+
+    def cell(r, c):
+        v = r.get(c, "")
+        try:
+            return float(v) if c in ("lr", "val_auc_abnormal", "val_auc", "sensitivity", "specificity") else v
+        except ValueError:
+            return v
+
+    order = sorted(rows, key=lambda r: -float(r["val_auc_abnormal"]) if r.get("val_auc_abnormal") not in ("", None)
+                   and not math.isnan(float(r["val_auc_abnormal"])) else math.inf)
+    parts = [f"<h2>Sweep <code>{html.escape(sweep.name)}</code></h2>",
+             f"<p>{len(rows)} trials; {sum(r['status'] == 'completed' for r in rows)} completed, "
+             f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early, "
+             f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by val_auc_abnormal.</p>",
+             _table(cols, [[cell(r, c) for c in cols] for r in order], "results")]
+    if (sweep / "sweep.png").is_file():
+        data = base64.b64encode((sweep / "sweep.png").read_bytes()).decode("ascii")
+        parts.append(f'<figure><img alt="metric against each dimension" src="data:image/png;base64,{data}">'
+                     "<figcaption>val_auc_abnormal against each searched dimension</figcaption></figure>")
+    best_run = None
+    if best:
+        parts.append("<h3>Best trial</h3>" + _table(["setting", "value"],
+                                                     [[k, v] for k, v in best["config"].items()], "kv"))
+        best_run = Path(best["model"])
+    return "\n".join(parts), best_run
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f2f2f2}table.results td{font-variant-numeric:tabular-nums}
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:1 1 45%;max-width:48%}figure{margin:.5em 0}img{max-width:100%}
+figcaption{font-size:.85em;color:#555}code{background:#f5f5f5;padding:0 .2em}
+"""
+
+# Marks the page once every embedded image has decoded (a browser test reads it back).
+SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+});
+"""
+
+
+def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
+    """Write the HTML report for a run or sweep directory ``target`` to ``out``."""
+    target = Path(target)
+    if (target / "results.csv").is_file():
+        body, best_run = _sweep_section(target)
+        if best_run is not None and (best_run / "metrics.json").is_file():
+            body += "\n" + _run_section(best_run, n_boot)
+        title = f"xray-dist sweep report: {target.name}"
+    elif (target / "metrics.json").is_file():
+        body = _run_section(target, n_boot)
+        title = f"xray-dist run report: {target.name}"
+    else:
+        raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by xray-dist from <code>{html.escape(str(target))}</code>."
+            f"</p>{body}</body></html>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
