@@ -169,3 +169,32 @@ def test_refuses_foreign_out_dir(tmp_path, synth_binary, capsys):
     (tmp_path / "notacache" / "thesis.docx").write_text("precious")
     rc = run_prepare(synth_binary.out, synth_binary.labels_csv, tmp_path / "notacache")
     assert rc != 0 and "not an xray-dist cache" in capsys.readouterr().err
+
+
+READ_UNDER_PRESSURE = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+@ray.remote(num_cpus=0.8)
+class Worker:  # like a Train worker holding most of a small node
+    def ping(self):
+        return 1
+
+w = Worker.remote()
+ray.get(w.ping.remote())
+from xray_dist.dataset import read_cache_parquet
+ds = read_cache_parquet(sys.argv[1], ["path", "image"], 0.1)
+rows = sum(len(b["path"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+print("ROWS", rows)
+"""
+
+
+def test_cache_reads_never_wait_for_a_whole_cpu(prepared_binary, tmp_path):
+    """Ray's read_parquet would stall here (a helper task wants 1 CPU; only 0.2 is free)."""
+    import subprocess
+    import sys
+
+    report, cache = prepared_binary
+    out = subprocess.run([sys.executable, "-c", READ_UNDER_PRESSURE, str(cache / "images")], capture_output=True,
+                         text=True, timeout=180, cwd=tmp_path)
+    assert f"ROWS {report['ok']}" in out.stdout, out.stderr[-2000:]

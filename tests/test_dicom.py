@@ -25,6 +25,7 @@ from xray_dist.errors import (
 )
 
 SPEC = PreprocessSpec(image_size=64)
+FULL = PreprocessSpec(image_size=64, j2k_reduce=False)  # JPEG 2000 decoded at full resolution
 
 
 def shipped(name: str) -> str:
@@ -58,15 +59,15 @@ class TestTransferSyntaxes:
     @pytest.mark.parametrize("stem", ["RG1", "RG3"])
     def test_real_radiograph_j2k_lossless_identical_to_uncompressed(self, stem):
         # pydicom-data pairs J2KR with UNCR (reversible) and J2KI with UNCI (its lossy decode)
-        unc = dicom.load_image(shipped(f"{stem}_UNCR.dcm"), SPEC)
-        j2kr = dicom.load_image(shipped(f"{stem}_J2KR.dcm"), SPEC)
+        unc = dicom.load_image(shipped(f"{stem}_UNCR.dcm"), FULL)
+        j2kr = dicom.load_image(shipped(f"{stem}_J2KR.dcm"), FULL)
         np.testing.assert_array_equal(unc, j2kr)
         assert unc.std() > 20  # a real radiograph, not a blank
 
     @pytest.mark.parametrize("stem", ["RG1", "RG3"])
     def test_real_radiograph_j2k_lossy_close(self, stem):
-        unc = dicom.load_image(shipped(f"{stem}_UNCR.dcm"), SPEC).astype(int)
-        j2ki = dicom.load_image(shipped(f"{stem}_J2KI.dcm"), SPEC).astype(int)
+        unc = dicom.load_image(shipped(f"{stem}_UNCR.dcm"), FULL).astype(int)
+        j2ki = dicom.load_image(shipped(f"{stem}_J2KI.dcm"), FULL).astype(int)
         assert np.abs(unc - j2ki).mean() < 2.0
         assert np.abs(unc - j2ki).max() <= 40
 
@@ -111,6 +112,61 @@ class TestTransferSyntaxes:
         img = dicom.load_image(shipped(name), SPEC)
         assert img.shape == (64, 64) and img.dtype == np.uint8
         assert img.std() > 1
+
+
+class TestJ2KReduce:
+    """Reduced-resolution JPEG 2000 decode (xray_dist.j2k): taken where valid, and the model input
+    it gives matches the full decode's. Stated tolerance, on real radiographs: mean absolute
+    difference <= 0.7 grey levels (of 255) and 99th percentile <= 5."""
+
+    @pytest.mark.parametrize("stem", ["RG1_J2KR", "RG3_J2KR", "RG1_J2KI", "RG3_J2KI"])
+    @pytest.mark.parametrize("size", [64, 224])
+    def test_real_radiographs_within_tolerance(self, stem, size):
+        from xray_dist.j2k import decode_reduced
+
+        ds = dicom.read_dataset(shipped(f"{stem}.dcm"))
+        reduced = decode_reduced(ds, size)
+        assert reduced is not None and reduced.shape[0] < ds.Rows  # the fast path was taken
+        assert max(reduced.shape) >= size  # and still covers the model input
+        fast = dicom.load_image(shipped(f"{stem}.dcm"), PreprocessSpec(image_size=size)).astype(int)
+        full = dicom.load_image(shipped(f"{stem}.dcm"), PreprocessSpec(image_size=size, j2k_reduce=False))
+        d = np.abs(fast - full)
+        assert d.mean() <= 0.7 and np.percentile(d, 99) <= 5, (d.mean(), np.percentile(d, 99))
+
+    def test_exact_stored_values_after_pillows_scaling(self):
+        """At reduction 1 the decoder's 16-bit scaling is undone exactly: averaging pydicom's full
+        decode over 2x2 blocks lands within the 5/3 wavelet's rounding of the reduced values."""
+        from xray_dist.j2k import decode_reduced
+
+        ds = dicom.read_dataset(shipped("RG3_J2KR.dcm"))  # 10 bits stored, 1760 px
+        reduced = decode_reduced(ds, 880).astype(float)
+        full = ds.pixel_array.astype(float)
+        assert reduced.shape == (880, 880) and reduced.max() <= 2**10 - 1
+        block = full.reshape(880, 2, 880, 2).mean(axis=(1, 3))
+        assert abs(reduced.mean() - block.mean()) < 1.0  # same scale: no 64x Pillow scaling left
+
+    def test_reduce_factor(self):
+        from xray_dist.j2k import reduce_factor
+
+        assert reduce_factor(2048, 2048, 224, 5) == 3  # 256 px covers 224
+        assert reduce_factor(1955, 1841, 224, 5) == 3
+        assert reduce_factor(2048, 2048, 32, 5) == 5  # capped by the decomposition levels
+        assert reduce_factor(200, 200, 224, 5) == 0
+
+    def test_not_taken_where_invalid(self, tmp_path):
+        from xray_dist.j2k import decode_reduced
+
+        assert decode_reduced(dicom.read_dataset(shipped("RG1_UNCR.dcm")), 64) is None  # not JPEG 2000
+        ds = dicom.read_dataset(shipped("RG3_J2KR.dcm"))
+        del ds.WindowCenter, ds.WindowWidth  # min-max range would shift with resolution
+        assert decode_reduced(ds, 64) is None
+        ds = dicom.read_dataset(shipped("RG3_J2KR.dcm"))
+        assert decode_reduced(ds, 4096) is None  # nothing to save
+
+    def test_spec_round_trip_and_old_specs_never_reduce(self):
+        assert PreprocessSpec.from_dict(SPEC.to_dict()).j2k_reduce is True
+        old = {"image_size": 64, "aspect": "pad", "storage_dtype": "uint8", "window": "first", "pipeline_version": 1}
+        assert PreprocessSpec.from_dict(old).j2k_reduce is False
 
 
 class TestModalityLUT:

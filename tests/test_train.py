@@ -226,3 +226,40 @@ def test_ray_job_submit(prepared_binary, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(short, ignore_errors=True)
+
+
+class TestShardCache:
+    @staticmethod
+    def shard(n=40):
+        import ray
+
+        ds = ray.data.from_items([{"x": np.full((4, 4), i, np.uint8), "label": i % 2, "weight": 1.0}
+                                  for i in range(n)])
+        return ds.iterator()
+
+    def test_later_epochs_come_from_memory_reshuffled(self, ray_cluster):
+        from xray_dist.train import ShardCache
+
+        c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=1 << 20)
+        first = [b for b in c.batches()]
+        assert len(first) == 4 and all(len(x) == 8 for x, _, _ in first)
+        assert c.rows is not None and len(c.rows[0]) == 40  # the whole pass is kept, the drained rest too
+
+        class Gone:
+            def iter_batches(self, **_):
+                raise AssertionError("Ray Data was read again")
+
+        c.shard = Gone()
+        second, third = list(c.batches()), list(c.batches())
+        ids = [sorted(int(v) for x, _, _ in p for v in x[:, 0, 0]) for p in (second, third)]
+        assert len(second) == len(third) == 4 and len(set(ids[0])) == 32  # no row twice in a pass
+        assert ids[0] != ids[1] or [x[:, 0, 0].tolist() for x, _, _ in second] != [x[:, 0, 0].tolist() for x, _, _ in third]
+        for x, y, _ in second:  # labels travel with their images
+            np.testing.assert_array_equal(y, x[:, 0, 0] % 2)
+
+    def test_too_big_streams_every_epoch(self, ray_cluster):
+        from xray_dist.train import ShardCache
+
+        c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=100)
+        assert len(list(c.batches())) == 4 and c.rows is None
+        assert len(list(c.batches())) == 4  # read from Ray Data again

@@ -149,6 +149,8 @@ def _add_train_flags(p, sweep: bool = False) -> None:
     p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default=S)
     p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=S)
     p.add_argument("--max-failures", type=int, default=S)
+    p.add_argument("--worker-cache-mb", type=int, default=S,
+                   help="keep each worker's training rows in memory after epoch 1 (0: stream every epoch)")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--address", default=S, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--config", default=None, help="YAML file of flag values")
@@ -192,6 +194,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--scheduler", choices=["asha", "fifo"], default=S)
     p.add_argument("--search", choices=["grid", "random", "optuna"], default=S)
     p.add_argument("--max-concurrent", type=int, default=S, help="default: what the cluster's resources allow")
+    p.add_argument("--grace-period", type=int, default=S, help="ASHA: epochs every trial runs before it may be stopped")
     p.add_argument("--workers-per-trial", type=int, default=S)
     p.add_argument("--combos", default=S, help="explicit W:K:D triples instead of the full grid, e.g. 0:2:0,64:4:1")
     p.add_argument("--no-shared-features", action="store_true", default=S,
@@ -218,7 +221,7 @@ def sweep_config_from_args(a):
         sweep_kw["lr"] = (lr[0], lr[-1])
     if "workers_per_trial" in raw:
         raw["num_workers"] = raw.pop("workers_per_trial")
-    for key in ("num_samples", "scheduler", "search", "max_concurrent"):
+    for key in ("num_samples", "scheduler", "search", "max_concurrent", "grace_period"):
         if key in raw:
             sweep_kw[key] = raw.pop(key)
     if "combos" in raw:

@@ -18,7 +18,7 @@ import yaml
 
 #: Bumped whenever the pixel pipeline in :mod:`xray_dist.dicom` changes what it produces, so an
 #: old cache can never be mistaken for a new one.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,15 @@ class PreprocessSpec:
             VGG16 preprocessing works on 8-bit intensities, so 16-bit storage adds nothing.
         window: ``"first"``: when several (0028,1050)/(0028,1051) windows or VOI LUTs are
             present, the first is used (PS3.3 C.11.2 leaves the choice to the application).
+        j2k_reduce: decode JPEG 2000 only to the resolution level that covers ``image_size``
+            (:mod:`xray_dist.j2k`); specs written before it existed (pipeline 1) never reduce.
     """
 
     image_size: int = 224
     aspect: str = "pad"
     storage_dtype: str = "uint8"
     window: str = "first"
+    j2k_reduce: bool = True
     pipeline_version: int = PIPELINE_VERSION
 
     def __post_init__(self) -> None:
@@ -57,7 +60,9 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        values = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        values.setdefault("j2k_reduce", False)  # older specs decoded JPEG 2000 in full
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ class TrainConfig:
         metric: what "best" means for kept checkpoints and the exported model.
         max_failures: worker failures survived by restarting from the last checkpoint.
         mixed_precision: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``off`` or ``on``.
+        worker_cache_mb: each worker keeps its training rows in memory after the first epoch
+            when they fit (rank 0 also the validation set), so later epochs skip Ray Data;
+            0 streams from Ray Data every epoch.
     """
 
     cache: str
@@ -158,6 +166,7 @@ class TrainConfig:
     max_failures: int = 2
     mixed_precision: str = "auto"
     shuffle_buffer: int = 256
+    worker_cache_mb: int = 2048  # per worker: keep its training rows (and rank 0 the validation set) in memory
     placement_strategy: str = "PACK"
     features: str | None = None  # set by sweeps: a frozen-feature cache to train the top on
 
@@ -174,6 +183,7 @@ class TrainConfig:
             (self.num_classes is None or self.num_classes >= 2, "num_classes must be >= 2", "num_classes"),
             (self.mixed_precision in ("auto", "on", "off"), "mixed_precision must be auto|on|off", "mixed_precision"),
             (self.cpu_replicas >= 0, "cpu_replicas must be >= 0", "cpu_replicas"),
+            (self.worker_cache_mb >= 0, "worker_cache_mb must be >= 0 (0 = stream every epoch)", "worker_cache_mb"),
             (self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
              "placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", "placement_strategy"),
         ]

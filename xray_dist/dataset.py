@@ -243,16 +243,54 @@ def load_manifest(cache: str | Path) -> pa.Table:
 
 
 def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: float):
-    """A Ray Dataset over Parquet files of the cache whose read tasks ask for ``num_cpus``.
+    """A Ray Dataset over the Parquet files in ``directory`` whose every task asks for ``num_cpus``.
 
-    Uses Ray Data's V1 Parquet reader: Ray 2.60's default V2 reader adds a ``ListFiles`` operator
-    that asks for a whole CPU whatever ``num_cpus`` says, so on a small node whose Train workers
-    already hold part of the CPUs ingestion waits forever (seen on 2-CPU machines in sweeps).
+    Ray Data's own ``read_parquet`` schedules helper tasks that each ask for a whole CPU whatever
+    ``num_cpus`` says — V2's ``ListFiles`` operator, V1's file-sampling tasks — so on a small node
+    whose Train workers already hold part of the CPUs, ingestion waits forever (seen on 2-CPU
+    machines in sweeps). The cache's files and row counts are known locally (Parquet footers), so a
+    minimal datasource does without them: one read task per file, nothing else.
     """
     import ray
 
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(str(directory), columns=columns, num_cpus=num_cpus)
+    return ray.data.read_datasource(_CacheParquetSource(directory, columns), num_cpus=num_cpus)
+
+
+def _cache_parquet_source_class():
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class CacheParquetSource(Datasource):
+        def __init__(self, directory: str | Path, columns: list[str]):
+            super().__init__()
+            self.files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+            if not self.files:
+                raise CacheError(f"{directory}: no Parquet files")
+            self.columns = list(columns)
+            self.meta = [pq.ParquetFile(f).metadata for f in self.files]
+
+        def estimate_inmemory_data_size(self) -> int:
+            return int(sum(m.serialized_size + sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
+                           for m in self.meta))
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            tasks = []
+            for f, m in zip(self.files, self.meta):
+                size = sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
+
+                def read(path=f, columns=self.columns):
+                    yield pq.read_table(path, columns=columns)
+
+                tasks.append(ReadTask(read, BlockMetadata(num_rows=m.num_rows, size_bytes=size, exec_stats=None,
+                                                          input_files=(f,)), per_task_row_limit=per_task_row_limit))
+            return tasks
+
+    return CacheParquetSource
+
+
+def _CacheParquetSource(directory, columns):  # noqa: N802 - the class needs Ray imported, so it is built lazily
+    return _cache_parquet_source_class()(directory, columns)
 
 
 def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndarray]:

@@ -110,8 +110,18 @@ _CODEC_PACKAGES = {
 }
 
 
-def stored_values(ds: Dataset, path: str | Path) -> np.ndarray:
-    """Step 1: the decoded stored values of the single frame (signedness per (0028,0103))."""
+def stored_values(ds: Dataset, path: str | Path, reduce_to: int | None = None) -> np.ndarray:
+    """Step 1: the decoded stored values of the single frame (signedness per (0028,0103)).
+
+    With ``reduce_to``, JPEG 2000 files are decoded only down to the resolution level that still
+    covers a ``reduce_to`` px model input (:mod:`xray_dist.j2k`) where that is valid.
+    """
+    if reduce_to:
+        from xray_dist.j2k import decode_reduced
+
+        arr = decode_reduced(ds, reduce_to)
+        if arr is not None:
+            return arr
     try:
         arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - codec or length failures are all corrupt pixel data
@@ -191,9 +201,10 @@ def colour_to_unit_gray(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(luma / (2**bits - 1), 0.0, 1.0)
 
 
-def unit_gray(ds: Dataset, path: str | Path) -> np.ndarray:
-    """Steps 1–4: the image in [0, 1], higher = denser/brighter, at its stored resolution."""
-    arr = stored_values(ds, path)
+def unit_gray(ds: Dataset, path: str | Path, reduce_to: int | None = None) -> np.ndarray:
+    """Steps 1–4: the image in [0, 1], higher = denser/brighter, at its stored resolution (or
+    JPEG 2000's reduced one, see :func:`stored_values`)."""
+    arr = stored_values(ds, path, reduce_to)
     pi = str(ds.PhotometricInterpretation).strip()
     if pi in _COLOUR:
         if arr.ndim != 3 and pi != "PALETTE COLOR":
@@ -207,8 +218,18 @@ def unit_gray(ds: Dataset, path: str | Path) -> np.ndarray:
     return x
 
 
-def resize_square(x: np.ndarray, size: int) -> np.ndarray:
-    """Step 5: pad the shorter side with black to a square, resize (antialiased bilinear), to uint8."""
+def resize_square(x: np.ndarray, size: int, full_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Step 5: pad the shorter side with black to a square, resize (antialiased bilinear), to uint8.
+
+    ``full_shape``: ``x`` is a JPEG 2000 image decoded at reduction ``r`` from an image of this
+    (rows, columns). Its low-pass samples sit on every ``2^r``-th full-resolution pixel, not at the
+    centres a resize assumes, and the black padding of the full image is a fractional number of
+    reduced pixels; the resize then samples exactly the region (in reduced coordinates) that the
+    full image's square would cover, so both routes give the same model input up to the
+    difference between the wavelet's low-pass and the resize's (:mod:`xray_dist.j2k`).
+    """
+    if full_shape is not None and full_shape != x.shape:
+        return _resize_reduced(x, size, full_shape)
     h, w = x.shape
     side = max(h, w)
     if h != w:
@@ -223,9 +244,29 @@ def resize_square(x: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
+def _resize_reduced(x: np.ndarray, size: int, full_shape: tuple[int, int]) -> np.ndarray:
+    f = full_shape[0] / x.shape[0]
+    r = int(round(np.log2(f)))
+    f = float(2**r)
+    phase = 0.5 - 2.0 ** -(r + 1)
+    side = max(full_shape)
+    x = np.asarray(x, dtype=np.float32)
+    offsets = [(side - n) // 2 for n in full_shape]
+    # the full image's edge is clamped by the resize where it touches the square; padding is black
+    x = np.pad(x, [(1, 1) if o == 0 else (0, 0) for o in offsets], mode="edge")
+    margins = [1 if o == 0 else int(np.ceil(o / f)) + 2 for o in offsets]
+    x = np.pad(x, [(0, 0) if o == 0 else (m, m) for o, m in zip(offsets, margins)])
+    top, left = (m - o / f + phase for o, m in zip(offsets, margins))
+    box = (left, top, left + side / f, top + side / f)
+    img = Image.fromarray(np.ascontiguousarray(x), mode="F").resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.clip(np.rint(np.asarray(img, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
 def to_model_input(ds: Dataset, spec: PreprocessSpec, path: str | Path) -> np.ndarray:
     """The full pipeline for an already-read dataset: ``(size, size)`` uint8."""
-    return resize_square(unit_gray(ds, path), spec.image_size)
+    x = unit_gray(ds, path, spec.image_size if spec.j2k_reduce else None)
+    full = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    return resize_square(x, spec.image_size, full if x.ndim == 2 and full[0] > x.shape[0] else None)
 
 
 def load_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:

@@ -139,27 +139,65 @@ class StepPlan:
         return cls(per_replica, local, steps)
 
 
-def _train_input(strategy, shard, input_spec, plan: StepPlan, shuffle_buffer: int, seed: int):
+class ShardCache:
+    """This worker's training rows, kept in memory after the first pass when they fit.
+
+    The Parquet cache already saves the decode; this saves re-running Ray Data every epoch
+    (read tasks, streaming-executor start, object-store transfers), which dominates small epochs.
+    Epochs 2+ reshuffle the kept rows with a seeded permutation. A shard larger than
+    ``limit_bytes`` is streamed from Ray Data every epoch instead (with its local shuffle buffer).
+    """
+
+    def __init__(self, shard, batch_size: int, per_pass: int, shuffle_buffer: int, seed: int, limit_bytes: int):
+        self.shard, self.batch_size, self.per_pass = shard, batch_size, per_pass
+        self.shuffle_buffer, self.seed, self.limit = shuffle_buffer, seed, limit_bytes
+        self.rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.epoch = 0
+
+    def _stream(self):
+        it = self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
+                                     drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                     local_shuffle_seed=self.seed * 1000 + self.epoch if self.shuffle_buffer else None)
+        return ((b["x"], b["label"].astype(np.float32), b["weight"]) for b in it)
+
+    def batches(self):
+        """One pass: exactly ``per_pass`` full batches."""
+        self.epoch += 1
+        if self.rows is not None:
+            x, y, w = self.rows
+            order = np.random.default_rng(self.seed * 1000 + self.epoch).permutation(len(x))
+            for i in range(self.per_pass):
+                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                yield x[idx], y[idx], w[idx]
+            return
+        keep: list | None = [] if self.limit > 0 else None
+        size = 0
+        for i, (x, y, w) in enumerate(self._stream()):
+            if keep is not None:
+                size += x.nbytes
+                keep = keep + [(x, y, w)] if size <= self.limit else None
+            if i < self.per_pass:
+                yield x, y, w
+        if keep and self.epoch == 1:
+            self.rows = tuple(np.concatenate(parts) for parts in zip(*keep))
+
+
+def _train_input(strategy, shard, input_spec, plan: StepPlan, shuffle_buffer: int, seed: int,
+                 cache_bytes: int = 0):
     """An endless tf.data input over this worker's Ray Data shard; elements are per-replica batches.
 
-    Each pass over the shard (one Ray Data epoch, reshuffled) yields exactly ``steps × local
-    replicas`` full batches — the rest of the pass is drained unused — so Keras epochs and data
-    passes stay aligned on every worker.
+    Each pass over the shard yields exactly ``steps × local replicas`` full batches — the rest of a
+    Ray Data pass is drained unused — so Keras epochs and data passes stay aligned on every worker
+    (MultiWorkerMirroredStrategy hangs on unequal batch counts). See :class:`ShardCache`.
     """
     import tensorflow as tf
 
-    per_pass = plan.steps * plan.local_replicas
+    cache = ShardCache(shard, plan.per_replica_batch, plan.steps * plan.local_replicas, shuffle_buffer, seed,
+                       cache_bytes)
 
     def gen():
-        epoch = 0
         while True:
-            epoch += 1
-            it = shard.iter_batches(batch_size=plan.per_replica_batch, batch_format="numpy", prefetch_batches=2,
-                                    drop_last=True, local_shuffle_buffer_size=shuffle_buffer or None,
-                                    local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
-            for i, b in enumerate(it):
-                if i < per_pass:
-                    yield b["x"], b["label"].astype(np.float32), b["weight"]
+            yield from cache.batches()
 
     sig = (input_spec, tf.TensorSpec((None,), tf.float32),
            tf.TensorSpec((None,), tf.float32))
@@ -175,15 +213,35 @@ def _train_input(strategy, shard, input_spec, plan: StepPlan, shuffle_buffer: in
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def _score(model, shard, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``(n, K)`` and labels for a whole (unsplit) dataset, with direct model calls."""
+def _score(model, batches) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(n, K)`` and labels for ``(x, label)`` batches, with direct model calls."""
     from xray_dist.metrics import class_probabilities
 
     probs, labels = [], []
-    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        probs.append(np.asarray(model(b["x"], training=False), dtype=np.float64))
-        labels.append(b["label"])
+    for x, y in batches:
+        probs.append(np.asarray(model(x, training=False), dtype=np.float64))
+        labels.append(y)
     return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int)
+
+
+class ValidationSet:
+    """The validation split for rank 0: read through Ray Data once, then kept in memory when it
+    fits in ``limit_bytes`` (re-read every epoch otherwise)."""
+
+    def __init__(self, shard, limit_bytes: int, batch_size: int = 64):
+        self.shard, self.limit, self.batch_size = shard, limit_bytes, batch_size
+        self.kept: list | None = None
+
+    def batches(self):
+        if self.kept is not None:
+            return self.kept
+        out, size = [], 0
+        for b in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            out.append((b["x"], b["label"]))
+            size += b["x"].nbytes
+        if size <= self.limit:
+            self.kept = out
+        return out
 
 
 def _devices(strategy) -> list[str]:
@@ -259,7 +317,7 @@ def train_func(config: dict) -> None:
 
     plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
     train_input = _train_input(strategy, ray.train.get_dataset_shard("train"), input_spec, plan,
-                               cfg.shuffle_buffer, cfg.seed)
+                               cfg.shuffle_buffer, cfg.seed, cfg.worker_cache_mb * 2**20)
     if start >= cfg.epochs:
         return
     reporter = _EpochReporter(cfg, scheme, ray.train.get_dataset_shard("val"), history, rank, world, params,
@@ -276,7 +334,8 @@ def _make_reporter_class():
 
         def __init__(self, cfg, scheme, val_shard, history, rank, world, params, replicas, policy, plan):
             super().__init__()
-            self.cfg, self.scheme, self.val_shard, self.history = cfg, scheme, val_shard, history
+            self.cfg, self.scheme, self.history = cfg, scheme, history
+            self.val_set = ValidationSet(val_shard, cfg.worker_cache_mb * 2**20)
             self.rank, self.world, self.n_params, self.replicas, self.policy, self.plan = (
                 rank, world, params, replicas, policy, plan)
 
@@ -296,7 +355,7 @@ def _make_reporter_class():
                        "global_batch": self.plan.per_replica_batch * self.replicas}
             checkpoint, tmp = None, None
             if self.rank == 0:
-                probs, labels = _score(self.model, self.val_shard)
+                probs, labels = _score(self.model, self.val_set.batches())
                 m = evaluate(labels, probs, list(self.scheme.names))
                 per_class = m.pop("val_auc_per_class")
                 metrics.update(m)
