@@ -169,3 +169,25 @@ def test_cached_features_match_uncached(cache3, tmp_path):
     y = np.array([m.loc[p, "label"] != "normal" for p in paths])
     probs = predict_arrays(lm, images)
     assert auroc(y, 1 - probs[:, 0]) == pytest.approx(fast["val_auc_abnormal"], abs=1e-6)
+
+
+def test_asha_never_stops_a_trial_at_its_last_epoch():
+    """Grace 3, max 6: Ray's ASHA has a rung at 6 too; a trial reporting epoch 6 must finish (and
+    export), while a weak trial at the epoch-3 rung is still stopped."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from xray_dist.tune import _FinishingASHA
+
+    class Trial:
+        def __init__(self, i):
+            self.trial_id = str(i)
+
+    s = _FinishingASHA(time_attr="epoch", max_t=6, grace_period=3, reduction_factor=2, stop_last_trials=False,
+                       metric="val_auc_abnormal", mode="max")
+    trials = [Trial(i) for i in range(3)]
+    for t in trials:
+        s.on_trial_add(None, t)
+    at3 = [s.on_trial_result(None, t, {"epoch": 3, "val_auc_abnormal": v}) for t, v in zip(trials, (0.9, 0.5, 0.95))]
+    assert at3 == [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.CONTINUE]
+    at6 = [s.on_trial_result(None, t, {"epoch": 6, "val_auc_abnormal": v}) for t, v in zip(trials, (0.1, 0.3))]
+    assert at6 == [TrialScheduler.CONTINUE] * 2

@@ -1,14 +1,15 @@
 """Training: one per-worker function (:func:`train_func`) and its Ray Train driver (:func:`train`).
 
-Distribution. Between Ray Train workers: ``MultiWorkerMirroredStrategy`` (``TensorflowTrainer``
-sets ``TF_CONFIG``); MWMS also mirrors across all GPUs inside each worker. One worker with several
+Distribution. Between Ray Train workers: ``MultiWorkerMirroredStrategy`` (Ray Train's
+``DataParallelTrainer`` with :mod:`xray_dist.backend` setting ``TF_CONFIG``); MWMS also mirrors across all GPUs inside each worker. One worker with several
 devices uses ``MirroredStrategy``; one worker with one device runs without collectives. Each
 worker's input is a ``tf.data`` pipeline made with ``distribute_datasets_from_function`` whose
 elements are per-replica batches, so the global batch is ``batch_size × replicas``.
 
 Data. Ray Data reads the Parquet cache; ``DataConfig`` gives each worker an equal shard of the
-training split (equal rows → equal batches → no MWMS hang on the last batch), shuffled every epoch
-with a local buffer and prefetched. Class imbalance: balanced per-sample weights
+training split (equal rows → equal batches → no MWMS hang on the last batch), kept in the worker's
+memory after the first epoch when it fits (:class:`ShardCache`), reshuffled every epoch and
+prefetched. Class imbalance: balanced per-sample weights
 ``n / (K · n_k)`` from the training split, carried as a column.
 
 Validation. Rank 0 scores the whole validation split each epoch with direct model calls (no
@@ -421,10 +422,14 @@ def run_setup(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict]:
 
 
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path | None = None):
-    """The ``TensorflowTrainer`` for ``cfg`` (the sweep builds its trials' trainers here too)."""
+    """The Ray Train trainer for ``cfg`` (the sweep builds its trials' trainers here too): a
+    ``DataParallelTrainer`` with the MultiWorkerMirroredStrategy backend — what
+    ``TensorflowTrainer`` is, minus a TensorFlow import in the driver and controller
+    (:mod:`xray_dist.backend`)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from xray_dist.backend import MultiWorkerConfig
     from xray_dist.runtime import WORKER_ENV
 
     scheme, spec, weights = run_setup(cfg)
@@ -434,8 +439,9 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
     resources = {"CPU": cfg.worker_cpus}
     if cfg.gpus_per_worker:
         resources["GPU"] = cfg.gpus_per_worker
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         train_loop_per_worker=train_func,
+        backend_config=MultiWorkerConfig(),
         train_loop_config={"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),

@@ -2,7 +2,7 @@
 
 Train V2 pattern: each trial is a function trainable (:func:`trial_fn`) that builds its
 :class:`~xray_dist.config.TrainConfig` with ``dataclasses.replace`` and launches the very same
-``TensorflowTrainer`` as ``xray-dist train`` (:func:`xray_dist.train.make_trainer`), with
+Ray Train trainer as ``xray-dist train`` (:func:`xray_dist.train.make_trainer`), with
 ``TuneReportCallback`` forwarding every epoch's report to Tune, so ASHA can stop weak trials early.
 
 Trials with unfreeze depth D < 5 train on shared frozen features (:mod:`xray_dist.features`),
@@ -94,11 +94,30 @@ def _grid_to_params(fn):
     return wrapped
 
 
+def _FinishingASHA(**kwargs):  # noqa: N802 - built lazily: Ray Tune is imported inside functions here
+    """ASHA that never stops a trial at its last epoch.
+
+    Ray's ASHA places a rung at ``max_t`` itself whenever ``max_t / grace_period`` is a power of
+    the reduction factor (grace 3, max 6: rungs at 3 and 6), and ``stop_last_trials=False`` does
+    not exempt it: a trial could be stopped at the report of its final epoch, before it exports its
+    model. Such a trial has already paid for every epoch, so it finishes.
+    """
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class FinishingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            if result.get(self._time_attr, 0) >= self._max_t:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return FinishingASHA(**kwargs)
+
+
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep; write results.csv, best.json and the metric-vs-dimension PNG."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from xray_dist.features import ensure_features
     from xray_dist.runtime import init_ray
@@ -120,9 +139,8 @@ def sweep(cfg: SweepConfig) -> dict:
     space, num_samples = param_space(cfg)
     space.update({"_base": cfg.base, "_sweep_out": str(out), "_features": features})
     max_conc = cfg.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
-    # stop_last_trials=False: a trial that reaches the last epoch returns by itself and exports its model
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
-                               reduction_factor=2, stop_last_trials=False)
+    scheduler = (_FinishingASHA(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
+                                reduction_factor=2, stop_last_trials=False)
                  if cfg.scheduler == "asha" else FIFOScheduler())
     search_alg = None
     if cfg.search == "optuna":

@@ -1,0 +1,341 @@
+"""Side-by-side benchmark: xray-dist against the naive Keras recipe (bench/naive.py), one run.
+
+    python bench/run.py [--quick] [--json OUT] [--gpu] [--work DIR]
+
+Writes (and prints) one JSON object. Every ratio is ours ÷ naive (higher is better) and sits beside
+the raw figures it came from; all come from real runs of both sides in this process, on the same
+synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
+
+- ``input_ratio``: images/s delivered to the model from epoch 2 on — our training input (Parquet
+  cache → Ray Data → worker-memory shard cache → tf.data, :func:`xray_dist.train._train_input`)
+  vs the naive tf.data pipeline that decodes every file every epoch. Uncompressed files, the
+  naive side's best case.
+- ``sweep_ratio``: wall time of a head-only sweep (unfreeze depth 0, several head widths, same
+  epochs, no early stopping on either side): :func:`xray_dist.tune.sweep` on shared frozen
+  features vs the naive recipe recomputing the base in every epoch of every trial.
+- ``j2k_reduce_ratio``: JPEG 2000 lossless radiographs to model inputs, decoding only the
+  resolution level that covers the model input (:mod:`xray_dist.j2k`) vs full decode then resize;
+  the model inputs must agree within the stated tolerance.
+- ``prepare_scaling``: ``prepare`` throughput with 2 Ray CPUs vs 1 on the same files (fresh Ray
+  each; steady state = a second prepare on the warm worker pool; cold figures reported too).
+
+``--gpu`` adds training images/s per GPU at 224 px for unfreeze depths 0, 1, 5 in fp32 and mixed
+precision, and frozen-feature extraction images/s, naming the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from naive import naive_input_rate, naive_sweep  # noqa: E402
+
+#: Stated tolerance for reduced-resolution JPEG 2000 model inputs vs full decode (grey levels of 255).
+J2K_TOLERANCE = {"mean_abs": 1.0, "p99_abs": 12}
+
+GOALS = {"input_ratio": 20, "sweep_ratio": 5, "j2k_reduce_ratio": 5, "prepare_scaling": 1.6}
+
+SETTINGS = {
+    # smoke: exercises every part in a minute or two (tests/test_bench.py); its numbers mean nothing
+    "smoke": {"size": 512, "n_unc": 12, "n_j2k": 4, "input_epochs": 2, "image_size": 32, "batch": 4,
+              "sweep_epochs": 1, "head_widths": [0, 8]},
+    # quick: under 10 minutes on 2 cores
+    True: {"size": 2048, "n_unc": 64, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
+           "sweep_epochs": 3, "head_widths": [0, 16, 64, 256]},
+    False: {"size": 2048, "n_unc": 160, "n_j2k": 24, "input_epochs": 4, "image_size": 224, "batch": 16,
+            "sweep_epochs": 5, "head_widths": [0, 16, 64, 256, 1024]},
+}
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return info
+
+
+def make_data(work: Path, s: dict) -> tuple[Path, Path]:
+    """Uncompressed and JPEG 2000 lossless synthetic radiographs with a VOI window, as CRs carry."""
+    import pydicom
+
+    from xray_dist.synth import synthesize
+
+    out = {}
+    for name, n, enc in (("unc", s["n_unc"], "mono2_u16_explicit"), ("j2k", s["n_j2k"], "j2k_lossless")):
+        d = work / f"data_{name}"
+        syn = synthesize(d, patients=n // 2, images_per_patient=2, size=s["size"], seed=3 if name == "unc" else 4,
+                         encodings=(enc,))
+        for f in syn.files:
+            ds = pydicom.dcmread(f)
+            ds.WindowCenter, ds.WindowWidth = 2048, 4096
+            ds.save_as(f)
+        out[name] = d
+    return out["unc"], out["j2k"]
+
+
+def bench_j2k(j2k_dir: Path, image_size: int) -> dict:
+    from xray_dist.config import PreprocessSpec
+    from xray_dist.dicom import load_image, read_dataset
+    from xray_dist.j2k import decode_reduced
+
+    files = sorted((j2k_dir / "images").glob("*.dcm"))
+    fast_spec, full_spec = PreprocessSpec(image_size=image_size), PreprocessSpec(image_size=image_size, j2k_reduce=False)
+    load_image(files[0], fast_spec), load_image(files[0], full_spec)  # warm the codecs
+    t0 = time.perf_counter()
+    fast = [load_image(f, fast_spec) for f in files]
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    full = [load_image(f, full_spec) for f in files]
+    t_full = time.perf_counter() - t0
+    diff = np.abs(np.stack(fast).astype(int) - np.stack(full))
+    shapes = {str(decode_reduced(read_dataset(f), image_size).shape) for f in files[:3]}
+    within = bool(diff.mean() <= J2K_TOLERANCE["mean_abs"] and np.percentile(diff, 99) <= J2K_TOLERANCE["p99_abs"])
+    return {"files": len(files), "source_px": int(read_dataset(files[0]).Rows), "reduced_shapes": sorted(shapes),
+            "reduced_images_per_s": len(files) / t_fast, "full_images_per_s": len(files) / t_full,
+            "ratio": t_full / t_fast, "mean_abs_diff": float(diff.mean()),
+            "p99_abs_diff": float(np.percentile(diff, 99)), "max_abs_diff": int(diff.max()),
+            "tolerance": J2K_TOLERANCE, "within_tolerance": within,
+            "limit": "decode (OpenJPEG wavelet levels); single process"}
+
+
+def _fresh_ray(num_cpus: int):
+    import ray
+
+    from xray_dist.runtime import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    return init_ray(None, num_cpus)
+
+
+def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int) -> dict:
+    """prepare over all bench files with 1 then 2 Ray CPUs, each in a fresh Ray; cold then warm."""
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.dataset import prepare
+
+    both = work / "data_all"
+    both.mkdir(exist_ok=True)
+    for d in dirs:
+        for f in (d / "images").glob("*.dcm"):
+            link = both / f"{d.name}_{f.name}"
+            if not link.exists():
+                os.link(f, link)  # a hard link: a real file to the scanner, no copy
+    n = len(list(both.glob("*.dcm")))
+    res = {"files": n}
+    for cpus in (1, 2):
+        _fresh_ray(cpus)
+        for run in ("cold", "warm"):
+            out = work / f"cache_scaling_{cpus}_{run}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            prepare(PrepareConfig(data_dir=str(both), labels=str(_labels_for(both)), out=str(out),
+                                  preprocess=PreprocessSpec(image_size=image_size)))
+            res[f"{cpus}cpu_{run}_images_per_s"] = n / (time.perf_counter() - t0)
+    res["ratio"] = res["2cpu_warm_images_per_s"] / res["1cpu_warm_images_per_s"]
+    res["ratio_cold"] = res["2cpu_cold_images_per_s"] / res["1cpu_cold_images_per_s"]
+    res["limit"] = "decode + resize per file (CPU); Ray Data task start-up in the cold figures"
+    return res
+
+
+def _labels_for(directory: Path) -> Path:
+    """labels.csv for a flat directory of synth files (their names carry patient index and class)."""
+    path = directory / "labels.csv"
+    rows = ["path,label"]
+    for f in sorted(directory.glob("*.dcm")):
+        patient = int(f.name.split("_p")[1][:5])
+        rows.append(f"{f.name},{'normal' if patient % 2 == 0 else 'finding'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
+    """Our training input vs the naive pipeline, images/s from epoch 2 on (input alone, no model)."""
+    import tensorflow as tf
+
+    from xray_dist.classes import build_scheme
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.dataset import load_manifest, prepare
+    from xray_dist.train import StepPlan, _train_input, split_dataset
+
+    cache = work / "cache_unc"
+    t0 = time.perf_counter()
+    prepare(PrepareConfig(data_dir=str(unc_dir), labels=str(unc_dir / "labels.csv"), out=str(cache),
+                          preprocess=PreprocessSpec(image_size=s["image_size"]), val_fraction=0.25))
+    prepare_s = time.perf_counter() - t0
+    m = load_manifest(cache).to_pandas()
+    train = m[m.split == "train"]
+    scheme = build_scheme(list(m.label), None, "normal")
+    ds, n_train = split_dataset(cache, "train", scheme, {0: 1.0, 1: 1.0})
+    shard = ds.streaming_split(1, equal=True)[0]
+    plan = StepPlan.make(n_train, 1, 1, s["batch"])
+    spec = tf.TensorSpec((None, s["image_size"], s["image_size"]), tf.uint8)
+    it = iter(_train_input(tf.distribute.get_strategy(), shard, spec, plan, 256, 0, 2048 * 2**20))
+    ours = []
+    for _ in range(s["input_epochs"]):
+        t0, n = time.perf_counter(), 0
+        for _ in range(plan.steps):
+            x, _, _ = next(it)
+            n += int(x.shape[0])
+        ours.append({"images": n, "seconds": time.perf_counter() - t0})
+    paths = [str(unc_dir / p) for p in train.path]
+    labels = [int(lab != "normal") for lab in train.label]
+    naive = naive_input_rate(paths, labels, s["image_size"], s["batch"], s["input_epochs"])["epochs"]
+
+    def rate(epochs):
+        later = epochs[1:]
+        return sum(e["images"] for e in later) / sum(e["seconds"] for e in later)
+
+    res = {"train_images": n_train, "source_px": s["size"], "model_px": s["image_size"],
+           "ours_images_per_s": rate(ours), "naive_images_per_s": rate(naive), "ours_epochs": ours,
+           "naive_epochs": naive, "prepare_seconds_once": prepare_s,
+           "limit": "naive: pydicom read + resize per image per epoch (CPU, GIL in py_function); "
+                    "ours: memory copy of cached uint8 batches"}
+    res["ratio"] = res["ours_images_per_s"] / res["naive_images_per_s"]
+    return res, cache
+
+
+def bench_sweep(cache: Path, unc_dir: Path, work: Path, s: dict) -> dict:
+    from xray_dist.config import SweepConfig, TrainConfig
+    from xray_dist.dataset import load_manifest
+    from xray_dist.tune import sweep
+
+    lr = 1e-3
+    out = work / "sweep_ours"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache / "features", ignore_errors=True)  # ours pays for its features in the timing
+    base = TrainConfig(cache=str(cache), out=str(out), epochs=s["sweep_epochs"], batch_size=s["batch"], lr=lr,
+                       weights="none", unfreeze_blocks=0)
+    t0 = time.perf_counter()
+    summary = sweep(SweepConfig(base=base, out=str(out), head_widths=tuple(s["head_widths"]), num_classes=(2,),
+                                unfreeze_blocks=(0,), lr=(lr, lr), scheduler="fifo"))
+    ours_s = time.perf_counter() - t0
+    import csv
+
+    with open(out / "results.csv") as f:
+        ours_trials = [{"head_width": int(r["head_width"]), "val_auc": float(r["val_auc_abnormal"] or "nan"),
+                        "status": r["status"]} for r in csv.DictReader(f)]
+    m = load_manifest(cache).to_pandas()
+    split = {k: ([str(unc_dir / p) for p in g.path], [int(v != "normal") for v in g.label])
+             for k, g in m.groupby("split")}
+    naive = naive_sweep(split["train"], split["val"], s["head_widths"], s["sweep_epochs"], s["image_size"], lr,
+                        s["batch"])
+    return {"trials": len(s["head_widths"]), "epochs": s["sweep_epochs"], "model_px": s["image_size"],
+            "ours_seconds": ours_s, "naive_seconds": naive["seconds"], "ratio": naive["seconds"] / ours_s,
+            "ours_completed": summary["completed"], "ours_trials": ours_trials, "naive_trials": naive["trials"],
+            "limit": "naive: VGG16 forward for every image, epoch and trial (FLOPs) + decode; ours: one forward "
+                     "per image, then per-trial start-up (Ray Train worker, TensorFlow import) dominates"}
+
+
+def bench_gpu(image_size: int = 224, steps: int = 20, batch: int = 32) -> dict:
+    """Training images/s per GPU for unfreeze depths 0, 1, 5 in fp32 vs mixed precision, and
+    frozen-feature extraction images/s (in-process Keras, synthetic uint8 inputs)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from xray_dist.model import ModelSpec, build_model, frozen_part
+
+    gpus = tf.config.list_physical_devices("GPU")
+    card = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "CPU (no GPU)"
+    bf16 = bool(gpus) and tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0)) >= (8, 0)
+    mixed = "mixed_bfloat16" if bf16 or not gpus else "mixed_float16"
+    x = np.random.default_rng(0).integers(0, 255, (batch, image_size, image_size), dtype=np.uint8)
+    y = np.random.default_rng(1).integers(0, 2, batch).astype(np.float32)
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(4)
+    res = {"card": card, "image_size": image_size, "batch": batch, "train": {}, "flags": []}
+    for policy in ("float32", mixed):
+        keras.mixed_precision.set_global_policy(policy)
+        for depth in (0, 1, 5):
+            keras.utils.set_random_seed(0)
+            model = build_model(ModelSpec(image_size, 1, 64, 0.3, depth), "none")
+            model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
+            model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # compile, warm up
+            t0 = time.perf_counter()
+            model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+            res["train"][f"{policy}_unfreeze{depth}"] = steps * batch / (time.perf_counter() - t0)
+        fp = frozen_part(image_size, "none", 0)
+        fp.predict(x, verbose=0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fp.predict_on_batch(x)
+        res[f"features_{policy}_images_per_s"] = steps * batch / (time.perf_counter() - t0)
+    keras.mixed_precision.set_global_policy("float32")
+    for depth in (0, 1, 5):
+        if res["train"][f"{mixed}_unfreeze{depth}"] < res["train"][f"float32_unfreeze{depth}"]:
+            res["flags"].append(f"{mixed} slower than float32 at unfreeze depth {depth}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer files and epochs: under 10 minutes on 2 cores")
+    p.add_argument("--json", help="write the result object here too")
+    p.add_argument("--gpu", action="store_true", help="also the GPU training/extraction figures")
+    p.add_argument("--work", help="working directory (default: a temporary one, removed after)")
+    p.add_argument("--only", default="j2k,prepare,input,sweep", help="comma-separated parts to run")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    s = SETTINGS["smoke" if a.smoke else a.quick]
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="xray_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    only = set(a.only.split(","))
+    t0 = time.perf_counter()
+    result = {"machine": machine(), "quick": a.quick, "settings": s, "goals": GOALS, "date": time.strftime("%Y-%m-%d")}
+
+    def step(name):
+        print(f"[bench {time.perf_counter() - t0:6.0f} s] {name}", flush=True)
+
+    try:
+        step("synthetic radiographs")
+        unc, j2k = make_data(work, s)
+        if "j2k" in only:
+            step("j2k_reduce_ratio")
+            result["j2k_reduce"] = bench_j2k(j2k, s["image_size"])
+            result["j2k_reduce_ratio"] = result["j2k_reduce"]["ratio"]
+        if "prepare" in only:
+            step("prepare_scaling")
+            result["prepare"] = bench_prepare_scaling([unc, j2k], work, s["image_size"])
+            result["prepare_scaling"] = result["prepare"]["ratio"]
+        _fresh_ray(os.cpu_count() or 2)
+        if "input" in only or "sweep" in only:
+            step("input_ratio")
+            result["input"], cache = bench_input(unc, work, s)
+            result["input_ratio"] = result["input"]["ratio"]
+        if "sweep" in only:
+            step("sweep_ratio")
+            result["sweep"] = bench_sweep(cache, unc, work, s)
+            result["sweep_ratio"] = result["sweep"]["ratio"]
+        if a.gpu:
+            step("gpu")
+            result["gpu"] = bench_gpu(32, 2, 4) if a.smoke else bench_gpu()
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - t0
+    result["met"] = {k: bool(result[k] >= g) for k, g in GOALS.items() if k in result}
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""bench/run.py runs both sides for real and reports ratios with their raw figures (structure
+only: speed is claimed from the benchmark itself, never from a test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_reports_ratios_from_raw_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--only", "j2k,input", "--gpu",
+                           "--json", str(out), "--work", str(tmp_path / "w")], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    j = r["j2k_reduce"]
+    assert r["j2k_reduce_ratio"] == pytest.approx(j["reduced_images_per_s"] / j["full_images_per_s"])
+    assert j["within_tolerance"] and j["mean_abs_diff"] <= j["tolerance"]["mean_abs"]
+    i = r["input"]
+    assert r["input_ratio"] == pytest.approx(i["ours_images_per_s"] / i["naive_images_per_s"])
+    assert len(i["ours_epochs"]) == len(i["naive_epochs"]) == 2
+    assert all(e["images"] > 0 and e["seconds"] > 0 for e in i["ours_epochs"] + i["naive_epochs"])
+    assert set(r["gpu"]["train"]) == {f"{p}_unfreeze{d}" for p in ("float32", "mixed_bfloat16") for d in (0, 1, 5)}
+    assert r["machine"]["cpus"] >= 1 and "met" in r and set(r["met"]) == {"input_ratio", "j2k_reduce_ratio"}
