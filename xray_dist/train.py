@@ -254,7 +254,7 @@ def _devices(strategy) -> list[str]:
         return [d.name for d in tf.config.list_logical_devices("GPU")[:1] or tf.config.list_logical_devices("CPU")[:1]]
 
 
-def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str) -> None:
+def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str, times: dict) -> None:
     """``RUN/workers/rank<N>.json``: where each worker ran and on what (visible when RUN is shared storage)."""
     import socket
 
@@ -265,7 +265,7 @@ def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: st
     info = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(), "strategy": type(strategy).__name__,
             "replicas": strategy.num_replicas_in_sync, "devices": _devices(strategy),
-            "precision": policy}
+            "precision": policy, "times": times}
     (d / f"rank{rank}.json").write_text(json.dumps(info, indent=2))
 
 
@@ -277,6 +277,7 @@ def train_func(config: dict) -> None:
 
     from xray_dist.model import ModelSpec, build_model, load_weights_checked, trainable_parameters
 
+    t_entry = time.time()
     cfg: TrainConfig = config["cfg"]
     scheme = ClassScheme.from_dict(config["scheme"])
     spec = ModelSpec.from_dict(config["model_spec"])
@@ -285,7 +286,6 @@ def train_func(config: dict) -> None:
     keras.utils.set_random_seed(cfg.seed)
     strategy, policy = _configure_devices(cfg)
     replicas = strategy.num_replicas_in_sync
-    _record_worker(cfg, rank, world, strategy, policy)
     if rank == 0:
         log.info("strategy %s: %d replicas (%d workers), global batch %d, precision %s",
                  type(strategy).__name__, replicas, world, cfg.batch_size * replicas, policy)
@@ -304,6 +304,7 @@ def train_func(config: dict) -> None:
         loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
         model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=loss)
     params = trainable_parameters(model)
+    _record_worker(cfg, rank, world, strategy, policy, {"train_func_entry": t_entry, "model_ready": time.time()})
 
     history: list[dict] = []
     start = 0

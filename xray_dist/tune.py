@@ -42,6 +42,7 @@ def trial_fn(params: dict) -> None:
 
     from xray_dist.train import export_run, make_trainer
 
+    t0 = time.time()
     ctx = ray.tune.get_context()
     out = Path(params["_sweep_out"]) / "trials" / Path(ctx.get_trial_dir()).name
     cfg = trial_config(params["_base"], params, str(out), params["_features"])
@@ -55,10 +56,15 @@ def trial_fn(params: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
+    t_trainer = time.time()
     result = trainer.fit()
     if result.error:
         raise result.error
+    t_fit = time.time()
     export_run(cfg, result, scheme, spec, out)
+    # where the trial's time went (start-up vs training vs export), for tuning sweeps
+    (out / "timings.json").write_text(json.dumps({"trial_start": t0, "trainer_built": t_trainer, "fit_done": t_fit,
+                                                   "exported": time.time()}, indent=2))
 
 
 def default_max_concurrent(sweep: SweepConfig, resources: dict) -> int:
