@@ -36,7 +36,8 @@ def ray_cluster(tmp_path_factory):
     cluster.wait_for_nodes()
     from xray_dist.runtime import WORKER_ENV
 
-    ray.init(address=cluster.address, runtime_env={"env_vars": dict(WORKER_ENV)})
+    # RAY_ADDRESS for Ray's own helpers in workers: the job-submission test runs a second cluster
+    ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

@@ -34,7 +34,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     if ray.is_initialized():
         return ray
     addr = resolve_address(address)
-    kwargs = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
+    env = dict(WORKER_ENV)
+    if addr not in ("local", "auto") and "://" not in addr:
+        # Ray's own helpers inside the job (Ray Train's placement-group cleaner queries the state
+        # API) otherwise pick "the latest cluster" when a machine runs two, find the controller
+        # missing there, and remove a live run's placement group.
+        env["RAY_ADDRESS"] = addr
+    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if addr == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
