@@ -54,8 +54,8 @@ SETTINGS = {
     "smoke": {"size": 512, "n_unc": 12, "n_j2k": 4, "input_epochs": 2, "image_size": 32, "batch": 4,
               "sweep_epochs": 1, "head_widths": [0, 8], "prepare_copies": 1},
     # quick: under 10 minutes on 2 cores
-    True: {"size": 2048, "n_unc": 64, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
-           "sweep_epochs": 5, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
+    True: {"size": 2048, "n_unc": 56, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
+           "sweep_epochs": 4, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
     False: {"size": 2048, "n_unc": 128, "n_j2k": 24, "input_epochs": 4, "image_size": 224, "batch": 16,
             "sweep_epochs": 10, "head_widths": [0, 16, 64, 256, 1024, 4096], "prepare_copies": 3},
 }

@@ -140,9 +140,9 @@ def _run_section(run: Path, n_boot: int) -> str:
     if any(v[1] == v[2] for v in ci.values()):
         parts.append(f"<p><em>A zero-width interval comes from a perfect score on these {len(labels)} images, "
                      "which every resample repeats; it is not certainty. Validate on more patients.</em></p>")
-    parts.append('<div class="figs">')
-    if history:
+    if history:  # wide: full width
         parts.append(_png(lambda b: plot_history(history, b), "Training curves"))
+    parts.append('<div class="figs">')
     parts.append(_png(lambda b: plot_roc(labels, probs, names, b, intervals), "ROC curves (validation)"))
     parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
     parts.append(_png(lambda b: plot_calibration(cal, b), "Reliability diagram (validation)"))
