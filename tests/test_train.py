@@ -225,7 +225,8 @@ def test_ray_job_submit(prepared_binary, tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(short, ignore_errors=True) if not os.environ.get("KEEP_RAY_LOGS") else None
+        if not os.environ.get("KEEP_RAY_LOGS"):  # keep the head's logs to debug a failure
+            shutil.rmtree(short, ignore_errors=True)
 
 
 class TestShardCache:

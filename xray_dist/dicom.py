@@ -245,8 +245,7 @@ def resize_square(x: np.ndarray, size: int, full_shape: tuple[int, int] | None =
 
 
 def _resize_reduced(x: np.ndarray, size: int, full_shape: tuple[int, int]) -> np.ndarray:
-    f = full_shape[0] / x.shape[0]
-    r = int(round(np.log2(f)))
+    r = int(round(np.log2(full_shape[0] / x.shape[0])))
     f = float(2**r)
     phase = 0.5 - 2.0 ** -(r + 1)
     side = max(full_shape)

@@ -15,15 +15,12 @@ lists every input: explained, or the reason it could not be read.
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 
 import numpy as np
 
-from xray_dist.errors import DicomReadError, ModelSpecError
-from xray_dist.predict import LoadedModel, expand_inputs, load_run_model
-
-log = logging.getLogger(__name__)
+from xray_dist.errors import ModelSpecError
+from xray_dist.predict import LoadedModel, expand_inputs, load_inputs, load_run_model
 
 LAST_CONV = "block5_conv3"
 
@@ -91,7 +88,6 @@ def _unique_names(files: list[Path]) -> list[str]:
 def explain_files(run: str | Path, inputs: list[str], out: str | Path, class_name: str | None = None,
                   batch_size: int = 16) -> list[dict]:
     """Grad-CAM for every readable input; returns (and writes to ``OUT/explain.csv``) one row per input."""
-    from xray_dist.dicom import load_image
     from xray_dist.plots import plot_gradcam
 
     lm = load_run_model(run)
@@ -100,16 +96,9 @@ def explain_files(run: str | Path, inputs: list[str], out: str | Path, class_nam
     out.mkdir(parents=True, exist_ok=True)
     files = expand_inputs(inputs)
     names = list(lm.scheme.names)
-    rows: list[dict] = []
-    good: list[tuple[int, np.ndarray]] = []
-    for f, name in zip(files, _unique_names(files)):
-        row = {"path": str(f), "name": name, "class": "", "probability": "", "predicted": "", "error": ""}
-        try:
-            good.append((len(rows), load_image(f, lm.preprocess)))
-        except DicomReadError as e:
-            row["error"] = f"{e.kind}: {e.reason}"
-            log.warning("explain: %s", e)
-        rows.append(row)
+    errors, good = load_inputs(files, lm.preprocess, "explain")
+    rows = [{"path": str(f), "name": name, "class": "", "probability": "", "predicted": "", "error": err}
+            for f, name, err in zip(files, _unique_names(files), errors)]
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         images = np.stack([img for _, img in chunk])

@@ -64,22 +64,29 @@ def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) ->
     return class_probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
 
 
-def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32) -> list[dict]:
-    """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows."""
+def load_inputs(files: list[Path], spec: PreprocessSpec, what: str) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
+    """Every file read as the model sees it: per file its error (``kind: reason``, empty when read)
+    and the ``(index, image)`` of each readable one. A bad file is logged and the rest go on."""
     from xray_dist.dicom import load_image
 
+    errors: list[str] = []
+    good: list[tuple[int, np.ndarray]] = []
+    for i, f in enumerate(files):
+        try:
+            good.append((i, load_image(f, spec)))
+            errors.append("")
+        except DicomReadError as e:
+            errors.append(f"{e.kind}: {e.reason}")
+            log.warning("%s: %s", what, e)
+    return errors, good
+
+
+def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32) -> list[dict]:
+    """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows."""
     lm = load_run_model(run)
     files = expand_inputs(inputs)
-    rows: list[dict] = []
-    good: list[tuple[int, np.ndarray]] = []
-    for f in files:
-        row = {"path": str(f), "prediction": "", "error": ""}
-        try:
-            good.append((len(rows), load_image(f, lm.preprocess)))
-        except DicomReadError as e:
-            row["error"] = f"{e.kind}: {e.reason}"
-            log.warning("predict: %s", e)
-        rows.append(row)
+    errors, good = load_inputs(files, lm.preprocess, "predict")
+    rows = [{"path": str(f), "prediction": "", "error": err} for f, err in zip(files, errors)]
     names = list(lm.scheme.names)
     if good:
         probs = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)

@@ -176,7 +176,10 @@ class ShardCache:
         for i, (x, y, w) in enumerate(self._stream()):
             if keep is not None:
                 size += x.nbytes
-                keep = keep + [(x, y, w)] if size <= self.limit else None
+                if size <= self.limit:
+                    keep.append((x, y, w))
+                else:
+                    keep = None  # too big for memory: stream every epoch
             if i < self.per_pass:
                 yield x, y, w
         if keep and self.epoch == 1:
