@@ -55,7 +55,7 @@ SETTINGS = {
               "sweep_epochs": 1, "head_widths": [0, 8], "prepare_copies": 1},
     # quick: under 10 minutes on 2 cores
     True: {"size": 2048, "n_unc": 56, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
-           "sweep_epochs": 4, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
+           "sweep_epochs": 5, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
     False: {"size": 2048, "n_unc": 128, "n_j2k": 24, "input_epochs": 4, "image_size": 224, "batch": 16,
             "sweep_epochs": 10, "head_widths": [0, 16, 64, 256, 1024, 4096], "prepare_copies": 3},
 }
@@ -157,7 +157,7 @@ def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int, copies:
     res["ratio"] = res["2cpu_warm_images_per_s"] / res["1cpu_warm_images_per_s"]
     res["machine_ceiling"] = _pool_scaling(sorted(both.glob("c0_*.dcm")), image_size)  # one copy is enough
     res["ratio_cold"] = res["2cpu_cold_images_per_s"] / res["1cpu_cold_images_per_s"]
-    res["limit"] = "decode + resize per file (CPU); Ray Data task start-up in the cold figures"
+    res["limit"] = "decode + resize per file (CPU, memory bandwidth); worker start-up in the cold figures"
     return res
 
 
@@ -278,7 +278,8 @@ def bench_sweep(cache: Path, unc_dir: Path, work: Path, s: dict) -> dict:
             "ours_completed": summary["completed"], "ours_trials": ours_trials, "naive_trials": naive["trials"],
             "ours_trial_seconds_mean": {k: float(np.mean([b[k] for b in breakdown])) for k in breakdown[0]},
             "limit": "naive: VGG16 forward for every image, epoch and trial (FLOPs) + decode; ours: one forward "
-                     "per image, then per-trial start-up (Ray Train worker, TensorFlow import) dominates"}
+                     "per image (feature extraction), then Tune start-up and per-trial model build, tracing, "
+                     "export"}
 
 
 def bench_gpu(image_size: int = 224, steps: int = 20, batch: int = 32) -> dict:

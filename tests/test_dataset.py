@@ -154,6 +154,42 @@ def test_rerun_reuses_cache_and_settings_never_mix(ray_cluster, synth_binary, tm
     assert imgs.shape[1:] == (40, 40)
 
 
+def test_interrupted_prepare_decodes_only_what_is_missing(ray_cluster, synth_binary, tmp_path):
+    out = tmp_path / "cache"
+    assert run_prepare(synth_binary.out, synth_binary.labels_csv, out) == 0
+    first = json.loads((out / "prepare_report.json").read_text())
+    _, images = load_split_arrays(out, "train")
+    chunks = sorted((out / "images").glob("chunk-*.parquet"))
+    assert len(chunks) >= 3
+    # as a prepare killed mid-way leaves it: no completion marker, one chunk never written, one
+    # half-written temporary file, and a chunk left from other inputs
+    (out / "images" / "_COMPLETE.json").unlink()
+    chunks[1].unlink()
+    (out / "images" / "chunk-partial.tmp").write_bytes(b"PAR1 cut off")
+    shutil.copy(chunks[0], out / "images" / "chunk-0000000000000000.parquet")
+    kept = {p.name: p.stat().st_mtime_ns for p in chunks if p != chunks[1]}
+    assert run_prepare(synth_binary.out, synth_binary.labels_csv, out) == 0
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("chunk-*")}
+    assert set(now) == set(kept) | {chunks[1].name}  # the stray files are gone
+    assert all(now[n] == t for n, t in kept.items())  # finished chunks were not decoded again
+    second = json.loads((out / "prepare_report.json").read_text())
+    assert {k: v for k, v in second.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    np.testing.assert_array_equal(load_split_arrays(out, "train")[1], images)
+
+
+def test_decode_chunks_largest_first_every_file_once():
+    from xray_dist.dataset import decode_chunks
+
+    rels = [f"f{i:03d}" for i in range(300)]
+    sizes = {r: (i * 37) % 101 for i, r in enumerate(rels)}
+    chunks = decode_chunks(rels, sizes, cpus=2)
+    flat = [r for c in chunks for r in c]
+    assert sorted(flat) == rels  # every file, exactly once
+    assert [sizes[r] for r in flat] == sorted(sizes.values(), reverse=True)
+    assert max(len(c) for c in chunks) <= 64 and len(chunks) >= 8
+    assert decode_chunks(rels[:5], sizes, cpus=2) == [[r] for r in sorted(rels[:5], key=lambda r: -sizes[r])]
+
+
 def test_nothing_usable_fails_clearly(ray_cluster, tmp_path, capsys):
     data = tmp_path / "d"
     (data / "normal").mkdir(parents=True)

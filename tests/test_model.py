@@ -94,3 +94,39 @@ class TestWeights:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert "ModelSpecError" in out.stdout, out.stderr[-2000:]
         assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in out.stdout and "--weights" in out.stdout
+
+
+class TestTopModel:
+    """The frozen-feature top model must start where the full model starts, or a features-trained
+    sweep trial would fine-tune other weights than ``xray-dist train`` does."""
+
+    @staticmethod
+    def weighted(model) -> dict[str, list]:
+        layers = list(model.layers)
+        if "vgg16" in [la.name for la in layers]:
+            layers += model.get_layer("vgg16").layers
+        return {la.name: la.get_weights() for la in layers if la.weights and la.name != "vgg16"}
+
+    @pytest.mark.parametrize("weights", ["none", "file"])
+    def test_starts_from_the_full_models_weights(self, weights, tmp_path):
+        from xray_dist.model import build_top_model
+
+        if weights == "file":
+            src = tf_keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+            weights = str(tmp_path / "vgg16_notop.h5")
+            src.save_weights(weights)
+        spec = ModelSpec(32, 3, head_width=8, unfreeze_blocks=2)
+        tf_keras.utils.set_random_seed(7)
+        full = self.weighted(build_model(spec, weights, seed=7))
+        tf_keras.utils.set_random_seed(7)
+        top = build_top_model(spec, (4, 4, 256), weights, seed=7)
+        top_w = self.weighted(top)
+        assert set(top_w) == {"block4_conv1", "block4_conv2", "block4_conv3", "block5_conv1", "block5_conv2",
+                              "block5_conv3", "head_dense", "logits"}
+        for name, ws in top_w.items():
+            for a, b in zip(ws, full[name]):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+        # and a different seed gives a different head (the seed is really what sets it)
+        tf_keras.utils.set_random_seed(8)
+        other = self.weighted(build_top_model(spec, (4, 4, 256), weights, seed=8))
+        assert not np.array_equal(other["logits"][0], top_w["logits"][0])

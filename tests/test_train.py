@@ -172,7 +172,9 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit(prepared_binary, tmp_path):
-    """`ray job submit` of jobs/train.py to a `ray start --head` this test starts and stops."""
+    """`ray job submit` of jobs/train.py and jobs/tune.py to a `ray start --head` this test starts
+    and stops. The sweep's trials are Ray Train runs (``--trial-runner train``: the path that
+    multi-worker trials take), so Train V2 under Tune with ``TuneReportCallback`` is covered here."""
     _, cache = prepared_binary
     import secrets
     import shutil
@@ -206,19 +208,36 @@ def test_ray_job_submit(prepared_binary, tmp_path):
             time.sleep(2)
         else:
             pytest.fail("the Ray head's dashboard never came up")
+        def submit(*job):
+            cmd = [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                   sys.executable, *job]
+            for _ in range(20):  # the head's job agent starts a little after the dashboard answers
+                sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+                if "No available agent to submit job" not in sub.stderr + sub.stdout:
+                    break
+                time.sleep(3)
+            assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+            return sub.stdout
+
         out = tmp_path / "jobrun"
-        cmd = [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-               sys.executable, "jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2",
-               "--weights", "none", "--unfreeze-blocks", "5", "--batch-size", "8", "--lr", "1e-4"]
-        for _ in range(20):  # the head's job agent starts a little after the dashboard answers
-            sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent to submit job" not in sub.stderr + sub.stdout:
-                break
-            time.sleep(3)
-        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-        assert "train: best epoch" in sub.stdout
+        stdout = submit("jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2", "--weights",
+                        "none", "--unfreeze-blocks", "5", "--batch-size", "8", "--lr", "1e-4")
+        assert "train: best epoch" in stdout
         m = json.loads((out / "metrics.json").read_text())
         assert m["epochs"] == 2 and m["config"]["num_workers"] == 1
+
+        sweep_out = tmp_path / "jobsweep"
+        stdout = submit("jobs/tune.py", "--cache", str(cache), "--out", str(sweep_out), "--epochs", "2",
+                        "--weights", "none", "--head-widths", "0,8", "--num-classes", "2", "--unfreeze-blocks", "0",
+                        "--lr", "1e-3,1e-3", "--scheduler", "fifo", "--batch-size", "8", "--trial-runner", "train")
+        with open(sweep_out / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(int(r["head_width"]) for r in rows) == [0, 8]
+        assert all(r["status"] == "completed" and r["epochs"] == "2" for r in rows), rows
+        for r in rows:  # each trial a Ray Train run: its workers recorded themselves, its reports reached Tune
+            assert (Path(r["model"]) / "workers" / "rank0.json").is_file()
+            assert (Path(r["model"]) / "ray").is_dir() and not (Path(r["model"]) / "checkpoints").exists()
+        assert json.loads((sweep_out / "best.json").read_text())["model"] in {r["model"] for r in rows}
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -196,6 +196,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--max-concurrent", type=int, default=S, help="default: what the cluster's resources allow")
     p.add_argument("--grace-period", type=int, default=S, help="ASHA: epochs every trial runs before it may be stopped")
     p.add_argument("--workers-per-trial", type=int, default=S)
+    p.add_argument("--trial-runner", choices=["auto", "inprocess", "train"], default=S,
+                   help="auto (default): one-worker trials train inside their Tune process, which Tune reuses; "
+                        "train: every trial is a Ray Train run (always so with several workers per trial)")
     p.add_argument("--combos", default=S, help="explicit W:K:D triples instead of the full grid, e.g. 0:2:0,64:4:1")
     p.add_argument("--no-shared-features", action="store_true", default=S,
                    help="recompute the frozen base in every trial (for comparison)")
@@ -221,7 +224,7 @@ def sweep_config_from_args(a):
         sweep_kw["lr"] = (lr[0], lr[-1])
     if "workers_per_trial" in raw:
         raw["num_workers"] = raw.pop("workers_per_trial")
-    for key in ("num_samples", "scheduler", "search", "max_concurrent", "grace_period"):
+    for key in ("num_samples", "scheduler", "search", "max_concurrent", "grace_period", "trial_runner"):
         if key in raw:
             sweep_kw[key] = raw.pop(key)
     if "combos" in raw:

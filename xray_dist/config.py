@@ -241,6 +241,7 @@ class SweepConfig:
     max_concurrent: int | None = None
     shared_features: bool = True
     grace_period: int = 1
+    trial_runner: str = "auto"  # auto: one-worker trials train in their Tune process; train: always Ray Train
     combos: tuple[tuple[int, int, int], ...] | None = None  # explicit (head_width, num_classes, unfreeze_blocks)
 
     def __post_init__(self) -> None:
@@ -248,6 +249,8 @@ class SweepConfig:
             raise ValueError(f"scheduler must be asha or fifo. Received: scheduler={self.scheduler!r}")
         if self.search not in ("grid", "random", "optuna"):
             raise ValueError(f"search must be grid, random or optuna. Received: search={self.search!r}")
+        if self.trial_runner not in ("auto", "inprocess", "train"):
+            raise ValueError(f"trial_runner must be auto, inprocess or train. Received: trial_runner={self.trial_runner!r}")
         if not (0 < self.lr[0] <= self.lr[1]):
             raise ValueError(f"lr must be MIN,MAX with 0 < MIN <= MAX. Received: lr={self.lr!r}")
         if self.num_samples < 1:

@@ -28,7 +28,7 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     syn = synthesize(out / "data", patients=48, images_per_patient=2, size=128, seed=7)
     print(f"           {len(syn.files)} DICOM files in 8 encodings")
 
-    print(f"[demo 2/8] prepare: decode once with Ray Data -> {out / 'cache'}")
+    print(f"[demo 2/8] prepare: decode once in parallel Ray tasks -> {out / 'cache'}")
     report = prepare(PrepareConfig(data_dir=str(out / "data"), labels=str(syn.labels_csv), out=str(out / "cache"),
                                    preprocess=PreprocessSpec(image_size=32)))
     print(format_prepare_summary(report, str(out / "cache")))

@@ -112,17 +112,24 @@ def set_unfrozen_blocks(base: keras.Model, unfreeze_blocks: int) -> None:
             layer.trainable = False
 
 
-def add_head(features, spec: ModelSpec, name_prefix: str = ""):
+def add_head(features, spec: ModelSpec, seed: int = 0):
+    """GAP → optional hidden Dense + dropout → logits. The head's initial weights come from ``seed``
+    alone (not from the global random state, which building the base has advanced by an amount that
+    depends on how much of the base was built), so the full model and the frozen-feature top model
+    start from the same head."""
     x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
     if spec.head_width:
-        x = keras.layers.Dense(spec.head_width, activation="relu", name="head_dense")(x)
-        x = keras.layers.Dropout(spec.dropout, name="head_dropout")(x)
+        x = keras.layers.Dense(spec.head_width, activation="relu", name="head_dense",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+        x = keras.layers.Dropout(spec.dropout, name="head_dropout", seed=seed)(x)
     activation = "sigmoid" if spec.num_outputs == 1 else "softmax"
-    return keras.layers.Dense(spec.num_outputs, activation=activation, dtype="float32", name="logits")(x)
+    return keras.layers.Dense(spec.num_outputs, activation=activation, dtype="float32", name="logits",
+                              kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))(x)
 
 
-def build_model(spec: ModelSpec, weights: str = "none") -> keras.Model:
-    """The full model: cached image in, class probabilities out."""
+def build_model(spec: ModelSpec, weights: str = "none", seed: int = 0) -> keras.Model:
+    """The full model: cached image in, class probabilities out. With ``weights="none"`` the base's
+    random weights follow the global seed (``keras.utils.set_random_seed``) set before the call."""
     if spec.num_outputs < 1:
         raise ModelSpecError(f"num_outputs must be >= 1. Received: num_outputs={spec.num_outputs}")
     base = vgg16_base(spec.image_size, weights)
@@ -130,7 +137,7 @@ def build_model(spec: ModelSpec, weights: str = "none") -> keras.Model:
     inputs = keras.Input((spec.image_size, spec.image_size), dtype="uint8", name="image")
     x = VGGInput(name="vgg_input")(inputs)
     x = base(x, training=False) if spec.unfreeze_blocks == 0 else base(x)
-    return keras.Model(inputs, add_head(x, spec), name="xray_vgg16")
+    return keras.Model(inputs, add_head(x, spec, seed), name="xray_vgg16")
 
 
 def frozen_part(image_size: int, weights: str, unfreeze_blocks: int) -> keras.Model:
@@ -142,12 +149,18 @@ def frozen_part(image_size: int, weights: str, unfreeze_blocks: int) -> keras.Mo
     return keras.Model(inputs, sub(x, training=False), name="vgg16_frozen")
 
 
-def build_top_model(spec: ModelSpec, feature_shape: tuple) -> keras.Model:
+def build_top_model(spec: ModelSpec, feature_shape: tuple, weights: str | None = None, seed: int = 0) -> keras.Model:
     """The trainable part only: frozen-boundary activations → VGG blocks 5−D+1..5 → head.
 
     Layers carry the names of the full model's layers, so :func:`transfer_top_weights` can copy
-    them into a full model by name for export.
+    them into a full model by name for export. With ``weights`` the unfrozen VGG blocks start from
+    that base (ImageNet, a file, or for ``"none"`` the random base the global seed gives, built
+    first as :func:`build_model` builds it): the same starting point as the full model, so a
+    features-trained run is the run the full model would have made. ``weights=None`` (loading a
+    trained top) skips that.
     """
+    # the base first: with random weights it must consume the global random state as build_model's does
+    base = vgg16_base(spec.image_size, weights) if weights is not None and spec.unfreeze_blocks else None
     inputs = keras.Input(tuple(feature_shape), name="features")
     x = inputs
     filters = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
@@ -157,7 +170,12 @@ def build_top_model(spec: ModelSpec, feature_shape: tuple) -> keras.Model:
             x = keras.layers.Conv2D(filters[block], 3, activation="relu", padding="same",
                                     name=f"block{block}_conv{i}")(x)
         x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
-    return keras.Model(inputs, add_head(x, spec), name="xray_vgg16_top")
+    top = keras.Model(inputs, add_head(x, spec, seed), name="xray_vgg16_top")
+    if base is not None:
+        for layer in top.layers:
+            if layer.name.startswith("block") and layer.weights:
+                layer.set_weights(base.get_layer(layer.name).get_weights())
+    return top
 
 
 def transfer_top_weights(top: keras.Model, full: keras.Model) -> None:

@@ -89,13 +89,11 @@ def balanced_weights(counts: dict[int, int]) -> dict[int, float]:
 
 # ---- per-worker training ---------------------------------------------------------------------------
 
-def _configure_devices(cfg: TrainConfig):
+def _configure_devices(cfg: TrainConfig, world: int):
     """Logical CPU devices (``cpu_replicas``), mixed precision; returns (strategy, precision policy name)."""
     import tensorflow as tf
     import tf_keras as keras
-    import ray.train
 
-    ctx = ray.train.get_context()
     if cfg.cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_replicas)
@@ -109,7 +107,7 @@ def _configure_devices(cfg: TrainConfig):
     elif cfg.mixed_precision == "on":
         policy = "mixed_bfloat16"
     keras.mixed_precision.set_global_policy(policy)
-    if ctx.get_world_size() > 1:
+    if world > 1:
         comm = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
             else tf.distribute.experimental.CommunicationImplementation.RING)
@@ -272,9 +270,41 @@ def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: st
     (d / f"rank{rank}.json").write_text(json.dumps(info, indent=2))
 
 
+class RayTrainSession:
+    """What :func:`train_loop` needs from whoever runs it — rank and world size, dataset shards,
+    the checkpoint to resume from, a way to report an epoch — as Ray Train gives it on a worker.
+    :class:`xray_dist.inprocess.InProcessSession` gives the same in the calling process."""
+
+    def rank_world(self) -> tuple[int, int]:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def dataset_shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
 def train_func(config: dict) -> None:
-    """The per-worker loop (Ray Train ``train_loop_per_worker``); also reused by every sweep trial."""
-    import ray.train
+    """Ray Train's ``train_loop_per_worker``: :func:`train_loop` on a Train worker."""
+    train_loop(config, RayTrainSession())
+
+
+def train_loop(config: dict, session) -> None:
+    """The training loop, one per worker; ``xray-dist train`` and every sweep trial run this."""
     import tensorflow as tf
     import tf_keras as keras
 
@@ -284,10 +314,9 @@ def train_func(config: dict) -> None:
     cfg: TrainConfig = config["cfg"]
     scheme = ClassScheme.from_dict(config["scheme"])
     spec = ModelSpec.from_dict(config["model_spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank_world()
     keras.utils.set_random_seed(cfg.seed)
-    strategy, policy = _configure_devices(cfg)
+    strategy, policy = _configure_devices(cfg, world)
     replicas = strategy.num_replicas_in_sync
     if rank == 0:
         log.info("strategy %s: %d replicas (%d workers), global batch %d, precision %s",
@@ -299,10 +328,10 @@ def train_func(config: dict) -> None:
             from xray_dist.model import build_top_model
 
             shape = tuple(read_meta(cfg.features)["shape"])
-            model = build_top_model(spec, shape)
+            model = build_top_model(spec, shape, cfg.weights, cfg.seed)
             input_spec = tf.TensorSpec((None, *shape), tf.float32)
         else:
-            model = build_model(spec, cfg.weights)
+            model = build_model(spec, cfg.weights, cfg.seed)
             input_spec = tf.TensorSpec((None, spec.image_size, spec.image_size), tf.uint8)
         loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
         model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=loss)
@@ -311,7 +340,7 @@ def train_func(config: dict) -> None:
 
     history: list[dict] = []
     start = 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             load_weights_checked(model, Path(d) / "weights.h5")
@@ -321,12 +350,11 @@ def train_func(config: dict) -> None:
             log.info("resuming from checkpoint after epoch %d", start)
 
     plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
-    train_input = _train_input(strategy, ray.train.get_dataset_shard("train"), input_spec, plan,
+    train_input = _train_input(strategy, session.dataset_shard("train"), input_spec, plan,
                                cfg.shuffle_buffer, cfg.seed, cfg.worker_cache_mb * 2**20)
     if start >= cfg.epochs:
         return
-    reporter = _EpochReporter(cfg, scheme, ray.train.get_dataset_shard("val"), history, rank, world, params,
-                              replicas, policy, plan)
+    reporter = _EpochReporter(cfg, scheme, session, history, rank, world, params, replicas, policy, plan)
     model.fit(train_input, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=plan.steps, verbose=0,
               callbacks=[reporter])
 
@@ -337,10 +365,10 @@ def _make_reporter_class():
     class EpochReporter(keras.callbacks.Callback):
         """After each epoch: rank 0 validates and checkpoints; every worker reports (a barrier)."""
 
-        def __init__(self, cfg, scheme, val_shard, history, rank, world, params, replicas, policy, plan):
+        def __init__(self, cfg, scheme, session, history, rank, world, params, replicas, policy, plan):
             super().__init__()
-            self.cfg, self.scheme, self.history = cfg, scheme, history
-            self.val_set = ValidationSet(val_shard, cfg.worker_cache_mb * 2**20)
+            self.cfg, self.scheme, self.history, self.session = cfg, scheme, history, session
+            self.val_set = ValidationSet(session.dataset_shard("val"), cfg.worker_cache_mb * 2**20)
             self.rank, self.world, self.n_params, self.replicas, self.policy, self.plan = (
                 rank, world, params, replicas, policy, plan)
 
@@ -348,8 +376,6 @@ def _make_reporter_class():
             self.t0 = time.time()
 
         def on_epoch_end(self, epoch, logs=None):
-            import ray.train
-
             from xray_dist.metrics import evaluate
 
             seconds = time.time() - self.t0
@@ -358,7 +384,7 @@ def _make_reporter_class():
                        "epoch_seconds": seconds, "images_per_s": images / seconds,
                        "trainable_parameters": self.n_params, "replicas": self.replicas,
                        "global_batch": self.plan.per_replica_batch * self.replicas}
-            checkpoint, tmp = None, None
+            tmp = None
             if self.rank == 0:
                 probs, labels = _score(self.model, self.val_set.batches())
                 m = evaluate(labels, probs, list(self.scheme.names))
@@ -370,12 +396,11 @@ def _make_reporter_class():
                 self.model.save_weights(str(tmp / "weights.h5"))
                 (tmp / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
                 np.savez(tmp / "val_scores.npz", probs=probs, labels=labels)
-                checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
                 log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
                          "sens %.2f spec %.2f %.1f img/s (%s)", epoch + 1, self.cfg.epochs, metrics["loss"],
                          m["val_loss"], m["val_auc"], m["val_auc_abnormal"], m["sensitivity"], m["specificity"],
                          metrics["images_per_s"], self.policy)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            self.session.report(metrics, tmp)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -425,6 +450,15 @@ def run_setup(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict]:
     return scheme, spec.to_dict(), weights
 
 
+def run_inputs(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict, dict]:
+    """Class scheme, model spec, the train/val Ray Datasets and :func:`train_loop`'s config."""
+    scheme, spec, weights = run_setup(cfg)
+    train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights, cfg.features)
+    val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights, cfg.features)
+    loop_config = {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train}
+    return scheme, spec, {"train": train_ds, "val": val_ds}, loop_config
+
+
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path | None = None):
     """The Ray Train trainer for ``cfg`` (the sweep builds its trials' trainers here too): a
     ``DataParallelTrainer`` with the MultiWorkerMirroredStrategy backend — what
@@ -436,9 +470,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
     from xray_dist.backend import MultiWorkerConfig
     from xray_dist.runtime import WORKER_ENV
 
-    scheme, spec, weights = run_setup(cfg)
-    train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights, cfg.features)
-    val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights, cfg.features)
+    scheme, spec, datasets, loop_config = run_inputs(cfg)
     out = Path(cfg.out).resolve()
     resources = {"CPU": cfg.worker_cpus}
     if cfg.gpus_per_worker:
@@ -446,7 +478,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
     trainer = DataParallelTrainer(
         train_loop_per_worker=train_func,
         backend_config=MultiWorkerConfig(),
-        train_loop_config={"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
@@ -458,7 +490,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": dict(WORKER_ENV)},
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     return trainer, scheme, spec

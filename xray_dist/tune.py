@@ -35,17 +35,29 @@ def trial_config(base: TrainConfig, params: dict, out: str, features: dict) -> T
     return dataclasses.replace(cfg, features=features.get(str(cfg.unfreeze_blocks)))
 
 
-def trial_fn(params: dict) -> None:
-    """One trial: the same Trainer as ``xray-dist train``; its reports reach Tune through the callback."""
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares (given through ``tune.with_parameters``, so Tune's table and the
+    results' configs show only the searched parameters)."""
+
+    base: TrainConfig
+    sweep_out: str
+    features: dict  # unfreeze depth (str) -> frozen-feature directory
+    in_process: bool
+
+
+def trial_fn(params: dict, setup: TrialSetup) -> None:
+    """One trial: the training loop of ``xray-dist train``, in this process or as a Ray Train run."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from xray_dist.inprocess import train_in_process
     from xray_dist.train import export_run, make_trainer
 
     t0 = time.time()
     ctx = ray.tune.get_context()
-    out = Path(params["_sweep_out"]) / "trials" / Path(ctx.get_trial_dir()).name
-    cfg = trial_config(params["_base"], params, str(out), params["_features"])
+    out = Path(setup.sweep_out) / "trials" / Path(ctx.get_trial_dir()).name
+    cfg = trial_config(setup.base, params, str(out), setup.features)
     done = out / "metrics.json"
     if done.is_file() and json.loads(done.read_text()).get("complete"):
         # Tune reruns a trial whose end it had not recorded when the sweep was interrupted: the
@@ -55,9 +67,14 @@ def trial_fn(params: dict) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
-    t_trainer = time.time()
-    result = trainer.fit()
+    if setup.in_process:
+        # one worker: the same training loop in this (reused) trial process, reporting straight to Tune
+        result, scheme, spec = train_in_process(cfg, on_report=ray.tune.report)
+        t_trainer = t0
+    else:
+        trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
+        t_trainer = time.time()
+        result = trainer.fit()
     if result.error:
         raise result.error
     t_fit = time.time()
@@ -67,13 +84,33 @@ def trial_fn(params: dict) -> None:
                                                    "exported": time.time()}, indent=2))
 
 
+def in_process(sweep: SweepConfig) -> bool:
+    """Whether trials train inside their own Tune process (:mod:`xray_dist.inprocess`)."""
+    from xray_dist.inprocess import can_run_in_process
+
+    if sweep.trial_runner == "inprocess" and not can_run_in_process(sweep.base):
+        raise ValueError("--trial-runner inprocess needs one worker per trial and no cpu_replicas; use "
+                         "--trial-runner train for multi-worker trials")
+    return sweep.trial_runner == "inprocess" or (sweep.trial_runner == "auto" and can_run_in_process(sweep.base))
+
+
+def trial_resources(sweep: SweepConfig) -> dict:
+    """What one trial's Tune process asks for: the worker's share when it trains itself, else a sliver
+    (it only waits for its Ray Train workers, which hold the real resources)."""
+    b = sweep.base
+    if not in_process(sweep):
+        return {"cpu": TRIAL_CPUS}
+    return {"cpu": b.worker_cpus, **({"gpu": b.gpus_per_worker} if b.gpus_per_worker else {})}
+
+
 def default_max_concurrent(sweep: SweepConfig, resources: dict) -> int:
     b = sweep.base
     if b.gpus_per_worker:
         return max(1, int(resources.get("GPU", 0) // (b.num_workers * b.gpus_per_worker)))
     from xray_dist.train import DATA_CPUS
 
-    per_trial = b.num_workers * b.worker_cpus + TRIAL_CPUS + DATA_CPUS  # + room for one Ray Data task
+    trial_process = 0 if in_process(sweep) else TRIAL_CPUS
+    per_trial = b.num_workers * b.worker_cpus + trial_process + DATA_CPUS  # + room for one Ray Data task
     return max(1, int(resources.get("CPU", 1) // per_trial))
 
 
@@ -91,11 +128,11 @@ def param_space(sweep: SweepConfig) -> tuple[dict, int]:
 
 
 def _grid_to_params(fn):
-    def wrapped(params: dict) -> None:
+    def wrapped(params: dict, setup: TrialSetup) -> None:
         if "combo" in params:
             params = dict(params)
             params["head_width"], params["num_classes"], params["unfreeze_blocks"] = params.pop("combo")
-        fn(params)
+        fn(params, setup)
     wrapped.__name__ = fn.__name__
     return wrapped
 
@@ -143,7 +180,8 @@ def sweep(cfg: SweepConfig) -> dict:
     else:
         log.info("shared frozen features off: every trial recomputes the frozen base")
     space, num_samples = param_space(cfg)
-    space.update({"_base": cfg.base, "_sweep_out": str(out), "_features": features})
+    local = in_process(cfg)
+    setup = TrialSetup(base=cfg.base, sweep_out=str(out), features=features, in_process=local)
     max_conc = cfg.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
     scheduler = (_FinishingASHA(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
                                 reduction_factor=2, stop_last_trials=False)
@@ -155,7 +193,8 @@ def sweep(cfg: SweepConfig) -> dict:
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
         search_alg = OptunaSearch()
-    trainable = tune.with_resources(_grid_to_params(trial_fn), {"cpu": TRIAL_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(_grid_to_params(trial_fn), setup=setup),
+                                    trial_resources(cfg))
     path = out / SWEEP_NAME
     if tune.Tuner.can_restore(str(path)):
         log.info("resuming the sweep in %s", path)
@@ -165,11 +204,13 @@ def sweep(cfg: SweepConfig) -> dict:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples,
-                                        scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc),
+                                        scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc,
+                                        reuse_actors=local),
             run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=str(out),
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    log.info("sweep: up to %d trials at a time", max_conc)
+    log.info("sweep: up to %d trials at a time, %s", max_conc,
+             "each training in its own Tune process" if local else "each a Ray Train run")
     grid = tuner.fit()
     rows = collect_results(grid, cfg, out)
     summary = write_outputs(rows, cfg, out, time.time() - t0)

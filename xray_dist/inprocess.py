@@ -1,0 +1,117 @@
+"""One-worker training in the calling process: :func:`xray_dist.train.train_loop` without a Ray
+Train controller and worker group.
+
+A sweep trial on frozen features trains a few thousand parameters for a few seconds; launched
+through Ray Train it first waits for a controller actor and a worker process to start and import
+TensorFlow (measured: ~25 s of a ~50 s trial on 2 cores, see BENCHMARKS.md). Sweeps therefore run
+one-worker trials here, inside the Tune trial's own process, which Tune reuses for the next trial
+(``reuse_actors``), so TensorFlow is imported once per trial slot, not once per trial. It is the
+same loop on the same Ray Datasets; only the session differs:
+
+- the datasets are the whole Ray Datasets (one worker: the shard is everything),
+- every checkpoint goes to ``RUN/checkpoints/epoch_NNNN`` (the best by the run's metric and the
+  latest are kept), and the latest one is where a rerun of the trial resumes,
+- each report goes to ``on_report`` (a sweep passes ``ray.tune.report``, so ASHA sees every epoch).
+
+Multi-worker runs, and runs that split the CPU into logical devices, always use Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from xray_dist.config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class LocalResult:
+    """The parts of a Ray Train ``Result`` that :func:`xray_dist.train.export_run` reads."""
+
+    checkpoint: object | None
+    best_checkpoints: list = field(default_factory=list)  # [(Checkpoint, metrics)]
+    error: Exception | None = None
+
+
+class InProcessSession:
+    """The :class:`xray_dist.train.RayTrainSession` interface for a one-worker run in this process."""
+
+    def __init__(self, datasets: dict, store: Path, metric: str, on_report: Callable[[dict], None] | None = None):
+        self.datasets, self.store, self.metric, self.on_report = datasets, Path(store), metric, on_report
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.kept: dict[int, dict] = {}  # epoch -> metrics
+        for d in self.store.glob(".writing_*"):  # cut off while being copied
+            shutil.rmtree(d, ignore_errors=True)
+        for d in sorted(self.store.glob("epoch_*")):  # a rerun: what the earlier attempt saved
+            state = d / "state.json"
+            if state.is_file():
+                self.kept[int(d.name.split("_")[1])] = json.loads(state.read_text())["history"][-1]
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def rank_world(self) -> tuple[int, int]:
+        return 0, 1
+
+    def dataset_shard(self, name: str):
+        return self.datasets[name]
+
+    def _checkpoint(self, epoch: int):
+        from ray.train import Checkpoint
+
+        return Checkpoint.from_directory(str(self.store / f"epoch_{epoch:04d}"))
+
+    def get_checkpoint(self):
+        return self._checkpoint(max(self.kept)) if self.kept else None
+
+    def _score(self, epoch: int) -> float:
+        v = self.kept[epoch].get(self.metric)
+        return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None:
+            epoch = int(metrics["epoch"])
+            dest = self.store / f"epoch_{epoch:04d}"
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp = self.store / f".writing_{epoch:04d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            tmp.rename(dest)  # whole or absent
+            self.kept[epoch] = dict(metrics)
+            best = max(self.kept, key=lambda e: (self._score(e), e))
+            for e in [e for e in self.kept if e not in (best, epoch)]:
+                shutil.rmtree(self.store / f"epoch_{e:04d}", ignore_errors=True)
+                del self.kept[e]
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+    def result(self) -> LocalResult:
+        if not self.kept:
+            return LocalResult(checkpoint=None, error=RuntimeError("training reported no checkpoint"))
+        return LocalResult(checkpoint=self.get_checkpoint(),
+                           best_checkpoints=[(self._checkpoint(e), m) for e, m in sorted(self.kept.items())])
+
+
+def can_run_in_process(cfg: TrainConfig) -> bool:
+    return cfg.num_workers == 1 and cfg.cpu_replicas <= 1
+
+
+def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None):
+    """Run :func:`xray_dist.train.train_loop` here; returns (result, scheme, model spec) like a trainer's fit."""
+    import tf_keras as keras
+
+    from xray_dist.train import run_inputs, train_loop
+
+    if not can_run_in_process(cfg):
+        raise ValueError(f"in-process training needs num_workers=1 and no cpu_replicas. Received: "
+                         f"num_workers={cfg.num_workers}, cpu_replicas={cfg.cpu_replicas}")
+    scheme, spec, datasets, loop_config = run_inputs(cfg)
+    session = InProcessSession(datasets, Path(cfg.out) / CHECKPOINTS, cfg.metric, on_report)
+    keras.backend.clear_session()  # this process may have trained another trial before
+    train_loop(loop_config, session)
+    return session.result(), scheme, spec
