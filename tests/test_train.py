@@ -277,6 +277,18 @@ class TestShardCache:
         for x, y, _ in second:  # labels travel with their images
             np.testing.assert_array_equal(y, x[:, 0, 0] % 2)
 
+    def test_rows_of_the_partial_batch_are_kept_for_later_epochs(self, ray_cluster):
+        from xray_dist.train import ShardCache
+
+        c = ShardCache(self.shard(44), batch_size=8, per_pass=5, shuffle_buffer=0, seed=3, limit_bytes=1 << 20)
+        first = list(c.batches())
+        assert len(first) == 5 and all(len(x) == 8 for x, _, _ in first)  # 4 rows wait in the partial batch
+        assert len(c.rows[0]) == 44
+        seen = {int(v) for x, _, _ in first for v in x[:, 0, 0]}
+        for _ in range(8):
+            seen |= {int(v) for x, _, _ in c.batches() for v in x[:, 0, 0]}
+        assert seen == set(range(44))  # every row trains in some epoch
+
     def test_too_big_streams_every_epoch(self, ray_cluster):
         from xray_dist.train import ShardCache
 

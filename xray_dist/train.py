@@ -99,7 +99,10 @@ def _configure_devices(cfg: TrainConfig, world: int):
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_replicas)
     gpus = tf.config.list_physical_devices("GPU")
     for g in gpus:
-        tf.config.experimental.set_memory_growth(g, True)
+        try:
+            tf.config.experimental.set_memory_growth(g, True)
+        except RuntimeError:  # already initialised: a reused sweep-trial process set it for its first trial
+            pass
     policy = "float32"
     if gpus and cfg.mixed_precision != "off":
         major = int(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (7, 0))[0])
@@ -143,7 +146,8 @@ class ShardCache:
 
     The Parquet cache already saves the decode; this saves re-running Ray Data every epoch
     (read tasks, streaming-executor start, object-store transfers), which dominates small epochs.
-    Epochs 2+ reshuffle the kept rows with a seeded permutation. A shard larger than
+    Epochs 2+ reshuffle the kept rows with a seeded permutation — all of them, the rows of the
+    first pass's partial last batch included, so no row is left out of training for good. A shard larger than
     ``limit_bytes`` is streamed from Ray Data every epoch instead (with its local shuffle buffer).
     """
 
@@ -155,7 +159,7 @@ class ShardCache:
 
     def _stream(self):
         it = self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
-                                     drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                     drop_last=False, local_shuffle_buffer_size=self.shuffle_buffer or None,
                                      local_shuffle_seed=self.seed * 1000 + self.epoch if self.shuffle_buffer else None)
         return ((b["x"], b["label"].astype(np.float32), b["weight"]) for b in it)
 
@@ -178,7 +182,7 @@ class ShardCache:
                     keep.append((x, y, w))
                 else:
                     keep = None  # too big for memory: stream every epoch
-            if i < self.per_pass:
+            if i < self.per_pass and len(x) == self.batch_size:  # full batches only: equal steps everywhere
                 yield x, y, w
         if keep and self.epoch == 1:
             self.rows = tuple(np.concatenate(parts) for parts in zip(*keep))

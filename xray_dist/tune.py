@@ -176,9 +176,11 @@ def sweep(cfg: SweepConfig) -> dict:
             path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
             if path is not None:
                 features[str(d)] = str(path)
-        log.info("shared frozen features (no input augmentation, so they are exact): %s", sorted(features))
+        log.info("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
+                 sorted(features), time.time() - t0)
     else:
         log.info("shared frozen features off: every trial recomputes the frozen base")
+    t_features = time.time() - t0
     space, num_samples = param_space(cfg)
     local = in_process(cfg)
     setup = TrialSetup(base=cfg.base, sweep_out=str(out), features=features, in_process=local)
@@ -213,7 +215,7 @@ def sweep(cfg: SweepConfig) -> dict:
              "each training in its own Tune process" if local else "each a Ray Train run")
     grid = tuner.fit()
     rows = collect_results(grid, cfg, out)
-    summary = write_outputs(rows, cfg, out, time.time() - t0)
+    summary = write_outputs(rows, cfg, out, time.time() - t0, t_features)
     return summary
 
 
@@ -261,7 +263,7 @@ FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status
           "model", "error"]
 
 
-def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float) -> dict:
+def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float, features_seconds: float = 0.0) -> dict:
     from xray_dist.plots import plot_sweep
 
     with (out / "results.csv").open("w", newline="") as f:
@@ -271,7 +273,8 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float)
     finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_auc_abnormal"])]
     summary = {"trials": len(rows), "completed": len(finished),
                "failed": sum(r["status"] == "failed" for r in rows),
-               "stopped_early": sum(r["status"] == "stopped_early" for r in rows), "seconds": round(seconds, 1)}
+               "stopped_early": sum(r["status"] == "stopped_early" for r in rows), "seconds": round(seconds, 1),
+               "features_seconds": round(features_seconds, 1)}
     if finished:
         best = max(finished, key=lambda r: r["val_auc_abnormal"])
         metrics = json.loads((Path(best["model"]) / "metrics.json").read_text())
