@@ -1,9 +1,12 @@
 """Sweeps: Ray Tune over head width × number of classes × unfreeze depth (× learning rate).
 
 Train V2 pattern: each trial is a function trainable (:func:`trial_fn`) that builds its
-:class:`~xray_dist.config.TrainConfig` with ``dataclasses.replace`` and launches the very same
-Ray Train trainer as ``xray-dist train`` (:func:`xray_dist.train.make_trainer`), with
-``TuneReportCallback`` forwarding every epoch's report to Tune, so ASHA can stop weak trials early.
+:class:`~xray_dist.config.TrainConfig` with ``dataclasses.replace`` and runs the training loop of
+``xray-dist train`` (:func:`xray_dist.train.train_loop`), reporting every epoch to Tune so ASHA
+can stop weak trials early. Trials with several workers launch the very same Ray Train trainer
+(:func:`xray_dist.train.make_trainer`) with ``TuneReportCallback``; one-worker trials (the usual
+sweep) run the loop inside their own Tune process (:mod:`xray_dist.inprocess`), which Tune reuses
+from trial to trial (``--trial-runner``).
 
 Trials with unfreeze depth D < 5 train on shared frozen features (:mod:`xray_dist.features`),
 computed once per (cache, weights, D) before the trials start.
