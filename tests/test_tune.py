@@ -195,6 +195,15 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     for a, b in zip(plain.history, seen):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
         assert b["val_auc_abnormal"] == pytest.approx(a["val_auc_abnormal"], abs=0.02)
+    # a trial the scheduler stops ends at the next batch, without another report or checkpoint
+    from xray_dist.errors import RunStopped
+
+    stopped_cfg = dataclasses.replace(local_cfg, out=str(tmp_path / "stopped"), batch_size=8)
+    reports = []
+    with pytest.raises(RunStopped):
+        train_in_process(stopped_cfg, on_report=reports.append, should_stop=lambda: len(reports) >= 1)
+    assert [m["epoch"] for m in reports] == [1]
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["epoch_0001"]
     # the exported model of the cached run is a full model: predict on images reproduces its validation AUROC
     from xray_dist.metrics import auroc
     from xray_dist.predict import load_run_model, predict_arrays

@@ -59,3 +59,7 @@ class CacheError(XrayDistError):
 
 class ModelSpecError(XrayDistError):
     """A model, checkpoint or weights file does not fit the requested architecture."""
+
+
+class RunStopped(XrayDistError):
+    """Whoever runs the training loop asked it to stop (a sweep scheduler stopped this trial)."""

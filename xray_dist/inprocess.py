@@ -11,7 +11,10 @@ same loop on the same Ray Datasets; only the session differs:
 - the datasets are the whole Ray Datasets (one worker: the shard is everything),
 - every checkpoint goes to ``RUN/checkpoints/epoch_NNNN`` (the best by the run's metric and the
   latest are kept), and the latest one is where a rerun of the trial resumes,
-- each report goes to ``on_report`` (a sweep passes ``ray.tune.report``, so ASHA sees every epoch).
+- each report goes to ``on_report`` (a sweep passes ``ray.tune.report``, so ASHA sees every epoch),
+- ``should_stop`` is polled after every batch: Tune reuses a trial's process only if the stopped
+  trial's thread ends within ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (else it fails the *next* trial),
+  so a trial ASHA stops must end within a batch, not at the end of its epoch.
 
 Multi-worker runs, and runs that split the CPU into logical devices, always use Ray Train.
 """
@@ -42,8 +45,10 @@ class LocalResult:
 class InProcessSession:
     """The :class:`xray_dist.train.RayTrainSession` interface for a one-worker run in this process."""
 
-    def __init__(self, datasets: dict, store: Path, metric: str, on_report: Callable[[dict], None] | None = None):
+    def __init__(self, datasets: dict, store: Path, metric: str, on_report: Callable[[dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         self.datasets, self.store, self.metric, self.on_report = datasets, Path(store), metric, on_report
+        self._should_stop = should_stop
         self.store.mkdir(parents=True, exist_ok=True)
         self.kept: dict[int, dict] = {}  # epoch -> metrics
         for d in self.store.glob(".writing_*"):  # cut off while being copied
@@ -57,6 +62,10 @@ class InProcessSession:
 
     def rank_world(self) -> tuple[int, int]:
         return 0, 1
+
+    def should_stop(self) -> bool:
+        """Checked after every batch: the loop raises :class:`~xray_dist.errors.RunStopped` when true."""
+        return bool(self._should_stop and self._should_stop())
 
     def dataset_shard(self, name: str):
         return self.datasets[name]
@@ -101,8 +110,14 @@ def can_run_in_process(cfg: TrainConfig) -> bool:
     return cfg.num_workers == 1 and cfg.cpu_replicas <= 1
 
 
-def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None):
-    """Run :func:`xray_dist.train.train_loop` here; returns (result, scheme, model spec) like a trainer's fit."""
+def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None):
+    """Run :func:`xray_dist.train.train_loop` here; returns (result, scheme, model spec) like a trainer's fit.
+
+    ``should_stop`` is polled after every batch; once it is true the loop raises
+    :class:`~xray_dist.errors.RunStopped` within a batch, so a stopped sweep trial frees its (reused)
+    process at once instead of finishing its epoch.
+    """
     import tf_keras as keras
 
     from xray_dist.train import run_inputs, train_loop
@@ -111,7 +126,7 @@ def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None 
         raise ValueError(f"in-process training needs num_workers=1 and no cpu_replicas. Received: "
                          f"num_workers={cfg.num_workers}, cpu_replicas={cfg.cpu_replicas}")
     scheme, spec, datasets, loop_config = run_inputs(cfg)
-    session = InProcessSession(datasets, Path(cfg.out) / CHECKPOINTS, cfg.metric, on_report)
+    session = InProcessSession(datasets, Path(cfg.out) / CHECKPOINTS, cfg.metric, on_report, should_stop)
     keras.backend.clear_session()  # this process may have trained another trial before
     train_loop(loop_config, session)
     return session.result(), scheme, spec

@@ -18,7 +18,11 @@ log = logging.getLogger(__name__)
 #: Train's controller polling its workers every 0.5 s instead of 2 s: it collects each epoch's
 #: report (and a finished worker) only when it polls, which cost ~2 s per epoch and per start/stop
 #: of every sweep trial (measured with bench/run.py).
-WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+#: Sweep trials that train in their own process (xray_dist.inprocess) stop within a batch when ASHA
+#: stops them; Tune's default 2 s wait for that before reusing the process is raised as a margin
+#: for a loaded machine (when it runs out, Tune fails the next trial instead of starting a process).
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+              "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60"}
 
 
 def resolve_address(address: str | None) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 
 from xray_dist.classes import ClassScheme, build_scheme
 from xray_dist.config import TrainConfig
-from xray_dist.errors import CacheError, XrayDistError
+from xray_dist.errors import CacheError, RunStopped, XrayDistError
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,9 @@ class RayTrainSession:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    def should_stop(self) -> bool:
+        return False  # Ray Train stops its workers itself
+
 
 def train_func(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: :func:`train_loop` on a Train worker."""
@@ -379,8 +382,15 @@ def _make_reporter_class():
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.time()
 
+        def on_train_batch_end(self, batch, logs=None):
+            if self.session.should_stop():
+                raise RunStopped("stopped by the sweep's scheduler")
+
         def on_epoch_end(self, epoch, logs=None):
             from xray_dist.metrics import evaluate
+
+            if self.session.should_stop():
+                raise RunStopped("stopped by the sweep's scheduler")
 
             seconds = time.time() - self.t0
             images = self.plan.steps * self.plan.per_replica_batch * self.replicas

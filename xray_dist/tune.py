@@ -25,6 +25,7 @@ from pathlib import Path
 
 
 from xray_dist.config import SweepConfig, TrainConfig
+from xray_dist.errors import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if setup.in_process:
         # one worker: the same training loop in this (reused) trial process, reporting straight to Tune
-        result, scheme, spec = train_in_process(cfg, on_report=ray.tune.report)
+        try:
+            result, scheme, spec = train_in_process(cfg, on_report=ray.tune.report, should_stop=_stop_requested)
+        except RunStopped:
+            return  # the scheduler stopped this trial: no export, the row says stopped_early
         t_trainer = t0
     else:
         trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
@@ -104,6 +108,16 @@ def trial_resources(sweep: SweepConfig) -> dict:
     if not in_process(sweep):
         return {"cpu": TRIAL_CPUS}
     return {"cpu": b.worker_cpus, **({"gpu": b.gpus_per_worker} if b.gpus_per_worker else {})}
+
+
+def _stop_requested() -> bool:
+    """Whether Tune has asked this trial's thread to end (ASHA stopped the trial). Tune sets the
+    event when it stops the trial, but its own code looks at it only at the thread's next report;
+    reading it here lets the loop stop mid-epoch."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return bool(session is not None and session.stop_event.is_set())
 
 
 def default_max_concurrent(sweep: SweepConfig, resources: dict) -> int:
