@@ -74,6 +74,9 @@ def test_tune_flags_take_lists():
         ["tune", "--cache", "/c", "--out", "/s", "--trial-runner", "inprocess", "--workers-per-trial", "2"]))
     with pytest.raises(ValueError, match="one worker per trial"):
         in_process(bad)
+    with pytest.raises(ValueError, match="combos"):  # explicit trials only make sense as a grid
+        cli.sweep_config_from_args(cli.build_parser().parse_args(
+            ["tune", "--cache", "/c", "--out", "/s", "--combos", "0:2:0", "--search", "optuna"]))
 
 
 def test_cluster_yaml_passes_ray_validation():

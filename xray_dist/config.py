@@ -249,6 +249,9 @@ class SweepConfig:
             raise ValueError(f"scheduler must be asha or fifo. Received: scheduler={self.scheduler!r}")
         if self.search not in ("grid", "random", "optuna"):
             raise ValueError(f"search must be grid, random or optuna. Received: search={self.search!r}")
+        if self.combos and self.search != "grid":
+            raise ValueError(f"combos lists the trials of a grid; search={self.search!r} draws its own. "
+                             "Drop --combos or use --search grid")
         if self.trial_runner not in ("auto", "inprocess", "train"):
             raise ValueError(f"trial_runner must be auto, inprocess or train. Received: trial_runner={self.trial_runner!r}")
         if not (0 < self.lr[0] <= self.lr[1]):

@@ -65,7 +65,7 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     summary = sweep(SweepConfig(base=TrainConfig(cache=str(out / "cache"), out=str(out / "sweep"), epochs=2,
                                                  batch_size=8, lr=1e-3, weights="none"),
                                 out=str(out / "sweep"), combos=((0, 2, 1), (16, 2, 1)), lr=(1e-3, 1e-3),
-                                scheduler="fifo", max_concurrent=1))
+                                scheduler="fifo"))
     best = summary.get("best", {})
     print(f"           {summary['completed']} trials completed; best {best.get('config')} "
           f"val_auc_abnormal {best.get('metrics', {}).get('val_auc_abnormal', float('nan')):.3f}")

@@ -189,7 +189,8 @@ def sweep(cfg: SweepConfig) -> dict:
     t0 = time.time()
     features: dict[str, str] = {}
     if cfg.shared_features:
-        for d in sorted(set(cfg.unfreeze_blocks)):
+        depths = {c[2] for c in cfg.combos} if cfg.combos and cfg.search == "grid" else set(cfg.unfreeze_blocks)
+        for d in sorted(depths):  # only the depths some trial will train at
             path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
             if path is not None:
                 features[str(d)] = str(path)
