@@ -78,8 +78,12 @@ def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weig
     # for a whole free CPU would stall ingestion for good.
     source, column = (Path(features) / "shards", "x") if features else (Path(cache) / IMAGES_DIR, "image")
     ds = read_cache_parquet(source, ["path", column], DATA_CPUS)
-    return ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight, "column": column},
-                          batch_format="numpy", batch_size=256, num_cpus=DATA_CPUS), len(label_of)
+    ds = ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight, "column": column},
+                        batch_format="numpy", batch_size=256, num_cpus=DATA_CPUS)
+    # Progress is the per-epoch log line and Tune's table; Ray Data's own bars, drawn by every
+    # worker on every pass, flooded non-TTY logs (ray job logs, CI) with carriage-return redraws.
+    ds.context.enable_progress_bars = False
+    return ds, len(label_of)
 
 
 def balanced_weights(counts: dict[int, int]) -> dict[int, float]:
