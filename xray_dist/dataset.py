@@ -152,8 +152,9 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], images_dir: Path, salt: str
     chunks = decode_chunks(rels, sizes, cpus)
     images_dir.mkdir(parents=True, exist_ok=True)
     names = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
+    wanted = set(names)
     for f in images_dir.iterdir():
-        if f.name not in names and f.name != COMPLETE:
+        if f.name not in wanted and f.name != COMPLETE:
             f.unlink()  # a partial write, or a chunk of other inputs
     todo = [(c, n) for c, n in zip(chunks, names) if not (images_dir / n).is_file()]
     if len(todo) < len(chunks):

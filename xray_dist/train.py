@@ -393,9 +393,6 @@ def _make_reporter_class():
         def on_epoch_end(self, epoch, logs=None):
             from xray_dist.metrics import evaluate
 
-            if self.session.should_stop():
-                raise RunStopped("stopped by the sweep's scheduler")
-
             seconds = time.time() - self.t0
             images = self.plan.steps * self.plan.per_replica_batch * self.replicas
             metrics = {"epoch": epoch + 1, "world_size": self.world, "loss": float((logs or {}).get("loss", float("nan"))),

@@ -189,16 +189,17 @@ def sweep(cfg: SweepConfig) -> dict:
     t0 = time.time()
     features: dict[str, str] = {}
     if cfg.shared_features:
-        depths = {c[2] for c in cfg.combos} if cfg.combos and cfg.search == "grid" else set(cfg.unfreeze_blocks)
+        depths = {c[2] for c in cfg.combos} if cfg.combos else set(cfg.unfreeze_blocks)  # combos: grid only
         for d in sorted(depths):  # only the depths some trial will train at
             path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
             if path is not None:
                 features[str(d)] = str(path)
+    t_features = time.time() - t0
+    if cfg.shared_features:
         log.info("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
-                 sorted(features), time.time() - t0)
+                 sorted(features), t_features)
     else:
         log.info("shared frozen features off: every trial recomputes the frozen base")
-    t_features = time.time() - t0
     space, num_samples = param_space(cfg)
     local = in_process(cfg)
     setup = TrialSetup(base=cfg.base, sweep_out=str(out), features=features, in_process=local)
