@@ -4,7 +4,8 @@ Grad-CAM (Selvaraju et al., 2017): the gradients of a class score with respect t
 convolutional feature maps, averaged over space, weight those maps; their ReLU'd sum, upsampled to
 the model input, is the heatmap. The class score is the pre-activation output (the logit): for the
 one-unit sigmoid head, ``z`` for the positive class and ``-z`` for the negative one; for a softmax
-head, ``z_c``. Saturated probabilities would otherwise give vanishing gradients.
+head, ``z_c``. Saturated probabilities would otherwise give vanishing gradients. The map has the
+resolution of ``block5_conv3``: image size / 16 cells a side (14 at 224 px; 2 at 32 px).
 
 For each input ``DIR/<name>.png`` shows the model input (exactly what the model saw, from the run's
 preprocessing spec) with the heatmap over it, titled with the class and its probability, and
