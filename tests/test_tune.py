@@ -29,9 +29,14 @@ def cache3(ray_cluster, tmp_path_factory):
     data = tmp_path_factory.mktemp("synth3")
     syn = synthesize(data, patients=36, images_per_patient=2, classes=("normal", "nodule", "effusion"), size=64,
                      seed=5)
+    good = syn.files[0].read_bytes()
+    (data / "images" / "zz_truncated.dcm").write_bytes(good[: len(good) // 2])  # quarantined: no trial may see it
+    with syn.labels_csv.open("a") as f:
+        f.write("images/zz_truncated.dcm,normal\n")
     cache = tmp_path_factory.mktemp("cache3")
-    prepare(PrepareConfig(data_dir=str(data), labels=str(syn.labels_csv), out=str(cache),
-                          preprocess=PreprocessSpec(image_size=32), seed=2))
+    report = prepare(PrepareConfig(data_dir=str(data), labels=str(syn.labels_csv), out=str(cache),
+                                   preprocess=PreprocessSpec(image_size=32), seed=2))
+    assert [q["path"] for q in report["quarantined"]] == ["images/zz_truncated.dcm"]
     return cache
 
 
@@ -158,21 +163,31 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
 
     import tf_keras as keras
 
-    from xray_dist.dataset import load_split_arrays
+    from xray_dist.dataset import load_manifest, load_split_arrays
     from xray_dist.features import ensure_features
     from xray_dist.model import frozen_part
     from xray_dist.train import train
 
-    feats = ensure_features(cache3, "none", 0, 1)
-    import pyarrow.parquet as pq
+    import shutil
 
-    table = pq.read_table(feats / "shards")
-    by_path = dict(zip(table.column("path").to_pylist(), table.column("x").to_numpy(zero_copy_only=False)))
+    from xray_dist.dataset import read_cache_parquet
+
     paths, images = load_split_arrays(cache3, "val")
     keras.utils.set_random_seed(0)
     direct = frozen_part(32, "none", 1)(images, training=False).numpy()
-    cached = np.stack([np.asarray(by_path[p]).reshape(direct.shape[1:]) for p in paths])
-    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+    rows = {}
+    for where in ("ray", "here"):  # a Ray Data actor pool, or the frozen base in this process
+        feats = ensure_features(cache3, "none", 0, 1, where=where)
+        # read back the way training reads them (Ray Data over the shards)
+        batch = read_cache_parquet(feats / "shards", ["path", "x"], 0.25).take_batch(10_000, batch_format="numpy")
+        rows[where] = len(batch["path"])
+        by_path = dict(zip(batch["path"], batch["x"]))
+        cached = np.stack([by_path[p] for p in paths])
+        assert cached.shape == direct.shape and cached.dtype == np.float32
+        np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+        if where == "ray":
+            shutil.rmtree(feats)
+    assert rows["ray"] == rows["here"] == load_manifest(cache3).num_rows  # every usable image, no other
 
     # Unfreeze depth 1 (block 5 trains on the block-4 features). Full-batch steps and no dropout
     # make the run independent of row order, which differs between the image and feature shards;
@@ -213,8 +228,6 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     from xray_dist.predict import load_run_model, predict_arrays
 
     lm = load_run_model(tmp_path / "cached")
-    from xray_dist.dataset import load_manifest
-
     m = load_manifest(cache3).to_pandas().set_index("path")
     y = np.array([m.loc[p, "label"] != "normal" for p in paths])
     probs = predict_arrays(lm, images)

@@ -2,8 +2,8 @@
 (cache, weights, unfreeze depth) and reused by every sweep trial with that depth.
 
 With the top D blocks trainable, blocks 1..5−D are frozen, so for a given cache and base weights
-their output never changes between trials or epochs. Computing it once (in parallel, with a Ray
-Data actor pool) and training only blocks 5−D+1..5 and the head on it gives the same model for a
+their output never changes between trials or epochs. Computing it once (in this process on a
+single CPU node, else with a Ray Data actor pool) and training only blocks 5−D+1..5 and the head on it gives the same model for a
 fraction of the FLOPs. Nothing here augments inputs: xray-dist trains without per-epoch input
 augmentation, which is what makes the shortcut exact (a run with augmentation must not use it).
 
@@ -57,12 +57,14 @@ class _Extractor:
         return {"path": batch["path"], "x": x}
 
 
-def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int,
+def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int, where: str = "auto",
                     concurrency: int = 2) -> Path | None:
-    """The feature directory for this (cache, weights, depth), computed now if missing."""
+    """The feature directory for this (cache, weights, depth), computed now if missing.
 
-    from xray_dist.dataset import IMAGES_DIR, load_spec, read_cache_parquet
-
+    ``where``: ``"here"`` runs the frozen base in this process, one model on all its cores;
+    ``"ray"`` in a Ray Data pool of ``concurrency`` actors, which spreads a large cache over a
+    cluster's nodes but costs each actor a fresh TensorFlow process (~5-10 s on a small machine);
+    ``"auto"``: here on a single node without GPUs (a laptop, CI), Ray elsewhere."""
     layer = boundary_layer(unfreeze_blocks)
     if layer is None:
         return None
@@ -73,20 +75,78 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
         return out
     if out.exists():
         shutil.rmtree(out)  # an interrupted extraction
+    if where == "auto":
+        where = "here" if _single_cpu_node() else "ray"
+    if where not in ("here", "ray"):
+        raise ValueError(f"where={where!r}: expected 'auto', 'here' or 'ray'")
+    log.info("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", layer,
+             unfreeze_blocks, "in this process" if where == "here" else f"{concurrency} Ray Data actors")
+    extract = _extract_here if where == "here" else _extract_with_ray
+    shape = extract(Path(cache), out / "shards", weights, seed, unfreeze_blocks, concurrency)
+    meta_path.write_text(json.dumps({"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
+                                     "weights": weights, "seed": seed, "key": key}))
+    return out
+
+
+def _single_cpu_node() -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) <= 1 and not ray.cluster_resources().get("GPU")
+
+
+def _extract_here(cache: Path, shards: Path, weights: str, seed: int, unfreeze_blocks: int, _concurrency: int) -> list:
+    """The frozen base in this process over the cache's readable rows, 256 rows per Parquet shard
+    (Ray Data's tensor column type, so readers cannot tell the two ways apart)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    import tf_keras as keras
+    from ray.data.block import BlockAccessor
+    from tqdm import tqdm
+
+    from xray_dist.dataset import IMAGES_DIR, _tensor_column_to_numpy, load_spec
+    from xray_dist.model import frozen_part
+
     size = load_spec(cache).image_size
-    log.info("computing frozen features at %s for depth %d (once per cache, weights and depth)", layer, unfreeze_blocks)
-    ds = read_cache_parquet(Path(cache) / IMAGES_DIR, ["path", "image", "error"], 0.25)
+    keras.utils.set_random_seed(seed)  # weights="none": the same random base as the uncached model
+    model = frozen_part(size, weights, unfreeze_blocks)
+    shards.mkdir(parents=True)
+    dset = pads.dataset(cache / IMAGES_DIR, format="parquet")
+    ok = pc.field("error").is_null() | (pc.field("error") == "")
+    with tqdm(total=dset.count_rows(filter=ok), desc=f"frozen features (depth {unfreeze_blocks})", unit="img") as bar:
+        for i, rb in enumerate(dset.to_batches(columns=["path", "image"], filter=ok, batch_size=256)):
+            if rb.num_rows == 0:
+                continue
+            images = _tensor_column_to_numpy(rb.column("image"), size)
+            x = []
+            for j in range(0, len(images), 32):
+                x.append(np.asarray(model(images[j : j + 32], training=False), dtype=np.float32))
+                bar.update(len(x[-1]))
+            block = BlockAccessor.batch_to_block({"path": np.asarray(rb.column("path").to_pylist(), dtype=object),
+                                                  "x": np.concatenate(x)})
+            pq.write_table(block, shards / f"part-{i:05d}.parquet")
+    shape = list(model.output_shape[1:])
+    del model
+    keras.backend.clear_session()
+    return shape
+
+
+def _extract_with_ray(cache: Path, shards: Path, weights: str, seed: int, unfreeze_blocks: int,
+                      concurrency: int) -> list:
+    from xray_dist.dataset import IMAGES_DIR, load_spec, read_cache_parquet
+    from xray_dist.model import frozen_part
+
+    size = load_spec(cache).image_size
+    ds = read_cache_parquet(cache / IMAGES_DIR, ["path", "image", "error"], 0.25)
     ds = ds.filter(lambda r: not r["error"]).select_columns(["path", "image"])
     ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"image_size": size, "weights": weights, "seed": seed,
                                                            "unfreeze_blocks": unfreeze_blocks},
                         batch_size=32, batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
-    ds.write_parquet(str(out / "shards"))
-    from xray_dist.model import frozen_part
-
-    shape = list(frozen_part(size, "none", unfreeze_blocks).output_shape[1:])
-    meta_path.write_text(json.dumps({"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
-                                     "weights": weights, "seed": seed, "key": key}))
-    return out
+    ds.write_parquet(str(shards))
+    return list(frozen_part(size, "none", unfreeze_blocks).output_shape[1:])
 
 
 def read_meta(features: str | Path) -> dict:
