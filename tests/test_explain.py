@@ -8,7 +8,7 @@ import csv
 import numpy as np
 import pytest
 
-from xray_dist.dataset import load_manifest, load_split_arrays
+from xray_dist.dataset import load_manifest
 from xray_dist.errors import ModelSpecError
 
 pytestmark = pytest.mark.slow

@@ -89,6 +89,20 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
 
     lm = load_run_model(best["model"])  # the best model is a full model that predict accepts
     assert lm.scheme.num_classes == best["config"]["num_classes"]
+    assert (Path(best["model"]) / "model" / "weights.h5").is_file()
+    # the other trials exported their trained top only (no 58 MB VGG16 per trial at 224 px): loading
+    # one rebuilds the full model on its frozen base, which scores images as the trial scored features
+    from xray_dist.dataset import load_split_arrays
+    from xray_dist.predict import predict_arrays
+
+    _, val_images = load_split_arrays(cache3, "val")
+    others = [r for r in completed if r["model"] != best["model"]]
+    for r in others:
+        model_dir = Path(r["model"]) / "model"
+        assert not (model_dir / "weights.h5").exists() and (model_dir / "top_weights.h5").is_file()
+        stored = np.load(Path(r["model"]) / "val_scores.npz")["probs"]
+        rebuilt = predict_arrays(load_run_model(r["model"]), val_images)
+        np.testing.assert_allclose(np.sort(rebuilt[:, 0]), np.sort(stored[:, 0]), atol=1e-4)
     params = {int(r["unfreeze_blocks"]): int(r["trainable_parameters"]) for r in ok if r["trainable_parameters"]}
     assert params[1] > params[0]
     # the sweep's HTML report: every trial in the table, the best trial's run below it
@@ -232,6 +246,17 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     y = np.array([m.loc[p, "label"] != "normal" for p in paths])
     probs = predict_arrays(lm, images)
     assert auroc(y, 1 - probs[:, 0]) == pytest.approx(fast.metrics["val_auc_abnormal"], abs=1e-6)
+    # its compact form (the trained top: block 5 + head, as sweep trials export) rebuilds the same model
+    top_only = tmp_path / "top_only"
+    shutil.copytree(tmp_path / "cached" / "model", top_only)
+    (top_only / "weights.h5").unlink()
+    # block 5 holds 7.1 M of VGG16's 14.7 M weights: the top is about half the full file at depth 1
+    assert (top_only / "top_weights.h5").stat().st_size < 0.6 * (tmp_path / "cached" / "model" / "weights.h5").stat().st_size
+    np.testing.assert_allclose(predict_arrays(load_run_model(top_only), images), probs, atol=1e-6)
+    from xray_dist.model import materialize_full_model
+
+    materialize_full_model(top_only)
+    np.testing.assert_allclose(predict_arrays(load_run_model(top_only), images), probs, atol=1e-6)
 
 
 def test_asha_never_stops_a_trial_at_its_last_epoch():

@@ -218,6 +218,40 @@ def load_weights_checked(model: keras.Model, path: str | Path) -> None:
         raise ModelSpecError(f"{path}: does not fit this model: {e}") from None
 
 
+#: A features-trained model directory may hold only its trained top (the head: kilobytes at unfreeze
+#: depth 0; with block 5 at depth 1, 28 of VGG16's 59 MB) and ``model_spec.json``'s ``"top"`` entry naming the
+#: frozen base it sits on; :func:`full_model_from_top` rebuilds the full model from the two.
+FULL_WEIGHTS = "weights.h5"
+TOP_WEIGHTS = "top_weights.h5"
+
+
+def full_model_from_top(model_dir: str | Path) -> keras.Model:
+    """The full model of a directory holding only :data:`TOP_WEIGHTS`: the same frozen base as its
+    features came from (the ``"top"`` entry: base weights and seed), with the trained top copied in."""
+    model_dir = Path(model_dir)
+    saved = read_spec(model_dir)
+    if "top" not in saved or not (model_dir / TOP_WEIGHTS).is_file():
+        raise ModelSpecError(f"{model_dir}: neither {FULL_WEIGHTS} nor {TOP_WEIGHTS} with its base; "
+                             "is it a finished `xray-dist train` run or sweep trial?")
+    spec, top_info = ModelSpec.from_dict(saved["model"]), saved["top"]
+    top = build_top_model(spec, tuple(top_info["features_shape"]))
+    top.load_weights(str(model_dir / TOP_WEIGHTS))
+    keras.utils.set_random_seed(int(top_info["seed"]))  # weights="none": the base the features came from
+    full = build_model(spec, top_info["weights"])
+    transfer_top_weights(top, full)
+    return full
+
+
+def materialize_full_model(model_dir: str | Path) -> Path:
+    """Write :data:`FULL_WEIGHTS` for a top-only model directory (no-op when it is there already)."""
+    dest = Path(model_dir) / FULL_WEIGHTS
+    if not dest.is_file():
+        tmp = dest.with_name(".writing_" + FULL_WEIGHTS)
+        full_model_from_top(model_dir).save_weights(str(tmp))
+        tmp.rename(dest)
+    return dest
+
+
 def save_spec(directory: str | Path, spec: ModelSpec, extra: dict) -> None:
     (Path(directory) / "model_spec.json").write_text(json.dumps({"model": spec.to_dict(), **extra}, indent=2))
 

@@ -31,15 +31,21 @@ class LoadedModel:
 
 def load_run_model(run: str | Path) -> LoadedModel:
     """The exported model of a run directory (or of its ``model/`` directory)."""
-    from xray_dist.model import ModelSpec, build_model, load_weights_checked, read_spec
+    from xray_dist.model import (FULL_WEIGHTS, TOP_WEIGHTS, ModelSpec, build_model, full_model_from_top,
+                                 load_weights_checked, read_spec)
 
     run = Path(run)
     model_dir = run / "model" if (run / "model").is_dir() else run
-    if not (model_dir / "weights.h5").is_file():
-        raise ModelSpecError(f"{run}: no exported model (model/weights.h5); is it a finished `xray-dist train` run?")
-    spec = read_spec(model_dir)
-    model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
-    load_weights_checked(model, model_dir / "weights.h5")
+    if (model_dir / FULL_WEIGHTS).is_file():
+        spec = read_spec(model_dir)
+        model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
+        load_weights_checked(model, model_dir / FULL_WEIGHTS)
+    elif (model_dir / TOP_WEIGHTS).is_file():  # a sweep trial's compact export: rebuilt on its base
+        spec = read_spec(model_dir)
+        model = full_model_from_top(model_dir)
+    else:
+        raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
+                             "run?")
     return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
                        float(spec.get("threshold", 0.5)))
 

@@ -511,30 +511,41 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
     return trainer, scheme, spec
 
 
-def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: Path) -> TrainResult:
-    """From a finished Ray Train result: exported model, metrics.json, history.csv, plots."""
+def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: Path,
+               full_model: bool = True) -> TrainResult:
+    """From a finished Ray Train result: exported model, metrics.json, history.csv, plots.
+
+    A run trained on frozen features exports its trained top (``model/top_weights.h5``) and, with
+    ``full_model``, the full model too. Sweep trials pass ``full_model=False``: the sweep writes the
+    full model of its best trial only, and any other trial's is rebuilt when it is loaded.
+    """
     from xray_dist.dataset import load_spec, read_report_summary
-    from xray_dist.model import ModelSpec, save_spec
+    from xray_dist.model import FULL_WEIGHTS, TOP_WEIGHTS, ModelSpec, materialize_full_model, save_spec
     from xray_dist.plots import plot_history, plot_roc
 
     best = _best_checkpoint(result, cfg.metric)
     model_dir = out / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (FULL_WEIGHTS, TOP_WEIGHTS):  # a resumed run exports afresh
+        (model_dir / stale).unlink(missing_ok=True)
     with best.as_directory() as d:
-        if cfg.features:
-            _export_full_from_top(cfg, spec, Path(d) / "weights.h5", model_dir / "weights.h5")
-        else:
-            shutil.copy(Path(d) / "weights.h5", model_dir / "weights.h5")
+        shutil.copy(Path(d) / "weights.h5", model_dir / (TOP_WEIGHTS if cfg.features else FULL_WEIGHTS))
         state = json.loads((Path(d) / "state.json").read_text())
         scores = np.load(Path(d) / "val_scores.npz")
         probs, labels = scores["probs"], scores["labels"]
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / "state.json").read_text())["history"]
     best_row = state["history"][-1]
-    save_spec(model_dir, ModelSpec.from_dict(spec), {
-        "classes": scheme.to_dict(), "preprocess": load_spec(cfg.cache).to_dict(),
-        "threshold": best_row["threshold"], "epoch": state["epoch"],
-    })
+    extra = {"classes": scheme.to_dict(), "preprocess": load_spec(cfg.cache).to_dict(),
+             "threshold": best_row["threshold"], "epoch": state["epoch"]}
+    if cfg.features:
+        from xray_dist.features import read_meta
+
+        # the frozen base under the trained top: the same weights source and seed as the features
+        extra["top"] = {"features_shape": read_meta(cfg.features)["shape"], "weights": cfg.weights, "seed": cfg.seed}
+    save_spec(model_dir, ModelSpec.from_dict(spec), extra)
+    if cfg.features and full_model:
+        materialize_full_model(model_dir)
     np.savez(out / "val_scores.npz", probs=probs, labels=labels)
     with (out / "history.csv").open("w", newline="") as f:
         keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
@@ -576,22 +587,6 @@ def write_tensorboard(history: list[dict], logdir: Path) -> None:
                         and math.isfinite(value):
                     tf.summary.scalar(key, float(value), step=int(row["epoch"]))
     writer.close()
-
-
-def _export_full_from_top(cfg: TrainConfig, spec: dict, top_weights: Path, dest: Path) -> None:
-    """A features-trained top → the full model (same frozen base: same weights source and seed)."""
-    import tf_keras as keras
-
-    from xray_dist.features import read_meta
-    from xray_dist.model import ModelSpec, build_model, build_top_model, transfer_top_weights
-
-    ms = ModelSpec.from_dict(spec)
-    top = build_top_model(ms, tuple(read_meta(cfg.features)["shape"]))
-    top.load_weights(str(top_weights))
-    keras.utils.set_random_seed(cfg.seed)
-    full = build_model(ms, cfg.weights)
-    transfer_top_weights(top, full)
-    full.save_weights(str(dest))
 
 
 def _json_default(o):

@@ -85,7 +85,7 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
     if result.error:
         raise result.error
     t_fit = time.time()
-    export_run(cfg, result, scheme, spec, out)
+    export_run(cfg, result, scheme, spec, out, full_model=False)  # the sweep writes its best trial's full model
     # where the trial's time went (start-up vs training vs export), for tuning sweeps
     (out / "timings.json").write_text(json.dumps({"trial_start": t0, "trainer_built": t_trainer, "fit_done": t_fit,
                                                    "exported": time.time()}, indent=2))
@@ -283,6 +283,7 @@ FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status
 
 
 def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float, features_seconds: float = 0.0) -> dict:
+    from xray_dist.model import TOP_WEIGHTS, materialize_full_model
     from xray_dist.plots import plot_sweep
 
     with (out / "results.csv").open("w", newline="") as f:
@@ -296,6 +297,9 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float,
                "features_seconds": round(features_seconds, 1)}
     if finished:
         best = max(finished, key=lambda r: r["val_auc_abnormal"])
+        model_dir = Path(best["model"]) / "model"
+        if (model_dir / TOP_WEIGHTS).is_file():
+            materialize_full_model(model_dir)  # trials on frozen features exported their top only
         metrics = json.loads((Path(best["model"]) / "metrics.json").read_text())
         best_json = {"config": {k: best[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")},
                      "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
