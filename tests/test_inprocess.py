@@ -67,3 +67,49 @@ def test_a_rerun_resumes_from_what_was_saved(tmp_path):
 @pytest.mark.parametrize("kw,ok", [({}, True), ({"num_workers": 2}, False), ({"cpu_replicas": 2}, False)])
 def test_only_one_worker_runs_in_process(kw, ok):
     assert can_run_in_process(TrainConfig(cache="c", out="o", **kw)) is ok
+
+
+@pytest.mark.slow
+def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_path):
+    """In-process runs read small splits with pyarrow instead of Ray Data (whose first pass in a
+    fresh trial process costs seconds): the same rows, labels and weights, every row once per
+    pass, shuffled reproducibly; a split over ``worker_cache_mb`` stays a Ray Dataset."""
+    import dataclasses
+
+    import numpy as np
+
+    from xray_dist.inprocess import LocalSplit, in_process_inputs
+    from xray_dist.train import run_inputs
+
+    _, cache = prepared_binary
+    cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "run"), weights="none")
+    _, _, local, loop_local = in_process_inputs(cfg)
+    _, _, remote, loop_remote = run_inputs(cfg)
+    assert all(isinstance(d, LocalSplit) for d in local.values())
+    assert loop_local["n_train"] == loop_remote["n_train"] and loop_local["scheme"] == loop_remote["scheme"]
+
+    def rows(batches):
+        bs = list(batches)
+        x = np.concatenate([b["x"] for b in bs])
+        key = np.argsort([hash(r.tobytes()) for r in x])
+        return x[key], np.concatenate([b["label"] for b in bs])[key], np.concatenate([b["weight"] for b in bs])[key]
+
+    for name in ("train", "val"):
+        a = rows(local[name].iter_batches(batch_size=7))
+        b = rows(remote[name].iter_batches(batch_size=7, batch_format="numpy"))
+        assert a[0].shape == b[0].shape and a[0].dtype == b[0].dtype == np.uint8 and len(a[0]) > 0
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+        assert len(set(a[1].tolist())) == 2 and len(set(a[2].tolist())) >= 1
+    split = local["train"]
+    first = [b["x"] for b in split.iter_batches(batch_size=5, local_shuffle_buffer_size=64, local_shuffle_seed=1)]
+    again = [b["x"] for b in split.iter_batches(batch_size=5, local_shuffle_buffer_size=64, local_shuffle_seed=1)]
+    other = [b["x"] for b in split.iter_batches(batch_size=5, local_shuffle_buffer_size=64, local_shuffle_seed=2)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    assert not np.array_equal(np.concatenate(first), np.concatenate(other))
+    np.testing.assert_array_equal(rows([{"x": x, "label": np.zeros(len(x)), "weight": np.zeros(len(x))}
+                                        for x in first])[0], rows(split.iter_batches(batch_size=64))[0])
+    dropped = list(split.iter_batches(batch_size=5, drop_last=True))
+    assert all(len(b["x"]) == 5 for b in dropped) and len(dropped) == loop_local["n_train"] // 5
+    _, _, big, _ = in_process_inputs(dataclasses.replace(cfg, worker_cache_mb=0))
+    assert not isinstance(big["train"], LocalSplit)

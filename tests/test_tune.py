@@ -202,6 +202,9 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
         if where == "ray":
             shutil.rmtree(feats)
     assert rows["ray"] == rows["here"] == load_manifest(cache3).num_rows  # every usable image, no other
+    from xray_dist.features import _single_cpu_node
+
+    assert not _single_cpu_node()  # this two-node cluster: "auto" (the sweeps above) took the actor pool
 
     # Unfreeze depth 1 (block 5 trains on the block-4 features). Full-batch steps and no dropout
     # make the run independent of row order, which differs between the image and feature shards;

@@ -8,7 +8,11 @@ one-worker trials here, inside the Tune trial's own process, which Tune reuses f
 (``reuse_actors``), so TensorFlow is imported once per trial slot, not once per trial. It is the
 same loop on the same Ray Datasets; only the session differs:
 
-- the datasets are the whole Ray Datasets (one worker: the shard is everything),
+- the splits are read straight from the cache's Parquet files with pyarrow (:class:`LocalSplit`)
+  when they fit in the run's ``worker_cache_mb``: a Ray Dataset's first pass in a fresh trial
+  process took 6.4 s here for 40 rows (read and map tasks, their worker processes, the streaming
+  executor), pyarrow 0.1 s. Larger splits stream through the same Ray Datasets as a Train worker's,
+  whole (one worker: the shard is everything),
 - every checkpoint goes to ``RUN/checkpoints/epoch_NNNN`` (the best by the run's metric and the
   latest are kept), and the latest one is where a rerun of the trial resumes,
 - each report goes to ``on_report`` (a sweep passes ``ray.tune.report``, so ASHA sees every epoch),
@@ -40,6 +44,68 @@ class LocalResult:
     checkpoint: object | None
     best_checkpoints: list = field(default_factory=list)  # [(Checkpoint, metrics)]
     error: Exception | None = None
+
+
+class LocalSplit:
+    """One split of the cache (images or frozen features) in memory, read with pyarrow: the part of
+    a Ray Data shard's interface that :class:`~xray_dist.train.ShardCache` and
+    :class:`~xray_dist.train.ValidationSet` use (``iter_batches``), with the same rows and columns
+    (``x``, ``label``, ``weight``) as :func:`xray_dist.train.split_dataset`."""
+
+    def __init__(self, source: Path, column: str, label_of: dict[str, int], class_weight: dict[int, float]):
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+        from ray.data.block import BlockAccessor
+
+        from xray_dist.train import attach_labels
+
+        table = pads.dataset(source, format="parquet").to_table(
+            columns=["path", column], filter=pc.field("path").isin(list(label_of)))
+        table = table.sort_by("path")  # files list in any order: rows in a fixed one
+        batch = BlockAccessor.for_block(table).to_batch_format("numpy")  # Ray's tensor columns → ndarrays
+        self.rows = attach_labels(batch, label_of, class_weight, column)
+        missing = len(label_of) - len(self.rows["label"])
+        if missing:
+            raise FileNotFoundError(f"{source}: {missing} of the split's {len(label_of)} rows are missing")
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
+                     local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
+                     **_ignored):
+        import numpy as np
+
+        n = len(self.rows["label"])
+        order = (np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size
+                 else np.arange(n))
+        stop = n - n % batch_size if drop_last else n
+        for i in range(0, stop, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: v[idx] for k, v in self.rows.items()}
+
+
+def in_process_inputs(cfg: TrainConfig) -> tuple:
+    """:func:`xray_dist.train.run_inputs` for a run in this process: each split as a
+    :class:`LocalSplit` when it fits in ``cfg.worker_cache_mb``, as the Ray Dataset otherwise."""
+    import numpy as np
+
+    from xray_dist.train import make_loop_config, run_setup, split_dataset, split_labels, split_source
+
+    scheme, spec, class_weight = run_setup(cfg)
+    source, column = split_source(cfg.cache, cfg.features)
+    if cfg.features:
+        from xray_dist.features import read_meta
+
+        row_bytes = 4 * int(np.prod(read_meta(cfg.features)["shape"]))
+    else:
+        row_bytes = spec["image_size"] ** 2
+    datasets, sizes = {}, {}
+    for name in ("train", "val"):
+        label_of = split_labels(cfg.cache, name, scheme)
+        sizes[name] = len(label_of)
+        if len(label_of) * row_bytes <= cfg.worker_cache_mb * 2**20:
+            datasets[name] = LocalSplit(source, column, label_of, class_weight)
+        else:
+            datasets[name], _ = split_dataset(cfg.cache, name, scheme, class_weight, cfg.features)
+    return scheme, spec, datasets, make_loop_config(cfg, scheme, spec, sizes["train"])
 
 
 class InProcessSession:
@@ -120,12 +186,12 @@ def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None 
     """
     import tf_keras as keras
 
-    from xray_dist.train import run_inputs, train_loop
+    from xray_dist.train import train_loop
 
     if not can_run_in_process(cfg):
         raise ValueError(f"in-process training needs num_workers=1 and no cpu_replicas. Received: "
                          f"num_workers={cfg.num_workers}, cpu_replicas={cfg.cpu_replicas}")
-    scheme, spec, datasets, loop_config = run_inputs(cfg)
+    scheme, spec, datasets, loop_config = in_process_inputs(cfg)
     session = InProcessSession(datasets, Path(cfg.out) / CHECKPOINTS, cfg.metric, on_report, should_stop)
     keras.backend.clear_session()  # this process may have trained another trial before
     train_loop(loop_config, session)

@@ -63,20 +63,35 @@ def attach_labels(batch: dict, label_of: dict, weight_of: dict, column: str = "i
     }
 
 
-def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float],
-                  features: str | None = None):
-    """A Ray Dataset of one split: ``x`` (S×S uint8 image, or frozen features), ``label``, ``weight``."""
-
-    from xray_dist.dataset import IMAGES_DIR, load_manifest, read_cache_parquet
+def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict[str, int]:
+    """Path → class index of every image in ``split`` (a :class:`CacheError` when there is none)."""
+    from xray_dist.dataset import load_manifest
 
     m = load_manifest(cache)
     rows = zip(m.column("path").to_pylist(), m.column("split").to_pylist(), m.column("label").to_pylist())
     label_of = {p: scheme.mapping[lab] for p, s, lab in rows if s == split}
     if not label_of:
         raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
+    return label_of
+
+
+def split_source(cache: str | Path, features: str | None) -> tuple[Path, str]:
+    """The Parquet directory a run reads and its model-input column: images, or frozen features."""
+    from xray_dist.dataset import IMAGES_DIR
+
+    return (Path(features) / "shards", "x") if features else (Path(cache) / IMAGES_DIR, "image")
+
+
+def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float],
+                  features: str | None = None):
+    """A Ray Dataset of one split: ``x`` (S×S uint8 image, or frozen features), ``label``, ``weight``."""
+
+    from xray_dist.dataset import read_cache_parquet
+
+    label_of = split_labels(cache, split, scheme)
+    source, column = split_source(cache, features)
     # Fractional CPUs: the Train workers hold most of a small node's CPU, and a data task that waits
     # for a whole free CPU would stall ingestion for good.
-    source, column = (Path(features) / "shards", "x") if features else (Path(cache) / IMAGES_DIR, "image")
     ds = read_cache_parquet(source, ["path", column], DATA_CPUS)
     ds = ds.map_batches(attach_labels, fn_kwargs={"label_of": label_of, "weight_of": class_weight, "column": column},
                         batch_format="numpy", batch_size=256, num_cpus=DATA_CPUS)
@@ -470,8 +485,12 @@ def run_inputs(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict, dict]:
     scheme, spec, weights = run_setup(cfg)
     train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights, cfg.features)
     val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights, cfg.features)
-    loop_config = {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train}
-    return scheme, spec, {"train": train_ds, "val": val_ds}, loop_config
+    return scheme, spec, {"train": train_ds, "val": val_ds}, make_loop_config(cfg, scheme, spec, n_train)
+
+
+def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train: int) -> dict:
+    """:func:`train_loop`'s config."""
+    return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train}
 
 
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path | None = None):
