@@ -78,11 +78,13 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
 
     import numpy as np
 
+    from xray_dist.classes import ClassScheme
     from xray_dist.inprocess import LocalSplit, in_process_inputs
-    from xray_dist.train import run_inputs
+    from xray_dist.train import run_inputs, run_setup
 
     _, cache = prepared_binary
     cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "run"), weights="none")
+    _, _, class_weight = run_setup(cfg)
     _, _, local, loop_local = in_process_inputs(cfg)
     _, _, remote, loop_remote = run_inputs(cfg)
     assert all(isinstance(d, LocalSplit) for d in local.values())
@@ -100,7 +102,8 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
         assert a[0].shape == b[0].shape and a[0].dtype == b[0].dtype == np.uint8 and len(a[0]) > 0
         for u, v in zip(a, b):
             np.testing.assert_array_equal(u, v)
-        assert len(set(a[1].tolist())) == 2 and len(set(a[2].tolist())) >= 1
+        assert len(set(a[1].tolist())) == 2
+        np.testing.assert_allclose(a[2], [class_weight[int(c)] for c in a[1]])  # each row its class's weight
     split = local["train"]
     first = [b["x"] for b in split.iter_batches(batch_size=5, local_shuffle_buffer_size=64, local_shuffle_seed=1)]
     again = [b["x"] for b in split.iter_batches(batch_size=5, local_shuffle_buffer_size=64, local_shuffle_seed=1)]
@@ -111,5 +114,13 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
                                         for x in first])[0], rows(split.iter_batches(batch_size=64))[0])
     dropped = list(split.iter_batches(batch_size=5, drop_last=True))
     assert all(len(b["x"]) == 5 for b in dropped) and len(dropped) == loop_local["n_train"] // 5
+    from xray_dist.errors import CacheError
+    from xray_dist.train import split_labels, split_source
+
+    scheme = ClassScheme.from_dict(loop_local["scheme"])
+    source, column = split_source(cache, None)
+    label_of = {**split_labels(cache, "val", scheme), "images/not_in_cache.dcm": 0}
+    with pytest.raises(CacheError, match="1 of the split's .* images have no row there .*not_in_cache.dcm"):
+        LocalSplit(source, column, label_of, class_weight)
     _, _, big, _ = in_process_inputs(dataclasses.replace(cfg, worker_cache_mb=0))
     assert not isinstance(big["train"], LocalSplit)

@@ -3,8 +3,8 @@
 
 With the top D blocks trainable, blocks 1..5−D are frozen, so for a given cache and base weights
 their output never changes between trials or epochs. Computing it once (in this process on a
-single CPU node, else with a Ray Data actor pool) and training only blocks 5−D+1..5 and the head on it gives the same model for a
-fraction of the FLOPs. Nothing here augments inputs: xray-dist trains without per-epoch input
+single CPU node, else with a Ray Data actor pool) and training only blocks 5−D+1..5 and the head
+on it gives the same model for a fraction of the FLOPs. Nothing here augments inputs: xray-dist trains without per-epoch input
 augmentation, which is what makes the shortcut exact (a run with augmentation must not use it).
 
 Layout: ``CACHE/features/<key>/`` with Parquet shards (``path``, ``x`` float32 tensor) and
@@ -81,8 +81,10 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
         raise ValueError(f"where={where!r}: expected 'auto', 'here' or 'ray'")
     log.info("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", layer,
              unfreeze_blocks, "in this process" if where == "here" else f"{concurrency} Ray Data actors")
-    extract = _extract_here if where == "here" else _extract_with_ray
-    shape = extract(Path(cache), out / "shards", weights, seed, unfreeze_blocks, concurrency)
+    if where == "here":
+        shape = _extract_here(Path(cache), out / "shards", weights, seed, unfreeze_blocks)
+    else:
+        shape = _extract_with_ray(Path(cache), out / "shards", weights, seed, unfreeze_blocks, concurrency)
     meta_path.write_text(json.dumps({"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
                                      "weights": weights, "seed": seed, "key": key}))
     return out
@@ -97,7 +99,7 @@ def _single_cpu_node() -> bool:
     return len(alive) <= 1 and not ray.cluster_resources().get("GPU")
 
 
-def _extract_here(cache: Path, shards: Path, weights: str, seed: int, unfreeze_blocks: int, _concurrency: int) -> list:
+def _extract_here(cache: Path, shards: Path, weights: str, seed: int, unfreeze_blocks: int) -> list:
     """The frozen base in this process over the cache's readable rows, 256 rows per Parquet shard
     (Ray Data's tensor column type, so readers cannot tell the two ways apart)."""
     import pyarrow.compute as pc

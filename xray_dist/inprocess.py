@@ -6,13 +6,14 @@ through Ray Train it first waits for a controller actor and a worker process to 
 TensorFlow (measured: ~25 s of a ~50 s trial on 2 cores, see BENCHMARKS.md). Sweeps therefore run
 one-worker trials here, inside the Tune trial's own process, which Tune reuses for the next trial
 (``reuse_actors``), so TensorFlow is imported once per trial slot, not once per trial. It is the
-same loop on the same Ray Datasets; only the session differs:
+same loop on the same rows; only the session and the way the rows are read differ:
 
 - the splits are read straight from the cache's Parquet files with pyarrow (:class:`LocalSplit`)
   when they fit in the run's ``worker_cache_mb``: a Ray Dataset's first pass in a fresh trial
-  process took 6.4 s here for 40 rows (read and map tasks, their worker processes, the streaming
-  executor), pyarrow 0.1 s. Larger splits stream through the same Ray Datasets as a Train worker's,
-  whole (one worker: the shard is everything),
+  process starts read and map tasks, their worker processes and the streaming executor, which
+  made a small trial's first epoch 5.2 s instead of 0.7 s (bench/run.py, BENCHMARKS.md). Larger
+  splits stream through the same Ray Datasets as a Train worker's, whole (one worker: the shard
+  is everything),
 - every checkpoint goes to ``RUN/checkpoints/epoch_NNNN`` (the best by the run's metric and the
   latest are kept), and the latest one is where a rerun of the trial resumes,
 - each report goes to ``on_report`` (a sweep passes ``ray.tune.report``, so ASHA sees every epoch),
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from xray_dist.config import TrainConfig
+from xray_dist.errors import CacheError
 
 CHECKPOINTS = "checkpoints"
 
@@ -64,9 +66,11 @@ class LocalSplit:
         table = table.sort_by("path")  # files list in any order: rows in a fixed one
         batch = BlockAccessor.for_block(table).to_batch_format("numpy")  # Ray's tensor columns → ndarrays
         self.rows = attach_labels(batch, label_of, class_weight, column)
-        missing = len(label_of) - len(self.rows["label"])
+        missing = sorted(set(label_of) - set(batch["path"]))  # the table holds the split's paths only
         if missing:
-            raise FileNotFoundError(f"{source}: {missing} of the split's {len(label_of)} rows are missing")
+            raise CacheError(f"{source}: {len(missing)} of the split's {len(label_of)} images have no row there "
+                             f"(first: {missing[0]}); the cache or its features are incomplete — prepare again, "
+                             "or delete the features directory so the sweep recomputes it")
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
                      local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,

@@ -219,8 +219,8 @@ def load_weights_checked(model: keras.Model, path: str | Path) -> None:
 
 
 #: A features-trained model directory may hold only its trained top (the head: kilobytes at unfreeze
-#: depth 0; with block 5 at depth 1, 28 of VGG16's 59 MB) and ``model_spec.json``'s ``"top"`` entry naming the
-#: frozen base it sits on; :func:`full_model_from_top` rebuilds the full model from the two.
+#: depth 0; with block 5 at depth 1, 28 of VGG16's 59 MB) and ``model_spec.json``'s ``"top"`` entry
+#: naming the frozen base it sits on; :func:`full_model_from_top` rebuilds the full model from the two.
 FULL_WEIGHTS = "weights.h5"
 TOP_WEIGHTS = "top_weights.h5"
 

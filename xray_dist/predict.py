@@ -36,16 +36,15 @@ def load_run_model(run: str | Path) -> LoadedModel:
 
     run = Path(run)
     model_dir = run / "model" if (run / "model").is_dir() else run
-    if (model_dir / FULL_WEIGHTS).is_file():
-        spec = read_spec(model_dir)
-        model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
-        load_weights_checked(model, model_dir / FULL_WEIGHTS)
-    elif (model_dir / TOP_WEIGHTS).is_file():  # a sweep trial's compact export: rebuilt on its base
-        spec = read_spec(model_dir)
-        model = full_model_from_top(model_dir)
-    else:
+    if not (model_dir / FULL_WEIGHTS).is_file() and not (model_dir / TOP_WEIGHTS).is_file():
         raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
                              "run?")
+    spec = read_spec(model_dir)
+    if (model_dir / FULL_WEIGHTS).is_file():
+        model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
+        load_weights_checked(model, model_dir / FULL_WEIGHTS)
+    else:  # a sweep trial's compact export: rebuilt on its base
+        model = full_model_from_top(model_dir)
     return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
                        float(spec.get("threshold", 0.5)))
 
