@@ -20,6 +20,15 @@ synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
   each; steady state = the better of two more prepares on the warm worker pool; cold figures and
   both warm runs reported too).
 
+- ``s3_prepare_ratio``: seconds of a local-disk ``prepare`` ÷ seconds of the same prepare reading
+  the files from, and writing the cache to, an S3 server on this machine (moto in server mode,
+  bench's own, on 127.0.0.1): what object storage costs (1.0 = nothing; the goal allows 1.5×).
+  Both sides alternate twice on one warm Ray; the better run of each counts, all four are reported.
+- ``predict_scaling``: ``predict --engine ray`` (Ray Data: decode tasks, model actors) images/s
+  with 2 Ray CPUs ÷ with 1, on the same files and model. Each side runs in a fresh Ray pinned to
+  as many cores as it has Ray CPUs (``sched_setaffinity``), so "1 CPU" is one core, not one Ray
+  CPU whose tasks spread over every core.
+
 ``--gpu`` adds training images/s per GPU at 224 px for unfreeze depths 0, 1, 5 in fp32 and mixed
 precision, and frozen-feature extraction images/s, naming the card.
 """
@@ -48,7 +57,8 @@ from naive import naive_input_rate, naive_sweep  # noqa: E402
 #: Stated tolerance for reduced-resolution JPEG 2000 model inputs vs full decode (grey levels of 255).
 J2K_TOLERANCE = {"mean_abs": 1.0, "p99_abs": 12}
 
-GOALS = {"input_ratio": 20, "sweep_ratio": 5, "j2k_reduce_ratio": 5, "prepare_scaling": 1.6}
+GOALS = {"input_ratio": 20, "sweep_ratio": 5, "j2k_reduce_ratio": 5, "prepare_scaling": 1.6, "s3_prepare_ratio": 0.67,
+         "predict_scaling": 1.6}
 
 SETTINGS = {
     # smoke: exercises every part in a minute or two (tests/test_bench.py); its numbers mean nothing
@@ -165,6 +175,126 @@ def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int, copies:
     res["machine_ceiling"] = _pool_scaling(sorted(both.glob("c0_*.dcm")), image_size)  # one copy is enough
     res["ratio_cold"] = res["2cpu_cold_images_per_s"] / res["1cpu_cold_images_per_s"]
     res["limit"] = "decode + resize per file (CPU, memory bandwidth); worker start-up in the cold figures"
+    return res
+
+
+def _moto_server():
+    """bench's own moto S3 server on a free loopback port; configures this process's AWS variables."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.3)
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1"})
+    return proc
+
+
+def bench_s3_prepare(dirs: list[Path], work: Path, image_size: int) -> dict:
+    """The same prepare from and to local disk and from and to a local S3 server, alternating."""
+    import boto3
+
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.dataset import prepare
+
+    data = work / "data_s3"
+    data.mkdir(exist_ok=True)
+    for d in dirs:
+        for f in (d / "images").glob("*.dcm"):
+            link = data / f"{d.name}_{f.name}"
+            if not link.exists():
+                os.link(f, link)
+    labels = _labels_for(data)
+    proc = _moto_server()
+    try:
+        s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        s3.create_bucket(Bucket="bench")
+        for f in sorted(data.iterdir()):
+            s3.upload_file(str(f), "bench", f"data/{f.name}")
+        n = len(list(data.glob("*.dcm")))
+        _fresh_ray(os.cpu_count() or 2)
+        res: dict = {"files": n, "local_seconds": [], "s3_seconds": []}
+        for i in range(2):
+            for side in ("local", "s3"):
+                if side == "local":
+                    out = work / f"cache_local_{i}"
+                    cfg = PrepareConfig(data_dir=str(data), labels=str(labels), out=str(out),
+                                        preprocess=PreprocessSpec(image_size=image_size))
+                else:
+                    cfg = PrepareConfig(data_dir="s3://bench/data", labels="s3://bench/data/labels.csv",
+                                        out=f"s3://bench/cache_{i}", preprocess=PreprocessSpec(image_size=image_size))
+                t0 = time.perf_counter()
+                report = prepare(cfg)
+                res[f"{side}_seconds"].append(time.perf_counter() - t0)
+                assert report["ok"] == n, report["quarantined"][:3]
+        res["local_best_seconds"], res["s3_best_seconds"] = min(res["local_seconds"]), min(res["s3_seconds"])
+        res["ratio"] = res["local_best_seconds"] / res["s3_best_seconds"]
+        res["limit"] = ("decode dominates both; S3 adds a GET per file and a PUT per chunk through moto, a Python "
+                        "server on the same 2 cores")
+        return res
+    finally:
+        proc.terminate()
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+            os.environ.pop(k, None)
+
+
+def _bench_model(work: Path, image_size: int) -> Path:
+    """A run directory holding an exported binary model (random weights: speed does not depend on them)."""
+    import tf_keras as keras
+
+    from xray_dist.classes import ClassScheme
+    from xray_dist.config import PreprocessSpec
+    from xray_dist.model import ModelSpec, build_model, save_spec
+
+    run = work / "predict_model"
+    (run / "model").mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(0)
+    spec = ModelSpec(image_size=image_size, num_outputs=1)
+    build_model(spec, "none").save_weights(str(run / "model" / "weights.h5"))
+    save_spec(run / "model", spec, {"classes": ClassScheme(names=("normal", "finding")).to_dict(),
+                                    "preprocess": PreprocessSpec(image_size=image_size).to_dict(), "threshold": 0.5})
+    return run
+
+
+def bench_predict_scaling(dirs: list[Path], work: Path, image_size: int, copies: int) -> dict:
+    """``predict --engine ray`` with 1 then 2 Ray CPUs, each in a fresh Ray pinned to that many cores."""
+    from xray_dist.predict import predict_files
+
+    files = [str(f) for d in dirs for f in sorted((d / "images").glob("*.dcm"))] * copies
+    run = _bench_model(work, image_size)
+    res: dict = {"files": len(files), "copies": copies}
+    cores = sorted(os.sched_getaffinity(0))
+    try:
+        for cpus in (1, 2):
+            os.sched_setaffinity(0, set(cores[:cpus]))  # Ray's processes inherit it
+            _fresh_ray(cpus)
+            predict_files(str(run), files[: 4 * cpus], str(work / "warm.csv"), engine="ray")  # actors up
+            t0 = time.perf_counter()
+            rows = predict_files(str(run), files, str(work / f"preds_{cpus}.csv"), engine="ray")
+            res[f"{cpus}cpu_images_per_s"] = len(files) / (time.perf_counter() - t0)
+            assert len(rows) == len(files) and not any(r["error"] for r in rows)
+    finally:
+        os.sched_setaffinity(0, set(cores))
+        import ray
+
+        ray.shutdown()
+    res["ratio"] = res["2cpu_images_per_s"] / res["1cpu_images_per_s"]
+    res["limit"] = "VGG16 forward on the CPU (one TensorFlow thread per actor) and decode, per core"
     return res
 
 
@@ -335,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the result object here too")
     p.add_argument("--gpu", action="store_true", help="also the GPU training/extraction figures")
     p.add_argument("--work", help="working directory (default: a temporary one, removed after)")
-    p.add_argument("--only", default="j2k,prepare,input,sweep", help="comma-separated parts to run")
+    p.add_argument("--only", default="j2k,prepare,s3,predict,input,sweep", help="comma-separated parts to run")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     s = SETTINGS["smoke" if a.smoke else a.quick]
@@ -359,6 +489,14 @@ def main(argv: list[str] | None = None) -> int:
             step("prepare_scaling")
             result["prepare"] = bench_prepare_scaling([unc, j2k], work, s["image_size"], s["prepare_copies"])
             result["prepare_scaling"] = result["prepare"]["ratio"]
+        if "s3" in only:
+            step("s3_prepare_ratio")
+            result["s3_prepare"] = bench_s3_prepare([unc, j2k], work, s["image_size"])
+            result["s3_prepare_ratio"] = result["s3_prepare"]["ratio"]
+        if "predict" in only:
+            step("predict_scaling")
+            result["predict"] = bench_predict_scaling([unc, j2k], work, s["image_size"], s["prepare_copies"])
+            result["predict_scaling"] = result["predict"]["ratio"]
         _fresh_ray(os.cpu_count() or 2)
         if "input" in only or "sweep" in only:
             step("input_ratio")

@@ -1,8 +1,13 @@
-"""Shared fixtures: real DICOM files, one Ray runtime per test session, one prepared cache.
+"""Shared fixtures: real DICOM files, one Ray runtime per test session, one prepared cache, one
+real S3 server.
 
 Ray is started once for the whole session as a two-node ``ray.cluster_utils.Cluster`` (2 logical CPUs
-each, like two small machines), so prepare, training and sweep tests all run on real Ray
-without paying for several starts.
+each, like two small machines, each with its own Ray temporary directory), so prepare, training and
+sweep tests all run on real Ray without paying for several starts.
+
+The S3 server is moto in server mode (a real S3 API over HTTP on 127.0.0.1), started before Ray
+so that every Ray process inherits the same ``AWS_ENDPOINT_URL`` and test credentials: the product
+sees object storage only through those variables, as it would see AWS or MinIO.
 """
 
 from __future__ import annotations
@@ -21,18 +26,102 @@ from xray_dist.synth import synthesize  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """The session's moto S3 server: its endpoint, the secret it was given, and a boto3 client."""
+
+    def __init__(self, endpoint: str, secret: str):
+        import boto3
+
+        self.endpoint, self.secret = endpoint, secret
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+
+    def bucket(self, name: str) -> str:
+        """A new bucket, created with the S3 API; returns ``s3://name``."""
+        self.client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def upload_dir(self, local: Path, bucket: str, prefix: str) -> None:
+        for f in sorted(Path(local).rglob("*")):
+            if f.is_file():
+                self.client.put_object(Bucket=bucket, Key=f"{prefix}/{f.relative_to(local).as_posix()}",
+                                       Body=f.read_bytes())
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real two-node Ray cluster on this machine (head + one worker node, 2 logical CPUs each)."""
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a free port), configured through the AWS variables only."""
+    import secrets
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"moto server did not start (see {log.name})")
+            time.sleep(0.3)
+    secret = "xds-" + secrets.token_hex(12)
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "xray-dist-test",
+                       "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"})
+    yield S3Server(endpoint, secret)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def worker_node_temp_dir():
+    """The Ray temporary directory of the cluster's second node (not the head's ``/tmp/ray``)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))  # Ray's socket paths must stay short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, worker_node_temp_dir):
+    """A real two-node Ray cluster on this machine (head + one worker node, 2 logical CPUs each).
+
+    The nodes share no Ray directory: the worker node has its own temporary directory, as a second
+    machine would."""
     import ray
     from ray.cluster_utils import Cluster
 
+    Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster writes the head's address file there
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "object_store_memory": 400 * 1024**2,
                         "resources": {"node_head": 1}},
     )
-    cluster.add_node(num_cpus=2, object_store_memory=400 * 1024**2, resources={"node_worker": 1})
+    cluster.add_node(num_cpus=2, object_store_memory=400 * 1024**2, resources={"node_worker": 1},
+                     temp_dir=str(worker_node_temp_dir))
     cluster.wait_for_nodes()
     from xray_dist.runtime import WORKER_ENV
 

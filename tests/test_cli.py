@@ -92,3 +92,28 @@ def test_cluster_yaml_passes_ray_validation():
     assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])  # never public
     ports = [p["FromPort"] for p in raw["provider"]["security_group"]["IpPermissions"]]
     assert ports == [22]
+    cidrs = [r["CidrIp"] for p in raw["provider"]["security_group"]["IpPermissions"] for r in p["IpRanges"]]
+    assert cidrs and "0.0.0.0/0" not in cidrs  # SSH from the range the user sets, not the internet
+    for name, node in raw["available_node_types"].items():
+        volumes = node["node_config"]["BlockDeviceMappings"]
+        assert volumes and all(v["Ebs"]["Encrypted"] is True for v in volumes), name
+        assert node["node_config"]["IamInstanceProfile"]["Name"], name  # bucket access without keys
+    # token authentication: the token is created on the head, the head and workers start in token mode
+    assert "get-auth-token --generate" in " ".join(raw["head_setup_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in raw[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
+    assert "~/.ray/auth_token" in raw["cluster_synced_files"]
+    excluded = set(raw["rsync_exclude"])
+    assert {".venv", "*.dcm", "data", "cache", "runs", "sweeps"} <= excluded
+
+
+def test_runtime_env_pins_the_project_dependencies():
+    """jobs/runtime_env.yaml installs exactly pyproject's pins (Ray itself is the cluster's)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert sorted(env["pip"]) == sorted(d for d in deps if not d.startswith("ray["))
+    assert env["env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
+    assert not any("SECRET" in k or "KEY" in k for k in env.get("env_vars", {}))

@@ -171,11 +171,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit(prepared_binary, tmp_path):
-    """`ray job submit` of jobs/train.py and jobs/tune.py to a `ray start --head` this test starts
-    and stops. The sweep's trials are Ray Train runs (``--trial-runner train``: the path that
+def test_ray_job_submit(synth_binary, tmp_path):
+    """`ray job submit` of the whole flow — jobs/prepare.py, jobs/train.py, jobs/tune.py and
+    jobs/report.py — to a `ray start --head` this test starts and stops. The sweep's trials are Ray Train runs (``--trial-runner train``: the path that
     multi-worker trials take), so Train V2 under Tune with ``TuneReportCallback`` is covered here."""
-    _, cache = prepared_binary
     import secrets
     import shutil
     import tempfile
@@ -219,6 +218,10 @@ def test_ray_job_submit(prepared_binary, tmp_path):
             assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
             return sub.stdout
 
+        cache = tmp_path / "jobcache"
+        stdout = submit("jobs/prepare.py", str(synth_binary.out), "--labels", str(synth_binary.labels_csv), "--out",
+                        str(cache), "--image-size", "32", "--seed", "3")
+        assert "prepare: 80 of 80 files used" in stdout
         out = tmp_path / "jobrun"
         stdout = submit("jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2", "--weights",
                         "none", "--unfreeze-blocks", "5", "--batch-size", "8", "--lr", "1e-4")
@@ -238,6 +241,8 @@ def test_ray_job_submit(prepared_binary, tmp_path):
             assert (Path(r["model"]) / "workers" / "rank0.json").is_file()
             assert (Path(r["model"]) / "ray").is_dir() and not (Path(r["model"]) / "checkpoints").exists()
         assert json.loads((sweep_out / "best.json").read_text())["model"] in {r["model"] for r in rows}
+        stdout = submit("jobs/report.py", str(sweep_out), "--out", str(tmp_path / "report.html"), "--bootstrap", "50")
+        assert "report:" in stdout and "Best trial" in (tmp_path / "report.html").read_text()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

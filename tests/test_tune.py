@@ -193,7 +193,7 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     for where in ("ray", "here"):  # a Ray Data actor pool, or the frozen base in this process
         feats = ensure_features(cache3, "none", 0, 1, where=where)
         # read back the way training reads them (Ray Data over the shards)
-        batch = read_cache_parquet(feats / "shards", ["path", "x"], 0.25).take_batch(10_000, batch_format="numpy")
+        batch = read_cache_parquet(Path(feats) / "shards", ["path", "x"], 0.25).take_batch(10_000, batch_format="numpy")
         rows[where] = len(batch["path"])
         by_path = dict(zip(batch["path"], batch["x"]))
         cached = np.stack([by_path[p] for p in paths])
@@ -282,3 +282,32 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
     assert at3 == [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.CONTINUE]
     at6 = [s.on_trial_result(None, t, {"epoch": 6, "val_auc_abnormal": v}) for t, v in zip(trials, (0.1, 0.3))]
     assert at6 == [TrialScheduler.CONTINUE] * 2
+
+
+class TestConcurrencyOnAutoscalingClusters:
+    """--max-concurrent's default comes from the autoscaler's view when the cluster can grow."""
+
+    @staticmethod
+    def sweep_cfg(**kw):
+        return SweepConfig(base=TrainConfig(cache="c", out="o", **kw), out="o")
+
+    @pytest.mark.parametrize("head_cpus", [0.0, 1.0])
+    def test_an_empty_autoscaling_cluster_is_not_one_trial_at_a_time(self, head_cpus):
+        from xray_dist.tune import concurrency_choice
+
+        cfg = self.sweep_cfg(gpus_per_worker=1)
+        n, why = concurrency_choice(cfg, {"CPU": head_cpus}, trials=6, max_resources={"GPU": 16, "CPU": 192})
+        assert n == 6 and "autoscaler" in why  # 16 GPUs could run 16 one-GPU trials; there are 6
+        n, why = concurrency_choice(cfg, {"CPU": head_cpus}, trials=30, max_resources={"GPU": 16, "CPU": 192})
+        assert n == 16
+
+    def test_fixed_clusters_count_what_is_there(self):
+        from xray_dist.tune import concurrency_choice
+
+        cfg = self.sweep_cfg(cpus_per_worker=1.0)
+        n, why = concurrency_choice(cfg, {"CPU": 4}, trials=10, max_resources=None)
+        assert n == 3 and "4 CPU" in why  # 1 CPU per trial + 0.25 for its Ray Data task
+        n, why = concurrency_choice(cfg, {"CPU": 0}, trials=10, max_resources=None)
+        assert n == 1 and "cannot grow" in why
+        # an autoscaler that cannot add more than is there changes nothing
+        assert concurrency_choice(cfg, {"CPU": 4}, trials=10, max_resources={"CPU": 4})[0] == 3

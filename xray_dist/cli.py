@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import sys
-from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from xray_dist import storage
 from xray_dist.errors import XrayDistError
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def format_prepare_summary(report: dict, out: str) -> str:
         lines.append(f"  missing {m['path']}: {m['reason']}")
     for w in report.get("warnings", []):
         lines.append(f"  warning: {w}")
-    lines.append(f"  report: {Path(out) / 'prepare_report.json'}")
+    lines.append(f"  report: {storage.join(storage.absolute(out), 'prepare_report.json')}")
     return "\n".join(lines)
 
 
@@ -100,8 +101,9 @@ def cmd_preview(a) -> int:
     from xray_dist.dicom import load_image
 
     img = load_image(a.file, PreprocessSpec(image_size=a.size))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img, mode="L").save(a.out)
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L").save(buf, format="PNG")
+    storage.write_bytes(a.out, buf.getvalue())
     print(f"preview: {a.file} -> {a.out} ({a.size}x{a.size}, 8-bit grayscale, MONOCHROME2)")
     return 0
 
@@ -254,13 +256,18 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="class probabilities for DICOM files with a trained run")
     p.add_argument("inputs", nargs="+", help="DICOM files or directories")
     p.add_argument("--model", required=True, help="a run directory from `xray-dist train`")
-    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--out", required=True, help="CSV to write (local path or URI)")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                   help="local: score in this process; ray: Ray Data batch inference (decode in CPU tasks, model in "
+                        "an actor pool, GPUs when present); auto: ray for object-store inputs or 256+ files")
+    p.add_argument("--address", help="Ray address for --engine ray (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
 
 
 def cmd_predict(a) -> int:
     from xray_dist.predict import predict_files
 
-    rows = predict_files(a.model, a.inputs, a.out)
+    rows = predict_files(a.model, a.inputs, a.out, engine=a.engine, address=a.address, num_cpus=a.num_cpus)
     bad = sum(1 for r in rows if r["error"])
     print(f"predict: {len(rows) - bad} files scored, {bad} unreadable (see the error column) -> {a.out}")
     return 0
@@ -297,7 +304,7 @@ def cmd_report(a) -> int:
     from xray_dist.report import write_report
 
     path = write_report(a.target, a.out, n_boot=a.bootstrap)
-    print(f"report: {path.resolve()}")
+    print(f"report: {storage.absolute(path)}")
     return 0
 
 

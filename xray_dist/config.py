@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
@@ -108,10 +107,12 @@ def load_yaml_overrides(path: str | None) -> dict[str, Any]:
     """Read a ``--config`` YAML file of flag values (keys spelled like the flags, ``-`` or ``_``)."""
     if not path:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config file not found: {path}")
-    data = yaml.safe_load(p.read_text()) or {}
+    from xray_dist import storage
+
+    try:
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"--config file not found: {path}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -215,7 +216,9 @@ class TrainConfig:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
+    from xray_dist import storage
+
+    return storage.absolute(path)  # a URI stays as it is
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from xray_dist import storage
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
 from xray_dist.dicom import read_for_cache
 from xray_dist.errors import CacheError, DicomReadError, PrepareError
-from xray_dist.labels import scan_labels
+from xray_dist.labels import list_entries, scan_labels
 from xray_dist.splits import patient_labels, split_patients
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,20 @@ SALT = ".salt"
 META_COLUMNS = ["path", "patient", "error_kind", "error"]
 
 
-def _salt(cache: Path) -> str:
+def _salt(cache: str) -> str:
     """The cache's patient-key salt: ``XRAY_DIST_SALT`` if set, else a random one kept in ``.salt``."""
     env = os.environ.get("XRAY_DIST_SALT")
     if env:
         return env
-    p = cache / SALT
-    if p.is_file():
-        return p.read_text().strip()
+    p = storage.join(cache, SALT)
+    try:
+        return storage.read_text(p).strip()
+    except FileNotFoundError:
+        pass
     salt = secrets.token_hex(16)
-    p.write_text(salt)
-    p.chmod(0o600)
+    storage.write_text(p, salt)
+    if not storage.is_uri(p):
+        Path(p).chmod(0o600)
     return salt
 
 
@@ -94,20 +97,18 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str) -> di
     }
 
 
-def _images_key(data_dir: Path, rels: list[str], spec: PreprocessSpec, salt: str) -> str:
-    stats = []
-    for rel in rels:
-        st = (data_dir / rel).stat()
-        stats.append([rel, st.st_size, st.st_mtime_ns])
-    return stable_hash({"data_dir": str(data_dir.resolve()), "files": stats, "spec": spec.to_dict(),
+def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]], spec: PreprocessSpec,
+                salt: str) -> str:
+    """The decoded images' key: the data location, every file's (path, size, mtime), the spec, the salt."""
+    files = [[rel, *stats[rel]] for rel in rels]
+    return stable_hash({"data_dir": storage.absolute(data_dir), "files": files, "spec": spec.to_dict(),
                         "salt": stable_hash(salt)})
 
 
-def _check_cache_dir(cache: Path) -> None:
-    if cache.exists() and any(cache.iterdir()):
-        ours = (cache / SPEC).exists() or (cache / IMAGES_DIR).exists() or (cache / SALT).exists()
-        if not ours:
-            raise PrepareError(f"--out {cache} exists and is not an xray-dist cache; choose an empty or new directory")
+def _check_cache_dir(cache: str) -> None:
+    top = {e.rel.split("/", 1)[0] for e in storage.list_files(cache, limit=1000)}
+    if top and not ({SPEC, IMAGES_DIR, SALT} & top):
+        raise PrepareError(f"--out {cache} exists and is not an xray-dist cache; choose an empty or new directory")
 
 
 def decode_chunks(rels: list[str], sizes: dict[str, int], cpus: int) -> list[list[str]]:
@@ -124,15 +125,14 @@ def _decode_chunk(rels: list[str], data_dir: str, spec_dict: dict, salt: str, de
     from ray.data.block import BlockAccessor
 
     batch = {"path": np.asarray(rels, dtype=object),
-             "abspath": np.asarray([str(Path(data_dir) / r) for r in rels], dtype=object)}
+             "abspath": np.asarray([storage.join(data_dir, r) for r in rels], dtype=object)}
     table = BlockAccessor.batch_to_block(decode_batch(batch, spec_dict, salt))  # Ray Data's tensor columns
-    tmp = Path(dest).with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.rename(dest)  # whole or absent: a rerun after a crash redoes only the missing chunks
+    storage.write_parquet(table, dest)  # whole or absent: a rerun after a crash redoes only the missing chunks
     return len(rels)
 
 
-def _decode_all(cfg: PrepareConfig, rels: list[str], images_dir: Path, salt: str, key: str) -> None:
+def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], images_dir: str, salt: str,
+                key: str) -> None:
     """Decode every file once, one Ray task per chunk (1 CPU each), each writing its own Parquet file.
 
     Plain Ray tasks rather than a Ray Data pipeline: the work is one independent map with nothing
@@ -146,22 +146,24 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], images_dir: Path, salt: str
     from xray_dist.runtime import init_ray
 
     ray = init_ray(cfg.address, cfg.num_cpus)
-    data_dir = Path(cfg.data_dir).resolve()
-    sizes = {rel: (data_dir / rel).stat().st_size for rel in rels}
+    data_dir = storage.absolute(cfg.data_dir)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     chunks = decode_chunks(rels, sizes, cpus)
-    images_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(images_dir)
     names = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
     wanted = set(names)
-    for f in images_dir.iterdir():
-        if f.name not in wanted and f.name != COMPLETE:
-            f.unlink()  # a partial write, or a chunk of other inputs
-    todo = [(c, n) for c, n in zip(chunks, names) if not (images_dir / n).is_file()]
+    present = set()
+    for f in storage.list_files(images_dir):
+        if f.rel in wanted:
+            present.add(f.rel)
+        elif f.rel != COMPLETE:
+            storage.delete_file(storage.join(images_dir, f.rel))  # a partial write, or a chunk of other inputs
+    todo = [(c, n) for c, n in zip(chunks, names) if n not in present]
     if len(todo) < len(chunks):
         log.info("resuming: %d of %d chunks already decoded", len(chunks) - len(todo), len(chunks))
     task = _ray.remote(num_cpus=1, max_retries=2)(_decode_chunk)
     spec = cfg.preprocess.to_dict()
-    pending = [task.remote(c, str(data_dir), spec, salt, str(images_dir / n)) for c, n in todo]
+    pending = [task.remote(c, data_dir, spec, salt, storage.join(images_dir, n)) for c, n in todo]
     with tqdm(total=sum(len(c) for c, _ in todo), desc="prepare: decode", unit="file", mininterval=2) as bar:
         while pending:
             done, pending = _ray.wait(pending, num_returns=1)
@@ -170,15 +172,37 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], images_dir: Path, salt: str
 
 def read_image_meta(cache: str | Path) -> pa.Table:
     """Path, patient and error of every decoded input (no pixels read)."""
-    return pq.read_table(Path(cache) / IMAGES_DIR, columns=META_COLUMNS)
+    return images_dataset(cache).to_table(columns=META_COLUMNS)
+
+
+def parquet_dataset(directory: str | Path):
+    """A :mod:`pyarrow.dataset` over the Parquet files of ``directory`` (local or URI; the
+    completion marker and other non-Parquet files are not part of it)."""
+    import pyarrow.dataset as pads
+
+    fs, inner = storage.filesystem(directory)
+    files = [f"{inner}/{e.rel}" for e in storage.list_files(directory) if e.rel.endswith(".parquet")
+             and "/" not in e.rel]
+    if not files:
+        raise CacheError(f"{directory}: no Parquet files")
+    return pads.dataset(files, format="parquet", filesystem=fs)
+
+
+def images_dataset(cache: str | Path):
+    return parquet_dataset(storage.join(cache, IMAGES_DIR))
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run ``prepare`` and return the report (also written to ``CACHE/prepare_report.json``)."""
     t0 = time.time()
-    data_dir = Path(cfg.data_dir)
-    cache = Path(cfg.out)
-    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column)
+    data_dir = storage.absolute(cfg.data_dir)
+    cache = storage.absolute(cfg.out)
+    for where in (data_dir, cache, *([cfg.labels] if cfg.labels else [])):
+        storage.check_location(where)
+    if not storage.is_dir(data_dir):
+        raise PrepareError(f"data directory not found: {data_dir}")
+    entries = list_entries(data_dir)
+    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column, entries)
     if not scan.items:
         raise PrepareError(
             f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
@@ -186,24 +210,26 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                                                         " (expected DATA/<class>/**/*.dcm or --labels CSV)")
         )
     _check_cache_dir(cache)
-    cache.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cache)
     salt = _salt(cache)
     rels = [rel for rel, _ in scan.items]
     labels = dict(scan.items)
-    key = _images_key(data_dir, rels, cfg.preprocess, salt)
-    images_dir = cache / IMAGES_DIR
-    marker = images_dir / COMPLETE
-    reused = marker.is_file() and json.loads(marker.read_text()).get("key") == key
+    stats = {e.rel: (e.size, e.mtime_ns) for e in entries}
+    key = _images_key(data_dir, rels, stats, cfg.preprocess, salt)
+    images_dir = storage.join(cache, IMAGES_DIR)
+    marker = storage.join(images_dir, COMPLETE)
+    old = _read_marker(marker)
+    reused = old is not None and old.get("key") == key
     if not reused:
-        if marker.is_file():
+        if old is not None:
             log.info("cache %s was made from other inputs or settings; decoding again", images_dir)
-            shutil.rmtree(images_dir)
+            storage.delete_dir(images_dir)
         log.info("decoding %d files with Ray tasks", len(rels))
-        _decode_all(cfg, rels, images_dir, salt, key)
-        marker.write_text(json.dumps({"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict()}))
+        _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key)
+        storage.write_json(marker, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict()})
     else:
         log.info("reusing decoded images in %s (same inputs and preprocessing)", images_dir)
-    (cache / SPEC).write_text(json.dumps(cfg.preprocess.to_dict(), indent=2))
+    storage.write_json(storage.join(cache, SPEC), cfg.preprocess.to_dict(), indent=2)
 
     meta = read_image_meta(cache).to_pylist()
     seen = {m["path"] for m in meta}
@@ -228,7 +254,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "label": [labels[m["path"]] for m in ok],
         "patient": [m["patient"] for m in ok],
     })
-    pq.write_table(manifest, cache / MANIFEST)
+    storage.write_parquet(manifest, storage.join(cache, MANIFEST))
 
     classes = Counter(manifest.column("label").to_pylist())
     splits: dict[str, dict[str, int]] = {}
@@ -243,7 +269,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if splits["val"]["images"] == 0 and cfg.val_fraction > 0:
         warnings.append("the validation split is empty (too few patients per class)")
     report = {
-        "data_dir": str(data_dir.resolve()),
+        "data_dir": data_dir,
         "labels": str(cfg.labels) if cfg.labels else "folders",
         "found": len(meta),
         "ok": len(ok),
@@ -260,7 +286,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 2),
     }
     assert report["found"] == report["ok"] + len(quarantined)
-    (cache / REPORT).write_text(json.dumps(report, indent=2))
+    storage.write_json(storage.join(cache, REPORT), report, indent=2)
     for w in warnings:
         log.warning(w)
     return report
@@ -268,18 +294,25 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
 # ---- reading the cache (training, sweeps, bench) -------------------------------------------------
 
+def _read_marker(marker: str) -> dict | None:
+    try:
+        return storage.read_json(marker)
+    except FileNotFoundError:
+        return None
+
+
 def load_spec(cache: str | Path) -> PreprocessSpec:
-    p = Path(cache) / SPEC
-    if not p.is_file():
-        raise CacheError(f"{cache} is not a prepared cache (no {SPEC}); run `xray-dist prepare` first")
-    return PreprocessSpec.from_dict(json.loads(p.read_text()))
+    try:
+        return PreprocessSpec.from_dict(storage.read_json(storage.join(cache, SPEC)))
+    except FileNotFoundError:
+        raise CacheError(f"{cache} is not a prepared cache (no {SPEC}); run `xray-dist prepare` first") from None
 
 
 def load_manifest(cache: str | Path) -> pa.Table:
-    p = Path(cache) / MANIFEST
-    if not p.is_file() or not (Path(cache) / IMAGES_DIR / COMPLETE).is_file():
+    p = storage.join(cache, MANIFEST)
+    if not storage.is_file(p) or not storage.is_file(storage.join(cache, IMAGES_DIR, COMPLETE)):
         raise CacheError(f"{cache} is not a complete prepared cache (no {MANIFEST}); run `xray-dist prepare` first")
-    return pq.read_table(p)
+    return pq.read_table(storage.open_input(p))
 
 
 def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: float):
@@ -304,11 +337,14 @@ def _cache_parquet_source_class():
     class CacheParquetSource(Datasource):
         def __init__(self, directory: str | Path, columns: list[str]):
             super().__init__()
-            self.files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+            self.directory = str(directory)  # local path or URI: each read task opens it itself
+            self.files = [e.rel for e in storage.list_files(directory) if e.rel.endswith(".parquet")
+                          and "/" not in e.rel]
             if not self.files:
                 raise CacheError(f"{directory}: no Parquet files")
             self.columns = list(columns)
-            self.meta = [pq.ParquetFile(f).metadata for f in self.files]
+            fs, inner = storage.filesystem(directory)
+            self.meta = [pq.ParquetFile(f"{inner}/{f}", filesystem=fs).metadata for f in self.files]
 
         def estimate_inmemory_data_size(self) -> int:
             return int(sum(m.serialized_size + sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
@@ -319,8 +355,9 @@ def _cache_parquet_source_class():
             for f, m in zip(self.files, self.meta):
                 size = sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
 
-                def read(path=f, columns=self.columns):
-                    yield pq.read_table(path, columns=columns)
+                def read(path=storage.join(self.directory, f), columns=self.columns):
+                    fs, inner = storage.filesystem(path)  # built in the task's process, from its environment
+                    yield pq.read_table(inner, columns=columns, filesystem=fs)
 
                 tasks.append(ReadTask(read, BlockMetadata(num_rows=m.num_rows, size_bytes=size, exec_stats=None,
                                                           input_files=(f,)), per_task_row_limit=per_task_row_limit))
@@ -338,9 +375,8 @@ def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndar
     manifest = load_manifest(cache)
     paths = [p for p, s in zip(manifest.column("path").to_pylist(), manifest.column("split").to_pylist()) if s == split]
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    dset = pads.dataset(Path(cache) / IMAGES_DIR, format="parquet")
+    dset = images_dataset(cache)
     table = dset.to_table(columns=["path", "image"], filter=pc.field("path").isin(paths))
     spec = load_spec(cache)
     index = {p: i for i, p in enumerate(table.column("path").to_pylist())}
@@ -363,9 +399,9 @@ def _tensor_column_to_numpy(col: pa.Array, size: int) -> np.ndarray:
 
 def read_report_summary(cache: str | Path) -> dict:
     """Counts from the prepare report (no paths), for run metrics and reports."""
-    p = Path(cache) / REPORT
-    if not p.is_file():
+    try:
+        r = storage.read_json(storage.join(cache, REPORT))
+    except FileNotFoundError:
         return {}
-    r = json.loads(p.read_text())
     return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]), "classes": r["classes"],
             "splits": r["splits"], "image_size": r["image_size"]}

@@ -32,6 +32,7 @@ Policies for everything that is not a single grayscale frame:
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,19 @@ _GRAY = {"MONOCHROME1", "MONOCHROME2"}
 
 def read_dataset(path: str | Path) -> Dataset:
     """Read a DICOM Part 10 file and check that it holds exactly one decodable image frame."""
+    from xray_dist import storage
+
     path = str(path)
     try:
-        ds = pydicom.dcmread(path)
+        data = storage.read_bytes(path)  # local file or object: decoded from memory either way
+    except (FileNotFoundError, IsADirectoryError):
+        raise DicomReadError(path, "file not found") from None
+    except Exception as e:  # noqa: BLE001 - an unreadable object is this file's failure, not the run's
+        raise DicomReadError(path, f"could not read the file: {e}") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as e:
         raise NotDicomError(path, f"not a DICOM Part 10 file ({e})") from None
-    except FileNotFoundError:
-        raise DicomReadError(path, "file not found") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, reported with its cause
         raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: {e}") from None
 

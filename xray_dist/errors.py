@@ -63,3 +63,7 @@ class ModelSpecError(XrayDistError):
 
 class RunStopped(XrayDistError):
     """Whoever runs the training loop asked it to stop (a sweep scheduler stopped this trial)."""
+
+
+class StorageError(XrayDistError):
+    """A path or URI cannot be used: unknown scheme, unreachable object store, missing bucket, failed I/O."""

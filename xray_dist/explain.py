@@ -16,10 +16,11 @@ lists every input: explained, or the reason it could not be read.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from xray_dist import storage
 from xray_dist.errors import ModelSpecError
 from xray_dist.predict import LoadedModel, expand_inputs, load_inputs, load_run_model
 
@@ -75,10 +76,10 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
     return np.clip(cam, 0.0, 1.0).astype(np.float32), target.numpy(), probs.numpy().astype(np.float64)
 
 
-def _unique_names(files: list[Path]) -> list[str]:
+def _unique_names(files: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     names = []
-    for f in files:
+    for f in map(PurePosixPath, files):
         stem = f.stem if f.suffix.lower() in (".dcm", ".dicom", "") else f.name
         n = seen.get(stem, 0)
         seen[stem] = n + 1
@@ -89,13 +90,17 @@ def _unique_names(files: list[Path]) -> list[str]:
 def explain_files(run: str | Path, inputs: list[str], out: str | Path, class_name: str | None = None,
                   batch_size: int = 16) -> list[dict]:
     """Grad-CAM for every readable input; returns (and writes to ``OUT/explain.csv``) one row per input."""
-    from xray_dist.plots import plot_gradcam
-
+    storage.check_location(out)
     lm = load_run_model(run)
     chosen = resolve_class(lm, class_name)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     files = expand_inputs(inputs)
+    with storage.staged_output(out) as local:  # an object-store --out gets the files when all are written
+        return _explain(lm, chosen, files, local, batch_size)
+
+
+def _explain(lm: LoadedModel, chosen: int | None, files: list[str], out: Path, batch_size: int) -> list[dict]:
+    from xray_dist.plots import plot_gradcam
+
     names = list(lm.scheme.names)
     errors, good = load_inputs(files, lm.preprocess, "explain")
     rows = [{"path": str(f), "name": name, "class": "", "probability": "", "predicted": "", "error": err}

@@ -23,6 +23,7 @@ import json
 import shutil
 from pathlib import Path
 
+from xray_dist import storage
 from xray_dist.errors import ModelSpecError
 from xray_dist.predict import load_run_model
 
@@ -30,21 +31,25 @@ FORMATS = ("savedmodel", "keras")
 
 
 def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> Path:
-    """Write the serving model of ``run`` into ``out``; returns the model's path."""
+    """Write the serving model of ``run`` into ``out`` (local or URI); returns the model's path."""
+    if fmt not in FORMATS:
+        raise ModelSpecError(f"--format must be one of {FORMATS}. Received: format={fmt!r}")
+    storage.check_location(out)
+    lm = load_run_model(run)
+    dest = out
+    with storage.staged_output(dest, replace=("savedmodel",)) as out:
+        path = _write(lm, fmt, out)
+    return Path(path) if not storage.is_uri(dest) else storage.join(dest, path.name)
+
+
+def _write(lm, fmt: str, out: Path) -> Path:
     import tensorflow as tf
     import tf_keras as keras
 
-    from xray_dist.model import ClassProbabilities, read_spec
+    from xray_dist.model import ClassProbabilities
 
-    if fmt not in FORMATS:
-        raise ModelSpecError(f"--format must be one of {FORMATS}. Received: format={fmt!r}")
-    lm = load_run_model(run)
-    run = Path(run)
-    model_dir = run / "model" if (run / "model").is_dir() else run
-    spec = read_spec(model_dir)
+    spec = lm.spec
     size = lm.preprocess.image_size
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     image = keras.Input((size, size), dtype="uint8", name="image")
     serving = keras.Model(image, ClassProbabilities(name="probabilities")(lm.model(image, training=False)),
                           name="xray_vgg16_serving")
@@ -64,7 +69,7 @@ def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> P
     else:
         path = out / "model.keras"
         serving.save(str(path))
-    shutil.copy(model_dir / "model_spec.json", out / "model_spec.json")
+    (out / "model_spec.json").write_text(json.dumps(spec, indent=2))
     (out / "serving.json").write_text(json.dumps({
         "format": fmt,
         "model": path.name,

@@ -13,13 +13,12 @@ Layout: ``CACHE/features/<key>/`` with Parquet shards (``path``, ``x`` float32 t
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from xray_dist import storage
 from xray_dist.config import stable_hash
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,12 @@ def boundary_layer(unfreeze_blocks: int) -> str | None:
 def features_key(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int) -> str:
     from xray_dist.dataset import COMPLETE, IMAGES_DIR
 
-    images_key = json.loads((Path(cache) / IMAGES_DIR / COMPLETE).read_text())["key"]
-    w = weights if weights in ("imagenet", "none") else f"{Path(weights).resolve()}:{Path(weights).stat().st_mtime_ns}"
+    images_key = storage.read_json(storage.join(cache, IMAGES_DIR, COMPLETE))["key"]
+    if weights in ("imagenet", "none"):
+        w = weights
+    else:
+        i = storage.info(weights)
+        w = f"{storage.absolute(weights)}:{i.size}:{i.mtime_ns}"
     return stable_hash({"images": images_key, "weights": w, "seed": seed if weights == "none" else None,
                         "depth": unfreeze_blocks})
 
@@ -58,7 +61,7 @@ class _Extractor:
 
 
 def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int, where: str = "auto",
-                    concurrency: int = 2) -> Path | None:
+                    concurrency: int = 2) -> str | None:
     """The feature directory for this (cache, weights, depth), computed now if missing.
 
     ``where``: ``"here"`` runs the frozen base in this process, one model on all its cores;
@@ -69,54 +72,73 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
     if layer is None:
         return None
     key = features_key(cache, weights, seed, unfreeze_blocks)
-    out = Path(cache) / FEATURES_DIR / key
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
+    out = storage.join(cache, FEATURES_DIR, key)
+    meta_path = storage.join(out, "meta.json")
+    if storage.is_file(meta_path):
         return out
-    if out.exists():
-        shutil.rmtree(out)  # an interrupted extraction
+    storage.delete_dir(out)  # an interrupted extraction (nothing when absent)
     if where == "auto":
-        where = "here" if _single_cpu_node() else "ray"
+        where, why = extraction_place()
+        log.info("frozen features: extracting %s (%s)", "in this process" if where == "here" else "on the cluster", why)
     if where not in ("here", "ray"):
         raise ValueError(f"where={where!r}: expected 'auto', 'here' or 'ray'")
     log.info("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", layer,
              unfreeze_blocks, "in this process" if where == "here" else f"{concurrency} Ray Data actors")
+    shards = storage.join(out, "shards")
     if where == "here":
-        shape = _extract_here(Path(cache), out / "shards", weights, seed, unfreeze_blocks)
+        shape = _extract_here(cache, shards, weights, seed, unfreeze_blocks)
     else:
-        shape = _extract_with_ray(Path(cache), out / "shards", weights, seed, unfreeze_blocks, concurrency)
-    meta_path.write_text(json.dumps({"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
-                                     "weights": weights, "seed": seed, "key": key}))
+        shape = _extract_with_ray(cache, shards, weights, seed, unfreeze_blocks, concurrency)
+    storage.write_json(meta_path, {"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
+                                   "weights": weights, "seed": seed, "key": key})  # written last: complete
     return out
 
 
-def _single_cpu_node() -> bool:
+def extraction_place() -> tuple[str, str]:
+    """Where :func:`ensure_features` runs the frozen base, and why.
+
+    In this process only on a single node without GPUs whose own CPUs are there to use (a laptop,
+    CI). A node with no CPUs for work — the usual head of an autoscaling cluster, started with
+    ``--num-cpus 0`` — extracts on the cluster (Ray Data asks for the resources, the autoscaler
+    starts workers for them), whatever is up at the moment.
+    """
     import ray
 
     if not ray.is_initialized():
-        return True
+        return "here", "no Ray cluster"
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    return len(alive) <= 1 and not ray.cluster_resources().get("GPU")
+    here = ray.get_runtime_context().get_node_id()
+    mine = next((n for n in alive if n.get("NodeID") == here), None)
+    my_cpus = float((mine or {}).get("Resources", {}).get("CPU", 0))
+    if ray.cluster_resources().get("GPU"):
+        return "ray", "the cluster has GPUs"
+    if len(alive) > 1:
+        return "ray", f"{len(alive)} nodes"
+    if my_cpus <= 0:
+        return "ray", "this node offers no CPUs to Ray (an autoscaling cluster's head)"
+    return "here", "a single CPU-only node"
 
 
-def _extract_here(cache: Path, shards: Path, weights: str, seed: int, unfreeze_blocks: int) -> list:
+def _single_cpu_node() -> bool:
+    return extraction_place()[0] == "here"
+
+
+def _extract_here(cache: str, shards: str, weights: str, seed: int, unfreeze_blocks: int) -> list:
     """The frozen base in this process over the cache's readable rows, 256 rows per Parquet shard
     (Ray Data's tensor column type, so readers cannot tell the two ways apart)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
     import tf_keras as keras
     from ray.data.block import BlockAccessor
     from tqdm import tqdm
 
-    from xray_dist.dataset import IMAGES_DIR, _tensor_column_to_numpy, load_spec
+    from xray_dist.dataset import _tensor_column_to_numpy, images_dataset, load_spec
     from xray_dist.model import frozen_part
 
     size = load_spec(cache).image_size
     keras.utils.set_random_seed(seed)  # weights="none": the same random base as the uncached model
     model = frozen_part(size, weights, unfreeze_blocks)
-    shards.mkdir(parents=True)
-    dset = pads.dataset(cache / IMAGES_DIR, format="parquet")
+    storage.makedirs(shards)
+    dset = images_dataset(cache)
     ok = pc.field("error").is_null() | (pc.field("error") == "")
     with tqdm(total=dset.count_rows(filter=ok), desc=f"frozen features (depth {unfreeze_blocks})", unit="img") as bar:
         for i, rb in enumerate(dset.to_batches(columns=["path", "image"], filter=ok, batch_size=256)):
@@ -129,27 +151,28 @@ def _extract_here(cache: Path, shards: Path, weights: str, seed: int, unfreeze_b
                 bar.update(len(x[-1]))
             block = BlockAccessor.batch_to_block({"path": np.asarray(rb.column("path").to_pylist(), dtype=object),
                                                   "x": np.concatenate(x)})
-            pq.write_table(block, shards / f"part-{i:05d}.parquet")
+            storage.write_parquet(block, storage.join(shards, f"part-{i:05d}.parquet"))
     shape = list(model.output_shape[1:])
     del model
     keras.backend.clear_session()
     return shape
 
 
-def _extract_with_ray(cache: Path, shards: Path, weights: str, seed: int, unfreeze_blocks: int,
+def _extract_with_ray(cache: str, shards: str, weights: str, seed: int, unfreeze_blocks: int,
                       concurrency: int) -> list:
     from xray_dist.dataset import IMAGES_DIR, load_spec, read_cache_parquet
     from xray_dist.model import frozen_part
 
     size = load_spec(cache).image_size
-    ds = read_cache_parquet(cache / IMAGES_DIR, ["path", "image", "error"], 0.25)
+    ds = read_cache_parquet(storage.join(cache, IMAGES_DIR), ["path", "image", "error"], 0.25)
     ds = ds.filter(lambda r: not r["error"]).select_columns(["path", "image"])
     ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"image_size": size, "weights": weights, "seed": seed,
                                                            "unfreeze_blocks": unfreeze_blocks},
                         batch_size=32, batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
-    ds.write_parquet(str(shards))
+    path, fs = storage.ray_storage(shards)
+    ds.write_parquet(path, filesystem=fs)
     return list(frozen_part(size, "none", unfreeze_blocks).output_shape[1:])
 
 
 def read_meta(features: str | Path) -> dict:
-    return json.loads((Path(features) / "meta.json").read_text())
+    return storage.read_json(storage.join(features, "meta.json"))

@@ -26,13 +26,12 @@ Multi-worker runs, and runs that split the CPU into logical devices, always use 
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from xray_dist import storage
 from xray_dist.config import TrainConfig
 from xray_dist.errors import CacheError
 
@@ -54,14 +53,14 @@ class LocalSplit:
     :class:`~xray_dist.train.ValidationSet` use (``iter_batches``), with the same rows and columns
     (``x``, ``label``, ``weight``) as :func:`xray_dist.train.split_dataset`."""
 
-    def __init__(self, source: Path, column: str, label_of: dict[str, int], class_weight: dict[int, float]):
+    def __init__(self, source: str, column: str, label_of: dict[str, int], class_weight: dict[int, float]):
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
         from ray.data.block import BlockAccessor
 
+        from xray_dist.dataset import parquet_dataset
         from xray_dist.train import attach_labels
 
-        table = pads.dataset(source, format="parquet").to_table(
+        table = parquet_dataset(source).to_table(
             columns=["path", column], filter=pc.field("path").isin(list(label_of)))
         table = table.sort_by("path")  # files list in any order: rows in a fixed one
         batch = BlockAccessor.for_block(table).to_batch_format("numpy")  # Ray's tensor columns → ndarrays
@@ -115,20 +114,21 @@ def in_process_inputs(cfg: TrainConfig) -> tuple:
 class InProcessSession:
     """The :class:`xray_dist.train.RayTrainSession` interface for a one-worker run in this process."""
 
-    def __init__(self, datasets: dict, store: Path, metric: str, on_report: Callable[[dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None):
-        self.datasets, self.store, self.metric, self.on_report = datasets, Path(store), metric, on_report
+    def __init__(self, datasets: dict, store: str | Path, metric: str,
+                 on_report: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+        self.datasets, self.store, self.metric, self.on_report = datasets, str(store), metric, on_report
         self._should_stop = should_stop
-        self.store.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.store)
         self.kept: dict[int, dict] = {}  # epoch -> metrics
-        for d in self.store.glob(".writing_*"):  # cut off while being copied
-            shutil.rmtree(d, ignore_errors=True)
-        for d in sorted(self.store.glob("epoch_*")):  # a rerun: what the earlier attempt saved
-            state = d / "state.json"
-            if state.is_file():
-                self.kept[int(d.name.split("_")[1])] = json.loads(state.read_text())["history"][-1]
-            else:
-                shutil.rmtree(d, ignore_errors=True)
+        for d in storage.list_dirs(self.store):
+            path = storage.join(self.store, d)
+            if not d.startswith("epoch_"):  # cut off while being copied
+                storage.delete_dir(path)
+                continue
+            try:  # a rerun: what the earlier attempt saved (state.json is written last)
+                self.kept[int(d.split("_")[1])] = storage.read_json(storage.join(path, "state.json"))["history"][-1]
+            except FileNotFoundError:
+                storage.delete_dir(path)
 
     def rank_world(self) -> tuple[int, int]:
         return 0, 1
@@ -143,7 +143,8 @@ class InProcessSession:
     def _checkpoint(self, epoch: int):
         from ray.train import Checkpoint
 
-        return Checkpoint.from_directory(str(self.store / f"epoch_{epoch:04d}"))
+        path, fs = storage.ray_storage(storage.join(self.store, f"epoch_{epoch:04d}"))
+        return Checkpoint(path, filesystem=fs) if fs is not None else Checkpoint.from_directory(path)
 
     def get_checkpoint(self):
         return self._checkpoint(max(self.kept)) if self.kept else None
@@ -155,16 +156,13 @@ class InProcessSession:
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
             epoch = int(metrics["epoch"])
-            dest = self.store / f"epoch_{epoch:04d}"
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp = self.store / f".writing_{epoch:04d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, tmp)
-            tmp.rename(dest)  # whole or absent
+            # whole or absent: locally copied aside and renamed; on object storage state.json last
+            storage.put_dir(checkpoint_dir, storage.join(self.store, f"epoch_{epoch:04d}"), marker="state.json",
+                            replace=True)
             self.kept[epoch] = dict(metrics)
             best = max(self.kept, key=lambda e: (self._score(e), e))
             for e in [e for e in self.kept if e not in (best, epoch)]:
-                shutil.rmtree(self.store / f"epoch_{e:04d}", ignore_errors=True)
+                storage.delete_dir(storage.join(self.store, f"epoch_{e:04d}"))
                 del self.kept[e]
         if self.on_report is not None:
             self.on_report(metrics)
@@ -196,7 +194,7 @@ def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None 
         raise ValueError(f"in-process training needs num_workers=1 and no cpu_replicas. Received: "
                          f"num_workers={cfg.num_workers}, cpu_replicas={cfg.cpu_replicas}")
     scheme, spec, datasets, loop_config = in_process_inputs(cfg)
-    session = InProcessSession(datasets, Path(cfg.out) / CHECKPOINTS, cfg.metric, on_report, should_stop)
+    session = InProcessSession(datasets, storage.join(cfg.out, CHECKPOINTS), cfg.metric, on_report, should_stop)
     keras.backend.clear_session()  # this process may have trained another trial before
     train_loop(loop_config, session)
     return session.result(), scheme, spec

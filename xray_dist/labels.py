@@ -8,8 +8,11 @@ rows that name no usable file (``missing``, with the reason), and the files nobo
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from xray_dist import storage
 
 from xray_dist.errors import PrepareError
 
@@ -24,30 +27,25 @@ class LabelScan:
     unlabeled: list[str] = field(default_factory=list)  # relative paths
 
 
-def list_files(data_dir: Path) -> list[str]:
-    """Every regular, non-hidden file under ``data_dir`` (relative POSIX paths, sorted)."""
+def list_files(data_dir: str | Path) -> list[str]:
+    """Every regular, non-hidden file under ``data_dir`` (local or URI; relative POSIX paths, sorted)."""
+    return [e.rel for e in list_entries(data_dir)]
+
+
+def list_entries(data_dir: str | Path) -> list[storage.FileEntry]:
+    """:func:`list_files` with each file's size and modification time (one listing of the store)."""
     out = []
-    for p in sorted(data_dir.rglob("*")):
-        rel = p.relative_to(data_dir)
-        if any(part.startswith(".") for part in rel.parts):
+    for e in storage.list_files(data_dir):
+        parts = e.rel.split("/")
+        if any(part.startswith(".") for part in parts):
             continue
-        if p.is_file() and p.suffix.lower() not in _IGNORED_SUFFIXES:
-            out.append(rel.as_posix())
+        if PurePosixPath(e.rel).suffix.lower() not in _IGNORED_SUFFIXES:
+            out.append(e)
     return out
 
 
-def _inside(data_dir: Path, value: str) -> Path | None:
-    """The resolved path if ``value`` stays inside ``data_dir`` (symlinks resolved), else None."""
-    root = data_dir.resolve()
-    cand = (root / value).resolve()
-    try:
-        cand.relative_to(root)
-    except ValueError:
-        return None
-    return cand
-
-
-def from_csv(data_dir: Path, csv_path: Path, path_column: str = "path", label_column: str = "label") -> LabelScan:
+def from_csv(data_dir: str | Path, csv_path: str | Path, path_column: str = "path", label_column: str = "label",
+             entries: list[storage.FileEntry] | None = None) -> LabelScan:
     """Labels from a CSV.
 
     ``path_column`` holds a path relative to ``data_dir`` or, RSNA style, a file stem
@@ -55,21 +53,23 @@ def from_csv(data_dir: Path, csv_path: Path, path_column: str = "path", label_co
     under ``data_dir``. Repeated rows for one file (RSNA has one per box) are merged when they
     agree and reported as ``missing`` when their labels conflict.
     """
-    if not csv_path.is_file():
-        raise PrepareError(f"labels CSV not found: {csv_path}")
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        for col, flag in ((path_column, "--path-column"), (label_column, "--label-column")):
-            if col not in cols:
-                raise PrepareError(f"{csv_path}: no column {col!r} (set {flag}); columns are {cols}")
-        rows = list(reader)
+    try:
+        text = storage.read_text(csv_path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise PrepareError(f"labels CSV not found: {csv_path}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = reader.fieldnames or []
+    for col, flag in ((path_column, "--path-column"), (label_column, "--label-column")):
+        if col not in cols:
+            raise PrepareError(f"{csv_path}: no column {col!r} (set {flag}); columns are {cols}")
+    rows = list(reader)
 
-    all_files = list_files(data_dir)
+    all_files = [e.rel for e in (entries if entries is not None else list_entries(data_dir))]
+    listed = set(all_files)
     by_stem: dict[str, list[str]] = {}
     for rel in all_files:
-        by_stem.setdefault(Path(rel).stem, []).append(rel)
-    root = data_dir.resolve()
+        by_stem.setdefault(PurePosixPath(rel).stem, []).append(rel)
+    local = not storage.is_uri(data_dir)
 
     scan = LabelScan()
     chosen: dict[str, str] = {}
@@ -80,12 +80,13 @@ def from_csv(data_dir: Path, csv_path: Path, path_column: str = "path", label_co
         if not value:
             scan.missing.append({"path": value, "reason": f"empty {path_column!r} cell"})
             continue
-        cand = _inside(data_dir, value)
-        if cand is None:
+        found = storage.inside(data_dir, value)
+        if found is None:
             scan.missing.append({"path": value, "reason": "path escapes the data directory; not read"})
             continue
-        if cand.is_file():
-            rel = cand.relative_to(root).as_posix()
+        # a listed file, or (locally) any file the path reaches, hidden or not, as before
+        if found in listed or (local and storage.is_file(storage.join(data_dir, found))):
+            rel = found
         elif value in by_stem and len(by_stem[value]) == 1:
             rel = by_stem[value][0]
         elif value in by_stem:
@@ -109,11 +110,12 @@ def from_csv(data_dir: Path, csv_path: Path, path_column: str = "path", label_co
     return scan
 
 
-def from_folders(data_dir: Path) -> LabelScan:
+def from_folders(data_dir: str | Path, entries: list[storage.FileEntry] | None = None) -> LabelScan:
     """Labels from a folder-per-class layout, ``DATA/<class>/**/<file>``; top-level files are unlabeled."""
     scan = LabelScan()
-    for rel in list_files(data_dir):
-        parts = Path(rel).parts
+    for e in entries if entries is not None else list_entries(data_dir):
+        rel = e.rel
+        parts = rel.split("/")
         if len(parts) < 2:
             scan.unlabeled.append(rel)
         else:
@@ -121,10 +123,13 @@ def from_folders(data_dir: Path) -> LabelScan:
     return scan
 
 
-def scan_labels(data_dir: str | Path, labels_csv: str | None, path_column: str, label_column: str) -> LabelScan:
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise PrepareError(f"data directory not found: {data_dir}")
+def scan_labels(data_dir: str | Path, labels_csv: str | None, path_column: str, label_column: str,
+                entries: list[storage.FileEntry] | None = None) -> LabelScan:
+    """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it)."""
+    if entries is None:
+        if not storage.is_dir(data_dir):
+            raise PrepareError(f"data directory not found: {data_dir}")
+        entries = list_entries(data_dir)
     if labels_csv:
-        return from_csv(data_dir, Path(labels_csv), path_column, label_column)
-    return from_folders(data_dir)
+        return from_csv(data_dir, labels_csv, path_column, label_column, entries)
+    return from_folders(data_dir, entries)

@@ -90,15 +90,17 @@ def vgg16_base(image_size: int, weights: str) -> keras.Model:
                 f"{IMAGENET_NOTOP} (from {IMAGENET_URL}) in {cached.parent}; on an offline cluster copy it to shared "
                 f"storage and pass --weights /path/to/{IMAGENET_NOTOP}"
             ) from None
-    path = Path(weights)
-    if not path.is_file():
-        raise ModelSpecError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path to "
+    from xray_dist import storage
+
+    if not storage.is_file(weights):
+        raise ModelSpecError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path or URI of "
                              f"{IMAGENET_NOTOP})")
+    path = storage.local_file(weights)  # an object is downloaded once per process, into its own scratch
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
     try:
         base.load_weights(str(path))
     except Exception as e:  # noqa: BLE001
-        raise ModelSpecError(f"--weights {path}: not VGG16 no-top weights ({type(e).__name__}: {e})") from None
+        raise ModelSpecError(f"--weights {weights}: not VGG16 no-top weights ({type(e).__name__}: {e})") from None
     return base
 
 

@@ -3,17 +3,27 @@
 The run's ``model/model_spec.json`` carries the architecture, the class scheme and the
 preprocessing spec, so files are read exactly as the cache was made. A file that cannot be read
 gets a row with its error; the others go on.
+
+Two engines write the same CSV (one row per input file, in input order):
+
+- ``local``: this process reads and scores every file (a handful of files, a laptop);
+- ``ray``: Ray Data batch inference — files are decoded in CPU tasks, the model runs in a pool of
+  actors (one GPU each where the cluster has GPUs, else a share of the CPUs with as many
+  TensorFlow threads), so a bucket prefix or a large directory is spread over the cluster.
+  ``auto`` (the default) takes it for object-store inputs and for 256 files or more.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from xray_dist import storage
 from xray_dist.classes import ClassScheme
 from xray_dist.config import PreprocessSpec
 from xray_dist.errors import DicomReadError, ModelSpecError
@@ -27,38 +37,52 @@ class LoadedModel:
     scheme: ClassScheme
     preprocess: PreprocessSpec
     threshold: float
+    spec: dict = field(default_factory=dict)  # the model directory's model_spec.json
+
+
+def model_dir_of(run: str | Path) -> str:
+    """The ``model/`` directory of a run (local path or URI), or ``run`` itself when it is one."""
+    from xray_dist.model import FULL_WEIGHTS, TOP_WEIGHTS
+
+    sub = storage.join(run, "model")
+    model_dir = sub if storage.is_file(storage.join(sub, "model_spec.json")) else storage.absolute(run)
+    if not any(storage.is_file(storage.join(model_dir, w)) for w in (FULL_WEIGHTS, TOP_WEIGHTS)):
+        raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
+                             "run?")
+    return model_dir
 
 
 def load_run_model(run: str | Path) -> LoadedModel:
-    """The exported model of a run directory (or of its ``model/`` directory)."""
-    from xray_dist.model import (FULL_WEIGHTS, TOP_WEIGHTS, ModelSpec, build_model, full_model_from_top,
-                                 load_weights_checked, read_spec)
+    """The exported model of a run directory (or of its ``model/`` directory), local or a URI."""
+    from xray_dist.model import FULL_WEIGHTS, ModelSpec, build_model, full_model_from_top, load_weights_checked, read_spec
 
-    run = Path(run)
-    model_dir = run / "model" if (run / "model").is_dir() else run
-    if not (model_dir / FULL_WEIGHTS).is_file() and not (model_dir / TOP_WEIGHTS).is_file():
-        raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
-                             "run?")
-    spec = read_spec(model_dir)
-    if (model_dir / FULL_WEIGHTS).is_file():
-        model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
-        load_weights_checked(model, model_dir / FULL_WEIGHTS)
-    else:  # a sweep trial's compact export: rebuilt on its base
-        model = full_model_from_top(model_dir)
+    storage.check_location(run)
+    with storage.local_copy(model_dir_of(run)) as model_dir:
+        spec = read_spec(model_dir)
+        if (model_dir / FULL_WEIGHTS).is_file():
+            model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
+            load_weights_checked(model, model_dir / FULL_WEIGHTS)
+        else:  # a sweep trial's compact export: rebuilt on its base
+            model = full_model_from_top(model_dir)
     return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
-                       float(spec.get("threshold", 0.5)))
+                       float(spec.get("threshold", 0.5)), spec)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; directories become their files (recursively, sorted, hidden ones skipped)."""
-    out: list[Path] = []
+_NOT_IMAGES = {".csv", ".json", ".txt", ".png", ".npy", ".html", ".md", ".yaml", ".yml"}
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given; directories and object-store prefixes become their files (recursively,
+    sorted, hidden ones and known non-image files skipped)."""
+    out: list[str] = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.parts)
-                          and f.suffix.lower() not in {".csv", ".json", ".txt", ".png", ".npy"})
+        storage.check_location(item)
+        if storage.is_dir(item):
+            out += [storage.join(item, e.rel) for e in storage.list_files(item)
+                    if not any(s.startswith(".") for s in e.rel.split("/"))
+                    and PurePosixPath(e.rel).suffix.lower() not in _NOT_IMAGES]
         else:
-            out.append(p)
+            out.append(item if storage.is_uri(item) else str(Path(item)))
     return out
 
 
@@ -69,7 +93,7 @@ def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) ->
     return class_probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
 
 
-def load_inputs(files: list[Path], spec: PreprocessSpec, what: str) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
+def load_inputs(files: list[str], spec: PreprocessSpec, what: str) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
     """Every file read as the model sees it: per file its error (``kind: reason``, empty when read)
     and the ``(index, image)`` of each readable one. A bad file is logged and the rest go on."""
     from xray_dist.dicom import load_image
@@ -86,24 +110,128 @@ def load_inputs(files: list[Path], spec: PreprocessSpec, what: str) -> tuple[lis
     return errors, good
 
 
-def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32) -> list[dict]:
+#: ``--engine auto`` uses Ray Data from this many files on (and for any object-store input).
+RAY_MIN_FILES = 256
+
+
+def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32,
+                  engine: str = "auto", address: str | None = None, num_cpus: int | None = None) -> list[dict]:
     """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows."""
-    lm = load_run_model(run)
+    if engine not in ("auto", "local", "ray"):
+        raise ValueError(f"engine must be auto, local or ray. Received: engine={engine!r}")
+    storage.check_location(out_csv)
     files = expand_inputs(inputs)
-    errors, good = load_inputs(files, lm.preprocess, "predict")
+    if engine == "auto":
+        engine = "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local"
+    if engine == "ray":
+        names, threshold, errors, probs = _predict_with_ray(run, files, batch_size, address, num_cpus)
+    else:
+        lm = load_run_model(run)
+        names, threshold = list(lm.scheme.names), lm.threshold
+        errors, good = load_inputs(files, lm.preprocess, "predict")
+        probs = np.full((len(files), len(names)), np.nan)
+        if good:
+            probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
     rows = [{"path": str(f), "prediction": "", "error": err} for f, err in zip(files, errors)]
-    names = list(lm.scheme.names)
-    if good:
-        probs = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
-        for (i, _), p in zip(good, probs):
-            rows[i]["prediction"] = names[int(np.argmax(p))]
-            rows[i].update({f"p_{n}": float(v) for n, v in zip(names, p)})
-            rows[i]["abnormal_score"] = float(1.0 - p[0])
-            rows[i]["abnormal_at_threshold"] = bool(1.0 - p[0] >= lm.threshold)
+    for i, row in enumerate(rows):
+        if row["error"]:
+            continue
+        p = probs[i]
+        row["prediction"] = names[int(np.argmax(p))]
+        row.update({f"p_{n}": float(v) for n, v in zip(names, p)})
+        row["abnormal_score"] = float(1.0 - p[0])
+        row["abnormal_at_threshold"] = bool(1.0 - p[0] >= threshold)
     fields = ["path", "prediction", *[f"p_{n}" for n in names], "abnormal_score", "abnormal_at_threshold", "error"]
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(out_csv, buf.getvalue())  # whole or absent
     return rows
+
+
+# ---- Ray Data batch inference ------------------------------------------------------------------------
+
+def _decode_rows(batch: dict, spec_dict: dict) -> dict:
+    """CPU task: each file read as the model sees it (zeros and the reason for an unreadable one)."""
+    from xray_dist.dicom import load_image
+
+    spec = PreprocessSpec.from_dict(spec_dict)
+    n = len(batch["path"])
+    images = np.zeros((n, spec.image_size, spec.image_size), dtype=np.uint8)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            images[i] = load_image(str(path), spec)
+            errors.append("")
+        except DicomReadError as e:
+            errors.append(f"{e.kind}: {e.reason}")
+    return {"index": np.asarray(batch["index"]), "image": images, "error": np.asarray(errors, dtype=object)}
+
+
+class _Scorer:
+    """Ray Data actor: the run's model, loaded once per actor (from local disk or the object store)."""
+
+    def __init__(self, run: str, threads: int):
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        for g in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(g, True)
+        self.lm = load_run_model(run)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        probs = np.full((len(ok), self.lm.scheme.num_classes), np.nan)
+        if ok.any():
+            probs[ok] = predict_arrays(self.lm, np.asarray(batch["image"])[ok])
+        return {"index": np.asarray(batch["index"]), "probs": probs, "error": batch["error"]}
+
+
+def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, address: str | None,
+                      num_cpus: int | None) -> tuple[list[str], float, list[str], np.ndarray]:
+    import ray as _ray
+
+    from xray_dist.model import read_spec
+    from xray_dist.runtime import init_ray
+
+    run = storage.absolute(run)
+    with storage.local_copy(model_dir_of(run)) as d:
+        spec = read_spec(d)
+    names = list(ClassScheme.from_dict(spec["classes"]).names)
+    threshold = float(spec.get("threshold", 0.5))
+    init_ray(address, num_cpus)
+    res = _ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    if gpus:
+        pool = {"num_gpus": 1, "num_cpus": 1, "concurrency": gpus}
+        threads = 0
+    else:
+        # a half CPU per actor and per decode task: with C CPUs, C actors and C decode tasks run at
+        # once, the actor's TensorFlow on one thread
+        pool = {"num_cpus": 0.5, "concurrency": cpus}
+        threads = 1
+    log.info("predict: Ray Data batch inference over %d files (%d model actors%s)", len(files), pool["concurrency"],
+             ", one GPU each" if gpus else "")
+    ds = _ray.data.from_items([{"index": i, "path": f} for i, f in enumerate(files)],
+                              override_num_blocks=max(1, min(len(files), cpus * 4)))
+    ds.context.enable_progress_bars = False
+    ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"]}, batch_size=16,
+                        batch_format="numpy", num_cpus=0.5)
+    ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads}, batch_size=batch_size,
+                        batch_format="numpy", **pool)
+    errors = [""] * len(files)
+    probs = np.full((len(files), len(names)), np.nan)
+    from tqdm import tqdm
+
+    with tqdm(total=len(files), desc="predict", unit="file", mininterval=2) as bar:
+        for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            for i, p, e in zip(b["index"], b["probs"], b["error"]):
+                probs[int(i)] = p
+                errors[int(i)] = str(e)
+                if e:
+                    log.warning("predict: %s: %s", files[int(i)], e)
+            bar.update(len(b["index"]))
+    return names, threshold, errors, probs

@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from xray_dist import storage
 from xray_dist.errors import XrayDistError
 from xray_dist.metrics import auroc, bootstrap_ci, confusion_matrix, reliability, sens_spec
 
@@ -86,19 +87,27 @@ def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], 
     return curves
 
 
-def _run_section(run: Path, n_boot: int) -> str:
+def _read(run: str, name: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.join(run, name))
+    except (FileNotFoundError, IsADirectoryError):
+        raise XrayDistError(f"{run}: no {name}; is it a finished `xray-dist train` run or sweep trial?") from None
+
+
+def _run_section(run: str, n_boot: int) -> str:
     from xray_dist.plots import plot_calibration, plot_confusion, plot_history, plot_roc
 
-    for name in ("metrics.json", "history.csv", "val_scores.npz"):
-        if not (run / name).is_file():
-            raise XrayDistError(f"{run}: no {name}; is it a finished `xray-dist train` run or sweep trial?")
-    metrics = json.loads((run / "metrics.json").read_text())
-    spec = json.loads((run / "model" / "model_spec.json").read_text()) if (run / "model" / "model_spec.json").is_file() else {}
-    with (run / "history.csv").open() as f:
-        history = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
+    raw = {name: _read(run, name) for name in ("metrics.json", "history.csv", "val_scores.npz")}
+    metrics = json.loads(raw["metrics.json"])
+    try:
+        spec = storage.read_json(storage.join(run, "model", "model_spec.json"))
+    except FileNotFoundError:
+        spec = {}
+    reader = csv.DictReader(io.StringIO(raw["history.csv"].decode("utf-8"), newline=""))
+    history = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in reader]
     for h in history:
         h["epoch"] = int(h["epoch"])
-    scores = np.load(run / "val_scores.npz")
+    scores = np.load(io.BytesIO(raw["val_scores.npz"]))
     probs, labels = scores["probs"], scores["labels"].astype(int)
     names = list(metrics["classes"])
     threshold = float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5)))
@@ -110,7 +119,7 @@ def _run_section(run: Path, n_boot: int) -> str:
     cfg = metrics.get("config", {})
     model = spec.get("model", {})
 
-    parts = [f"<h2>Run <code>{html.escape(run.name)}</code></h2>"]
+    parts = [f"<h2>Run <code>{html.escape(storage.name(run))}</code></h2>"]
     parts.append(_table(["setting", "value"], [
         ["classes", ", ".join(names)],
         ["image size", model.get("image_size", cfg.get("image_size"))],
@@ -153,8 +162,11 @@ def _run_section(run: Path, n_boot: int) -> str:
 
 def _dataset_section(cache: str | None, summary: dict) -> str:
     report = {}
-    if cache and (Path(cache) / "prepare_report.json").is_file():
-        report = json.loads((Path(cache) / "prepare_report.json").read_text())
+    if cache:
+        try:
+            report = storage.read_json(storage.join(cache, "prepare_report.json"))
+        except (FileNotFoundError, XrayDistError):  # the cache moved, or its store is out of reach
+            report = {}
     src = report or summary
     if not src:
         return "<h3>Dataset</h3><p>No prepare report found (the cache has moved?).</p>"
@@ -181,10 +193,12 @@ def _dataset_section(cache: str | None, summary: dict) -> str:
     return "\n".join(parts)
 
 
-def _sweep_section(sweep: Path) -> tuple[str, Path | None]:
-    with (sweep / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    best = json.loads((sweep / "best.json").read_text()) if (sweep / "best.json").is_file() else None
+def _sweep_section(sweep: str) -> tuple[str, str | None]:
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep, "results.csv")), newline="")))
+    try:
+        best = storage.read_json(storage.join(sweep, "best.json"))
+    except FileNotFoundError:
+        best = None
     cols = ["head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal", "val_auc",
             "sensitivity", "specificity", "trainable_parameters", "wall_seconds"]
     cols = [c for c in cols if rows and c in rows[0]]
@@ -198,20 +212,21 @@ def _sweep_section(sweep: Path) -> tuple[str, Path | None]:
 
     order = sorted(rows, key=lambda r: -float(r["val_auc_abnormal"]) if r.get("val_auc_abnormal") not in ("", None)
                    and not math.isnan(float(r["val_auc_abnormal"])) else math.inf)
-    parts = [f"<h2>Sweep <code>{html.escape(sweep.name)}</code></h2>",
+    parts = [f"<h2>Sweep <code>{html.escape(storage.name(sweep))}</code></h2>",
              f"<p>{len(rows)} trials; {sum(r['status'] == 'completed' for r in rows)} completed, "
              f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early, "
              f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by val_auc_abnormal.</p>",
              _table(cols, [[cell(r, c) for c in cols] for r in order], "results")]
-    if (sweep / "sweep.png").is_file():
-        data = base64.b64encode((sweep / "sweep.png").read_bytes()).decode("ascii")
+    png = storage.join(sweep, "sweep.png")
+    if storage.is_file(png):
+        data = base64.b64encode(storage.read_bytes(png)).decode("ascii")
         parts.append(f'<figure><img alt="metric against each dimension" src="data:image/png;base64,{data}">'
                      "<figcaption>val_auc_abnormal against each searched dimension</figcaption></figure>")
     best_run = None
     if best:
         parts.append("<h3>Best trial</h3>" + _table(["setting", "value"],
                                                      [[k, v] for k, v in best["config"].items()], "kv"))
-        best_run = Path(best["model"])
+        best_run = best["model"]
     return "\n".join(parts), best_run
 
 
@@ -234,23 +249,23 @@ window.addEventListener('load', () => {
 
 
 def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
-    """Write the HTML report for a run or sweep directory ``target`` to ``out``."""
-    target = Path(target)
-    if (target / "results.csv").is_file():
+    """Write the HTML report for a run or sweep directory ``target`` (local or URI) to ``out``."""
+    for where in (target, out):
+        storage.check_location(where)
+    target = storage.absolute(target)
+    if storage.is_file(storage.join(target, "results.csv")):
         body, best_run = _sweep_section(target)
-        if best_run is not None and (best_run / "metrics.json").is_file():
+        if best_run is not None and storage.is_file(storage.join(best_run, "metrics.json")):
             body += "\n" + _run_section(best_run, n_boot)
-        title = f"xray-dist sweep report: {target.name}"
-    elif (target / "metrics.json").is_file():
+        title = f"xray-dist sweep report: {storage.name(target)}"
+    elif storage.is_file(storage.join(target, "metrics.json")):
         body = _run_section(target, n_boot)
-        title = f"xray-dist run report: {target.name}"
+        title = f"xray-dist run report: {storage.name(target)}"
     else:
         raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by xray-dist from <code>{html.escape(str(target))}</code>."
             f"</p>{body}</body></html>")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    return out
+    storage.write_text(out, page)  # whole or absent
+    return out if storage.is_uri(out) else Path(out)

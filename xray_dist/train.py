@@ -37,7 +37,8 @@ import numpy as np
 
 from xray_dist.classes import ClassScheme, build_scheme
 from xray_dist.config import TrainConfig
-from xray_dist.errors import CacheError, RunStopped, XrayDistError
+from xray_dist import storage
+from xray_dist.errors import CacheError, ModelSpecError, RunStopped, XrayDistError
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,12 @@ def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict[str
     return label_of
 
 
-def split_source(cache: str | Path, features: str | None) -> tuple[Path, str]:
-    """The Parquet directory a run reads and its model-input column: images, or frozen features."""
+def split_source(cache: str | Path, features: str | None) -> tuple[str, str]:
+    """The Parquet directory (local path or URI) a run reads and its model-input column: images, or
+    frozen features."""
     from xray_dist.dataset import IMAGES_DIR
 
-    return (Path(features) / "shards", "x") if features else (Path(cache) / IMAGES_DIR, "image")
+    return (storage.join(features, "shards"), "x") if features else (storage.join(cache, IMAGES_DIR), "image")
 
 
 def split_dataset(cache: str | Path, split: str, scheme: ClassScheme, class_weight: dict[int, float],
@@ -284,13 +286,11 @@ def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: st
 
     import ray
 
-    d = Path(cfg.out) / "workers"
-    d.mkdir(parents=True, exist_ok=True)
     info = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(), "strategy": type(strategy).__name__,
             "replicas": strategy.num_replicas_in_sync, "devices": _devices(strategy),
             "precision": policy, "times": times}
-    (d / f"rank{rank}.json").write_text(json.dumps(info, indent=2))
+    storage.write_json(storage.join(cfg.out, "workers", f"rank{rank}.json"), info, indent=2)
 
 
 class RayTrainSession:
@@ -451,11 +451,11 @@ class TrainResult:
     scheme: ClassScheme
 
 
-def _check_resume_compatible(cfg: TrainConfig, out: Path) -> None:
-    saved = out / "config.json"
-    if not saved.is_file():
+def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:
+    try:
+        old = storage.read_json(storage.join(out, "config.json"))
+    except FileNotFoundError:
         return
-    old = json.loads(saved.read_text())
     fixed = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class",
              "unfreeze_blocks", "weights", "seed", "features")
     diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if old.get(k) != getattr(cfg, k)]
@@ -493,7 +493,7 @@ def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train:
     return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train}
 
 
-def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path | None = None):
+def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None):
     """The Ray Train trainer for ``cfg`` (the sweep builds its trials' trainers here too): a
     ``DataParallelTrainer`` with the MultiWorkerMirroredStrategy backend — what
     ``TensorflowTrainer`` is, minus a TensorFlow import in the driver and controller
@@ -505,7 +505,9 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
     from xray_dist.runtime import WORKER_ENV
 
     scheme, spec, datasets, loop_config = run_inputs(cfg)
-    out = Path(cfg.out).resolve()
+    # Checkpoints go where the run's --out is: a local directory, or an object store every node
+    # reaches (Ray Train uploads each worker's checkpoint there and downloads it on a restart).
+    ray_path, ray_fs = storage.ray_storage(storage_path or storage.join(cfg.out, RAY_DIR))
     resources = {"CPU": cfg.worker_cpus}
     if cfg.gpus_per_worker:
         resources["GPU"] = cfg.gpus_per_worker
@@ -516,13 +518,13 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage: Path 
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=bool(cfg.gpus_per_worker),
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=str(storage or out / RAY_DIR),
+            name=RUN_NAME, storage_path=ray_path, storage_filesystem=ray_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.metric,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            worker_runtime_env={"env_vars": {**WORKER_ENV, **storage.public_env()}},
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -557,6 +559,7 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     best_row = state["history"][-1]
     extra = {"classes": scheme.to_dict(), "preprocess": load_spec(cfg.cache).to_dict(),
              "threshold": best_row["threshold"], "epoch": state["epoch"]}
+    out = Path(out)
     if cfg.features:
         from xray_dist.features import read_meta
 
@@ -631,17 +634,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     from xray_dist.runtime import init_ray
 
     cfg = cfg.resolved()
-    out = Path(cfg.out)
-    _check_resume_compatible(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    for where in (cfg.out, cfg.cache, *([cfg.weights] if cfg.weights not in ("imagenet", "none") else [])):
+        storage.check_location(where)
+    if cfg.weights not in ("imagenet", "none") and not storage.is_file(cfg.weights):
+        raise ModelSpecError(f"--weights {cfg.weights}: no such file")
+    _check_resume_compatible(cfg, cfg.out)
+    storage.makedirs(cfg.out)
+    storage.write_json(storage.join(cfg.out, "config.json"), cfg.to_dict(), indent=2)
     init_ray(cfg.address)
     trainer, scheme, spec = make_trainer(cfg)
     t0 = time.time()
     result = trainer.fit()
     if result.error:
         raise XrayDistError(f"training failed: {result.error}") from result.error
-    res = export_run(cfg, result, scheme, spec, out)
-    res.metrics["wall_seconds"] = round(time.time() - t0, 1)
-    (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2, default=_json_default))
+    # exports are written locally, then (object storage) uploaded: the model and TensorBoard
+    # directories are replaced whole, so a resumed run leaves no stale file behind
+    with storage.staged_output(cfg.out, replace=(MODEL_DIR, "tensorboard")) as local_out:
+        res = export_run(cfg, result, scheme, spec, local_out)
+        res.metrics["wall_seconds"] = round(time.time() - t0, 1)
+        (local_out / "metrics.json").write_text(json.dumps(res.metrics, indent=2, default=_json_default))
+    res.out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out)
     return res

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 
+from xray_dist import storage
 from xray_dist.config import SweepConfig, TrainConfig
 from xray_dist.errors import RunStopped
 
@@ -60,17 +62,19 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
 
     t0 = time.time()
     ctx = ray.tune.get_context()
-    out = Path(setup.sweep_out) / "trials" / Path(ctx.get_trial_dir()).name
-    cfg = trial_config(setup.base, params, str(out), setup.features)
-    done = out / "metrics.json"
-    if done.is_file() and json.loads(done.read_text()).get("complete"):
+    out = storage.join(setup.sweep_out, "trials", Path(ctx.get_trial_dir()).name)
+    cfg = trial_config(setup.base, params, out, setup.features)
+    try:
+        done = storage.read_json(storage.join(out, "metrics.json"))
+    except FileNotFoundError:
+        done = {}
+    if done.get("complete"):
         # Tune reruns a trial whose end it had not recorded when the sweep was interrupted: the
         # trial already finished, so report its final epoch again instead of training.
-        final = json.loads(done.read_text())["final"]
-        ray.tune.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
+        ray.tune.report({k: v for k, v in done["final"].items() if isinstance(v, (int, float))})
         return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    storage.makedirs(out)
+    storage.write_json(storage.join(out, "config.json"), cfg.to_dict(), indent=2)
     if setup.in_process:
         # one worker: the same training loop in this (reused) trial process, reporting straight to Tune
         try:
@@ -79,16 +83,17 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
             return  # the scheduler stopped this trial: no export, the row says stopped_early
         t_trainer = t0
     else:
-        trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage=out / "ray")
+        trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage_path=storage.join(out, "ray"))
         t_trainer = time.time()
         result = trainer.fit()
     if result.error:
         raise result.error
     t_fit = time.time()
-    export_run(cfg, result, scheme, spec, out, full_model=False)  # the sweep writes its best trial's full model
-    # where the trial's time went (start-up vs training vs export), for tuning sweeps
-    (out / "timings.json").write_text(json.dumps({"trial_start": t0, "trainer_built": t_trainer, "fit_done": t_fit,
-                                                   "exported": time.time()}, indent=2))
+    with storage.staged_output(out, replace=("model", "tensorboard")) as local_out:
+        export_run(cfg, result, scheme, spec, local_out, full_model=False)  # the sweep writes its best trial's full model
+        # where the trial's time went (start-up vs training vs export), for tuning sweeps
+        (local_out / "timings.json").write_text(json.dumps({"trial_start": t0, "trainer_built": t_trainer,
+                                                            "fit_done": t_fit, "exported": time.time()}, indent=2))
 
 
 def in_process(sweep: SweepConfig) -> bool:
@@ -120,15 +125,52 @@ def _stop_requested() -> bool:
     return bool(session is not None and session.stop_event.is_set())
 
 
-def default_max_concurrent(sweep: SweepConfig, resources: dict) -> int:
+def default_max_concurrent(sweep: SweepConfig, resources: dict, trials: int | None = None) -> int:
+    """Trials at a time when ``--max-concurrent`` is not given: what ``resources`` hold."""
+    return concurrency_choice(sweep, resources, trials)[0]
+
+
+def concurrency_choice(sweep: SweepConfig, resources: dict, trials: int | None = None,
+                       max_resources: dict | None = None) -> tuple[int, str]:
+    """``(trials at a time, why)`` when ``--max-concurrent`` is not given.
+
+    ``resources`` are the cluster's now; ``max_resources`` what its autoscaler may grow it to
+    (Ray's view of the cluster config, as Ray Train uses it; None on a fixed cluster). On an
+    autoscaling cluster the nodes up at the moment say nothing — a head started with 0 CPUs and
+    no worker up would mean "one trial at a time" — so the autoscaler's maximum decides, capped by
+    the number of ``trials``.
+    """
     b = sweep.base
     if b.gpus_per_worker:
-        return max(1, int(resources.get("GPU", 0) // (b.num_workers * b.gpus_per_worker)))
-    from xray_dist.train import DATA_CPUS
+        need, unit = b.num_workers * b.gpus_per_worker, "GPU"
+    else:
+        from xray_dist.train import DATA_CPUS
 
-    trial_process = 0 if in_process(sweep) else TRIAL_CPUS
-    per_trial = b.num_workers * b.worker_cpus + trial_process + DATA_CPUS  # + room for one Ray Data task
-    return max(1, int(resources.get("CPU", 1) // per_trial))
+        trial_process = 0 if in_process(sweep) else TRIAL_CPUS
+        need = b.num_workers * b.worker_cpus + trial_process + DATA_CPUS  # + room for one Ray Data task
+        unit = "CPU"
+    have = float(resources.get(unit, 0))
+    fit = int(have // need)
+    most = float((max_resources or {}).get(unit, 0) or 0)
+    if most > have and int(most // need) > fit:
+        grown = int(most // need)
+        if trials:
+            grown = min(grown, trials)
+        return grown, (f"the autoscaler can grow the cluster to {most:g} {unit} (now {have:g}) / {need:g} per trial; "
+                       "cap with --max-concurrent")
+    if fit >= 1:
+        return fit, f"{have:g} {unit} in the cluster / {need:g} per trial"
+    return 1, f"the cluster has {have:g} {unit}, less than one trial's {need:g}, and cannot grow: one at a time"
+
+
+def autoscaler_max_resources() -> dict | None:
+    """The most resources the cluster's autoscaler may start (None: no autoscaler, a fixed cluster)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config published, or an older Ray
+        return None
 
 
 def param_space(sweep: SweepConfig) -> tuple[dict, int]:
@@ -182,9 +224,11 @@ def sweep(cfg: SweepConfig) -> dict:
     from xray_dist.features import ensure_features
     from xray_dist.runtime import init_ray
 
-    cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=str(Path(cfg.out).resolve()))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=storage.absolute(cfg.out))
+    out = cfg.out
+    for where in (out, cfg.base.cache, *([cfg.base.weights] if cfg.base.weights not in ("imagenet", "none") else [])):
+        storage.check_location(where)
+    storage.makedirs(out)
     init_ray(cfg.base.address)
     t0 = time.time()
     features: dict[str, str] = {}
@@ -193,7 +237,7 @@ def sweep(cfg: SweepConfig) -> dict:
         for d in sorted(depths):  # only the depths some trial will train at
             path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
             if path is not None:
-                features[str(d)] = str(path)
+                features[str(d)] = path
     t_features = time.time() - t0
     if cfg.shared_features:
         log.info("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
@@ -202,8 +246,12 @@ def sweep(cfg: SweepConfig) -> dict:
         log.info("shared frozen features off: every trial recomputes the frozen base")
     space, num_samples = param_space(cfg)
     local = in_process(cfg)
-    setup = TrialSetup(base=cfg.base, sweep_out=str(out), features=features, in_process=local)
-    max_conc = cfg.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
+    setup = TrialSetup(base=cfg.base, sweep_out=out, features=features, in_process=local)
+    if cfg.max_concurrent:
+        max_conc, why = cfg.max_concurrent, "--max-concurrent"
+    else:
+        max_conc, why = concurrency_choice(cfg, ray.cluster_resources(), planned_trials(cfg),
+                                            autoscaler_max_resources())
     scheduler = (_FinishingASHA(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
                                 reduction_factor=2, stop_last_trials=False)
                  if cfg.scheduler == "asha" else FIFOScheduler())
@@ -216,26 +264,35 @@ def sweep(cfg: SweepConfig) -> dict:
         search_alg = OptunaSearch()
     trainable = tune.with_resources(tune.with_parameters(_grid_to_params(trial_fn), setup=setup),
                                     trial_resources(cfg))
-    path = out / SWEEP_NAME
-    if tune.Tuner.can_restore(str(path)):
+    path = storage.join(out, SWEEP_NAME)
+    tune_path, tune_fs = storage.ray_storage(path)
+    root_path, root_fs = storage.ray_storage(out)
+    if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         log.info("resuming the sweep in %s", path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
-                                   param_space=space)
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   param_space=space, storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples,
                                         scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc,
                                         reuse_actors=local),
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=str(out),
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=root_path, storage_filesystem=root_fs,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
         )
-    log.info("sweep: up to %d trials at a time, %s", max_conc,
+    log.info("sweep: up to %d trials at a time (%s), %s", max_conc, why,
              "each training in its own Tune process" if local else "each a Ray Train run")
     grid = tuner.fit()
     rows = collect_results(grid, cfg, out)
     summary = write_outputs(rows, cfg, out, time.time() - t0, t_features)
     return summary
+
+
+def planned_trials(cfg: SweepConfig) -> int:
+    if cfg.search != "grid":
+        return cfg.num_samples
+    grid = len(cfg.combos) if cfg.combos else len(cfg.head_widths) * len(cfg.num_classes) * len(cfg.unfreeze_blocks)
+    return grid * cfg.num_samples
 
 
 def _params_of(config: dict) -> dict:
@@ -245,12 +302,11 @@ def _params_of(config: dict) -> dict:
     return {k: p[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
 
 
-def collect_results(grid, cfg: SweepConfig, out: Path) -> list[dict]:
+def collect_results(grid, cfg: SweepConfig, out: str) -> list[dict]:
     rows = []
     for r in grid:
         params = _params_of(r.config)
-        trial_dir = out / "trials" / Path(r.path).name
-        metrics_file = trial_dir / "metrics.json"
+        trial_dir = storage.join(out, "trials", Path(r.path).name)
         df = r.metrics_dataframe
         row = {**params, "trial": Path(r.path).name, "status": "", "epochs": 0, "val_auc_abnormal": float("nan"),
                "val_auc": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
@@ -265,14 +321,15 @@ def collect_results(grid, cfg: SweepConfig, out: Path) -> list[dict]:
                         "wall_seconds": float(df["time_total_s"].max()) if "time_total_s" in df else float("nan")})
         if r.error:
             row["status"], row["error"] = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}"
-        elif metrics_file.is_file():
+        elif storage.is_file(storage.join(trial_dir, "metrics.json")):
             row["status"] = "completed"
-            row["model"] = str(trial_dir)
+            row["model"] = trial_dir
         else:
             row["status"] = "stopped_early"
-        tcfg = trial_dir / "config.json"
-        if tcfg.is_file():
-            row["shared_features"] = bool(json.loads(tcfg.read_text()).get("features"))
+        try:
+            row["shared_features"] = bool(storage.read_json(storage.join(trial_dir, "config.json")).get("features"))
+        except FileNotFoundError:
+            pass
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial"])
 
@@ -282,14 +339,15 @@ FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status
           "model", "error"]
 
 
-def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float, features_seconds: float = 0.0) -> dict:
-    from xray_dist.model import TOP_WEIGHTS, materialize_full_model
+def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, features_seconds: float = 0.0) -> dict:
+    from xray_dist.model import FULL_WEIGHTS, TOP_WEIGHTS, materialize_full_model
     from xray_dist.plots import plot_sweep
 
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(storage.join(out, "results.csv"), buf.getvalue())
     finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_auc_abnormal"])]
     summary = {"trials": len(rows), "completed": len(finished),
                "failed": sum(r["status"] == "failed" for r in rows),
@@ -297,16 +355,19 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: Path, seconds: float,
                "features_seconds": round(features_seconds, 1)}
     if finished:
         best = max(finished, key=lambda r: r["val_auc_abnormal"])
-        model_dir = Path(best["model"]) / "model"
-        if (model_dir / TOP_WEIGHTS).is_file():
-            materialize_full_model(model_dir)  # trials on frozen features exported their top only
-        metrics = json.loads((Path(best["model"]) / "metrics.json").read_text())
+        model_dir = storage.join(best["model"], "model")
+        if storage.is_file(storage.join(model_dir, TOP_WEIGHTS)) and not storage.is_file(
+                storage.join(model_dir, FULL_WEIGHTS)):
+            with storage.local_copy(model_dir) as local:  # trials on frozen features exported their top only
+                storage.upload_file(materialize_full_model(local), storage.join(model_dir, FULL_WEIGHTS))
+        metrics = storage.read_json(storage.join(best["model"], "metrics.json"))
         best_json = {"config": {k: best[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")},
                      "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
                                                          "trainable_parameters", "epochs", "best_epoch")},
                      "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric}
-        (out / "best.json").write_text(json.dumps(best_json, indent=2))
+        storage.write_json(storage.join(out, "best.json"), best_json, indent=2)
         summary["best"] = best_json
-    plot_sweep(rows, out / "sweep.png", cfg.base.metric)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with storage.staged_file(storage.join(out, "sweep.png")) as png:
+        plot_sweep(rows, png, cfg.base.metric)
+    storage.write_json(storage.join(out, "summary.json"), summary, indent=2, default=str)
     return summary

@@ -1,0 +1,508 @@
+"""Where every user path lives: a local directory or an object store, through one layer.
+
+Every path a user gives (data, labels, caches, runs, sweeps, weights, inputs and outputs) is
+either a local path or a URI (``s3://bucket/prefix``, ``gs://…``, ``abfs://…``), and every module
+reads and writes it through the functions here, built on ``pyarrow.fs`` — the filesystem layer
+Ray Train and Ray Data use themselves. A URI is never turned into a local directory: it is opened
+with the filesystem its scheme names, or refused with :class:`~xray_dist.errors.StorageError`
+(a one-line message naming the URI; the CLI exits 2).
+
+S3 and S3-compatible servers (MinIO, moto, Ceph…) are configured as the AWS tools are:
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or an instance profile),
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``. The filesystem objects are built from those variables in
+every process that needs one; credentials are never passed as arguments, so they are in no
+config, log line, pickled filesystem or report (pyarrow pickles an S3 filesystem without
+credentials it found in the environment). Connection and request timeouts are short and retries
+few, so an unreachable endpoint fails in seconds, not in the SDK's minutes.
+
+Writes are whole or absent: a local file is written under a temporary name and renamed; an object
+is one PUT (or one multipart upload, which becomes visible only when it completes). A directory
+whose completeness matters is uploaded with its marker file last (:func:`put_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from xray_dist.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+#: Seconds before an S3 connection attempt or request is given up (then retried ``_S3_ATTEMPTS`` times).
+_S3_CONNECT_TIMEOUT = 5.0
+_S3_REQUEST_TIMEOUT = 30.0
+_S3_ATTEMPTS = 3
+#: Environment variables that configure object storage and hold no secret; forwarded to Ray workers.
+PUBLIC_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` names an object store (``scheme://…``); ``file://`` counts as local."""
+    m = _SCHEME.match(str(path))
+    return bool(m) and m.group(1).lower() != "file"
+
+
+def _local(path: str | Path) -> str:
+    s = str(path)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return str(Path(s).expanduser().resolve())
+
+
+def absolute(path: str | Path) -> str:
+    """A URI unchanged (trailing ``/`` dropped); a local path made absolute against the working directory."""
+    return str(path).rstrip("/") if is_uri(path) else _local(path)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return str(Path(base, *parts))
+
+
+def name(path: str | Path) -> str:
+    """The last component (``Path.name`` for URIs too)."""
+    return posixpath.basename(str(path).rstrip("/")) if is_uri(path) else Path(path).name
+
+
+def parent(path: str | Path) -> str:
+    if is_uri(path):
+        return posixpath.dirname(str(path).rstrip("/"))
+    return str(Path(path).parent)
+
+
+# ---- filesystems -------------------------------------------------------------------------------------
+
+_FS_CACHE: dict[tuple, object] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _s3_filesystem():
+    from pyarrow import fs as pafs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    key = ("s3", endpoint, region)
+    with _FS_LOCK:
+        if key not in _FS_CACHE:
+            kwargs = {"connect_timeout": _S3_CONNECT_TIMEOUT, "request_timeout": _S3_REQUEST_TIMEOUT,
+                      "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_ATTEMPTS)}
+            if endpoint:
+                kwargs["endpoint_override"] = endpoint
+            if region:
+                kwargs["region"] = region
+            _FS_CACHE[key] = pafs.S3FileSystem(**kwargs)
+        return _FS_CACHE[key]
+
+
+def filesystem(path: str | Path):
+    """``(pyarrow FileSystem, path inside it)`` for a local path or a URI.
+
+    ``s3://`` gets an :class:`pyarrow.fs.S3FileSystem` configured from the environment (endpoint,
+    region, short timeouts); other schemes go to :func:`pyarrow.fs.FileSystem.from_uri`. A scheme
+    pyarrow cannot open is a :class:`StorageError`.
+    """
+    from pyarrow import fs as pafs
+
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), _local(path)
+    s = str(path).rstrip("/")
+    scheme, rest = _SCHEME.match(s).groups()
+    if scheme.lower() in ("s3", "s3a"):
+        if not rest or rest.startswith("/"):
+            raise StorageError(f"{s}: no bucket in the URI (expected s3://BUCKET/prefix)")
+        return _s3_filesystem(), rest
+    try:
+        return pafs.FileSystem.from_uri(s)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ArrowNotImplementedError
+        raise StorageError(f"{s}: cannot open this URI ({_short(e)}); xray-dist takes local paths and the object "
+                           "stores pyarrow supports (s3://, gs://, abfs://)") from None
+
+
+def ray_storage(path: str | Path) -> tuple[str, object | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train / Tune's ``RunConfig``."""
+    if not is_uri(path):
+        return absolute(path), None
+    fs, inner = filesystem(path)
+    return inner, fs
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300]
+
+
+def _wrap(path: str | Path, what: str, e: BaseException) -> StorageError:
+    return StorageError(f"{path}: {what} failed: {_short(e)}")
+
+
+def check_location(path: str | Path) -> None:
+    """Fail fast on a URI that cannot work: unknown scheme, unreachable endpoint, missing bucket.
+
+    Local paths always pass (their parent directories are created when written to).
+    """
+    if not is_uri(path):
+        return
+    from pyarrow import fs as pafs
+
+    fs, inner = filesystem(path)
+    bucket = inner.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"{path}: cannot reach the object store ({_short(e)}); check AWS_ENDPOINT_URL, the network "
+                           "and the credentials") from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{path}: bucket {bucket!r} does not exist (create it first)")
+
+
+# ---- queries -----------------------------------------------------------------------------------------
+
+def info(path: str | Path):
+    fs, inner = filesystem(path)
+    try:
+        return fs.get_file_info(inner)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(path, "looking it up", e) from None
+
+
+def exists(path: str | Path) -> bool:
+    from pyarrow import fs as pafs
+
+    return info(path).type != pafs.FileType.NotFound
+
+
+def is_file(path: str | Path) -> bool:
+    from pyarrow import fs as pafs
+
+    return info(path).type == pafs.FileType.File
+
+
+def is_dir(path: str | Path) -> bool:
+    """A directory, or (object stores) a prefix with at least one object under it."""
+    from pyarrow import fs as pafs
+
+    if not is_uri(path):
+        return Path(_local(path)).is_dir()
+    t = info(path).type
+    if t == pafs.FileType.Directory:
+        return True
+    return t == pafs.FileType.NotFound and bool(list_files(path, limit=1))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    rel: str  # path relative to the listed directory, POSIX separators
+    size: int
+    mtime_ns: int
+
+
+def list_files(directory: str | Path, limit: int | None = None) -> list[FileEntry]:
+    """Every regular file under ``directory`` (recursively, sorted by relative path).
+
+    Local directories are walked with :meth:`pathlib.Path.rglob` (symlinked files are listed as
+    files, as before there was a storage layer); an object store lists its prefix. A missing
+    directory gives an empty list.
+    """
+    if not is_uri(directory):
+        root = Path(_local(directory))
+        if not root.is_dir():
+            return []
+        out = []
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                out.append(FileEntry(p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+                if limit and len(out) >= limit:
+                    break
+        return out
+    from pyarrow import fs as pafs
+
+    fs, inner = filesystem(directory)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(directory, "listing", e) from None
+    out = []
+    for i in infos:
+        if i.type == pafs.FileType.File:
+            mtime = int(i.mtime_ns) if i.mtime_ns is not None else 0
+            out.append(FileEntry(i.path[len(inner):].lstrip("/"), int(i.size or 0), mtime))
+    out.sort(key=lambda e: e.rel)
+    return out[:limit] if limit else out
+
+
+def list_dirs(directory: str | Path) -> list[str]:
+    """Names of the immediate subdirectories (prefixes) of ``directory``."""
+    from pyarrow import fs as pafs
+
+    fs, inner = filesystem(directory)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(directory, "listing", e) from None
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def inside(base: str | Path, value: str) -> str | None:
+    """``value`` (a path relative to ``base``) as a normalised relative POSIX path, or None when it
+    escapes ``base`` (``..``, an absolute path, or — locally — a symlink leading out)."""
+    if not is_uri(base):
+        root = Path(_local(base))
+        cand = (root / value).resolve()
+        try:
+            return cand.relative_to(root).as_posix()
+        except ValueError:
+            return None
+    rel = posixpath.normpath(value.replace("\\", "/"))
+    if rel.startswith("/") or rel == ".." or rel.startswith("../") or _SCHEME.match(value):
+        return None
+    return rel
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole file; :class:`FileNotFoundError` when it does not exist, :class:`StorageError` on
+    any other failure."""
+    if not is_uri(path):
+        return Path(_local(path)).read_bytes()
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "NoSuchKey" in str(e) or "not found" in str(e).lower() or "Path does not exist" in str(e):
+            raise FileNotFoundError(str(path)) from None
+        raise _wrap(path, "reading", e) from None
+
+
+def read_text(path: str | Path) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str | Path):
+    return json.loads(read_text(path))
+
+
+def open_input(path: str | Path):
+    """A seekable binary file object (for Parquet, NumPy and pydicom readers)."""
+    return io.BytesIO(read_bytes(path))
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+
+def makedirs(path: str | Path) -> None:
+    """Create a local directory (and parents); nothing to do on an object store."""
+    if not is_uri(path):
+        Path(_local(path)).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temporary name + rename locally; one upload remotely)."""
+    if not is_uri(path):
+        p = Path(_local(path))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".writing_{os.getpid()}_{threading.get_ident()}_{p.name}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(path, "writing", e) from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj, **kwargs) -> None:
+    write_text(path, json.dumps(obj, **kwargs))
+
+
+def write_parquet(table, path: str | Path) -> None:
+    """A Parquet file written whole or not at all."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def delete_file(path: str | Path) -> None:
+    fs, inner = filesystem(path)
+    with contextlib.suppress(FileNotFoundError):
+        try:
+            fs.delete_file(inner)
+        except OSError as e:
+            if exists(path):
+                raise _wrap(path, "deleting", e) from None
+
+
+def delete_dir(path: str | Path) -> None:
+    """Remove a directory (prefix) and everything under it; nothing when it is absent."""
+    if not is_uri(path):
+        shutil.rmtree(_local(path), ignore_errors=True)
+        return
+    fs, inner = filesystem(path)
+    for entry in list_files(path):  # object stores: delete the objects, whatever the directory markers say
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(f"{inner}/{entry.rel}")
+    with contextlib.suppress(Exception):
+        fs.delete_dir(inner)
+
+
+def upload_file(local: str | Path, dest: str | Path) -> None:
+    write_bytes(dest, Path(local).read_bytes())
+
+
+def put_dir(local: str | Path, dest: str | Path, marker: str | None = None, replace: bool = False) -> None:
+    """Copy the local directory ``local`` to ``dest`` (local or URI).
+
+    ``marker``: the file (relative path) written last, so a reader that trusts only directories
+    holding it never sees a partial copy. ``replace``: remove ``dest`` first.
+    """
+    local = Path(local)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    if not is_uri(dest):
+        d = Path(_local(dest))
+        tmp = d.with_name(f".writing_{os.getpid()}_{d.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if replace or not d.exists():
+            shutil.copytree(local, tmp)
+            if d.exists():
+                shutil.rmtree(d)
+            os.replace(tmp, d)
+        else:  # merge into an existing directory, file by file
+            for p in files:
+                write_bytes(d / p.relative_to(local), p.read_bytes())
+        return
+    if replace:
+        delete_dir(dest)
+    last = [p for p in files if marker and p.relative_to(local).as_posix() == marker]
+    for p in [p for p in files if p not in last] + last:
+        write_bytes(join(dest, p.relative_to(local).as_posix()), p.read_bytes())
+
+
+def get_dir(src: str | Path, local: str | Path) -> Path:
+    """Copy the directory (prefix) ``src`` into the local directory ``local``; returns it."""
+    local = Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    for entry in list_files(src):
+        target = local / entry.rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(join(src, entry.rel)))
+    return local
+
+
+# ---- local views of remote things --------------------------------------------------------------------
+
+_SCRATCH: Path | None = None
+
+
+def scratch_dir(prefix: str = "xray_dist_") -> Path:
+    """A fresh directory inside this process's own temporary directory (removed at exit).
+
+    Workers and drivers stage remote files here, never in a path another node would have to see.
+    """
+    global _SCRATCH
+    if _SCRATCH is None or not _SCRATCH.exists():
+        import atexit
+
+        _SCRATCH = Path(tempfile.mkdtemp(prefix=f"xray_dist_{os.getpid()}_"))
+        atexit.register(shutil.rmtree, _SCRATCH, True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH))
+
+
+_LOCAL_FILES: dict[tuple, Path] = {}
+
+
+def local_file(path: str | Path) -> Path:
+    """A local path holding the file ``path``: itself when local, else a copy downloaded once per
+    process (and again when the object's size or modification time changes)."""
+    if not is_uri(path):
+        return Path(_local(path))
+    i = info(path)
+    key = (str(path), i.size, i.mtime_ns)
+    if key not in _LOCAL_FILES or not _LOCAL_FILES[key].is_file():
+        try:
+            data = read_bytes(path)
+        except FileNotFoundError:
+            raise StorageError(f"{path}: no such object") from None
+        dest = scratch_dir("file_") / name(path)
+        dest.write_bytes(data)
+        _LOCAL_FILES[key] = dest
+    return _LOCAL_FILES[key]
+
+
+@contextlib.contextmanager
+def local_copy(path: str | Path) -> Iterator[Path]:
+    """A local directory with the contents of ``path``: the directory itself when local, else a
+    temporary copy (removed afterwards)."""
+    if not is_uri(path):
+        yield Path(_local(path))
+        return
+    tmp = scratch_dir("copy_")
+    try:
+        yield get_dir(path, tmp / name(path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, replace: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local directory to write ``path``'s outputs into: ``path`` itself when local; for a URI a
+    temporary directory uploaded to ``path`` when the block ends without an error (nothing is
+    uploaded after an error). ``replace``: subdirectories removed from ``path`` before the upload,
+    so a rewritten one holds no stale files."""
+    if not is_uri(path):
+        p = Path(_local(path))
+        p.mkdir(parents=True, exist_ok=True)
+        yield p
+        return
+    tmp = scratch_dir("out_")
+    try:
+        yield tmp
+        for sub in replace:
+            if (tmp / sub).exists():
+                delete_dir(join(path, sub))
+        put_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """A local file path to write; moved (or uploaded) to ``path`` whole when the block succeeds."""
+    tmp = scratch_dir("file_") / name(path)
+    try:
+        yield tmp
+        write_bytes(path, tmp.read_bytes())
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def public_env() -> dict[str, str]:
+    """The object-store settings of this process that hold no secret (for Ray workers' environment)."""
+    return {k: os.environ[k] for k in PUBLIC_ENV if os.environ.get(k)}
