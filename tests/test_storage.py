@@ -231,7 +231,8 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
     preds = _history(s3_server.get(b, "out/preds.csv").decode())
     assert len(preds) == len(syn.files) + 1  # one row per input file, the corrupt one included
     bad = [r for r in preds if r["error"]]
-    assert [r["path"] for r in bad] == [f"{data}/corrupt.dcm"] and "not_dicom" in bad[0]["error"]
+    assert [r["path"] for r in bad] == [f"{data}/corrupt.dcm"]
+    assert bad[0]["error"] == report["quarantined"][0]["reason"]  # the same reason prepare gave
     truth = {f"{data}/{rel}": lab for rel, lab in syn.labels.items()}
     assert all(r["prediction"] in ("normal", "finding") and r["path"] in truth for r in preds if not r["error"])
 

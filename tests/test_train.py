@@ -300,3 +300,29 @@ class TestShardCache:
         c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=100)
         assert len(list(c.batches())) == 4 and c.rows is None
         assert len(list(c.batches())) == 4  # read from Ray Data again
+
+
+def test_ray_engine_predicts_what_the_local_engine_does(two_worker_run, synth_binary, tmp_path, caplog):
+    """predict --engine ray (Ray Data: decode tasks, model actors) writes the local engine's CSV:
+    same rows in the same order, same probabilities, same errors; decoding is not fused into the actors."""
+    import logging
+
+    from xray_dist.predict import predict_files
+
+    _, _, run = two_worker_run
+    files = [str(synth_binary.out / rel) for rel in sorted(synth_binary.labels)[:12]]
+    (tmp_path / "bad.dcm").write_bytes(b"not a dicom file")
+    files.insert(5, str(tmp_path / "bad.dcm"))
+    local = predict_files(run, files, tmp_path / "local.csv", engine="local")
+    with caplog.at_level(logging.DEBUG, logger="xray_dist.predict"):
+        distributed = predict_files(run, files, tmp_path / "ray.csv", engine="ray")
+    assert [r["path"] for r in distributed] == [r["path"] for r in local] == files
+    assert [r["error"] for r in distributed] == [r["error"] for r in local]
+    assert sum(bool(r["error"]) for r in local) == 1
+    for a, b in zip(local, distributed):
+        if not a["error"]:
+            assert a["prediction"] == b["prediction"]
+            assert b["p_finding"] == pytest.approx(a["p_finding"], abs=1e-5)
+    plan = "\n".join(r.getMessage() for r in caplog.records if "Ray Data plan" in r.getMessage())
+    assert "MapBatches(_decode_rows)" in plan and "MapBatches(_Scorer)" in plan
+    assert "MapBatches(_decode_rows)->MapBatches(_Scorer)" not in plan  # decode tasks apart from the actors

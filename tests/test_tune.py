@@ -118,36 +118,44 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     assert chromium(page, tmp_path / "sweep.png") == "5/5"  # sweep plot + the best run's four pictures
 
 
-def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path, where, s3_server):
+    """The sweep's driver killed after one trial finished; the same command resumes from the
+    sweep's directory (on local disk, or in a bucket: Tune's state, trials and checkpoints there)."""
+    from xray_dist import storage
     from xray_dist.tune import sweep
 
-    out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "xray_dist.cli", "tune", "--cache", str(cache3), "--out", str(out),
+    out = str(tmp_path / "sweep") if where == "local" else f"{s3_server.bucket('resume-sweep')}/sweep"
+    args = [sys.executable, "-m", "xray_dist.cli", "tune", "--cache", str(cache3), "--out", out,
             "--epochs", "1", "--weights", "none", "--head-widths", "0,8", "--num-classes", "2",
             "--unfreeze-blocks", "0", "--lr", "1e-3,1e-3", "--scheduler", "fifo", "--max-concurrent", "1",
             "--batch-size", "8", "--cpus-per-worker", "0.5", "--address", ray_cluster.address]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     done = []
+    trials = storage.join(out, "trials")
     while time.time() < deadline and proc.poll() is None:
-        done = list((out / "trials").glob("*/metrics.json")) if (out / "trials").exists() else []
+        done = [storage.join(trials, e.rel) for e in storage.list_files(trials) if e.rel.endswith("/metrics.json")]
         if done:
             break
         time.sleep(1)
     assert done, "the first trial never finished"
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver dies mid-sweep
     proc.wait()
-    first_history = (done[0].parent / "history.csv").read_text()
-    first_mtime = done[0].stat().st_mtime_ns
-    cfg = SweepConfig(base=base(cache3, out, epochs=1), out=str(out), head_widths=(0, 8), num_classes=(2,),
+    history = storage.join(storage.parent(done[0]), "history.csv")
+    first_history = storage.read_text(history)
+    first_mtime = storage.info(done[0]).mtime_ns
+    cfg = SweepConfig(base=base(cache3, out, epochs=1), out=out, head_widths=(0, 8), num_classes=(2,),
                       unfreeze_blocks=(0,), lr=(1e-3, 1e-3), scheduler="fifo", max_concurrent=1)
     summary = sweep(cfg)
-    rows = read_results(out)
+    rows = list(csv.DictReader(storage.read_text(storage.join(out, "results.csv")).splitlines()))
     assert len(rows) == 2 and summary["completed"] == 2
     # the finished trial was not trained again (Tune may rerun a trial whose end it had not yet
     # recorded; the trial sees its finished run and reports it instead of training)
-    assert (done[0].parent / "history.csv").read_text() == first_history
-    assert done[0].stat().st_mtime_ns == first_mtime
+    assert storage.read_text(history) == first_history
+    assert storage.info(done[0]).mtime_ns == first_mtime
+    if where == "s3":
+        assert not list(tmp_path.iterdir())  # nothing of the sweep on local disk
 
 
 def test_optuna_search(cache3, tmp_path):

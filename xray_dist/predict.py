@@ -218,8 +218,12 @@ def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, addres
     ds = _ray.data.from_items([{"index": i, "path": f} for i, f in enumerate(files)],
                               override_num_blocks=max(1, min(len(files), cpus * 4)))
     ds.context.enable_progress_bars = False
+    # Decoding stays in its own CPU tasks, apart from the model actors: Ray Data fuses a task map
+    # into the next actor map when their remote arguments are equal, which would decode inside the
+    # (GPU) actors. max_retries differs from the actors' arguments, so the two never fuse, and a
+    # decode task lost with its node (an autoscaling cluster scaling down) is retried.
     ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"]}, batch_size=16,
-                        batch_format="numpy", num_cpus=0.5)
+                        batch_format="numpy", num_cpus=0.5, max_retries=3)
     ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads}, batch_size=batch_size,
                         batch_format="numpy", **pool)
     errors = [""] * len(files)
@@ -234,4 +238,5 @@ def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, addres
                 if e:
                     log.warning("predict: %s: %s", files[int(i)], e)
             bar.update(len(b["index"]))
+    log.debug("predict: Ray Data plan and stats:\n%s", ds.stats())
     return names, threshold, errors, probs

@@ -471,11 +471,12 @@ def local_copy(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_output(path: str | Path, replace: tuple[str, ...] = ()) -> Iterator[Path]:
+def staged_output(path: str | Path, replace: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
     """A local directory to write ``path``'s outputs into: ``path`` itself when local; for a URI a
     temporary directory uploaded to ``path`` when the block ends without an error (nothing is
     uploaded after an error). ``replace``: subdirectories removed from ``path`` before the upload,
-    so a rewritten one holds no stale files."""
+    so a rewritten one holds no stale files; ``marker``: the file uploaded last (readers that trust
+    it see every other file already there)."""
     if not is_uri(path):
         p = Path(_local(path))
         p.mkdir(parents=True, exist_ok=True)
@@ -487,7 +488,7 @@ def staged_output(path: str | Path, replace: tuple[str, ...] = ()) -> Iterator[P
         for sub in replace:
             if (tmp / sub).exists():
                 delete_dir(join(path, sub))
-        put_dir(tmp, path)
+        put_dir(tmp, path, marker=marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -649,7 +649,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise XrayDistError(f"training failed: {result.error}") from result.error
     # exports are written locally, then (object storage) uploaded: the model and TensorBoard
     # directories are replaced whole, so a resumed run leaves no stale file behind
-    with storage.staged_output(cfg.out, replace=(MODEL_DIR, "tensorboard")) as local_out:
+    with storage.staged_output(cfg.out, replace=(MODEL_DIR, "tensorboard"), marker="metrics.json") as local_out:
         res = export_run(cfg, result, scheme, spec, local_out)
         res.metrics["wall_seconds"] = round(time.time() - t0, 1)
         (local_out / "metrics.json").write_text(json.dumps(res.metrics, indent=2, default=_json_default))

@@ -89,7 +89,7 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
     if result.error:
         raise result.error
     t_fit = time.time()
-    with storage.staged_output(out, replace=("model", "tensorboard")) as local_out:
+    with storage.staged_output(out, replace=("model", "tensorboard"), marker="metrics.json") as local_out:
         export_run(cfg, result, scheme, spec, local_out, full_model=False)  # the sweep writes its best trial's full model
         # where the trial's time went (start-up vs training vs export), for tuning sweeps
         (local_out / "timings.json").write_text(json.dumps({"trial_start": t0, "trainer_built": t_trainer,
