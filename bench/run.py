@@ -180,26 +180,9 @@ def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int, copies:
 
 def _moto_server():
     """bench's own moto S3 server on a free loopback port; configures this process's AWS variables."""
-    import socket
-    import subprocess
-    import urllib.request
+    from moto_s3 import start_moto
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.3)
+    proc, endpoint = start_moto()
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_REGION": "us-east-1"})
     return proc

@@ -66,26 +66,16 @@ class S3Server:
 def s3_server(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 (a free port), configured through the AWS variables only."""
     import secrets
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
-    port = free_port()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from moto_s3 import start_moto
+
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"moto server did not start (see {log.name})")
-            time.sleep(0.3)
+    try:
+        proc, endpoint = start_moto(log)
+    except RuntimeError as e:
+        pytest.fail(f"{e} (see {log.name})")
     secret = "xds-" + secrets.token_hex(12)
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "xray-dist-test",
                        "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"})

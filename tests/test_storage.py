@@ -132,6 +132,33 @@ def _run_cli(args: list[str], env: dict, cwd: Path, timeout: int = 120):
     return p, time.time() - t0
 
 
+class TestCommandsOnS3:
+    def test_synth_and_preview(self, s3_server, tmp_path, monkeypatch):
+        """Commands without Ray: synth writes into the bucket, preview reads from it and writes to it."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        from xray_dist.cli import main
+        from xray_dist.config import PreprocessSpec
+        from xray_dist.dicom import load_image
+
+        monkeypatch.chdir(tmp_path)
+        root = s3_server.bucket("synth-preview")
+        assert main(["synth", f"{root}/syn", "--patients", "2", "--images-per-patient", "2", "--size", "64"]) == 0
+        keys = s3_server.keys("synth-preview", "syn/")
+        assert "syn/labels.csv" in keys and len([k for k in keys if k.endswith(".dcm")]) == 4
+        first = next(k for k in keys if k.endswith(".dcm"))
+        assert main(["preview", f"{root}/{first}", "--out", f"{root}/p.png", "--size", "32"]) == 0
+        png = np.asarray(Image.open(io.BytesIO(s3_server.get("synth-preview", "p.png"))))
+        local = tmp_path / "f.dcm"
+        local.write_bytes(s3_server.get("synth-preview", first))
+        np.testing.assert_array_equal(png, load_image(local, PreprocessSpec(image_size=32)))
+        assert main(["demo", "--out", f"{root}/demo"]) == 2  # the demo is local by definition
+        assert not scheme_dirs(tmp_path) and not any(p.name != "f.dcm" for p in tmp_path.iterdir())
+
+
 class TestBadLocations:
     """Each command refuses an unusable location at once: exit 2, one line naming the URI, nothing written."""
 
@@ -274,31 +301,15 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
 def test_worker_killed_with_checkpoints_in_object_storage(ray_cluster, prepared_binary, s3_server, tmp_path):
     """A train worker killed once a checkpoint is in the bucket: the run restarts from it, finishes,
     and counts each epoch once."""
-    import os
-    import signal
-    import threading
-
-    from test_train import _train_worker_pids, cfg_for
+    from test_train import cfg_for, kill_a_worker_once_checkpointed
 
     from xray_dist.train import train
 
     _, cache = prepared_binary
     b = "xray-kill"
     out = f"{s3_server.bucket(b)}/runs/kill"
-    killed: list[int] = []
-
-    def killer():
-        deadline = time.time() + 400
-        while time.time() < deadline and not killed:
-            ckpts = [k for k in s3_server.keys(b, "runs/kill/ray/train/") if "/checkpoint_" in k]
-            pids = _train_worker_pids()
-            if ckpts and pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.5)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    t, killed = kill_a_worker_once_checkpointed(
+        lambda: any("/checkpoint_" in k for k in s3_server.keys(b, "runs/kill/ray/train/")))
     res = train(cfg_for(cache, out, epochs=4))
     t.join(timeout=5)
     assert killed, "no worker was killed"

@@ -123,25 +123,31 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_worker_killed_mid_run_resumes_and_counts_each_epoch_once(ray_cluster, prepared_binary, tmp_path):
-    from xray_dist.train import train
-
-    _, cache = prepared_binary
-    out = tmp_path / "run"
+def kill_a_worker_once_checkpointed(has_checkpoint) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs a Ray Train worker as soon as ``has_checkpoint()`` says the run has
+    saved one; returns it (started) and the list it appends the killed pid to."""
     killed: list[int] = []
 
     def killer():
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
-            ckpts = list((out / "ray" / "train").glob("checkpoint_*")) if (out / "ray" / "train").exists() else []
             pids = _train_worker_pids()
-            if ckpts and pids:
+            if pids and has_checkpoint():
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
             time.sleep(0.5)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
+    return t, killed
+
+
+def test_worker_killed_mid_run_resumes_and_counts_each_epoch_once(ray_cluster, prepared_binary, tmp_path):
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    out = tmp_path / "run"
+    t, killed = kill_a_worker_once_checkpointed(lambda: any((out / "ray" / "train").glob("checkpoint_*")))
     res = train(cfg_for(cache, out, epochs=4))
     t.join(timeout=5)
     assert killed, "no worker was killed"

@@ -81,9 +81,13 @@ def cmd_synth(a) -> int:
     from xray_dist.synth import synthesize
 
     classes = tuple(c.strip() for c in a.classes.split(",") if c.strip())
-    r = synthesize(a.out, patients=a.patients, images_per_patient=a.images_per_patient, classes=classes,
-                   size=a.size, seed=a.seed)
-    print(f"synth: wrote {len(r.files)} DICOM files for {a.patients} patients to {r.out}; labels in {r.labels_csv}")
+    storage.check_location(a.out)
+    with storage.staged_output(a.out, marker="labels.csv") as local:  # a URI gets the files when all are written
+        r = synthesize(local, patients=a.patients, images_per_patient=a.images_per_patient, classes=classes,
+                       size=a.size, seed=a.seed)
+    out = storage.absolute(a.out)
+    print(f"synth: wrote {len(r.files)} DICOM files for {a.patients} patients to {out}; labels in "
+          f"{storage.join(out, 'labels.csv')}")
     return 0
 
 
@@ -117,6 +121,8 @@ def _add_demo(sub) -> None:
 def cmd_demo(a) -> int:
     from xray_dist.demo import run_demo
 
+    if storage.is_uri(a.out):
+        raise ValueError(f"--out {a.out}: the demo is the local single-node test mode; give it a local directory")
     run_demo(a.out, num_cpus=a.num_cpus)
     return 0
 

@@ -56,13 +56,17 @@ _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
 
 
-def read_dataset(path: str | Path) -> Dataset:
-    """Read a DICOM Part 10 file and check that it holds exactly one decodable image frame."""
+def read_dataset(path: str | Path, data: bytes | None = None) -> Dataset:
+    """Read a DICOM Part 10 file and check that it holds exactly one decodable image frame.
+
+    ``data``: the file's bytes when the caller has fetched them already (``path`` then only names
+    the file in errors)."""
     from xray_dist import storage
 
     path = str(path)
     try:
-        data = storage.read_bytes(path)  # local file or object: decoded from memory either way
+        if data is None:
+            data = storage.read_bytes(path)  # local file or object: decoded from memory either way
     except (FileNotFoundError, IsADirectoryError):
         raise DicomReadError(path, "file not found") from None
     except Exception as e:  # noqa: BLE001 - an unreadable object is this file's failure, not the run's
@@ -295,7 +299,8 @@ def patient_key(ds: Dataset, salt: str, fallback: str) -> str:
     return hashlib.sha256((salt + "\x00" + source).encode()).hexdigest()[:20]
 
 
-def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str) -> tuple[np.ndarray, str]:
-    """Read once, return the model input and the salted patient key."""
-    ds = read_dataset(path)
+def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
+                   data: bytes | None = None) -> tuple[np.ndarray, str]:
+    """Read once, return the model input and the salted patient key (``data``: see :func:`read_dataset`)."""
+    ds = read_dataset(path, data)
     return to_model_input(ds, spec, path), patient_key(ds, salt, fallback=str(path))

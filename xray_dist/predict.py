@@ -206,14 +206,15 @@ def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, addres
     res = _ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     if gpus:
-        pool = {"num_gpus": 1, "num_cpus": 1, "concurrency": gpus}
+        pool = {"num_gpus": 1, "num_cpus": 1, "concurrency": (1, gpus)}
         threads = 0
     else:
         # a half CPU per actor and per decode task: with C CPUs, C actors and C decode tasks run at
         # once, the actor's TensorFlow on one thread
-        pool = {"num_cpus": 0.5, "concurrency": cpus}
+        pool = {"num_cpus": 0.5, "concurrency": (1, cpus)}  # grows with the input, up to one per CPU
         threads = 1
-    log.info("predict: Ray Data batch inference over %d files (%d model actors%s)", len(files), pool["concurrency"],
+    log.info("predict: Ray Data batch inference over %d files (up to %d model actors%s)", len(files),
+             pool["concurrency"][1],
              ", one GPU each" if gpus else "")
     ds = _ray.data.from_items([{"index": i, "path": f} for i, f in enumerate(files)],
                               override_num_blocks=max(1, min(len(files), cpus * 4)))

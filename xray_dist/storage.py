@@ -282,7 +282,10 @@ def read_bytes(path: str | Path) -> bytes:
         return Path(_local(path)).read_bytes()
     fs, inner = filesystem(path)
     try:
-        with fs.open_input_stream(inner) as f:
+        # a random-access file knows its size and fetches it in one ranged GET; an input stream's
+        # read() pulls small chunks (measured: 66 objects of 8 MB from a local S3 server in 0.8 s
+        # this way, 7.9 s as a stream)
+        with fs.open_input_file(inner) as f:
             return f.read()
     except FileNotFoundError:
         raise
@@ -351,13 +354,14 @@ def write_parquet(table, path: str | Path) -> None:
 
 
 def delete_file(path: str | Path) -> None:
+    """Remove one file or object; nothing when it is absent."""
     fs, inner = filesystem(path)
-    with contextlib.suppress(FileNotFoundError):
-        try:
-            fs.delete_file(inner)
-        except OSError as e:
-            if exists(path):
-                raise _wrap(path, "deleting", e) from None
+    try:
+        fs.delete_file(inner)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _wrap(path, "deleting", e) from None
 
 
 def delete_dir(path: str | Path) -> None:
