@@ -53,6 +53,65 @@ def test_train_config_errors_name_the_field(tmp_path):
         cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
 
 
+class TestStrictConfiguration:
+    """Config files and flags are read strictly, before anything starts: exit 2, one line, the key named."""
+
+    @staticmethod
+    def run(tmp_path, capsys, argv, values=None) -> list[str]:
+        if values is not None:
+            conf = tmp_path / "c.yaml"
+            conf.write_text(values)
+            argv = [*argv, "--config", str(conf)]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        return err[0]
+
+    def test_yaml_numbers_written_the_short_way_are_numbers(self, tmp_path):
+        conf = tmp_path / "c.yaml"
+        conf.write_text("cache: /c\nout: /o\nlr: 1e-4\nepochs: '3'\ndropout: 0\n")  # YAML reads 1e-4 as a string
+        cfg = cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+        assert (cfg.lr, cfg.epochs, cfg.dropout) == (1e-4, 3, 0.0)
+        assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
+        s = cli.sweep_config_from_args(cli.build_parser().parse_args(
+            ["tune", "--config", str(conf), "--grace-period", "2"]))
+        assert s.base.lr == 1e-4 and s.lr == (1e-4, 1e-4) and s.grace_period == 2
+
+    def test_tune_config_rejects_unknown_keys(self, tmp_path, capsys):
+        line = self.run(tmp_path, capsys, ["tune"], "cache: /c\nout: /o\nepoch: 20\n")
+        assert "unknown keys ['epoch']" in line
+
+    @pytest.mark.parametrize("cmd", ["train", "tune"])
+    def test_wrong_types_name_key_value_and_type(self, tmp_path, capsys, cmd):
+        line = self.run(tmp_path, capsys, [cmd], "cache: /c\nout: /o\nepochs: ten\n")
+        assert "epochs: expected int, got 'ten'" in line
+        line = self.run(tmp_path, capsys, [cmd], "cache: /c\nout: /o\nweights: [a, b]\n")
+        assert "weights: expected str, got ['a', 'b']" in line
+
+    @pytest.mark.parametrize("argv,needle", [
+        (["train", "--cache", "/c", "--out", "/o", "--seed", "-1"], "seed must be >= 0"),
+        (["train", "--cache", "/c", "--out", "/o", "--max-failures", "-2"], "max_failures"),
+        (["train", "--cache", "/c", "--out", "/o", "--cpus-per-worker", "0"], "cpus_per_worker must be > 0"),
+        (["train", "--cache", "/c", "--out", "/o", "--num-workers", "0"], "num_workers must be >= 1"),
+        (["tune", "--cache", "/c", "--out", "/o", "--grace-period", "0"], "grace_period must be in [1, epochs=5]"),
+        (["tune", "--cache", "/c", "--out", "/o", "--epochs", "3", "--grace-period", "4"], "grace_period"),
+        (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:1:0"], "W:K:D triples"),
+        (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:2"], "W:K:D triples"),
+        (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:two:0"], "combos: expected W:K:D triples"),
+        (["tune", "--cache", "/c", "--out", "/o", "--max-concurrent", "0"], "max_concurrent must be >= 1"),
+        (["tune", "--cache", "/c", "--out", "/o", "--head-widths", "0,wide"], "head_widths: expected"),
+        (["prepare", "/d", "--out", "/o", "--seed", "-3"], "seed must be >= 0"),
+        (["prepare", "/d", "--out", "/o", "--num-cpus", "0"], "num_cpus must be >= 1"),
+    ])
+    def test_out_of_range_values(self, tmp_path, capsys, argv, needle):
+        assert needle in self.run(tmp_path, capsys, argv)
+
+    def test_bootstrap_count_is_checked_by_the_parser(self, capsys):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["report", "/r", "--out", "/r.html", "--bootstrap", "0"])
+        assert e.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_tune_flags_take_lists():
     a = cli.build_parser().parse_args(["tune", "--cache", "/c", "--out", "/s", "--head-widths", "0,64",
                                        "--num-classes", "2,4", "--unfreeze-blocks", "0,2", "--lr", "1e-4,1e-2",

@@ -326,3 +326,29 @@ class TestPatientKey:
         k3 = dicom.patient_key(ds, "salt1", "a")
         ds.StudyInstanceUID = "1.2.4"
         assert k3 != dicom.patient_key(ds, "salt1", "a")
+
+
+class TestBurnedInAnnotation:
+    """(0028,0301) Burned In Annotation YES: refused by default, with the tag named; kept on request."""
+
+    def test_refused_by_default_kept_on_request(self, tmp_path, synth_binary):
+        from xray_dist.errors import BurnedInAnnotationError
+
+        src = synth_binary.files[0]
+        ds = pydicom.dcmread(src)
+        ds.BurnedInAnnotation = "YES"
+        path = tmp_path / "burned.dcm"
+        ds.save_as(path)
+        with pytest.raises(BurnedInAnnotationError, match=r"\(0028,0301\) Burned In Annotation is YES") as e:
+            dicom.load_image(path, PreprocessSpec(image_size=32))
+        assert e.value.kind == "burned_in_annotation" and str(path) in str(e.value)
+        np.testing.assert_array_equal(dicom.load_image(path, PreprocessSpec(image_size=32, burned_in="keep")),
+                                      dicom.load_image(src, PreprocessSpec(image_size=32)))
+        ds.BurnedInAnnotation = "NO"
+        ds.save_as(path)
+        dicom.load_image(path, PreprocessSpec(image_size=32))  # NO: used
+
+    def test_specs_from_before_keep_what_they_kept(self):
+        old = PreprocessSpec.from_dict({"image_size": 64, "aspect": "pad", "storage_dtype": "uint8", "window": "first",
+                                        "pipeline_version": 2})
+        assert old.burned_in == "keep" and PreprocessSpec(image_size=64).burned_in == "reject"

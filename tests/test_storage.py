@@ -316,3 +316,25 @@ def test_worker_killed_with_checkpoints_in_object_storage(ray_cluster, prepared_
     history = _history(s3_server.get(b, "runs/kill/history.csv").decode())
     assert [int(h["epoch"]) for h in history] == [1, 2, 3, 4]
     assert res.metrics["epochs"] == 4 and res.metrics["complete"]
+
+
+class TestLocalStaging:
+    def test_outputs_move_in_whole_or_not_at_all(self, tmp_path):
+        out = tmp_path / "run"
+        with storage.staged_output(out, replace=("model",), marker="metrics.json") as d:
+            (d / "model").mkdir()
+            (d / "model" / "weights.h5").write_text("v1")
+            (d / "metrics.json").write_text('{"v": 1}')
+        assert (out / "model" / "weights.h5").read_text() == "v1"
+        with pytest.raises(OSError):
+            with storage.staged_output(out, replace=("model",), marker="metrics.json") as d:
+                (d / "model").mkdir()
+                (d / "model" / "weights.h5").write_text("v2 cut off")
+                raise OSError("No space left on device")
+        assert (out / "model" / "weights.h5").read_text() == "v1"  # the previous export, whole
+        assert (out / "metrics.json").read_text() == '{"v": 1}'
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model"]  # no staging left behind
+        with storage.staged_output(out, replace=("model",)) as d:
+            (d / "model").mkdir()
+            (d / "model" / "top_weights.h5").write_text("v3")
+        assert [p.name for p in (out / "model").iterdir()] == ["top_weights.h5"]  # replaced whole: no stale file

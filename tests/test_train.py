@@ -332,3 +332,31 @@ def test_ray_engine_predicts_what_the_local_engine_does(two_worker_run, synth_bi
     plan = "\n".join(r.getMessage() for r in caplog.records if "Ray Data plan" in r.getMessage())
     assert "MapBatches(_decode_rows)" in plan and "MapBatches(_Scorer)" in plan
     assert "MapBatches(_decode_rows)->MapBatches(_Scorer)" not in plan  # decode tasks apart from the actors
+
+
+def test_a_failed_export_leaves_the_previous_outputs_whole(ray_cluster, prepared_binary, tmp_path, monkeypatch):
+    """The disk fills up half-way through exporting a resumed run (after the new weights, metrics
+    and history are written, at the ROC plot): the run directory still holds the previous export,
+    complete and loadable, and nothing of the half-written one."""
+    from xray_dist import plots
+    from xray_dist.predict import load_run_model
+    from xray_dist.train import train
+
+    _, cache = prepared_binary
+    out = tmp_path / "run"
+    train(cfg_for(cache, out, epochs=1, unfreeze_blocks=0))
+    exported = ["metrics.json", "history.csv", "val_scores.npz", "roc.png", "training_curves.png"]
+    exported += [f"model/{p.name}" for p in (out / "model").iterdir()]
+    before = {name: (out / name).read_bytes() for name in exported}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_roc", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg_for(cache, out, epochs=2, unfreeze_blocks=0))
+    assert {name: (out / name).read_bytes() for name in exported} == before
+    assert sorted(p.name for p in (out / "model").iterdir()) == sorted(n[6:] for n in exported if n.startswith("model/"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".writing")]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    load_run_model(out)  # loadable

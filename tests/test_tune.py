@@ -62,8 +62,9 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     # four combinations that vary head width, class scheme and unfreeze depth, plus K = 5, which needs
     # five labels: the cache has three, so that trial raises while the others finish.
     combos = ((0, 2, 0), (8, 3, 0), (0, 3, 1), (8, 2, 1), (0, 5, 0))
-    cfg = SweepConfig(base=base(cache3.name, out), out=str(out), combos=combos, lr=(1e-3, 3e-3), scheduler="asha",
-                      max_concurrent=2)
+    # max_failures=0: the K = 5 trial fails the same way every time (retries would only cost time)
+    cfg = SweepConfig(base=base(cache3.name, out, max_failures=0), out=str(out), combos=combos, lr=(1e-3, 3e-3),
+                      scheduler="asha", max_concurrent=2)
     summary = sweep(cfg)
     rows = read_results(out)
     assert len(rows) == 5
@@ -319,3 +320,31 @@ class TestConcurrencyOnAutoscalingClusters:
         assert n == 1 and "cannot grow" in why
         # an autoscaler that cannot add more than is there changes nothing
         assert concurrency_choice(cfg, {"CPU": 4}, trials=10, max_resources={"CPU": 4})[0] == 3
+
+
+def test_sweep_with_no_completed_trial_fails_and_a_changed_sweep_is_not_resumed(cache3, tmp_path, capsys):
+    """Every trial failing exits non-zero and removes an older best.json; resuming the sweep with
+    another search space or other base settings is refused, naming the differences."""
+    from xray_dist.cli import main
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "best.json").write_text('{"stale": true}')  # as an older sweep in this directory left it
+    argv = ["tune", "--cache", str(cache3), "--out", str(out), "--epochs", "1", "--weights", "none",
+            "--head-widths", "0", "--num-classes", "7", "--unfreeze-blocks", "0", "--scheduler", "fifo",
+            "--batch-size", "8", "--cpus-per-worker", "0.5", "--max-failures", "0"]
+    assert main(argv) == 1  # K = 7 needs seven labels: the cache has three, so the only trial fails
+    assert "no trial completed" in capsys.readouterr().err
+    rows = read_results(out)
+    assert [r["status"] for r in rows] == ["failed"] and not (out / "best.json").exists()
+    assert main([*argv[:-6], "--head-widths", "0,8", *argv[-6:]]) == 2  # another search space
+    err = capsys.readouterr().err
+    assert "holds a sweep with other settings" in err and "head_widths: [0] -> [0, 8]" in err
+    assert main([*argv, "--lr", "3e-4"]) == 2 and "lr:" in capsys.readouterr().err
+    started = next((out / "trials").glob("*/config.json"))  # written when the trial starts
+    first = started.stat().st_mtime_ns
+    assert main([*argv, "--max-concurrent", "1"]) == 1  # what may change: how many trials at a time
+    assert started.stat().st_mtime_ns == first  # resumed: the failed trial is not run again...
+    assert main([*argv, "--resume-errored"]) == 1
+    assert started.stat().st_mtime_ns > first  # ...unless asked to
+    assert [r["status"] for r in read_results(out)] == ["failed"]

@@ -18,14 +18,36 @@ if TYPE_CHECKING:
 log = logging.getLogger("xray_dist")
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= ``lo`` (checked before anything starts)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="decode DICOMs once into a Parquet cache with a patient-level split")
     p.add_argument("data_dir")
     p.add_argument("--labels", help="CSV of paths (or file stems) and labels; default: folder per class")
     p.add_argument("--path-column", default="path")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--patient-column", default=None,
+                   help="labels CSV column naming each image's patient (hashed like header IDs; default: the "
+                        "DICOM Patient ID, else the Study Instance UID, else the file)")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--keep-burned-in", action="store_true",
+                   help="use images whose (0028,0301) Burned In Annotation is YES (default: quarantined)")
+    p.add_argument("--salt-file", help="file holding the patient-key salt, kept apart from the cache (made when "
+                                       "missing; default: CACHE/.salt, or XRAY_DIST_SALT)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +61,9 @@ def cmd_prepare(a) -> int:
 
     cfg = PrepareConfig(
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
-        preprocess=PreprocessSpec(image_size=a.image_size), val_fraction=a.val_fraction,
+        patient_column=a.patient_column,
+        preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject"),
+        salt_file=a.salt_file, val_fraction=a.val_fraction,
         test_fraction=a.test_fraction, seed=a.seed, address=a.address, num_cpus=a.num_cpus,
     )
     report = prepare(cfg)
@@ -54,6 +78,8 @@ def format_prepare_summary(report: dict, out: str) -> str:
         + (" (cache reused)" if report["cache_reused"] else ""),
         "  classes: " + ", ".join(f"{k}={v}" for k, v in report["classes"].items()),
         "  splits:  " + ", ".join(f"{k}={v['images']} images/{v['patients']} patients" for k, v in report["splits"].items()),
+        "  patient keys from: " + ", ".join(f"{k.replace('_', ' ')}={v}"
+                                            for k, v in report.get("patients_grouped_by", {}).items()),
     ]
     for q in report["quarantined"][:10]:
         lines.append(f"  quarantined {q['path']}: {q['reason']}")
@@ -164,18 +190,27 @@ def _add_train_flags(p, sweep: bool = False) -> None:
     p.add_argument("--config", default=None, help="YAML file of flag values")
 
 
+#: argparse's own entries, never configuration.
+_CLI_ONLY = {"command", "verbose", "config"}
+
+
+def _source(a) -> str:
+    return f"--config {a.config} / command line" if a.config else "command line"
+
+
 def train_config_from_args(a) -> "TrainConfig":
-    from xray_dist.config import TrainConfig, load_yaml_overrides
+    from xray_dist.config import TrainConfig, coerce, load_yaml_overrides
 
     values = load_yaml_overrides(a.config)
-    values.update({k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
     unknown = set(values) - set(TrainConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"--config {a.config}: unknown keys {sorted(unknown)}")
+        raise ValueError(f"--config {a.config}: unknown keys {sorted(unknown)} (keys are the flag names of "
+                         "`xray-dist train`)")
+    values.update({k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
     for required in ("cache", "out"):
         if required not in values:
             raise ValueError(f"--{required} is required (on the command line or in --config)")
-    return TrainConfig(**values)
+    return TrainConfig(**coerce(TrainConfig, values, _source(a)))
 
 
 def _add_train(sub) -> None:
@@ -208,42 +243,69 @@ def _add_tune(sub) -> None:
                    help="auto (default): one-worker trials train inside their Tune process, which Tune reuses; "
                         "train: every trial is a Ray Train run (always so with several workers per trial)")
     p.add_argument("--combos", default=S, help="explicit W:K:D triples instead of the full grid, e.g. 0:2:0,64:4:1")
+    p.add_argument("--resume-errored", action="store_true", default=S,
+                   help="when resuming a sweep, run its failed trials again")
     p.add_argument("--no-shared-features", action="store_true", default=S,
                    help="recompute the frozen base in every trial (for comparison)")
 
 
-def _values(v, cast) -> tuple:
-    if isinstance(v, (list, tuple)):
-        return tuple(cast(x) for x in v)
-    return tuple(cast(x) for x in str(v).split(",") if x.strip())
+def _values(v, cast, key: str, source: str) -> tuple:
+    """A list flag (``0,64,256``, or a YAML list) as a tuple of ``cast``; an error names the key."""
+    items = v if isinstance(v, (list, tuple)) else [x for x in str(v).split(",") if x.strip()]
+    try:
+        out = tuple(cast(x.strip() if isinstance(x, str) else x) for x in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {key}: expected a comma-separated list of {cast.__name__}, got {v!r}") from None
+    if not out:
+        raise ValueError(f"{source}: {key}: expected at least one value, got {v!r}")
+    return out
+
+
+#: ``tune``'s own keys (beside every ``train`` key).
+SWEEP_KEYS = {"head_widths", "num_classes", "unfreeze_blocks", "lr", "workers_per_trial", "num_samples", "scheduler",
+              "search", "max_concurrent", "grace_period", "trial_runner", "combos", "no_shared_features",
+              "resume_errored"}
 
 
 def sweep_config_from_args(a):
-    from xray_dist.config import SweepConfig, TrainConfig, load_yaml_overrides
+    from xray_dist.config import SweepConfig, TrainConfig, coerce, load_yaml_overrides
 
     raw = load_yaml_overrides(a.config)
-    raw.update(vars(a))
+    unknown = set(raw) - set(TrainConfig.__dataclass_fields__) - SWEEP_KEYS
+    if unknown:
+        raise ValueError(f"--config {a.config}: unknown keys {sorted(unknown)} (keys are the flag names of "
+                         "`xray-dist tune`)")
+    raw.update({k: v for k, v in vars(a).items() if k not in _CLI_ONLY})
+    source = _source(a)
     sweep_kw = {}
     for key, cast in (("head_widths", int), ("num_classes", int), ("unfreeze_blocks", int)):
         if key in raw:
-            sweep_kw[key] = _values(raw.pop(key), cast)
+            sweep_kw[key] = _values(raw.pop(key), cast, key, source)
     if "lr" in raw:
-        lr = _values(raw.pop("lr"), float)
+        lr = _values(raw.pop("lr"), float, "lr", source)
         sweep_kw["lr"] = (lr[0], lr[-1])
     if "workers_per_trial" in raw:
         raw["num_workers"] = raw.pop("workers_per_trial")
-    for key in ("num_samples", "scheduler", "search", "max_concurrent", "grace_period", "trial_runner"):
-        if key in raw:
-            sweep_kw[key] = raw.pop(key)
+    scalars = {k: raw.pop(k) for k in ("num_samples", "scheduler", "search", "max_concurrent", "grace_period",
+                                        "trial_runner", "resume_errored") if k in raw}
+    sweep_kw.update(coerce(SweepConfig, scalars, source))
     if "combos" in raw:
-        sweep_kw["combos"] = tuple(tuple(int(v) for v in c.split(":")) for c in str(raw.pop("combos")).split(","))
+        text = raw.pop("combos")
+        combos = []
+        for c in (text if isinstance(text, (list, tuple)) else str(text).split(",")):
+            parts = str(c).strip().split(":")
+            try:
+                combos.append(tuple(int(v) for v in parts))
+            except ValueError:
+                raise ValueError(f"{source}: combos: expected W:K:D triples of integers, got {c!r}") from None
+        sweep_kw["combos"] = tuple(combos)
     if raw.pop("no_shared_features", False):
         sweep_kw["shared_features"] = False
     base = {k: v for k, v in raw.items() if k in TrainConfig.__dataclass_fields__}
     for required in ("cache", "out"):
         if required not in base:
             raise ValueError(f"--{required} is required (on the command line or in --config)")
-    return SweepConfig(base=TrainConfig(**base), out=base["out"], **sweep_kw)
+    return SweepConfig(base=TrainConfig(**coerce(TrainConfig, base, source)), out=base["out"], **sweep_kw)
 
 
 def cmd_tune(a) -> int:
@@ -255,6 +317,10 @@ def cmd_tune(a) -> int:
     if "best" in s:
         b = s["best"]
         print(f"  best: {b['config']} val_auc_abnormal {b['metrics']['val_auc_abnormal']:.3f} -> model {b['model']}")
+    if not s["completed"]:
+        print("xray-dist tune: error: no trial completed, so there is no best model (see results.csv's error "
+              "column)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -303,7 +369,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML report for a run or a sweep")
     p.add_argument("target", help="a run directory (xray-dist train) or a sweep directory (xray-dist tune)")
     p.add_argument("--out", required=True, help="HTML file to write")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--bootstrap", type=_at_least(1), default=1000, help="bootstrap resamples for the intervals")
 
 
 def cmd_report(a) -> int:

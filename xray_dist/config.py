@@ -33,6 +33,9 @@ class PreprocessSpec:
             VGG16 preprocessing works on 8-bit intensities, so 16-bit storage adds nothing.
         window: ``"first"``: when several (0028,1050)/(0028,1051) windows or VOI LUTs are
             present, the first is used (PS3.3 C.11.2 leaves the choice to the application).
+        burned_in: ``"reject"``: an image whose (0028,0301) *Burned In Annotation* is YES carries
+            text such as names in its pixels and is refused (quarantined by ``prepare``);
+            ``"keep"`` uses it (specs written before the field existed keep, as they did).
         j2k_reduce: decode JPEG 2000 only to the resolution level that covers ``image_size``
             (:mod:`xray_dist.j2k`); specs written before it existed (pipeline 1) never reduce.
     """
@@ -42,6 +45,7 @@ class PreprocessSpec:
     storage_dtype: str = "uint8"
     window: str = "first"
     j2k_reduce: bool = True
+    burned_in: str = "reject"
     pipeline_version: int = PIPELINE_VERSION
 
     def __post_init__(self) -> None:
@@ -51,6 +55,8 @@ class PreprocessSpec:
             raise ValueError(f"aspect must be 'pad'. Received: aspect={self.aspect!r}")
         if self.storage_dtype != "uint8":
             raise ValueError(f"storage_dtype must be 'uint8'. Received: storage_dtype={self.storage_dtype!r}")
+        if self.burned_in not in ("reject", "keep"):
+            raise ValueError(f"burned_in must be 'reject' or 'keep'. Received: burned_in={self.burned_in!r}")
         if self.window != "first":
             raise ValueError(f"window must be 'first'. Received: window={self.window!r}")
 
@@ -61,6 +67,7 @@ class PreprocessSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
         values = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         values.setdefault("j2k_reduce", False)  # older specs decoded JPEG 2000 in full
+        values.setdefault("burned_in", "keep")  # ... and used images with burned-in annotation
         return cls(**values)
 
 
@@ -78,6 +85,8 @@ class PrepareConfig:
     labels: str | None = None
     path_column: str = "path"
     label_column: str = "label"
+    patient_column: str | None = None  # the labels CSV's patient column (default: DICOM Patient ID)
+    salt_file: str | None = None  # where the patient-key salt lives (default: CACHE/.salt)
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -90,6 +99,10 @@ class PrepareConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1). Received: {name}={v!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0. Received: seed={self.seed}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"num_cpus must be >= 1. Received: num_cpus={self.num_cpus}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
                 "val_fraction + test_fraction must leave some patients for training. "
@@ -116,6 +129,56 @@ def load_yaml_overrides(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def coerce(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` converted to the types of ``cls``'s fields, where the meaning is clear.
+
+    YAML reads ``1e-4`` as a string (it wants ``1.0e-4``) and a flag file may quote numbers; such
+    strings become the field's number. Anything else of the wrong type — ``epochs: ten``, a list
+    for a number, a number for a name — is a ``ValueError`` naming the key, the value and the type
+    expected (``source`` says where the value came from).
+    """
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:
+            out[key] = value
+            continue
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        name = getattr(base, "__name__", str(base))
+        if value is None and optional:
+            out[key] = None
+            continue
+        try:
+            if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = float(value)
+            elif base is int and isinstance(value, int) and not isinstance(value, bool):
+                out[key] = value
+            elif base is int and isinstance(value, float) and value.is_integer():
+                out[key] = int(value)
+            elif base in (int, float) and isinstance(value, str):
+                out[key] = base(value.strip())
+            elif base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out[key] = str(value)
+            elif base is bool and isinstance(value, bool):
+                out[key] = value
+            elif base not in _SCALARS.values():
+                out[key] = value  # tuples and nested configs are checked by their own classes
+            else:
+                raise TypeError
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {key}: expected {name}{' or null' if optional else ''}, "
+                             f"got {value!r}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -174,6 +237,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 1, "epochs must be >= 1", "epochs"),
+            (self.seed >= 0, "seed must be >= 0", "seed"),
+            (self.max_failures >= -1, "max_failures must be >= 0 (or -1: retry forever)", "max_failures"),
+            (self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker must be > 0",
+             "cpus_per_worker"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1", "keep_checkpoints"),
+            (self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0", "shuffle_buffer"),
             (self.batch_size >= 1, "batch_size must be >= 1", "batch_size"),
             (self.lr > 0, "lr must be > 0", "lr"),
             (self.head_width >= 0, "head_width must be >= 0 (0 = no hidden layer)", "head_width"),
@@ -244,6 +313,7 @@ class SweepConfig:
     max_concurrent: int | None = None
     shared_features: bool = True
     grace_period: int = 1
+    resume_errored: bool = False  # a resumed sweep runs its failed trials again
     trial_runner: str = "auto"  # auto: one-worker trials train in their Tune process; train: always Ray Train
     combos: tuple[tuple[int, int, int], ...] | None = None  # explicit (head_width, num_classes, unfreeze_blocks)
 
@@ -261,6 +331,15 @@ class SweepConfig:
             raise ValueError(f"lr must be MIN,MAX with 0 < MIN <= MAX. Received: lr={self.lr!r}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1. Received: num_samples={self.num_samples}")
+        if not 1 <= self.grace_period <= self.base.epochs:
+            raise ValueError(f"grace_period must be in [1, epochs={self.base.epochs}]. "
+                             f"Received: grace_period={self.grace_period}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1. Received: max_concurrent={self.max_concurrent}")
+        for c in self.combos or ():
+            if len(c) != 3 or not (0 <= c[0] <= 1 << 16 and 2 <= c[1] <= 1000 and 0 <= c[2] <= 5):
+                raise ValueError("combos are W:K:D triples with head width W >= 0, classes K >= 2 and unfreeze "
+                                 f"depth D in 0..5. Received: {':'.join(map(str, c))}")
         for name, values, lo, hi in (("head_widths", self.head_widths, 0, 1 << 16),
                                      ("num_classes", self.num_classes, 2, 1000),
                                      ("unfreeze_blocks", self.unfreeze_blocks, 0, 5)):

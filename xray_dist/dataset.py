@@ -31,11 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xray_dist import storage
+from xray_dist import fingerprint, storage
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
 from xray_dist.dicom import read_for_cache
 from xray_dist.errors import CacheError, DicomReadError, PrepareError
 from xray_dist.labels import list_entries, scan_labels
+from xray_dist.locks import LOCK, TargetLock
 from xray_dist.splits import patient_labels, split_patients
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,14 @@ SALT = ".salt"
 META_COLUMNS = ["path", "patient", "error_kind", "error"]
 
 
-def _salt(cache: str) -> str:
-    """The cache's patient-key salt: ``XRAY_DIST_SALT`` if set, else a random one kept in ``.salt``."""
+def _salt(cache: str, salt_file: str | None = None) -> str:
+    """The patient-key salt: ``XRAY_DIST_SALT`` if set, else the one in ``salt_file`` (made there,
+    random, when missing: keep it away from the data, and the keys cannot be recomputed from the
+    cache alone), else a random one kept in ``CACHE/.salt``."""
     env = os.environ.get("XRAY_DIST_SALT")
     if env:
         return env
-    p = storage.join(cache, SALT)
+    p = salt_file or storage.join(cache, SALT)
     try:
         return storage.read_text(p).strip()
     except FileNotFoundError:
@@ -72,27 +75,31 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str) -> di
     s = spec.image_size
     n = len(batch["path"])
     images = np.zeros((n, s, s), dtype=np.uint8)
-    patients, kinds, errors = [], [], []
+    patients, sources, kinds, errors = [], [], [], []
     for i, (rel, full, data) in enumerate(zip(batch["path"], batch["abspath"], _prefetched(batch["abspath"]))):
         try:
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
-            images[i], key = read_for_cache(str(full), spec, salt, data)
+            images[i], key, source = read_for_cache(str(full), spec, salt, data)
             patients.append(key)
+            sources.append(source)
             kinds.append("")
             errors.append("")
         except DicomReadError as e:
             patients.append("")
+            sources.append("")
             kinds.append(e.kind)
             errors.append(e.reason)
         except Exception as e:  # noqa: BLE001 - an unforeseen failure still quarantines only this file
             patients.append("")
+            sources.append("")
             kinds.append("unexpected")
             errors.append(f"{type(e).__name__}: {e}")
             log.warning("unexpected error decoding %s: %s", rel, e)
     return {
         "path": np.asarray(batch["path"], dtype=object),
         "patient": np.asarray(patients, dtype=object),
+        "patient_source": np.asarray(sources, dtype=object),
         "image": images,
         "error_kind": np.asarray(kinds, dtype=object),
         "error": np.asarray(errors, dtype=object),
@@ -139,7 +146,7 @@ def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]
 
 
 def _check_cache_dir(cache: str) -> None:
-    top = {e.rel.split("/", 1)[0] for e in storage.list_files(cache, limit=1000)}
+    top = {e.rel.split("/", 1)[0] for e in storage.list_files(cache, limit=1000)} - {LOCK}
     if top and not ({SPEC, IMAGES_DIR, SALT} & top):
         raise PrepareError(f"--out {cache} exists and is not an xray-dist cache; choose an empty or new directory")
 
@@ -204,8 +211,9 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
 
 
 def read_image_meta(cache: str | Path) -> pa.Table:
-    """Path, patient and error of every decoded input (no pixels read)."""
-    return images_dataset(cache).to_table(columns=META_COLUMNS)
+    """Path, patient (and what made its key) and error of every decoded input (no pixels read)."""
+    dset = images_dataset(cache)
+    return dset.to_table(columns=[c for c in [*META_COLUMNS, "patient_source"] if c in dset.schema.names])
 
 
 def parquet_dataset(directory: str | Path):
@@ -235,7 +243,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if not storage.is_dir(data_dir):
         raise PrepareError(f"data directory not found: {data_dir}")
     entries = list_entries(data_dir)
-    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column, entries)
+    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column, entries, cfg.patient_column)
     if not scan.items:
         raise PrepareError(
             f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
@@ -243,8 +251,14 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                                                         " (expected DATA/<class>/**/*.dcm or --labels CSV)")
         )
     _check_cache_dir(cache)
+    with TargetLock(cache, "xray-dist prepare"):  # two prepares into one cache would mix their salts
+        return _prepare_into(cfg, t0, data_dir, cache, entries, scan)
+
+
+def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entries: list, scan) -> dict[str, Any]:
+    """:func:`prepare`'s work on the cache, under its lock."""
     storage.makedirs(cache)
-    salt = _salt(cache)
+    salt = _salt(cache, cfg.salt_file)
     rels = [rel for rel, _ in scan.items]
     labels = dict(scan.items)
     stats = {e.rel: (e.size, e.mtime_ns) for e in entries}
@@ -279,6 +293,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             + "; ".join(f"{q['path']}: {q['reason']}" for q in quarantined[:3])
         )
 
+    if scan.patients:  # --patient-column: the labels name the patients
+        from xray_dist.dicom import BY_LABELS, hash_patient
+
+        for m in ok:
+            if scan.patients.get(m["path"]):
+                m["patient"], m["patient_source"] = hash_patient(salt, "labels:" + scan.patients[m["path"]]), BY_LABELS
+    grouped = dict(sorted(Counter(m.get("patient_source") or "unknown" for m in ok).items()))
     strata = patient_labels([(m["patient"], labels[m["path"]]) for m in ok])
     split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     manifest = pa.table({
@@ -288,6 +309,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "patient": [m["patient"] for m in ok],
     })
     storage.write_parquet(manifest, storage.join(cache, MANIFEST))
+    fp = fingerprint.compute(manifest, cfg.preprocess.to_dict(), key)
+    fingerprint.write(cache, fp)  # what runs and sweeps made from this cache pin
 
     classes = Counter(manifest.column("label").to_pylist())
     splits: dict[str, dict[str, int]] = {}
@@ -297,6 +320,12 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         if rows or split != "test":
             splits[split] = {"images": len(rows), "patients": len(pats)}
     warnings = []
+    biggest, n_big = Counter(m["patient"] for m in ok).most_common(1)[0]
+    if len(ok) >= 10 and n_big > 0.2 * len(ok):
+        how = next(m.get("patient_source") or "unknown" for m in ok if m["patient"] == biggest)
+        warnings.append(f"{n_big} of {len(ok)} files ({n_big / len(ok):.0%}) share one patient key (made from their "
+                        f"{how.replace('_', ' ')}): a placeholder such as ANONYMOUS? They all land in one split; "
+                        "if the labels CSV knows the patients, use --patient-column")
     if len(classes) < 2:
         warnings.append(f"only one class ({next(iter(classes))}) has usable images; training needs two")
     if splits["val"]["images"] == 0 and cfg.val_fraction > 0:
@@ -311,10 +340,12 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "unlabeled": scan.unlabeled,
         "classes": dict(sorted(classes.items())),
         "splits": splits,
+        "patients_grouped_by": grouped,
         "image_size": cfg.preprocess.image_size,
         "preprocess": cfg.preprocess.to_dict(),
         "split_settings": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed},
         "cache_reused": reused,
+        "fingerprint": fp["id"],
         "warnings": warnings,
         "seconds": round(time.time() - t0, 2),
     }

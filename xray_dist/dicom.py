@@ -44,6 +44,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 
 from xray_dist.config import PreprocessSpec
 from xray_dist.errors import (
+    BurnedInAnnotationError,
     CorruptPixelDataError,
     DicomReadError,
     MissingCodecError,
@@ -274,6 +275,9 @@ def _resize_reduced(x: np.ndarray, size: int, full_shape: tuple[int, int]) -> np
 
 def to_model_input(ds: Dataset, spec: PreprocessSpec, path: str | Path) -> np.ndarray:
     """The full pipeline for an already-read dataset: ``(size, size)`` uint8."""
+    if spec.burned_in == "reject" and str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise BurnedInAnnotationError(str(path), "(0028,0301) Burned In Annotation is YES: the pixels may show names "
+                                                 "or IDs; not used (prepare --keep-burned-in to use such images)")
     x = unit_gray(ds, path, spec.image_size if spec.j2k_reduce else None)
     full = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     return resize_square(x, spec.image_size, full if x.ndim == 2 and full[0] > x.shape[0] else None)
@@ -284,23 +288,39 @@ def load_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     return to_model_input(read_dataset(path), spec, path)
 
 
+def hash_patient(salt: str, source: str) -> str:
+    """The salted patient key of an identifier (``pid:…``, ``study:…``, ``file:…``, ``labels:…``)."""
+    return hashlib.sha256((salt + "\x00" + source).encode()).hexdigest()[:20]
+
+
 def patient_key(ds: Dataset, salt: str, fallback: str) -> str:
     """Salted SHA-256 of (0010,0020) Patient ID; (0020,000D) Study Instance UID when it is empty.
 
     When both are empty the file is its own patient (``fallback`` is hashed instead). The raw
     identifier never leaves this function.
     """
+    return patient_key_and_source(ds, salt, fallback)[0]
+
+
+#: What a patient key was made from (reported by ``prepare``; never the identifier itself).
+BY_PATIENT_ID, BY_STUDY_UID, BY_FILE, BY_LABELS = "patient_id", "study_uid", "file", "labels"
+
+
+def patient_key_and_source(ds: Dataset, salt: str, fallback: str) -> tuple[str, str]:
+    """:func:`patient_key` and which of :data:`BY_PATIENT_ID`, :data:`BY_STUDY_UID`, :data:`BY_FILE` made it."""
     pid = str(ds.get("PatientID", "") or "").strip()
     if pid:
-        source = "pid:" + pid
-    else:
-        study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        source = ("study:" + study) if study else ("file:" + fallback)
-    return hashlib.sha256((salt + "\x00" + source).encode()).hexdigest()[:20]
+        return hash_patient(salt, "pid:" + pid), BY_PATIENT_ID
+    study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    if study:
+        return hash_patient(salt, "study:" + study), BY_STUDY_UID
+    return hash_patient(salt, "file:" + fallback), BY_FILE
 
 
 def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
-                   data: bytes | None = None) -> tuple[np.ndarray, str]:
-    """Read once, return the model input and the salted patient key (``data``: see :func:`read_dataset`)."""
+                   data: bytes | None = None) -> tuple[np.ndarray, str, str]:
+    """Read once: the model input, the salted patient key and what the key was made from
+    (``data``: see :func:`read_dataset`)."""
     ds = read_dataset(path, data)
-    return to_model_input(ds, spec, path), patient_key(ds, salt, fallback=str(path))
+    key, source = patient_key_and_source(ds, salt, fallback=str(path))
+    return to_model_input(ds, spec, path), key, source

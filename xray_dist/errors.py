@@ -49,6 +49,12 @@ class CorruptPixelDataError(DicomReadError):
     kind = "corrupt_pixel_data"
 
 
+class BurnedInAnnotationError(DicomReadError):
+    """(0028,0301) Burned In Annotation is YES: text (names, IDs) may be part of the pixels."""
+
+    kind = "burned_in_annotation"
+
+
 class PrepareError(XrayDistError):
     """The inputs to ``prepare`` are unusable as a whole (nothing usable left, bad CSV, ...)."""
 
@@ -67,3 +73,7 @@ class RunStopped(XrayDistError):
 
 class StorageError(XrayDistError):
     """A path or URI cannot be used: unknown scheme, unreachable object store, missing bucket, failed I/O."""
+
+
+class LockedError(XrayDistError):
+    """Another command is writing the same target (cache, run, sweep) right now."""

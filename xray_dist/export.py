@@ -39,7 +39,7 @@ def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> P
     dest = out
     with storage.staged_output(dest, replace=("savedmodel",)) as out:
         path = _write(lm, fmt, out)
-    return Path(path) if not storage.is_uri(dest) else storage.join(dest, path.name)
+    return storage.join(dest, path.name) if storage.is_uri(dest) else Path(storage.absolute(dest)) / path.name
 
 
 def _write(lm, fmt: str, out: Path) -> Path:

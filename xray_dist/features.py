@@ -35,11 +35,8 @@ def features_key(cache: str | Path, weights: str, seed: int, unfreeze_blocks: in
     from xray_dist.dataset import COMPLETE, IMAGES_DIR
 
     images_key = storage.read_json(storage.join(cache, IMAGES_DIR, COMPLETE))["key"]
-    if weights in ("imagenet", "none"):
-        w = weights
-    else:
-        i = storage.info(weights)
-        w = f"{storage.absolute(weights)}:{i.size}:{i.mtime_ns}"
+    # a weights file counts by its content, wherever it lives and whatever its name
+    w = weights if weights in ("imagenet", "none") else "sha256:" + storage.content_sha256(weights)
     return stable_hash({"images": images_key, "weights": w, "seed": seed if weights == "none" else None,
                         "depth": unfreeze_blocks})
 
@@ -76,7 +73,18 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
     meta_path = storage.join(out, "meta.json")
     if storage.is_file(meta_path):
         return out
-    storage.delete_dir(out)  # an interrupted extraction (nothing when absent)
+    from xray_dist.locks import TargetLock
+
+    with TargetLock(out, "frozen-feature extraction"):  # two sweeps on one cache: one extracts
+        if storage.is_file(meta_path):  # the other finished it while this one waited for nothing
+            return out
+        _extract(cache, out, meta_path, layer, key, weights, seed, unfreeze_blocks, where, concurrency)
+    return out
+
+
+def _extract(cache: str, out: str, meta_path: str, layer: str, key: str, weights: str, seed: int,
+             unfreeze_blocks: int, where: str, concurrency: int) -> None:
+    storage.delete_dir(storage.join(out, "shards"))  # an interrupted extraction (nothing when absent)
     if where == "auto":
         where, why = extraction_place()
         log.info("frozen features: extracting %s (%s)", "in this process" if where == "here" else "on the cluster", why)
@@ -91,7 +99,6 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
         shape = _extract_with_ray(cache, shards, weights, seed, unfreeze_blocks, concurrency)
     storage.write_json(meta_path, {"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
                                    "weights": weights, "seed": seed, "key": key})  # written last: complete
-    return out
 
 
 def extraction_place() -> tuple[str, str]:

@@ -25,6 +25,7 @@ class LabelScan:
     items: list[tuple[str, str]] = field(default_factory=list)  # (path relative to data dir, label)
     missing: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     unlabeled: list[str] = field(default_factory=list)  # relative paths
+    patients: dict[str, str] = field(default_factory=dict)  # relative path -> patient (--patient-column)
 
 
 def list_files(data_dir: str | Path) -> list[str]:
@@ -45,7 +46,7 @@ def list_entries(data_dir: str | Path) -> list[storage.FileEntry]:
 
 
 def from_csv(data_dir: str | Path, csv_path: str | Path, path_column: str = "path", label_column: str = "label",
-             entries: list[storage.FileEntry] | None = None) -> LabelScan:
+             entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
     """Labels from a CSV.
 
     ``path_column`` holds a path relative to ``data_dir`` or, RSNA style, a file stem
@@ -59,7 +60,8 @@ def from_csv(data_dir: str | Path, csv_path: str | Path, path_column: str = "pat
         raise PrepareError(f"labels CSV not found: {csv_path}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     cols = reader.fieldnames or []
-    for col, flag in ((path_column, "--path-column"), (label_column, "--label-column")):
+    wanted = [(path_column, "--path-column"), (label_column, "--label-column")]
+    for col, flag in wanted + ([(patient_column, "--patient-column")] if patient_column else []):
         if col not in cols:
             raise PrepareError(f"{csv_path}: no column {col!r} (set {flag}); columns are {cols}")
     rows = list(reader)
@@ -101,6 +103,8 @@ def from_csv(data_dir: str | Path, csv_path: str | Path, path_column: str = "pat
         if rel in chosen and chosen[rel] != label:
             conflicts.add(rel)
         chosen.setdefault(rel, label)
+        if patient_column and (row.get(patient_column) or "").strip():
+            scan.patients.setdefault(rel, row[patient_column].strip())
     for rel in sorted(conflicts):
         scan.missing.append({"path": rel, "reason": "conflicting labels in the CSV; not used"})
         del chosen[rel]
@@ -124,12 +128,14 @@ def from_folders(data_dir: str | Path, entries: list[storage.FileEntry] | None =
 
 
 def scan_labels(data_dir: str | Path, labels_csv: str | None, path_column: str, label_column: str,
-                entries: list[storage.FileEntry] | None = None) -> LabelScan:
+                entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
     """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it)."""
     if entries is None:
         if not storage.is_dir(data_dir):
             raise PrepareError(f"data directory not found: {data_dir}")
         entries = list_entries(data_dir)
+    if patient_column and not labels_csv:
+        raise PrepareError("--patient-column needs --labels: it names a column of the labels CSV")
     if labels_csv:
-        return from_csv(data_dir, labels_csv, path_column, label_column, entries)
+        return from_csv(data_dir, labels_csv, path_column, label_column, entries, patient_column)
     return from_folders(data_dir, entries)

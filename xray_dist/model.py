@@ -236,6 +236,20 @@ def full_model_from_top(model_dir: str | Path) -> keras.Model:
         raise ModelSpecError(f"{model_dir}: neither {FULL_WEIGHTS} nor {TOP_WEIGHTS} with its base; "
                              "is it a finished `xray-dist train` run or sweep trial?")
     spec, top_info = ModelSpec.from_dict(saved["model"]), saved["top"]
+    pinned = top_info.get("weights_sha256")
+    if pinned:
+        from xray_dist import storage
+
+        try:
+            now = storage.content_sha256(top_info["weights"])
+        except FileNotFoundError:
+            now = None
+        if now != pinned:
+            raise ModelSpecError(
+                f"{model_dir}: its frozen base is {top_info['weights']}, whose content "
+                + ("is gone" if now is None else f"changed since the trial was trained (sha256 {pinned[:12]}… then, "
+                                                 f"{now[:12]}… now)")
+                + "; rebuilding on it would give another model. Restore that file, or retrain")
     top = build_top_model(spec, tuple(top_info["features_shape"]))
     top.load_weights(str(model_dir / TOP_WEIGHTS))
     keras.utils.set_random_seed(int(top_info["seed"]))  # weights="none": the base the features came from

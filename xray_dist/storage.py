@@ -295,6 +295,24 @@ def read_bytes(path: str | Path) -> bytes:
         raise _wrap(path, "reading", e) from None
 
 
+_SHA256: dict[tuple, str] = {}
+
+
+def content_sha256(path: str | Path) -> str:
+    """SHA-256 of the file's bytes (remembered per process for the same path, size and mtime)."""
+    i = info(path)
+    from pyarrow import fs as pafs
+
+    if i.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(str(path))
+    key = (absolute(path), i.size, i.mtime_ns)
+    if key not in _SHA256:
+        import hashlib
+
+        _SHA256[key] = hashlib.sha256(read_bytes(path)).hexdigest()
+    return _SHA256[key]
+
+
 def read_text(path: str | Path) -> str:
     return read_bytes(path).decode("utf-8")
 
@@ -476,15 +494,20 @@ def local_copy(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def staged_output(path: str | Path, replace: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
-    """A local directory to write ``path``'s outputs into: ``path`` itself when local; for a URI a
-    temporary directory uploaded to ``path`` when the block ends without an error (nothing is
-    uploaded after an error). ``replace``: subdirectories removed from ``path`` before the upload,
+    """A local directory to write ``path``'s outputs into, moved into ``path`` (renamed locally,
+    uploaded to a URI) only when the block ends without an error: a crash or a full disk half-way
+    leaves ``path``'s previous outputs as they were, whole. ``replace``: subdirectories removed from ``path`` before the upload,
     so a rewritten one holds no stale files; ``marker``: the file uploaded last (readers that trust
     it see every other file already there)."""
     if not is_uri(path):
         p = Path(_local(path))
         p.mkdir(parents=True, exist_ok=True)
-        yield p
+        tmp = Path(tempfile.mkdtemp(prefix=f".writing_{os.getpid()}_", dir=p))  # same filesystem: renames
+        try:
+            yield tmp
+            _move_into(tmp, p, replace, marker)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     tmp = scratch_dir("out_")
     try:
@@ -495,6 +518,24 @@ def staged_output(path: str | Path, replace: tuple[str, ...] = (), marker: str |
         put_dir(tmp, path, marker=marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into(src: Path, dest: Path, replace: tuple[str, ...], marker: str | None) -> None:
+    """Move the finished files of ``src`` into ``dest``, each by an atomic rename (``marker`` last);
+    a ``replace`` subdirectory is swapped whole (the old one renamed aside, then removed)."""
+    for sub in replace:
+        if (src / sub).is_dir():
+            old = dest / f".old_{os.getpid()}_{sub}"
+            if (dest / sub).exists():
+                os.replace(dest / sub, old)
+            os.replace(src / sub, dest / sub)
+            shutil.rmtree(old, ignore_errors=True)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(src).as_posix() == marker)
+    for f in files:
+        target = dest / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
 
 
 @contextlib.contextmanager

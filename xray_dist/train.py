@@ -37,7 +37,7 @@ import numpy as np
 
 from xray_dist.classes import ClassScheme, build_scheme
 from xray_dist.config import TrainConfig
-from xray_dist import storage
+from xray_dist import fingerprint, storage
 from xray_dist.errors import CacheError, ModelSpecError, RunStopped, XrayDistError
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,15 @@ def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict[str
     from xray_dist.dataset import load_manifest
 
     m = load_manifest(cache)
-    rows = zip(m.column("path").to_pylist(), m.column("split").to_pylist(), m.column("label").to_pylist())
-    label_of = {p: scheme.mapping[lab] for p, s, lab in rows if s == split}
+    rows = [(p, lab) for p, s, lab in zip(m.column("path").to_pylist(), m.column("split").to_pylist(),
+                                          m.column("label").to_pylist()) if s == split]
+    unseen = Counter(lab for _, lab in rows if lab not in scheme.mapping)
+    if unseen:
+        lab, n = unseen.most_common(1)[0]
+        raise CacheError(f"{cache}: class {lab!r} has {n} images in the {split!r} split but none in 'train', so the "
+                         "model has no output for it; prepare again with another --seed or fractions, or leave the "
+                         "class out of the labels")
+    label_of = {p: scheme.mapping[lab] for p, lab in rows}
     if not label_of:
         raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
     return label_of
@@ -565,6 +572,8 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
 
         # the frozen base under the trained top: the same weights source and seed as the features
         extra["top"] = {"features_shape": read_meta(cfg.features)["shape"], "weights": cfg.weights, "seed": cfg.seed}
+        if cfg.weights not in ("imagenet", "none"):  # pinned by content: the file at that path may be replaced
+            extra["top"]["weights_sha256"] = storage.content_sha256(cfg.weights)
     save_spec(model_dir, ModelSpec.from_dict(spec), extra)
     if cfg.features and full_model:
         materialize_full_model(model_dir)
@@ -631,16 +640,25 @@ def _best_checkpoint(result, metric: str):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as described by ``cfg``; write everything into ``cfg.out``."""
-    from xray_dist.runtime import init_ray
-
     cfg = cfg.resolved()
     for where in (cfg.out, cfg.cache, *([cfg.weights] if cfg.weights not in ("imagenet", "none") else [])):
         storage.check_location(where)
     if cfg.weights not in ("imagenet", "none") and not storage.is_file(cfg.weights):
         raise ModelSpecError(f"--weights {cfg.weights}: no such file")
+    from xray_dist.locks import TargetLock
+
+    with TargetLock(cfg.out, "xray-dist train"):  # one writer per run directory
+        return _train_locked(cfg)
+
+
+def _train_locked(cfg: TrainConfig) -> TrainResult:
+    from xray_dist.runtime import init_ray
+
     _check_resume_compatible(cfg, cfg.out)
+    fp = fingerprint.check_unchanged(cfg.out, cfg.cache, "run")  # a re-split cache must not be resumed on
     storage.makedirs(cfg.out)
     storage.write_json(storage.join(cfg.out, "config.json"), cfg.to_dict(), indent=2)
+    fingerprint.record(cfg.out, cfg.cache, fp)
     init_ray(cfg.address)
     trainer, scheme, spec = make_trainer(cfg)
     t0 = time.time()
@@ -652,6 +670,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     with storage.staged_output(cfg.out, replace=(MODEL_DIR, "tensorboard"), marker="metrics.json") as local_out:
         res = export_run(cfg, result, scheme, spec, local_out)
         res.metrics["wall_seconds"] = round(time.time() - t0, 1)
+        res.metrics["cache_fingerprint"] = fp["id"]
         (local_out / "metrics.json").write_text(json.dumps(res.metrics, indent=2, default=_json_default))
     res.out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out)
     return res

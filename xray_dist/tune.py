@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 
-from xray_dist import storage
+from xray_dist import fingerprint, storage
 from xray_dist.config import SweepConfig, TrainConfig
-from xray_dist.errors import RunStopped
+from xray_dist.errors import RunStopped, XrayDistError
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,17 @@ def _FinishingASHA(**kwargs):  # noqa: N802 - built lazily: Ray Tune is imported
 
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep; write results.csv, best.json and the metric-vs-dimension PNG."""
+    from xray_dist.locks import TargetLock
+
+    cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=storage.absolute(cfg.out))
+    for where in (cfg.out, cfg.base.cache,
+                  *([cfg.base.weights] if cfg.base.weights not in ("imagenet", "none") else [])):
+        storage.check_location(where)
+    with TargetLock(cfg.out, "xray-dist tune"):  # one sweep per directory at a time
+        return _sweep_locked(cfg)
+
+
+def _sweep_locked(cfg: SweepConfig) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -224,11 +235,12 @@ def sweep(cfg: SweepConfig) -> dict:
     from xray_dist.features import ensure_features
     from xray_dist.runtime import init_ray
 
-    cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=storage.absolute(cfg.out))
     out = cfg.out
-    for where in (out, cfg.base.cache, *([cfg.base.weights] if cfg.base.weights not in ("imagenet", "none") else [])):
-        storage.check_location(where)
+    fp = fingerprint.check_unchanged(out, cfg.base.cache, "sweep")  # a resumed sweep on a re-split cache: refused
+    _check_same_sweep(cfg, out)
     storage.makedirs(out)
+    fingerprint.record(out, cfg.base.cache, fp)
+    storage.write_json(storage.join(out, SWEEP_CONFIG), _comparable(cfg), indent=2, default=str)
     init_ray(cfg.base.address)
     t0 = time.time()
     features: dict[str, str] = {}
@@ -269,7 +281,7 @@ def sweep(cfg: SweepConfig) -> dict:
     root_path, root_fs = storage.ray_storage(out)
     if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         log.info("resuming the sweep in %s", path)
-        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=False,
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=cfg.resume_errored,
                                    param_space=space, storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
@@ -278,7 +290,10 @@ def sweep(cfg: SweepConfig) -> dict:
                                         scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc,
                                         reuse_actors=local),
             run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=root_path, storage_filesystem=root_fs,
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                      # in-process trials are retried here; a Ray Train trial retries its
+                                      # own workers with the same --max-failures, so not twice
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=cfg.base.max_failures if local else 0, fail_fast=False)),
         )
     log.info("sweep: up to %d trials at a time (%s), %s", max_conc, why,
              "each training in its own Tune process" if local else "each a Ray Train run")
@@ -286,6 +301,35 @@ def sweep(cfg: SweepConfig) -> dict:
     rows = collect_results(grid, cfg, out)
     summary = write_outputs(rows, cfg, out, time.time() - t0, t_features)
     return summary
+
+
+SWEEP_CONFIG = "sweep_config.json"
+#: Settings a resumed sweep may change: how many trials run at once and how, and where Ray is.
+_MAY_CHANGE = {"max_concurrent", "trial_runner", "resume_errored", "address", "max_failures"}
+
+
+def _comparable(cfg: SweepConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    base = {k: v for k, v in d.pop("base").items() if k not in _MAY_CHANGE}
+    return json.loads(json.dumps({**{k: v for k, v in d.items() if k not in _MAY_CHANGE}, "base": base},
+                                 default=str))
+
+
+def _check_same_sweep(cfg: SweepConfig, out: str) -> None:
+    """A sweep resumed with another search space or other base settings would mix two
+    configurations in one results table: refused, with every difference."""
+    try:
+        old = storage.read_json(storage.join(out, SWEEP_CONFIG))
+    except FileNotFoundError:
+        return
+    new = _comparable(cfg)
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) - {"base"}
+            if old.get(k) != new.get(k)]
+    diff += [f"{k}: {old['base'].get(k)!r} -> {new['base'].get(k)!r}"
+             for k in sorted(set(old.get("base", {})) | set(new["base"])) if old["base"].get(k) != new["base"].get(k)]
+    if diff:
+        raise XrayDistError(f"--out {out} holds a sweep with other settings ({'; '.join(diff)}); use a new --out, "
+                            "or the same settings to resume it")
 
 
 def planned_trials(cfg: SweepConfig) -> int:
@@ -367,6 +411,8 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, 
                      "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric}
         storage.write_json(storage.join(out, "best.json"), best_json, indent=2)
         summary["best"] = best_json
+    else:  # no trial completed: an older sweep's best.json must not stay behind as if it were this one's
+        storage.delete_file(storage.join(out, "best.json"))
     with storage.staged_file(storage.join(out, "sweep.png")) as png:
         plot_sweep(rows, png, cfg.base.metric)
     storage.write_json(storage.join(out, "summary.json"), summary, indent=2, default=str)

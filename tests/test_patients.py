@@ -1,0 +1,107 @@
+"""Patients, truthfully: what each patient key was made from, a placeholder ID that swallows the
+cohort, patients named by the labels CSV, and a class the training split never sees."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+
+from xray_dist import dicom
+
+
+class TestKeySource:
+    def test_patient_id_then_study_then_file(self, synth_binary):
+        ds = pydicom.dcmread(synth_binary.files[0])
+        key, source = dicom.patient_key_and_source(ds, "s", "f")
+        assert source == dicom.BY_PATIENT_ID and key == dicom.hash_patient("s", "pid:" + ds.PatientID)
+        ds.PatientID = ""
+        assert dicom.patient_key_and_source(ds, "s", "f") == (dicom.hash_patient("s", "study:" + ds.StudyInstanceUID),
+                                                              dicom.BY_STUDY_UID)
+        ds.StudyInstanceUID = ""
+        assert dicom.patient_key_and_source(ds, "s", "f") == (dicom.hash_patient("s", "file:f"), dicom.BY_FILE)
+
+
+def test_a_class_only_outside_train_is_a_clear_error(tmp_path):
+    """Validation holds a label that training never saw: a CacheError naming the class, not a KeyError."""
+    from xray_dist.classes import build_scheme
+    from xray_dist.errors import CacheError
+    from xray_dist.train import split_labels
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "_COMPLETE.json").write_text("{}")
+    pq.write_table(pa.table({"path": ["a", "b", "c"], "split": ["train", "train", "val"],
+                             "label": ["normal", "finding", "effusion"], "patient": ["1", "2", "3"]}),
+                   tmp_path / "manifest.parquet")
+    scheme = build_scheme({"normal": 1, "finding": 1}, None, "normal")
+    assert split_labels(tmp_path, "train", scheme) == {"a": 0, "b": 1}
+    with pytest.raises(CacheError, match="class 'effusion' has 1 images in the 'val' split but none in 'train'"):
+        split_labels(tmp_path, "val", scheme)
+
+
+@pytest.mark.slow
+def test_prepare_reports_grouping_warns_on_placeholders_and_takes_csv_patients(ray_cluster, synth_binary, tmp_path,
+                                                                             caplog):
+    """A third of the files carry the placeholder Patient ID ANONYMOUS, four have no IDs at all:
+    prepare says how every key was made and warns about the placeholder; with --patient-column the
+    labels' patients make the keys, and files sharing a CSV patient share a key."""
+    import logging
+
+    from xray_dist.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_binary.out, data)
+    files = sorted(synth_binary.labels)
+    anonymous, no_ids = files[: len(files) // 3], files[-4:]
+    for rel in anonymous + no_ids:
+        ds = pydicom.dcmread(data / rel)
+        ds.PatientID = "ANONYMOUS" if rel in anonymous else ""
+        if rel in no_ids:
+            ds.StudyInstanceUID = ""
+        ds.save_as(data / rel)
+    with caplog.at_level(logging.WARNING):
+        assert main(["prepare", str(data), "--labels", str(data / "labels.csv"), "--out", str(tmp_path / "c1"),
+                     "--image-size", "32"]) == 0
+    report = json.loads((tmp_path / "c1" / "prepare_report.json").read_text())
+    assert report["patients_grouped_by"] == {"file": 4, "patient_id": len(files) - 4}
+    assert any(f"{len(anonymous)} of {len(files)} files" in w and "placeholder" in w for w in report["warnings"])
+    assert any("placeholder" in r.getMessage() for r in caplog.records)
+
+    # the labels CSV knows the patients (the true ones synth used, under another column name)
+    with open(data / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(data / "labels_p.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "subject"])
+        for r in rows:
+            w.writerow([r["path"], r["label"], synth_binary.patients[r["path"]]])
+    assert main(["prepare", str(data), "--labels", str(data / "labels_p.csv"), "--patient-column", "subject",
+                 "--out", str(tmp_path / "c2"), "--image-size", "32"]) == 0
+    report = json.loads((tmp_path / "c2" / "prepare_report.json").read_text())
+    assert report["patients_grouped_by"] == {"labels": len(files)} and not report["warnings"]
+    m = pq.read_table(tmp_path / "c2" / "manifest.parquet").to_pylist()
+    key_of = {r["path"]: r["patient"] for r in m}
+    true = synth_binary.patients
+    assert len(set(key_of.values())) == len(set(true.values()))
+    for a in files:  # equal keys exactly for files of one true patient, none of them in two splits
+        for b in files:
+            assert (key_of[a] == key_of[b]) == (true[a] == true[b])
+    split_of = {}
+    for r in m:
+        assert split_of.setdefault(true[r["path"]], r["split"]) == r["split"]
+    assert not set(key_of.values()) & set(true.values())  # keys, never the raw IDs
+
+    # the salt kept apart from the cache: the keys are those of that salt, and the cache holds none
+    salt_file = tmp_path / "secret" / "salt"
+    assert main(["prepare", str(data), "--labels", str(data / "labels_p.csv"), "--patient-column", "subject",
+                 "--salt-file", str(salt_file), "--out", str(tmp_path / "c3"), "--image-size", "32"]) == 0
+    salt = salt_file.read_text().strip()
+    assert len(salt) >= 32 and oct(salt_file.stat().st_mode & 0o777) == "0o600"
+    assert not (tmp_path / "c3" / ".salt").exists()
+    m3 = {r["path"]: r["patient"] for r in pq.read_table(tmp_path / "c3" / "manifest.parquet").to_pylist()}
+    assert m3 == {rel: dicom.hash_patient(salt, "labels:" + true[rel]) for rel in files}
