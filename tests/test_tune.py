@@ -345,6 +345,7 @@ def test_sweep_with_no_completed_trial_fails_and_a_changed_sweep_is_not_resumed(
     first = started.stat().st_mtime_ns
     assert main([*argv, "--max-concurrent", "1"]) == 1  # what may change: how many trials at a time
     assert started.stat().st_mtime_ns == first  # resumed: the failed trial is not run again...
+    assert read_results(out)[0]["num_classes"] == "7"  # its row keeps its parameters (Tune gives none)
     assert main([*argv, "--resume-errored"]) == 1
     assert started.stat().st_mtime_ns > first  # ...unless asked to
     assert [r["status"] for r in read_results(out)] == ["failed"]

@@ -323,7 +323,7 @@ def _check_same_sweep(cfg: SweepConfig, out: str) -> None:
     except FileNotFoundError:
         return
     new = _comparable(cfg)
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) - {"base"}
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted((set(old) | set(new)) - {"base"})
             if old.get(k) != new.get(k)]
     diff += [f"{k}: {old['base'].get(k)!r} -> {new['base'].get(k)!r}"
              for k in sorted(set(old.get("base", {})) | set(new["base"])) if old["base"].get(k) != new["base"].get(k)]
@@ -339,6 +339,16 @@ def planned_trials(cfg: SweepConfig) -> int:
     return grid * cfg.num_samples
 
 
+def _params_from_trial(trial_dir: str) -> dict:
+    """A trial's parameters from the config it wrote when it started: Tune gives no config for a
+    failed trial of a restored sweep that it does not run again."""
+    try:
+        c = storage.read_json(storage.join(trial_dir, "config.json"))
+    except FileNotFoundError:
+        return {k: "" for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
+    return {k: c.get(k, "") for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
+
+
 def _params_of(config: dict) -> dict:
     p = dict(config)
     if "combo" in p:
@@ -349,8 +359,8 @@ def _params_of(config: dict) -> dict:
 def collect_results(grid, cfg: SweepConfig, out: str) -> list[dict]:
     rows = []
     for r in grid:
-        params = _params_of(r.config)
         trial_dir = storage.join(out, "trials", Path(r.path).name)
+        params = _params_of(r.config) if r.config else _params_from_trial(trial_dir)
         df = r.metrics_dataframe
         row = {**params, "trial": Path(r.path).name, "status": "", "epochs": 0, "val_auc_abnormal": float("nan"),
                "val_auc": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
