@@ -341,6 +341,8 @@ def test_sweep_with_no_completed_trial_fails_and_a_changed_sweep_is_not_resumed(
     err = capsys.readouterr().err
     assert "holds a sweep with other settings" in err and "head_widths: [0] -> [0, 8]" in err
     assert main([*argv, "--lr", "3e-4"]) == 2 and "lr:" in capsys.readouterr().err
+    assert main([*argv, "--batch-size", "16"]) == 2  # a base setting every trial shares
+    assert "batch_size: 8 -> 16" in capsys.readouterr().err
     started = next((out / "trials").glob("*/config.json"))  # written when the trial starts
     first = started.stat().st_mtime_ns
     assert main([*argv, "--max-concurrent", "1"]) == 1  # what may change: how many trials at a time

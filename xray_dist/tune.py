@@ -308,9 +308,13 @@ SWEEP_CONFIG = "sweep_config.json"
 _MAY_CHANGE = {"max_concurrent", "trial_runner", "resume_errored", "address", "max_failures"}
 
 
+#: Base settings every trial replaces with its own searched values: not part of what a sweep is.
+_SEARCHED = {"head_width", "num_classes", "unfreeze_blocks", "lr"}
+
+
 def _comparable(cfg: SweepConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    base = {k: v for k, v in d.pop("base").items() if k not in _MAY_CHANGE}
+    base = {k: v for k, v in d.pop("base").items() if k not in _MAY_CHANGE | _SEARCHED}
     return json.loads(json.dumps({**{k: v for k, v in d.items() if k not in _MAY_CHANGE}, "base": base},
                                  default=str))
 
