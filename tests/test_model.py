@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-tf_keras = pytest.importorskip("tf_keras")
+import tf_keras  # noqa: E402 - pinned: if it cannot be imported, these tests must fail, not skip
 
 from xray_dist.errors import ModelSpecError  # noqa: E402
 from xray_dist.model import ModelSpec, VGGInput, build_model, load_weights_checked, trainable_parameters  # noqa: E402
