@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -148,7 +147,3 @@ class TargetLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-
-def command_name() -> str:
-    """How this process was started, for the holder record (no paths: they may carry names)."""
-    return " ".join(os.path.basename(a) for a in sys.argv[:2]) or "python"

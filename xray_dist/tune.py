@@ -125,11 +125,6 @@ def _stop_requested() -> bool:
     return bool(session is not None and session.stop_event.is_set())
 
 
-def default_max_concurrent(sweep: SweepConfig, resources: dict, trials: int | None = None) -> int:
-    """Trials at a time when ``--max-concurrent`` is not given: what ``resources`` hold."""
-    return concurrency_choice(sweep, resources, trials)[0]
-
-
 def concurrency_choice(sweep: SweepConfig, resources: dict, trials: int | None = None,
                        max_resources: dict | None = None) -> tuple[int, str]:
     """``(trials at a time, why)`` when ``--max-concurrent`` is not given.
