@@ -322,7 +322,7 @@ def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
     from xray_dist.classes import build_scheme
     from xray_dist.config import PrepareConfig, PreprocessSpec
     from xray_dist.dataset import load_manifest, prepare
-    from xray_dist.train import StepPlan, _train_input, split_dataset
+    from xray_dist.train import ShardCache, StepPlan, _train_input, split_dataset
 
     cache = work / "cache_unc"
     t0 = time.perf_counter()
@@ -333,10 +333,11 @@ def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
     train = m[m.split == "train"]
     scheme = build_scheme(list(m.label), None, "normal")
     ds, n_train = split_dataset(cache, "train", scheme, {0: 1.0, 1: 1.0})
-    shard = ds.streaming_split(1, equal=True)[0]
     plan = StepPlan.make(n_train, 1, 1, s["batch"])
     spec = tf.TensorSpec((None, s["image_size"], s["image_size"]), tf.uint8)
-    it = iter(_train_input(tf.distribute.get_strategy(), shard, spec, plan, 256, 0, 2048 * 2**20))
+    rows = ShardCache(ds.iterator(), plan.per_replica_batch, plan.steps, 256, 0, 2048 * 2**20,
+                      whole=True)  # the split fits: what a Train worker gets (make_loop_config)
+    it = iter(_train_input(tf.distribute.get_strategy(), rows, spec))
     ours = []
     for _ in range(s["input_epochs"]):
         t0, n = time.perf_counter(), 0

@@ -182,3 +182,40 @@ def render_in_chromium(page: Path, screenshot: Path) -> str:
 def chromium():
     """:func:`render_in_chromium` for tests that check a page in a real browser."""
     return render_in_chromium
+
+
+def h5_arrays(path) -> dict:
+    """Every array of an HDF5 weights file, by its path inside the file."""
+    import h5py
+
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def assert_same_run(a: tuple, b: tuple) -> None:
+    """Two runs given as (weights by name, history rows) trained the same: same per-epoch losses and
+    validation numbers, same weights (float tolerance)."""
+    import numpy as np
+
+    (wa, ha), (wb, hb) = a, b
+    assert [int(h["epoch"]) for h in ha] == [int(h["epoch"]) for h in hb]
+    for key in ("loss", "val_loss", "val_auc_abnormal"):
+        np.testing.assert_allclose([float(h[key]) for h in hb], [float(h[key]) for h in ha], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.fixture
+def read_h5():
+    """:func:`h5_arrays`, for tests that compare weights files."""
+    return h5_arrays
+
+
+@pytest.fixture
+def same_run():
+    """:func:`assert_same_run` for tests that compare an interrupted run with an uninterrupted one."""
+    return assert_same_run

@@ -298,24 +298,29 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
 
 
 @pytest.mark.slow
-def test_worker_killed_with_checkpoints_in_object_storage(ray_cluster, prepared_binary, s3_server, tmp_path):
-    """A train worker killed once a checkpoint is in the bucket: the run restarts from it, finishes,
-    and counts each epoch once."""
-    from test_train import cfg_for, kill_a_worker_once_checkpointed
+def test_worker_killed_with_checkpoints_in_object_storage(two_worker_run, s3_server, tmp_path, same_run, read_h5):
+    """One of two train workers (one per node) killed once a checkpoint is in the bucket: the run
+    restarts from it, counts each epoch once, and ends as the uninterrupted run with the same
+    settings (``two_worker_run``) ended — optimizer, dropout and data order restored on both nodes."""
+    from test_train import kill_a_worker_once_checkpointed
 
+    from xray_dist.config import TrainConfig
     from xray_dist.train import train
 
-    _, cache = prepared_binary
+    done, _, done_dir = two_worker_run
     b = "xray-kill"
     out = f"{s3_server.bucket(b)}/runs/kill"
     t, killed = kill_a_worker_once_checkpointed(
         lambda: any("/checkpoint_" in k for k in s3_server.keys(b, "runs/kill/ray/train/")))
-    res = train(cfg_for(cache, out, epochs=4))
+    res = train(TrainConfig(**{**done.metrics["config"], "out": out}))
     t.join(timeout=5)
     assert killed, "no worker was killed"
     history = _history(s3_server.get(b, "runs/kill/history.csv").decode())
     assert [int(h["epoch"]) for h in history] == [1, 2, 3, 4]
     assert res.metrics["epochs"] == 4 and res.metrics["complete"]
+    weights = tmp_path / "weights.h5"
+    weights.write_bytes(s3_server.get(b, "runs/kill/model/weights.h5"))
+    same_run((read_h5(done_dir / "model" / "weights.h5"), done.history), (read_h5(weights), history))
 
 
 class TestLocalStaging:

@@ -105,7 +105,7 @@ def test_multi_device_worker_on_logical_cpus(ray_cluster, prepared_binary, tmp_p
     from xray_dist.train import train
 
     _, cache = prepared_binary
-    res = train(cfg_for(cache, tmp_path / "run", epochs=1, cpu_replicas=2, batch_size=4))
+    res = train(cfg_for(cache, tmp_path / "run", epochs=1, cpu_replicas=2, batch_size=4, head_width=8))  # dropout too
     final = res.metrics["final"]
     assert final["replicas"] == 2 and final["world_size"] == 1 and final["global_batch"] == 8
 
@@ -142,33 +142,58 @@ def kill_a_worker_once_checkpointed(has_checkpoint) -> tuple[threading.Thread, l
     return t, killed
 
 
-def test_worker_killed_mid_run_resumes_and_counts_each_epoch_once(ray_cluster, prepared_binary, tmp_path):
+# The resume tests' run: a hidden layer (dropout draws random numbers), 4 epochs.
+RESUMED = dict(epochs=4, head_width=8, dropout=0.5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, prepared_binary, tmp_path_factory):
+    """The run the resume tests' runs would have been without their interruption."""
+    from xray_dist.train import train
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(cfg_for(prepared_binary[1], out, **RESUMED))
+    return out
+
+
+def run_state(run, read_h5) -> tuple:
+    """(exported weights, history rows) of a run directory."""
+    return read_h5(Path(run) / "model" / "weights.h5"), read_history(run)
+
+
+def test_worker_killed_mid_run_resumes_exactly_and_counts_each_epoch_once(prepared_binary, uninterrupted, tmp_path,
+                                                                          same_run, read_h5):
     from xray_dist.train import train
 
     _, cache = prepared_binary
     out = tmp_path / "run"
     t, killed = kill_a_worker_once_checkpointed(lambda: any((out / "ray" / "train").glob("checkpoint_*")))
-    res = train(cfg_for(cache, out, epochs=4))
+    res = train(cfg_for(cache, out, **RESUMED))
     t.join(timeout=5)
     assert killed, "no worker was killed"
     assert [int(h["epoch"]) for h in read_history(out)] == [1, 2, 3, 4]
     assert res.metrics["epochs"] == 4 and res.metrics["complete"]
+    # the restarted worker went on from the checkpoint with Adam's moments, the dropout generator
+    # and the data order of the uninterrupted run: the same numbers every epoch, the same model
+    same_run(run_state(uninterrupted, read_h5), run_state(out, read_h5))
+    assert res.metrics["best_epoch"] == json.loads((uninterrupted / "metrics.json").read_text())["best_epoch"]
 
 
-def test_rerun_same_out_resumes(ray_cluster, prepared_binary, tmp_path):
+def test_rerun_same_out_resumes_exactly(prepared_binary, uninterrupted, tmp_path, same_run, read_h5):
     from xray_dist.errors import XrayDistError
     from xray_dist.train import train
 
     _, cache = prepared_binary
     out = tmp_path / "run"
-    train(cfg_for(cache, out, epochs=2))
+    train(cfg_for(cache, out, **{**RESUMED, "epochs": 2}))  # as if stopped after epoch 2
     first = read_history(out)
-    train(cfg_for(cache, out, epochs=3))
+    train(cfg_for(cache, out, **RESUMED))
     second = read_history(out)
-    assert [int(h["epoch"]) for h in second] == [1, 2, 3]
+    assert [int(h["epoch"]) for h in second] == [1, 2, 3, 4]
     assert [h["epoch_seconds"] for h in second[:2]] == [h["epoch_seconds"] for h in first]  # not retrained
+    same_run(run_state(uninterrupted, read_h5), run_state(out, read_h5))
     with pytest.raises(XrayDistError, match="head_width"):
-        train(cfg_for(cache, out, epochs=3, head_width=8))
+        train(cfg_for(cache, out, **{**RESUMED, "head_width": 16}))
 
 
 def _free_port() -> int:
@@ -261,12 +286,16 @@ def test_ray_job_submit(synth_binary, tmp_path):
 
 class TestShardCache:
     @staticmethod
-    def shard(n=40):
+    def shard(n=40, reverse=False):
         import ray
 
-        ds = ray.data.from_items([{"x": np.full((4, 4), i, np.uint8), "label": i % 2, "weight": 1.0}
-                                  for i in range(n)])
-        return ds.iterator()
+        items = [{"path": f"p{i:03d}.dcm", "x": np.full((4, 4), i, np.uint8), "label": i % 2, "weight": 1.0}
+                 for i in range(n)]
+        return ray.data.from_items(items[::-1] if reverse else items).iterator()
+
+    @staticmethod
+    def ids(passes) -> list[list[int]]:
+        return [[int(v) for x, _, _ in p for v in x[:, 0, 0]] for p in passes]
 
     def test_later_epochs_come_from_memory_reshuffled(self, ray_cluster):
         from xray_dist.train import ShardCache
@@ -282,9 +311,9 @@ class TestShardCache:
 
         c.shard = Gone()
         second, third = list(c.batches()), list(c.batches())
-        ids = [sorted(int(v) for x, _, _ in p for v in x[:, 0, 0]) for p in (second, third)]
+        ids = self.ids([second, third])
         assert len(second) == len(third) == 4 and len(set(ids[0])) == 32  # no row twice in a pass
-        assert ids[0] != ids[1] or [x[:, 0, 0].tolist() for x, _, _ in second] != [x[:, 0, 0].tolist() for x, _, _ in third]
+        assert ids[0] != ids[1]
         for x, y, _ in second:  # labels travel with their images
             np.testing.assert_array_equal(y, x[:, 0, 0] % 2)
 
@@ -306,6 +335,28 @@ class TestShardCache:
         c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=100)
         assert len(list(c.batches())) == 4 and c.rows is None
         assert len(list(c.batches())) == 4  # read from Ray Data again
+
+    def test_whole_split_order_is_a_function_of_seed_and_epoch(self, ray_cluster):
+        """Every worker holds the whole split: each epoch's batches depend on (seed, epoch), not on
+        the order the rows arrived in; the ranks take disjoint equal parts of one permutation; a
+        cache resumed after epoch 2 gives the uninterrupted run's epochs 3 and 4."""
+        from xray_dist.train import ShardCache
+
+        def run(rank, reverse=False, start=0, passes=4):
+            c = ShardCache(self.shard(42, reverse), batch_size=4, per_pass=5, shuffle_buffer=8, seed=7,
+                           limit_bytes=0, whole=True, rank=rank, world=2, start_epoch=start)
+            return self.ids([list(c.batches()) for _ in range(passes)])
+
+        r0, r1 = run(0), run(1)
+        assert run(0, reverse=True) == r0  # delivered in another order: the same batches
+        assert run(0, start=2, passes=2) == r0[2:]  # resumed after epoch 2
+        for e in range(4):
+            assert len(r0[e]) == len(r1[e]) == 20 and not set(r0[e]) & set(r1[e])  # equal, disjoint parts
+        assert len({tuple(p) for p in r0}) == 4  # a new order every epoch
+        assert set().union(*r0, *r1) == set(range(42))  # over the epochs every row trains
+        c = ShardCache(self.shard(42), batch_size=4, per_pass=5, shuffle_buffer=8, seed=8, limit_bytes=0, whole=True,
+                       rank=0, world=2)
+        assert self.ids([list(c.batches())]) != r0[:1]  # another seed, another order
 
 
 def test_ray_engine_predicts_what_the_local_engine_does(two_worker_run, synth_binary, tmp_path, caplog):

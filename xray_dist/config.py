@@ -203,9 +203,14 @@ class TrainConfig:
         metric: what "best" means for kept checkpoints and the exported model.
         max_failures: worker failures survived by restarting from the last checkpoint.
         mixed_precision: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``off`` or ``on``.
-        worker_cache_mb: each worker keeps its training rows in memory after the first epoch
-            when they fit (rank 0 also the validation set), so later epochs skip Ray Data;
-            0 streams from Ray Data every epoch.
+        worker_cache_mb: memory for training rows per worker. When the whole training split
+            fits, every worker holds all of it (read once) and trains on its part of one seeded
+            permutation per epoch: the order depends on (seed, epoch) alone, so a resumed run is
+            exact (:class:`xray_dist.train.ShardCache`). Otherwise each worker streams Ray Data's
+            equal share, kept in memory after the first epoch when that fits; rank 0 keeps the
+            validation set when it fits. 0 streams from Ray Data every epoch.
+        shuffle_buffer: Ray Data's local shuffle buffer when a worker streams its share (the
+            whole-split order above is a full permutation).
     """
 
     cache: str

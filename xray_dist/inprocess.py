@@ -88,23 +88,15 @@ class LocalSplit:
 def in_process_inputs(cfg: TrainConfig) -> tuple:
     """:func:`xray_dist.train.run_inputs` for a run in this process: each split as a
     :class:`LocalSplit` when it fits in ``cfg.worker_cache_mb``, as the Ray Dataset otherwise."""
-    import numpy as np
-
-    from xray_dist.train import make_loop_config, run_setup, split_dataset, split_labels, split_source
+    from xray_dist.train import fits_in_worker, make_loop_config, run_setup, split_dataset, split_labels, split_source
 
     scheme, spec, class_weight = run_setup(cfg)
     source, column = split_source(cfg.cache, cfg.features)
-    if cfg.features:
-        from xray_dist.features import read_meta
-
-        row_bytes = 4 * int(np.prod(read_meta(cfg.features)["shape"]))
-    else:
-        row_bytes = spec["image_size"] ** 2
     datasets, sizes = {}, {}
     for name in ("train", "val"):
         label_of = split_labels(cfg.cache, name, scheme)
         sizes[name] = len(label_of)
-        if len(label_of) * row_bytes <= cfg.worker_cache_mb * 2**20:
+        if fits_in_worker(cfg, spec, len(label_of)):
             datasets[name] = LocalSplit(source, column, label_of, class_weight)
         else:
             datasets[name], _ = split_dataset(cfg.cache, name, scheme, class_weight, cfg.features)

@@ -123,7 +123,9 @@ def add_head(features, spec: ModelSpec, seed: int = 0):
     if spec.head_width:
         x = keras.layers.Dense(spec.head_width, activation="relu", name="head_dense",
                                kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
-        x = keras.layers.Dropout(spec.dropout, name="head_dropout", seed=seed)(x)
+        # a tf.random.Generator whose state a checkpoint saves (train.save_training_state): a
+        # resumed run draws the masks the uninterrupted run would have drawn
+        x = keras.layers.Dropout(spec.dropout, name="head_dropout", seed=seed, rng_type="stateful")(x)
     activation = "sigmoid" if spec.num_outputs == 1 else "softmax"
     return keras.layers.Dense(spec.num_outputs, activation=activation, dtype="float32", name="logits",
                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))(x)

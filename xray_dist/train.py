@@ -53,11 +53,13 @@ SCALAR_KEYS = ("val_loss", "val_accuracy", "val_auc", "val_auc_abnormal", "thres
 # ---- data ------------------------------------------------------------------------------------------
 
 def attach_labels(batch: dict, label_of: dict, weight_of: dict, column: str = "image") -> dict:
-    """Keep the rows of one split (by path): ``x`` (the model input), ``label`` (class index), ``weight``."""
+    """Keep the rows of one split (by path): ``path``, ``x`` (the model input), ``label`` (class
+    index), ``weight``."""
     keep = np.array([p in label_of for p in batch["path"]], dtype=bool)
     paths = np.asarray(batch["path"])[keep]
     labels = np.array([label_of[p] for p in paths], dtype=np.int32)
     return {
+        "path": paths,
         "x": np.asarray(batch[column])[keep],
         "label": labels,
         "weight": np.array([weight_of[int(c)] for c in labels], dtype=np.float32),
@@ -115,6 +117,20 @@ def balanced_weights(counts: dict[int, int]) -> dict[int, float]:
     return {c: n / (k * max(v, 1)) for c, v in counts.items()}
 
 
+def row_bytes(cfg: TrainConfig, spec: dict) -> int:
+    """Memory one model input takes: an S×S uint8 image, or float32 frozen features."""
+    if cfg.features:
+        from xray_dist.features import read_meta
+
+        return 4 * int(np.prod(read_meta(cfg.features)["shape"]))
+    return int(spec["image_size"]) ** 2
+
+
+def fits_in_worker(cfg: TrainConfig, spec: dict, rows: int) -> bool:
+    """Whether ``rows`` model inputs fit in one worker's ``worker_cache_mb``."""
+    return rows * row_bytes(cfg, spec) <= cfg.worker_cache_mb * 2**20
+
+
 # ---- per-worker training ---------------------------------------------------------------------------
 
 def _configure_devices(cfg: TrainConfig, world: int):
@@ -170,64 +186,88 @@ class StepPlan:
 
 
 class ShardCache:
-    """This worker's training rows, kept in memory after the first pass when they fit.
+    """This worker's training batches, one pass per epoch, in an order set by (seed, epoch) alone
+    where the rows allow it.
 
-    The Parquet cache already saves the decode; this saves re-running Ray Data every epoch
-    (read tasks, streaming-executor start, object-store transfers), which dominates small epochs.
-    Epochs 2+ reshuffle the kept rows with a seeded permutation — all of them, the rows of the
-    first pass's partial last batch included, so no row is left out of training for good. A shard larger than
-    ``limit_bytes`` is streamed from Ray Data every epoch instead (with its local shuffle buffer).
+    *Whole split* (``whole``: the driver found that the training split fits in ``worker_cache_mb``,
+    and gave every worker all of it): the rows are read once, sorted by path, and each epoch draws
+    one seeded permutation of the whole split, the same on every worker, of which rank ``r`` trains
+    on the ``r``-th equal part. The epoch-``e`` batches are then the same in every run with that
+    seed, whatever order Ray Data delivered the rows in — which is what lets a resumed run replay
+    the epochs the uninterrupted run trains (with the optimizer and dropout state of the
+    checkpoint) — and the shuffle spans the whole split rather than a local buffer.
+
+    *Split shard* (bigger datasets: Ray Data's equal share of the split for this worker): the first
+    pass streams (with Ray Data's local shuffle buffer); the rows are kept in memory when they fit in
+    ``limit_bytes`` — all of them, the rows of the first pass's partial last batch included, so no
+    row is left out of training for good — and later epochs permute them, sorted by path, with a
+    seeded permutation. Which rows a worker's share holds is Ray Data's choice, so a resumed run's
+    order is not the uninterrupted run's. A share larger than ``limit_bytes`` streams every epoch.
+
+    Either way a pass yields exactly ``per_pass`` full batches (equal steps on every worker).
     """
 
-    def __init__(self, shard, batch_size: int, per_pass: int, shuffle_buffer: int, seed: int, limit_bytes: int):
+    def __init__(self, shard, batch_size: int, per_pass: int, shuffle_buffer: int, seed: int, limit_bytes: int,
+                 whole: bool = False, rank: int = 0, world: int = 1, start_epoch: int = 0):
         self.shard, self.batch_size, self.per_pass = shard, batch_size, per_pass
         self.shuffle_buffer, self.seed, self.limit = shuffle_buffer, seed, limit_bytes
+        self.whole, self.rank, self.world = whole, rank, world
         self.rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.epoch = 0
+        self.epoch = start_epoch  # the epoch the last pass trained (a resumed run starts after its checkpoint)
 
-    def _stream(self):
+    def _stream(self, shuffle: bool = True):
+        local = shuffle and self.shuffle_buffer
         it = self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
-                                     drop_last=False, local_shuffle_buffer_size=self.shuffle_buffer or None,
-                                     local_shuffle_seed=self.seed * 1000 + self.epoch if self.shuffle_buffer else None)
-        return ((b["x"], b["label"].astype(np.float32), b["weight"]) for b in it)
+                                     drop_last=False, local_shuffle_buffer_size=self.shuffle_buffer if local else None,
+                                     local_shuffle_seed=self.seed * 1000 + self.epoch if local else None)
+        return ((b["path"], b["x"], b["label"].astype(np.float32), b["weight"]) for b in it)
+
+    def _keep(self, parts: list) -> None:
+        paths, x, y, w = (np.concatenate(p) for p in zip(*parts))
+        order = np.argsort(paths, kind="stable")  # a fixed order, whatever order the rows came in
+        self.rows = (x[order], y[order], w[order])
+
+    def _permutation(self, n: int) -> np.ndarray:
+        return np.random.default_rng(self.seed * 1000 + self.epoch).permutation(n)
 
     def batches(self):
         """One pass: exactly ``per_pass`` full batches."""
         self.epoch += 1
+        if self.whole and self.rows is None:
+            self._keep([b for b in self._stream(shuffle=False)])
         if self.rows is not None:
             x, y, w = self.rows
-            order = np.random.default_rng(self.seed * 1000 + self.epoch).permutation(len(x))
+            order = self._permutation(len(x))
+            if self.whole:
+                share = len(x) // self.world
+                order = order[self.rank * share : (self.rank + 1) * share]
             for i in range(self.per_pass):
                 idx = order[i * self.batch_size : (i + 1) * self.batch_size]
                 yield x[idx], y[idx], w[idx]
             return
         keep: list | None = [] if self.limit > 0 else None
         size = 0
-        for i, (x, y, w) in enumerate(self._stream()):
+        for i, (p, x, y, w) in enumerate(self._stream()):
             if keep is not None:
                 size += x.nbytes
                 if size <= self.limit:
-                    keep.append((x, y, w))
+                    keep.append((p, x, y, w))
                 else:
                     keep = None  # too big for memory: stream every epoch
             if i < self.per_pass and len(x) == self.batch_size:  # full batches only: equal steps everywhere
                 yield x, y, w
-        if keep and self.epoch == 1:
-            self.rows = tuple(np.concatenate(parts) for parts in zip(*keep))
+        if keep:
+            self._keep(keep)
 
 
-def _train_input(strategy, shard, input_spec, plan: StepPlan, shuffle_buffer: int, seed: int,
-                 cache_bytes: int = 0):
-    """An endless tf.data input over this worker's Ray Data shard; elements are per-replica batches.
+def _train_input(strategy, cache: ShardCache, input_spec):
+    """An endless tf.data input over this worker's :class:`ShardCache`; elements are per-replica batches.
 
-    Each pass over the shard yields exactly ``steps × local replicas`` full batches — the rest of a
-    Ray Data pass is drained unused — so Keras epochs and data passes stay aligned on every worker
-    (MultiWorkerMirroredStrategy hangs on unequal batch counts). See :class:`ShardCache`.
+    Each pass yields exactly ``steps × local replicas`` full batches — the rest of a Ray Data pass
+    is drained unused — so Keras epochs and data passes stay aligned on every worker
+    (MultiWorkerMirroredStrategy hangs on unequal batch counts).
     """
     import tensorflow as tf
-
-    cache = ShardCache(shard, plan.per_replica_batch, plan.steps * plan.local_replicas, shuffle_buffer, seed,
-                       cache_bytes)
 
     def gen():
         while True:
@@ -245,6 +285,55 @@ def _train_input(strategy, shard, input_spec, plan: StepPlan, shuffle_buffer: in
     if strategy.num_replicas_in_sync == 1:
         return dataset_fn(None)
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+OPTIMIZER_STATE = "optimizer.npz"
+RNG_STATE = "rng.npz"
+
+
+def _generators(model) -> dict:
+    """Layer name → the ``tf.random.Generator`` of each layer that draws random numbers (dropout)."""
+    gens = {}
+    for layer in model.submodules:
+        rng = getattr(layer, "_random_generator", None)
+        if rng is not None and getattr(layer, "name", None):
+            rng._maybe_init()  # created now, in the strategy's scope, not inside the first train step
+            if getattr(rng, "_generator", None) is not None:
+                gens[layer.name] = rng._generator
+    return gens
+
+
+def save_training_state(model, directory: Path) -> None:
+    """What the next epoch needs beside the weights: Adam's moments and step counter
+    (``optimizer.npz``, in the optimizer's variable order) and each dropout generator's state
+    (``rng.npz``). Together with the epoch in ``state.json`` and :class:`ShardCache`'s
+    (seed, epoch) order, a run resumed from this checkpoint trains what the uninterrupted run would."""
+    np.savez(directory / OPTIMIZER_STATE, *[np.asarray(v.numpy()) for v in model.optimizer.variables])
+    np.savez(directory / RNG_STATE, **{name: g.state.numpy() for name, g in _generators(model).items()})
+
+
+def restore_training_state(model, directory: Path, strategy) -> bool:
+    """Load :func:`save_training_state`'s files into a compiled model (built in ``strategy``'s
+    scope); False when the checkpoint has none (written before xray-dist kept them)."""
+    if not (directory / OPTIMIZER_STATE).exists():
+        return False
+    opt = model.optimizer
+    with strategy.scope():
+        getattr(opt, "inner_optimizer", opt).build(model.trainable_variables)
+    with np.load(directory / OPTIMIZER_STATE) as f:
+        values = [f[f"arr_{i}"] for i in range(len(f.files))]
+    variables = list(opt.variables)
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
+        raise CacheError(f"{directory}: the checkpoint's optimizer state ({len(values)} arrays) does not fit this "
+                         f"model's optimizer ({len(variables)} variables); resume with the run's own settings")
+    for v, a in zip(variables, values):
+        v.assign(a)
+    gens = _generators(model)
+    with np.load(directory / RNG_STATE) as f:
+        for name in f.files:
+            if name in gens:
+                gens[name].state.assign(f[name])
+    return True
 
 
 def _score(model, batches) -> tuple[np.ndarray, np.ndarray]:
@@ -371,20 +460,28 @@ def train_loop(config: dict, session) -> None:
     params = trainable_parameters(model)
     _record_worker(cfg, rank, world, strategy, policy, {"train_func_entry": t_entry, "model_ready": time.time()})
 
+    _generators(model)  # dropout's generators exist before a checkpoint is restored into them
     history: list[dict] = []
     start = 0
+    whole = bool(config.get("whole_split"))
     ckpt = session.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             load_weights_checked(model, Path(d) / "weights.h5")
+            exact = restore_training_state(model, Path(d), strategy)
             state = json.loads((Path(d) / "state.json").read_text())
         history, start = state["history"], state["epoch"]
         if rank == 0:
-            log.info("resuming from checkpoint after epoch %d", start)
+            how = ("exactly: optimizer, dropout and data order as the uninterrupted run" if exact and whole else
+                   "optimizer and dropout state restored; the data order is Ray Data's (the training split is larger "
+                   "than worker_cache_mb)" if exact else "weights only: the checkpoint holds no optimizer state")
+            log.info("resuming from the checkpoint after epoch %d (%s)", start, how)
 
     plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
-    train_input = _train_input(strategy, session.dataset_shard("train"), input_spec, plan,
-                               cfg.shuffle_buffer, cfg.seed, cfg.worker_cache_mb * 2**20)
+    rows = ShardCache(session.dataset_shard("train"), plan.per_replica_batch, plan.steps * plan.local_replicas,
+                      cfg.shuffle_buffer, cfg.seed, cfg.worker_cache_mb * 2**20, whole=whole, rank=rank, world=world,
+                      start_epoch=start)
+    train_input = _train_input(strategy, rows, input_spec)
     if start >= cfg.epochs:
         return
     reporter = _EpochReporter(cfg, scheme, session, history, rank, world, params, replicas, policy, plan)
@@ -431,6 +528,7 @@ def _make_reporter_class():
                 self.history.append(dict(metrics))
                 tmp = Path(tempfile.mkdtemp(prefix="xray_ckpt_"))
                 self.model.save_weights(str(tmp / "weights.h5"))
+                save_training_state(self.model, tmp)
                 (tmp / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
                 np.savez(tmp / "val_scores.npz", probs=probs, labels=labels)
                 log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
@@ -496,8 +594,11 @@ def run_inputs(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict, dict]:
 
 
 def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train: int) -> dict:
-    """:func:`train_loop`'s config."""
-    return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train}
+    """:func:`train_loop`'s config. ``whole_split``: every worker gets the whole training split and
+    takes its part of a (seed, epoch) permutation (:class:`ShardCache`) — when the split fits in
+    ``worker_cache_mb``; otherwise each worker streams Ray Data's equal share."""
+    return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train,
+            "whole_split": fits_in_worker(cfg, spec, n_train)}
 
 
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None):
@@ -534,7 +635,8 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: 
             worker_runtime_env={"env_vars": {**WORKER_ENV, **storage.public_env()}},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # a split that fits goes whole to every worker (a fixed order per epoch, see ShardCache)
+        dataset_config=DataConfig(datasets_to_split=[] if loop_config["whole_split"] else ["train"]),
     )
     return trainer, scheme, spec
 
