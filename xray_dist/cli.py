@@ -48,6 +48,7 @@ def _add_prepare(sub) -> None:
                    help="use images whose (0028,0301) Burned In Annotation is YES (default: quarantined)")
     p.add_argument("--salt-file", help="file holding the patient-key salt, kept apart from the cache (made when "
                                        "missing; default: CACHE/.salt, or XRAY_DIST_SALT)")
+    _add_path_flags(p, "the cache and its report")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +64,8 @@ def cmd_prepare(a) -> int:
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
         patient_column=a.patient_column,
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject"),
-        salt_file=a.salt_file, val_fraction=a.val_fraction,
+        salt_file=a.salt_file, paths="redact" if a.redact_paths else "relative", path_map=a.path_map,
+        val_fraction=a.val_fraction,
         test_fraction=a.test_fraction, seed=a.seed, address=a.address, num_cpus=a.num_cpus,
     )
     report = prepare(cfg)
@@ -91,6 +93,32 @@ def format_prepare_summary(report: dict, out: str) -> str:
         lines.append(f"  warning: {w}")
     lines.append(f"  report: {storage.join(storage.absolute(out), 'prepare_report.json')}")
     return "\n".join(lines)
+
+
+def _add_path_flags(p, where: str, salt: bool = False) -> None:
+    p.add_argument("--redact-paths", action="store_true",
+                   help=f"name files in {where} by a salted key instead of their relative path (xray_dist.paths)")
+    p.add_argument("--path-map", help="with --redact-paths: CSV to write key,path to (keep it private; never inside "
+                                      "the outputs)")
+    if salt:
+        p.add_argument("--salt-file", help="with --redact-paths: the salt (made when missing; XRAY_DIST_SALT wins); "
+                                           "give prepare's salt to get the cache's keys")
+
+
+def _path_names(a):
+    """:class:`~xray_dist.paths.PathNames` from predict/explain flags."""
+    from xray_dist.errors import XrayDistError
+    from xray_dist.paths import REDACT, RELATIVE, PathNames, resolve_salt
+
+    if a.path_map and not a.redact_paths:
+        raise XrayDistError("--path-map is written with --redact-paths only")
+    if not a.redact_paths:
+        return PathNames(RELATIVE)
+    salt = resolve_salt(a.salt_file)
+    if not salt:
+        raise XrayDistError("--redact-paths needs a salt: --salt-file FILE (prepare's, to get the cache's keys) or "
+                            "XRAY_DIST_SALT")
+    return PathNames(REDACT, salt)
 
 
 def _add_synth(sub) -> None:
@@ -334,12 +362,14 @@ def _add_predict(sub) -> None:
                         "an actor pool, GPUs when present); auto: ray for object-store inputs or 256+ files")
     p.add_argument("--address", help="Ray address for --engine ray (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
+    _add_path_flags(p, "the CSV and the log", salt=True)
 
 
 def cmd_predict(a) -> int:
     from xray_dist.predict import predict_files
 
-    rows = predict_files(a.model, a.inputs, a.out, engine=a.engine, address=a.address, num_cpus=a.num_cpus)
+    rows = predict_files(a.model, a.inputs, a.out, engine=a.engine, address=a.address, num_cpus=a.num_cpus,
+                         names=_path_names(a), path_map=a.path_map)
     bad = sum(1 for r in rows if r["error"])
     print(f"predict: {len(rows) - bad} files scored, {bad} unreadable (see the error column) -> {a.out}")
     return 0
@@ -352,12 +382,13 @@ def _add_explain(sub) -> None:
     p.add_argument("--out", required=True, help="directory for <name>.png, <name>.npy and explain.csv")
     p.add_argument("--class", dest="class_name", default=None,
                    help="class name or index to explain (default: the predicted class)")
+    _add_path_flags(p, "explain.csv, the image file names and titles, and the log", salt=True)
 
 
 def cmd_explain(a) -> int:
     from xray_dist.explain import explain_files
 
-    rows = explain_files(a.model, a.inputs, a.out, a.class_name)
+    rows = explain_files(a.model, a.inputs, a.out, a.class_name, names=_path_names(a), path_map=a.path_map)
     bad = [r for r in rows if r["error"]]
     print(f"explain: {len(rows) - len(bad)} heatmaps, {len(bad)} unreadable -> {a.out}")
     for r in bad:

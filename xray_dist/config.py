@@ -87,6 +87,8 @@ class PrepareConfig:
     label_column: str = "label"
     patient_column: str | None = None  # the labels CSV's patient column (default: DICOM Patient ID)
     salt_file: str | None = None  # where the patient-key salt lives (default: CACHE/.salt)
+    paths: str = "relative"  # how the cache and report name files: "relative" or "redact" (xray_dist.paths)
+    path_map: str | None = None  # with "redact": where to write key -> path (never inside the cache)
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -103,11 +105,26 @@ class PrepareConfig:
             raise ValueError(f"seed must be >= 0. Received: seed={self.seed}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"num_cpus must be >= 1. Received: num_cpus={self.num_cpus}")
+        if self.paths not in ("relative", "redact"):
+            raise ValueError(f"paths must be 'relative' or 'redact'. Received: paths={self.paths!r}")
+        if self.path_map and self.paths != "redact":
+            raise ValueError("path_map is written with redacted paths only (--redact-paths)")
+        if self.path_map and not storage_outside(self.path_map, self.out):
+            raise ValueError(f"path_map {self.path_map} is inside the cache {self.out}: keep the key -> path map apart "
+                             "from what is shared")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
                 "val_fraction + test_fraction must leave some patients for training. "
                 f"Received: val_fraction={self.val_fraction}, test_fraction={self.test_fraction}"
             )
+
+
+def storage_outside(path: str, base: str) -> bool:
+    """Whether ``path`` lies outside the directory (or prefix) ``base``."""
+    from xray_dist import storage
+
+    p, b = storage.absolute(path).rstrip("/"), storage.absolute(base).rstrip("/")
+    return not (p == b or p.startswith(b + "/"))
 
 
 def stable_hash(obj: Any) -> str:

@@ -2,7 +2,8 @@
 
 Cache layout (``CACHE/``)::
 
-    images/*.parquet        one row per input file: path, patient (salted hash), image (uint8
+    images/*.parquet        one row per input file: path (relative to the data directory, or a
+                            salted key with --redact-paths: xray_dist.paths), patient (salted hash), image (uint8
                             S×S tensor), error_kind, error — one file per decode task, never
                             rewritten unless the inputs or the preprocessing spec change
     images/_COMPLETE.json   the key the images were made with; written last, so a crashed prepare
@@ -37,6 +38,7 @@ from xray_dist.dicom import read_for_cache
 from xray_dist.errors import CacheError, DicomReadError, PrepareError
 from xray_dist.labels import list_entries, scan_labels
 from xray_dist.locks import LOCK, TargetLock
+from xray_dist.paths import RELATIVE, PathNames, write_path_map
 from xray_dist.splits import patient_labels, split_patients
 
 log = logging.getLogger(__name__)
@@ -69,14 +71,18 @@ def _salt(cache: str, salt_file: str | None = None) -> str:
     return salt
 
 
-def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` body: decode each file; a bad file becomes a row with its error."""
+def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
+                 names: PathNames = PathNames()) -> dict[str, np.ndarray]:
+    """Decode each file of ``batch`` (``path``: the file's name in outputs, ``rel``: its path in the
+    data directory, ``abspath``: where it is read); a bad file becomes a row with its error, the
+    error's text scrubbed of the file's path (:meth:`~xray_dist.paths.PathNames.scrub`)."""
     spec = PreprocessSpec.from_dict(spec_dict)
     s = spec.image_size
     n = len(batch["path"])
     images = np.zeros((n, s, s), dtype=np.uint8)
     patients, sources, kinds, errors = [], [], [], []
-    for i, (rel, full, data) in enumerate(zip(batch["path"], batch["abspath"], _prefetched(batch["abspath"]))):
+    rels = batch.get("rel", batch["path"])
+    for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], _prefetched(batch["abspath"]))):
         try:
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
@@ -89,13 +95,13 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str) -> di
             patients.append("")
             sources.append("")
             kinds.append(e.kind)
-            errors.append(e.reason)
+            errors.append(names.scrub(e.reason, full, rel))
         except Exception as e:  # noqa: BLE001 - an unforeseen failure still quarantines only this file
             patients.append("")
             sources.append("")
             kinds.append("unexpected")
-            errors.append(f"{type(e).__name__}: {e}")
-            log.warning("unexpected error decoding %s: %s", rel, e)
+            errors.append(names.scrub(f"{type(e).__name__}: {e}", full, rel))
+            log.warning("unexpected error decoding %s: %s", names.name(rel), errors[-1])
     return {
         "path": np.asarray(batch["path"], dtype=object),
         "patient": np.asarray(patients, dtype=object),
@@ -138,11 +144,12 @@ def _prefetched(paths) -> "Iterator[bytes | BaseException | None]":
 
 
 def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]], spec: PreprocessSpec,
-                salt: str) -> str:
-    """The decoded images' key: the data location, every file's (path, size, mtime), the spec, the salt."""
+                salt: str, paths: str = RELATIVE) -> str:
+    """The decoded images' key: the data location, every file's (path, size, mtime), the spec, the
+    salt, how files are named."""
     files = [[rel, *stats[rel]] for rel in rels]
     return stable_hash({"data_dir": storage.absolute(data_dir), "files": files, "spec": spec.to_dict(),
-                        "salt": stable_hash(salt)})
+                        "salt": stable_hash(salt), **({"paths": paths} if paths != RELATIVE else {})})
 
 
 def _check_cache_dir(cache: str) -> None:
@@ -160,19 +167,20 @@ def decode_chunks(rels: list[str], sizes: dict[str, int], cpus: int) -> list[lis
     return [ordered[i:i + per] for i in range(0, len(ordered), per)]
 
 
-def _decode_chunk(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str) -> int:
+def _decode_chunk(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
+                  names: PathNames = PathNames()) -> int:
     """Ray task body: decode a chunk of files (:func:`decode_batch`) and write them as one Parquet file."""
     from ray.data.block import BlockAccessor
 
-    batch = {"path": np.asarray(rels, dtype=object),
+    batch = {"path": np.asarray([names.name(r) for r in rels], dtype=object), "rel": np.asarray(rels, dtype=object),
              "abspath": np.asarray([storage.join(data_dir, r) for r in rels], dtype=object)}
-    table = BlockAccessor.batch_to_block(decode_batch(batch, spec_dict, salt))  # Ray Data's tensor columns
+    table = BlockAccessor.batch_to_block(decode_batch(batch, spec_dict, salt, names))  # Ray Data's tensor columns
     storage.write_parquet(table, dest)  # whole or absent: a rerun after a crash redoes only the missing chunks
     return len(rels)
 
 
 def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], images_dir: str, salt: str,
-                key: str) -> None:
+                key: str, names: PathNames = PathNames()) -> None:
     """Decode every file once, one Ray task per chunk (1 CPU each), each writing its own Parquet file.
 
     Plain Ray tasks rather than a Ray Data pipeline: the work is one independent map with nothing
@@ -190,20 +198,20 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     chunks = decode_chunks(rels, sizes, cpus)
     storage.makedirs(images_dir)
-    names = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
-    wanted = set(names)
+    chunk_files = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
+    wanted = set(chunk_files)
     present = set()
     for f in storage.list_files(images_dir):
         if f.rel in wanted:
             present.add(f.rel)
         elif f.rel != COMPLETE:
             storage.delete_file(storage.join(images_dir, f.rel))  # a partial write, or a chunk of other inputs
-    todo = [(c, n) for c, n in zip(chunks, names) if n not in present]
+    todo = [(c, n) for c, n in zip(chunks, chunk_files) if n not in present]
     if len(todo) < len(chunks):
         log.info("resuming: %d of %d chunks already decoded", len(chunks) - len(todo), len(chunks))
     task = _ray.remote(num_cpus=1, max_retries=2)(_decode_chunk)
     spec = cfg.preprocess.to_dict()
-    pending = [task.remote(c, data_dir, spec, salt, storage.join(images_dir, n)) for c, n in todo]
+    pending = [task.remote(c, data_dir, spec, salt, storage.join(images_dir, n), names) for c, n in todo]
     with tqdm(total=sum(len(c) for c, _ in todo), desc="prepare: decode", unit="file", mininterval=2) as bar:
         while pending:
             done, pending = _ray.wait(pending, num_returns=1)
@@ -259,10 +267,15 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     """:func:`prepare`'s work on the cache, under its lock."""
     storage.makedirs(cache)
     salt = _salt(cache, cfg.salt_file)
+    names = PathNames(cfg.paths, salt)  # how the cache and its report name files (relative or redacted)
     rels = [rel for rel, _ in scan.items]
-    labels = dict(scan.items)
+    labels = {names.name(rel): lab for rel, lab in scan.items}  # by the name the cache's rows carry
     stats = {e.rel: (e.size, e.mtime_ns) for e in entries}
-    key = _images_key(data_dir, rels, stats, cfg.preprocess, salt)
+    key = _images_key(data_dir, rels, stats, cfg.preprocess, salt, cfg.paths)
+    if cfg.path_map:
+        write_path_map(cfg.path_map, [storage.join(data_dir, e.rel) for e in entries] +
+                       [m["path"] for m in scan.missing], [e.rel for e in entries] + [m["path"] for m in scan.missing],
+                       names)
     images_dir = storage.join(cache, IMAGES_DIR)
     marker = storage.join(images_dir, COMPLETE)
     old = _read_marker(marker)
@@ -272,7 +285,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
             log.info("cache %s was made from other inputs or settings; decoding again", images_dir)
             storage.delete_dir(images_dir)
         log.info("decoding %d files with Ray tasks", len(rels))
-        _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key)
+        _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key, names)
         storage.write_json(marker, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict()})
     else:
         log.info("reusing decoded images in %s (same inputs and preprocessing)", images_dir)
@@ -280,7 +293,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
 
     meta = read_image_meta(cache).to_pylist()
     seen = {m["path"] for m in meta}
-    lost = sorted(set(rels) - seen)
+    lost = sorted(set(labels) - seen)
     if lost:  # a decode task that lost rows must never pass silently
         raise CacheError(f"{len(lost)} files have no row in {images_dir} (e.g. {lost[0]}); delete the cache and retry")
     meta = [m for m in meta if m["path"] in labels]
@@ -296,9 +309,10 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     if scan.patients:  # --patient-column: the labels name the patients
         from xray_dist.dicom import BY_LABELS, hash_patient
 
+        patient_of = {names.name(rel): p for rel, p in scan.patients.items()}
         for m in ok:
-            if scan.patients.get(m["path"]):
-                m["patient"], m["patient_source"] = hash_patient(salt, "labels:" + scan.patients[m["path"]]), BY_LABELS
+            if patient_of.get(m["path"]):
+                m["patient"], m["patient_source"] = hash_patient(salt, "labels:" + patient_of[m["path"]]), BY_LABELS
     grouped = dict(sorted(Counter(m.get("patient_source") or "unknown" for m in ok).items()))
     strata = patient_labels([(m["patient"], labels[m["path"]]) for m in ok])
     split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -331,13 +345,14 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     if splits["val"]["images"] == 0 and cfg.val_fraction > 0:
         warnings.append("the validation split is empty (too few patients per class)")
     report = {
-        "data_dir": data_dir,
-        "labels": str(cfg.labels) if cfg.labels else "folders",
+        "data_dir": names.location(data_dir),
+        "labels": names.location(str(cfg.labels)) if cfg.labels else "folders",
+        "paths": cfg.paths,
         "found": len(meta),
         "ok": len(ok),
         "quarantined": quarantined,
-        "missing": scan.missing,
-        "unlabeled": scan.unlabeled,
+        "missing": [{"path": names.name(m["path"]), "reason": m["reason"]} for m in scan.missing],
+        "unlabeled": [names.name(rel) for rel in scan.unlabeled],
         "classes": dict(sorted(classes.items())),
         "splits": splits,
         "patients_grouped_by": grouped,

@@ -44,8 +44,7 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     manifest = load_manifest(out / "cache").to_pandas()
     val = manifest[manifest.split == "val"]
     rows = predict_files(out / "run", [str(out / "data" / p) for p in val.path], out / "predictions.csv")
-    truth = dict(zip((str(out / "data" / p) for p in val.path), val.label))
-    correct = sum(r["prediction"] == truth[r["path"]] for r in rows)
+    correct = sum(r["prediction"] == label for r, label in zip(rows, val.label))  # rows in input order
     print(f"           {correct}/{len(rows)} validation files predicted correctly (argmax)")
 
     from xray_dist.explain import explain_files

@@ -22,6 +22,7 @@ import numpy as np
 
 from xray_dist import storage
 from xray_dist.errors import ModelSpecError
+from xray_dist.paths import PathNames, write_path_map
 from xray_dist.predict import LoadedModel, expand_inputs, load_inputs, load_run_model
 
 LAST_CONV = "block5_conv3"
@@ -76,11 +77,13 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
     return np.clip(cam, 0.0, 1.0).astype(np.float32), target.numpy(), probs.numpy().astype(np.float64)
 
 
-def _unique_names(files: list[str]) -> list[str]:
+def _unique_names(files: list[str], redact: bool = False) -> list[str]:
+    """Output file names: each file's stem (with ``_1``, ``_2``... for repeats); a redacted file's
+    key as it is."""
     seen: dict[str, int] = {}
     names = []
     for f in map(PurePosixPath, files):
-        stem = f.stem if f.suffix.lower() in (".dcm", ".dicom", "") else f.name
+        stem = f.name if redact else f.stem if f.suffix.lower() in (".dcm", ".dicom", "") else f.name
         n = seen.get(stem, 0)
         seen[stem] = n + 1
         names.append(stem if n == 0 else f"{stem}_{n}")
@@ -88,23 +91,29 @@ def _unique_names(files: list[str]) -> list[str]:
 
 
 def explain_files(run: str | Path, inputs: list[str], out: str | Path, class_name: str | None = None,
-                  batch_size: int = 16) -> list[dict]:
-    """Grad-CAM for every readable input; returns (and writes to ``OUT/explain.csv``) one row per input."""
+                  batch_size: int = 16, names: PathNames = PathNames(), path_map: str | None = None) -> list[dict]:
+    """Grad-CAM for every readable input; returns (and writes to ``OUT/explain.csv``) one row per
+    input. Files are named as ``names`` says (relative to their input, or a salted key) in the
+    CSV, the output file names and the titles."""
     storage.check_location(out)
     lm = load_run_model(run)
     chosen = resolve_class(lm, class_name)
-    files = expand_inputs(inputs)
+    files, rels = expand_inputs(inputs)
+    if path_map:
+        write_path_map(path_map, files, rels, names)
     with storage.staged_output(out) as local:  # an object-store --out gets the files when all are written
-        return _explain(lm, chosen, files, local, batch_size)
+        return _explain(lm, chosen, files, rels, names, local, batch_size)
 
 
-def _explain(lm: LoadedModel, chosen: int | None, files: list[str], out: Path, batch_size: int) -> list[dict]:
+def _explain(lm: LoadedModel, chosen: int | None, files: list[str], rels: list[str], path_names: PathNames,
+             out: Path, batch_size: int) -> list[dict]:
     from xray_dist.plots import plot_gradcam
 
     names = list(lm.scheme.names)
-    errors, good = load_inputs(files, lm.preprocess, "explain")
-    rows = [{"path": str(f), "name": name, "class": "", "probability": "", "predicted": "", "error": err}
-            for f, name, err in zip(files, _unique_names(files), errors)]
+    errors, good = load_inputs(files, rels, lm.preprocess, "explain", path_names)
+    shown = [path_names.name(r) for r in rels]
+    rows = [{"path": s, "name": name, "class": "", "probability": "", "predicted": "", "error": err}
+            for s, name, err in zip(shown, _unique_names(shown, path_names.redact), errors)]
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         images = np.stack([img for _, img in chunk])

@@ -27,6 +27,7 @@ from xray_dist import storage
 from xray_dist.classes import ClassScheme
 from xray_dist.config import PreprocessSpec
 from xray_dist.errors import DicomReadError, ModelSpecError
+from xray_dist.paths import PathNames, named_inputs, write_path_map
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,20 @@ def load_run_model(run: str | Path) -> LoadedModel:
 _NOT_IMAGES = {".csv", ".json", ".txt", ".png", ".npy", ".html", ".md", ".yaml", ".yml"}
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; directories and object-store prefixes become their files (recursively,
-    sorted, hidden ones and known non-image files skipped)."""
-    out: list[str] = []
-    for item in inputs:
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """``(files, rels)``: files as given, directories and object-store prefixes as their files
+    (recursively, sorted, hidden ones and known non-image files skipped); each file's path relative
+    to the input it came from — its file name when given by itself — which outputs name it by
+    (:mod:`xray_dist.paths`)."""
+
+    def files_of(item: str) -> list[str] | None:
         storage.check_location(item)
-        if storage.is_dir(item):
-            out += [storage.join(item, e.rel) for e in storage.list_files(item)
-                    if not any(s.startswith(".") for s in e.rel.split("/"))
-                    and PurePosixPath(e.rel).suffix.lower() not in _NOT_IMAGES]
-        else:
-            out.append(item if storage.is_uri(item) else str(Path(item)))
-    return out
+        if not storage.is_dir(item):
+            return None
+        return [e.rel for e in storage.list_files(item) if not any(s.startswith(".") for s in e.rel.split("/"))
+                and PurePosixPath(e.rel).suffix.lower() not in _NOT_IMAGES]
+
+    return named_inputs([i if storage.is_uri(i) else str(Path(i)) for i in inputs], files_of)
 
 
 def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -93,20 +95,22 @@ def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) ->
     return class_probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
 
 
-def load_inputs(files: list[str], spec: PreprocessSpec, what: str) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
-    """Every file read as the model sees it: per file its error (``kind: reason``, empty when read)
-    and the ``(index, image)`` of each readable one. A bad file is logged and the rest go on."""
+def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: str,
+                names: PathNames = PathNames()) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
+    """Every file read as the model sees it: per file its error (``kind: reason``, empty when read;
+    the file named as ``names`` names it) and the ``(index, image)`` of each readable one. A bad
+    file is logged and the rest go on."""
     from xray_dist.dicom import load_image
 
     errors: list[str] = []
     good: list[tuple[int, np.ndarray]] = []
-    for i, f in enumerate(files):
+    for i, (f, rel) in enumerate(zip(files, rels)):
         try:
             good.append((i, load_image(f, spec)))
             errors.append("")
         except DicomReadError as e:
-            errors.append(f"{e.kind}: {e.reason}")
-            log.warning("%s: %s", what, e)
+            errors.append(names.scrub(f"{e.kind}: {e.reason}", f, rel))
+            log.warning("%s: %s: %s", what, names.name(rel), errors[-1])
     return errors, good
 
 
@@ -115,33 +119,37 @@ RAY_MIN_FILES = 256
 
 
 def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32,
-                  engine: str = "auto", address: str | None = None, num_cpus: int | None = None) -> list[dict]:
-    """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows."""
+                  engine: str = "auto", address: str | None = None, num_cpus: int | None = None,
+                  names: PathNames = PathNames(), path_map: str | None = None) -> list[dict]:
+    """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows.
+    ``path`` names each file as ``names`` says (relative to its input, or a salted key)."""
     if engine not in ("auto", "local", "ray"):
         raise ValueError(f"engine must be auto, local or ray. Received: engine={engine!r}")
     storage.check_location(out_csv)
-    files = expand_inputs(inputs)
+    files, rels = expand_inputs(inputs)
+    if path_map:
+        write_path_map(path_map, files, rels, names)
     if engine == "auto":
         engine = "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local"
     if engine == "ray":
-        names, threshold, errors, probs = _predict_with_ray(run, files, batch_size, address, num_cpus)
+        classes, threshold, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus)
     else:
         lm = load_run_model(run)
-        names, threshold = list(lm.scheme.names), lm.threshold
-        errors, good = load_inputs(files, lm.preprocess, "predict")
-        probs = np.full((len(files), len(names)), np.nan)
+        classes, threshold = list(lm.scheme.names), lm.threshold
+        errors, good = load_inputs(files, rels, lm.preprocess, "predict", names)
+        probs = np.full((len(files), len(classes)), np.nan)
         if good:
             probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
-    rows = [{"path": str(f), "prediction": "", "error": err} for f, err in zip(files, errors)]
+    rows = [{"path": names.name(rel), "prediction": "", "error": err} for rel, err in zip(rels, errors)]
     for i, row in enumerate(rows):
         if row["error"]:
             continue
         p = probs[i]
-        row["prediction"] = names[int(np.argmax(p))]
-        row.update({f"p_{n}": float(v) for n, v in zip(names, p)})
+        row["prediction"] = classes[int(np.argmax(p))]
+        row.update({f"p_{n}": float(v) for n, v in zip(classes, p)})
         row["abnormal_score"] = float(1.0 - p[0])
         row["abnormal_at_threshold"] = bool(1.0 - p[0] >= threshold)
-    fields = ["path", "prediction", *[f"p_{n}" for n in names], "abnormal_score", "abnormal_at_threshold", "error"]
+    fields = ["path", "prediction", *[f"p_{n}" for n in classes], "abnormal_score", "abnormal_at_threshold", "error"]
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
@@ -152,7 +160,7 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch
 
 # ---- Ray Data batch inference ------------------------------------------------------------------------
 
-def _decode_rows(batch: dict, spec_dict: dict) -> dict:
+def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames()) -> dict:
     """CPU task: each file read as the model sees it (zeros and the reason for an unreadable one)."""
     from xray_dist.dicom import load_image
 
@@ -160,12 +168,12 @@ def _decode_rows(batch: dict, spec_dict: dict) -> dict:
     n = len(batch["path"])
     images = np.zeros((n, spec.image_size, spec.image_size), dtype=np.uint8)
     errors = []
-    for i, path in enumerate(batch["path"]):
+    for i, (path, rel) in enumerate(zip(batch["path"], batch["rel"])):
         try:
             images[i] = load_image(str(path), spec)
             errors.append("")
         except DicomReadError as e:
-            errors.append(f"{e.kind}: {e.reason}")
+            errors.append(names.scrub(f"{e.kind}: {e.reason}", str(path), str(rel)))
     return {"index": np.asarray(batch["index"]), "image": images, "error": np.asarray(errors, dtype=object)}
 
 
@@ -190,8 +198,8 @@ class _Scorer:
         return {"index": np.asarray(batch["index"]), "probs": probs, "error": batch["error"]}
 
 
-def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, address: str | None,
-                      num_cpus: int | None) -> tuple[list[str], float, list[str], np.ndarray]:
+def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names: PathNames, batch_size: int,
+                      address: str | None, num_cpus: int | None) -> tuple[list[str], float, list[str], np.ndarray]:
     import ray as _ray
 
     from xray_dist.model import read_spec
@@ -200,7 +208,7 @@ def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, addres
     run = storage.absolute(run)
     with storage.local_copy(model_dir_of(run)) as d:
         spec = read_spec(d)
-    names = list(ClassScheme.from_dict(spec["classes"]).names)
+    classes = list(ClassScheme.from_dict(spec["classes"]).names)
     threshold = float(spec.get("threshold", 0.5))
     init_ray(address, num_cpus)
     res = _ray.cluster_resources()
@@ -216,19 +224,19 @@ def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, addres
     log.info("predict: Ray Data batch inference over %d files (up to %d model actors%s)", len(files),
              pool["concurrency"][1],
              ", one GPU each" if gpus else "")
-    ds = _ray.data.from_items([{"index": i, "path": f} for i, f in enumerate(files)],
+    ds = _ray.data.from_items([{"index": i, "path": f, "rel": r} for i, (f, r) in enumerate(zip(files, rels))],
                               override_num_blocks=max(1, min(len(files), cpus * 4)))
     ds.context.enable_progress_bars = False
     # Decoding stays in its own CPU tasks, apart from the model actors: Ray Data fuses a task map
     # into the next actor map when their remote arguments are equal, which would decode inside the
     # (GPU) actors. max_retries differs from the actors' arguments, so the two never fuse, and a
     # decode task lost with its node (an autoscaling cluster scaling down) is retried.
-    ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"]}, batch_size=16,
+    ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"], "names": names}, batch_size=16,
                         batch_format="numpy", num_cpus=0.5, max_retries=3)
     ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads}, batch_size=batch_size,
                         batch_format="numpy", **pool)
     errors = [""] * len(files)
-    probs = np.full((len(files), len(names)), np.nan)
+    probs = np.full((len(files), len(classes)), np.nan)
     from tqdm import tqdm
 
     with tqdm(total=len(files), desc="predict", unit="file", mininterval=2) as bar:
@@ -237,7 +245,7 @@ def _predict_with_ray(run: str | Path, files: list[str], batch_size: int, addres
                 probs[int(i)] = p
                 errors[int(i)] = str(e)
                 if e:
-                    log.warning("predict: %s: %s", files[int(i)], e)
+                    log.warning("predict: %s: %s", names.name(rels[int(i)]), e)
             bar.update(len(b["index"]))
     log.debug("predict: Ray Data plan and stats:\n%s", ds.stats())
-    return names, threshold, errors, probs
+    return classes, threshold, errors, probs
