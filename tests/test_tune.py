@@ -35,7 +35,7 @@ def cache3(ray_cluster, tmp_path_factory):
         f.write("images/zz_truncated.dcm,normal\n")
     cache = tmp_path_factory.mktemp("cache3")
     report = prepare(PrepareConfig(data_dir=str(data), labels=str(syn.labels_csv), out=str(cache),
-                                   preprocess=PreprocessSpec(image_size=32), seed=2))
+                                   preprocess=PreprocessSpec(image_size=32), seed=2, test_fraction=0.2))
     assert [q["path"] for q in report["quarantined"]] == ["images/zz_truncated.dcm"]
     return cache
 
@@ -109,8 +109,17 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     # the sweep's HTML report: every trial in the table, the best trial's run below it
     from xray_dist.report import write_report
 
+    # the best trial evaluated once on the held-out test patients: best.json shows it beside its
+    # (biased, best-of-N) validation score, and the report puts it first
+    from xray_dist.evaluate import evaluate_model
+
+    assert "biased upward" in best["validation_bias"]
+    ev = evaluate_model(str(out), str(cache3), n_boot=100)
+    assert ev["model"] == best["model"] and ev["sweep"] == str(out) and (out / "evaluation" / "test").is_dir()
+    assert json.loads((out / "best.json").read_text())["test"]["auc_abnormal"] == ev["auc_abnormal"]
     page = write_report(out, tmp_path / "sweep.html", n_boot=200)
     text = page.read_text()
+    assert text.index("Held-out test") < text.index("Sweep ") and "biased upward; held-out test AUROC" in text
     import re
 
     table = re.search(r'<table class="results">(.*?)</table>', text, re.S).group(1)

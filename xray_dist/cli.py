@@ -426,6 +426,32 @@ def cmd_export(a) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a held-out split once, with patient-level 95 % intervals")
+    p.add_argument("--model", required=True, help="a run directory, or a sweep directory (its best trial)")
+    p.add_argument("--cache", required=True, help="the cache the model was trained with")
+    p.add_argument("--split", default="test", help="test (default) or val (optimistic: used for selection)")
+    p.add_argument("--out", help="directory to write (default: MODEL/evaluation/SPLIT, where report finds it)")
+    p.add_argument("--bootstrap", type=_at_least(100), default=1000, help="patient resamples for the intervals")
+
+
+def cmd_evaluate(a) -> int:
+    from xray_dist.evaluate import evaluate_model
+
+    m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap)
+
+    def ci(k):
+        v, (lo, hi) = m[k]["value"], m[k]["ci95"]
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    print(f"evaluate: {m['split']} split, {m['images']} images of {m['patients']} patients"
+          + (" (OPTIMISTIC: validation chose the model and threshold)" if m["optimistic"] else ""))
+    print(f"  AUROC abnormal {ci('auc_abnormal')}; at threshold {m['threshold']:.3f}: sensitivity "
+          f"{ci('sensitivity')}, specificity {ci('specificity')}")
+    print(f"  95 % intervals: patient-level bootstrap ({a.bootstrap} resamples) -> {m['out']}")
+    return 0
+
+
 COMMANDS = {
     "prepare": (_add_prepare, cmd_prepare),
     "synth": (_add_synth, cmd_synth),
@@ -434,6 +460,7 @@ COMMANDS = {
     "predict": (_add_predict, cmd_predict),
     "tune": (_add_tune, cmd_tune),
     "explain": (_add_explain, cmd_explain),
+    "evaluate": (_add_evaluate, cmd_evaluate),
     "report": (_add_report, cmd_report),
     "export": (_add_export, cmd_export),
     "demo": (_add_demo, cmd_demo),

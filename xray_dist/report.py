@@ -1,8 +1,10 @@
 """``report``: one self-contained HTML file for a training run or a sweep.
 
 For a run (a directory written by ``xray-dist train``, or a sweep trial): model and dataset
-summary, validation metrics with bootstrap 95 % confidence intervals (AUROC abnormal vs negative
-and per class, sensitivity/specificity at the run's threshold), training curves, ROC curves,
+summary, the held-out test numbers first when ``xray-dist evaluate`` has written them, validation
+metrics (labelled as used for selection) with patient-level bootstrap 95 % confidence intervals
+(AUROC abnormal vs negative and per class, sensitivity/specificity at the run's threshold; the
+method is named on the page), training curves, ROC curves,
 confusion matrix, calibration (expected calibration error and a reliability diagram). For a sweep
 (``results.csv`` + ``best.json``): the results table, the metric against each dimension, then the
 best trial's run report.
@@ -28,7 +30,7 @@ import numpy as np
 
 from xray_dist import storage
 from xray_dist.errors import XrayDistError
-from xray_dist.metrics import auroc, bootstrap_ci, confusion_matrix, reliability, sens_spec
+from xray_dist.metrics import confusion_matrix, metrics_with_intervals, reliability
 
 N_BOOT = 1000
 
@@ -62,20 +64,22 @@ def _ci(point: float, lo: float, hi: float) -> str:
     return f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def run_metrics_with_intervals(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float,
-                               n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """Point estimates and stratified bootstrap 95 % intervals of the run's validation metrics."""
-    abnormal = (labels != 0).astype(int)
-    score = 1.0 - probs[:, 0]
-    out = {"auroc_abnormal": bootstrap_ci(auroc, (abnormal, score), n_boot, seed=seed, strata=labels)}
-    for c in range(1, len(names)) if len(names) > 2 else [1]:
-        out[f"auroc_{names[c]}"] = bootstrap_ci(auroc, ((labels == c).astype(int), probs[:, c]), n_boot,
-                                                seed=seed, strata=labels)
-    out["sensitivity"] = bootstrap_ci(lambda y, s: sens_spec(y, s, threshold)[0], (abnormal, score), n_boot,
-                                      seed=seed, strata=labels)
-    out["specificity"] = bootstrap_ci(lambda y, s: sens_spec(y, s, threshold)[1], (abnormal, score), n_boot,
-                                      seed=seed, strata=labels)
-    return out
+def _held_out_section(ev: dict) -> str:
+    """The held-out test numbers (``xray-dist evaluate``): shown first, they are the ones to report."""
+    def cell(k):
+        m = ev.get(k)
+        return _ci(m["value"], *[float("nan") if v is None else v for v in m["ci95"]]) if m else "n/a"
+
+    names = ev.get("classes", [])
+    rows = [[f"AUROC abnormal vs {names[0] if names else 'negative'}", cell("auc_abnormal")]]
+    rows += [[f"AUROC {n} vs rest", cell(f"auc_{n}")] for n in names[1:] if f"auc_{n}" in ev]
+    rows += [[f"sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
+             [f"specificity at {ev['threshold']:.3f}", cell("specificity")],
+             ["accuracy (argmax)", cell("accuracy")], ["expected calibration error", cell("ece")]]
+    title = "Held-out test" if ev["split"] == "test" else f"Evaluation on {ev['split']} (optimistic)"
+    return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
+            f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
+            f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics"))
 
 
 def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10) -> dict[str, dict]:
@@ -109,11 +113,12 @@ def _run_section(run: str, n_boot: int) -> str:
         h["epoch"] = int(h["epoch"])
     scores = np.load(io.BytesIO(raw["val_scores.npz"]))
     probs, labels = scores["probs"], scores["labels"].astype(int)
+    patients = scores["patients"] if "patients" in scores.files and all(scores["patients"]) else None
     names = list(metrics["classes"])
     threshold = float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5)))
-    ci = run_metrics_with_intervals(labels, probs, names, threshold, n_boot)
-    intervals = {"abnormal": ci["auroc_abnormal"][1:]}
-    intervals.update({n: ci[f"auroc_{n}"][1:] for n in names[1:] if f"auroc_{n}" in ci})
+    ci, method = metrics_with_intervals(labels, probs, names, threshold, patients, n_boot)
+    intervals = {"abnormal": ci["auc_abnormal"][1:]}
+    intervals.update({n: ci[f"auc_{n}"][1:] for n in names[1:] if f"auc_{n}" in ci})
     cal = calibration_curves(labels, probs, names)
     cm = confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
     cfg = metrics.get("config", {})
@@ -133,17 +138,18 @@ def _run_section(run: str, n_boot: int) -> str:
         ["wall time (s)", metrics.get("wall_seconds")],
     ], "kv"))
     n_abn = int((labels != 0).sum())
-    parts.append(f"<h3>Validation metrics</h3><p>{len(labels)} validation images ({n_abn} abnormal, "
-                 f"{len(labels) - n_abn} {html.escape(names[0])}). Intervals: stratified percentile bootstrap, "
-                 f"{n_boot} resamples, 95 %. The threshold {threshold:.3f} on the abnormal score "
-                 f"(1 − p({html.escape(names[0])})) was chosen on this same validation set (Youden's J), so "
-                 "sensitivity and specificity at it are optimistic; confirm on a held-out test split.</p>")
-    rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auroc_abnormal"])]]
-    rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auroc_{n}"])] for n in names[1:] if f"auroc_{n}" in ci]
+    n_pat = f" of {len(set(patients.tolist()))} patients" if patients is not None else ""
+    parts.append(f"<h3>Validation metrics (used for selection)</h3><p>{len(labels)} validation images{n_pat} "
+                 f"({n_abn} abnormal, {len(labels) - n_abn} {html.escape(names[0])}). Intervals: "
+                 f"{html.escape(method)}. These images chose the best epoch (and, in a sweep, the trial) and the "
+                 f"threshold {threshold:.3f} on the abnormal score (1 − p({html.escape(names[0])}), Youden's J), so "
+                 "every number here is optimistic; report the held-out test numbers (`xray-dist evaluate`).</p>")
+    rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auc_abnormal"])]]
+    rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auc_{n}"])] for n in names[1:] if f"auc_{n}" in ci]
     rows += [["macro AUROC", _fmt(metrics.get("val_auc"))],
              [f"sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
              [f"specificity at {threshold:.3f}", _ci(*ci["specificity"])],
-             ["accuracy (argmax)", _fmt(float(np.mean(np.argmax(probs, axis=1) == labels)))]]
+             ["accuracy (argmax)", _ci(*ci["accuracy"])]]
     rows += [[f"expected calibration error, {k}", _fmt(v["ece"])] for k, v in cal.items()]
     parts.append(_table(["metric", "value [95 % CI]"], rows, "metrics"))
     if any(v[1] == v[2] for v in ci.values()):
@@ -226,6 +232,12 @@ def _sweep_section(sweep: str) -> tuple[str, str | None]:
     if best:
         parts.append("<h3>Best trial</h3>" + _table(["setting", "value"],
                                                      [[k, v] for k, v in best["config"].items()], "kv"))
+        val = best.get("metrics", {}).get("val_auc_abnormal")
+        test = best.get("test", {}).get("auc_abnormal")
+        parts.append(f"<p>Validation AUROC abnormal {_fmt(val)}: the best of {len(rows)} trials on the same "
+                     "validation images, so biased upward"
+                     + (f"; held-out test AUROC abnormal {_ci(test['value'], *test['ci95'])}</p>" if test else
+                        "; no held-out test score yet (`xray-dist evaluate --model SWEEP --cache CACHE`).</p>"))
         best_run = best["model"]
     return "\n".join(parts), best_run
 
@@ -253,6 +265,8 @@ def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT) -> P
     for where in (target, out):
         storage.check_location(where)
     target = storage.absolute(target)
+    from xray_dist.evaluate import read_evaluation
+
     if storage.is_file(storage.join(target, "results.csv")):
         body, best_run = _sweep_section(target)
         if best_run is not None and storage.is_file(storage.join(best_run, "metrics.json")):
@@ -263,6 +277,9 @@ def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT) -> P
         title = f"xray-dist run report: {storage.name(target)}"
     else:
         raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
+    held_out = read_evaluation(target)
+    if held_out:  # the numbers to report come first; validation (used for selection) beneath
+        body = _held_out_section(held_out) + "\n" + body
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by xray-dist from <code>{html.escape(str(target))}</code>."

@@ -336,15 +336,16 @@ def restore_training_state(model, directory: Path, strategy) -> bool:
     return True
 
 
-def _score(model, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``(n, K)`` and labels for ``(x, label)`` batches, with direct model calls."""
+def _score(model, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities ``(n, K)``, labels and paths for ``(x, label, path)`` batches, with direct model calls."""
     from xray_dist.metrics import class_probabilities
 
-    probs, labels = [], []
-    for x, y in batches:
+    probs, labels, paths = [], [], []
+    for x, y, p in batches:
         probs.append(np.asarray(model(x, training=False), dtype=np.float64))
         labels.append(y)
-    return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int)
+        paths.append(np.asarray(p, dtype=str))
+    return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int), np.concatenate(paths)
 
 
 class ValidationSet:
@@ -360,7 +361,7 @@ class ValidationSet:
             return self.kept
         out, size = [], 0
         for b in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
-            out.append((b["x"], b["label"]))
+            out.append((b["x"], b["label"], b["path"]))
             size += b["x"].nbytes
         if size <= self.limit:
             self.kept = out
@@ -520,7 +521,7 @@ def _make_reporter_class():
                        "global_batch": self.plan.per_replica_batch * self.replicas}
             tmp = None
             if self.rank == 0:
-                probs, labels = _score(self.model, self.val_set.batches())
+                probs, labels, paths = _score(self.model, self.val_set.batches())
                 m = evaluate(labels, probs, list(self.scheme.names))
                 per_class = m.pop("val_auc_per_class")
                 metrics.update(m)
@@ -530,7 +531,7 @@ def _make_reporter_class():
                 self.model.save_weights(str(tmp / "weights.h5"))
                 save_training_state(self.model, tmp)
                 (tmp / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
-                np.savez(tmp / "val_scores.npz", probs=probs, labels=labels)
+                np.savez(tmp / "val_scores.npz", probs=probs, labels=labels, paths=paths)
                 log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
                          "sens %.2f spec %.2f %.1f img/s (%s)", epoch + 1, self.cfg.epochs, metrics["loss"],
                          m["val_loss"], m["val_auc"], m["val_auc_abnormal"], m["sensitivity"], m["specificity"],
@@ -661,8 +662,9 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     with best.as_directory() as d:
         shutil.copy(Path(d) / "weights.h5", model_dir / (TOP_WEIGHTS if cfg.features else FULL_WEIGHTS))
         state = json.loads((Path(d) / "state.json").read_text())
-        scores = np.load(Path(d) / "val_scores.npz")
-        probs, labels = scores["probs"], scores["labels"]
+        with np.load(Path(d) / "val_scores.npz") as scores:
+            probs, labels = scores["probs"], scores["labels"]
+            paths = scores["paths"] if "paths" in scores.files else None
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / "state.json").read_text())["history"]
     best_row = state["history"][-1]
@@ -679,7 +681,7 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     save_spec(model_dir, ModelSpec.from_dict(spec), extra)
     if cfg.features and full_model:
         materialize_full_model(model_dir)
-    np.savez(out / "val_scores.npz", probs=probs, labels=labels)
+    save_scores(out / "val_scores.npz", cfg.cache, probs, labels, paths)
     with (out / "history.csv").open("w", newline="") as f:
         keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
         w = csv.DictWriter(f, fieldnames=keys)
@@ -700,6 +702,20 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     plot_roc(labels, probs, list(scheme.names), out / "roc.png")
     write_tensorboard(history, out / "tensorboard")
     return TrainResult(out=out, metrics=metrics, history=history, scheme=scheme)
+
+
+def save_scores(path: Path, cache: str, probs: np.ndarray, labels: np.ndarray, paths: np.ndarray | None) -> None:
+    """``val_scores.npz``: probabilities, labels, and each image's name and salted patient key from
+    the cache's manifest, so intervals can resample patients (:mod:`xray_dist.metrics`)."""
+    extra = {}
+    if paths is not None:
+        from xray_dist.dataset import load_manifest
+
+        m = load_manifest(cache)
+        patient_of = dict(zip(m.column("path").to_pylist(), m.column("patient").to_pylist()))
+        extra = {"paths": np.asarray(paths, dtype=str),
+                 "patients": np.asarray([patient_of.get(str(p), "") for p in paths], dtype=str)}
+    np.savez(path, probs=probs, labels=labels, **extra)
 
 
 def write_tensorboard(history: list[dict], logdir: Path) -> None:

@@ -417,7 +417,10 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, 
         best_json = {"config": {k: best[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")},
                      "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
                                                          "trainable_parameters", "epochs", "best_epoch")},
-                     "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric}
+                     "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric,
+                     "validation_bias": f"the best of {len(finished)} trials by validation {cfg.base.metric}: this "
+                                        "validation score chose the trial, so it is biased upward; `xray-dist "
+                                        "evaluate` on a held-out test split gives the number to report"}
         storage.write_json(storage.join(out, "best.json"), best_json, indent=2)
         summary["best"] = best_json
     else:  # no trial completed: an older sweep's best.json must not stay behind as if it were this one's

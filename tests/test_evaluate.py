@@ -1,0 +1,113 @@
+"""``evaluate``: a held-out split scored once with the model's stored threshold and patient-level
+intervals; refusals (train split, empty split, a re-split cache); the report's held-out section."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from xray_dist.config import PrepareConfig, PreprocessSpec, TrainConfig
+from xray_dist.metrics import auroc, sens_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def held_out(ray_cluster, synth_binary, tmp_path_factory):
+    """A cache with train/val/test patient splits and a run trained on it: (cache, run)."""
+    from xray_dist.dataset import prepare
+    from xray_dist.train import train
+
+    cache = tmp_path_factory.mktemp("cache_test_split")
+    report = prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv),
+                                   out=str(cache), preprocess=PreprocessSpec(image_size=32), val_fraction=0.25,
+                                   test_fraction=0.25, seed=4))
+    assert report["splits"]["test"]["images"] > 0
+    run = tmp_path_factory.mktemp("run_test_split")
+    train(TrainConfig(cache=str(cache), out=str(run), epochs=3, batch_size=8, lr=1e-4, weights="none",
+                      unfreeze_blocks=5, num_workers=1, cpus_per_worker=0.5))
+    return cache, run
+
+
+def test_test_numbers_come_from_test_patients_only_with_the_stored_threshold(held_out, capsys):
+    from xray_dist import cli
+
+    cache, run = held_out
+    assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    out = run / "evaluation" / "test"
+    m = json.loads((out / "metrics.json").read_text())
+    manifest = pq.read_table(cache / "manifest.parquet").to_pandas()
+    test = manifest[manifest.split == "test"]
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    # the test images and patients, and nothing else
+    assert sorted(scores.path) == sorted(test.path) and set(scores.patient) == set(test.patient)
+    assert not set(scores.patient) & set(manifest[manifest.split != "test"].patient)
+    assert m["split"] == "test" and not m["optimistic"]
+    assert m["images"] == len(test) and m["patients"] == test.patient.nunique()
+    stored = json.loads((run / "model" / "model_spec.json").read_text())["threshold"]
+    assert m["threshold"] == pytest.approx(stored)  # chosen on validation, not on test
+    # the numbers are those of these scores
+    y = (scores.label != "normal").to_numpy()
+    p = scores.p_finding.to_numpy()
+    assert m["auc_abnormal"]["value"] == pytest.approx(auroc(y, p))
+    sens, spec = sens_spec(y, p, stored)
+    assert m["sensitivity"]["value"] == pytest.approx(sens) and m["specificity"]["value"] == pytest.approx(spec)
+    lo, hi = m["auc_abnormal"]["ci95"]
+    assert lo <= m["auc_abnormal"]["value"] <= hi and "patient-level" in m["interval_method"]
+    for key in ("auc_finding", "accuracy", "ece"):
+        assert set(m[key]) == {"value", "ci95"}
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "reliability.png").stat().st_size > 1000
+    assert "AUROC abnormal" in printed and f"{m['auc_abnormal']['value']:.3f}" in printed
+
+
+def test_validation_scores_carry_patient_keys_and_the_report_puts_test_first(held_out, tmp_path):
+    from xray_dist.evaluate import evaluate_model
+    from xray_dist.report import write_report
+
+    cache, run = held_out
+    evaluate_model(str(run), str(cache), n_boot=100)
+    scores = np.load(run / "val_scores.npz")
+    manifest = pq.read_table(cache / "manifest.parquet").to_pandas()
+    val = manifest[manifest.split == "val"]
+    assert dict(zip(scores["paths"], scores["patients"])) == dict(zip(val.path, val.patient))
+    text = write_report(run, tmp_path / "r.html", n_boot=100).read_text()
+    held, valid = text.index("Held-out test"), text.index("Validation metrics (used for selection)")
+    assert held < valid and text.count("patient-level (cluster) percentile bootstrap") == 2
+
+
+def test_val_is_marked_optimistic(held_out, tmp_path):
+    from xray_dist.evaluate import evaluate_model
+
+    cache, run = held_out
+    m = evaluate_model(str(run), str(cache), split="val", out=str(tmp_path / "v"), n_boot=100)
+    assert m["optimistic"] and "optimistic" in m["note"]
+
+
+def test_refusals(held_out, two_worker_run, synth_binary, tmp_path, capsys):
+    from xray_dist import cli
+    from xray_dist.dataset import prepare
+
+    cache, run = held_out
+
+    def refused(*args) -> str:
+        assert cli.main(["evaluate", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    assert "split train" in refused("--model", run, "--cache", cache, "--split", "train")
+    _, other_cache, other_run = two_worker_run  # a cache prepared without a test split
+    assert "has no images" in refused("--model", other_run, "--cache", other_cache)
+    # the same data re-split with another seed: the model's test images may now be training images
+    moved = tmp_path / "resplit"
+    shutil.copytree(cache, moved)
+    prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv), out=str(moved),
+                          preprocess=PreprocessSpec(image_size=32), val_fraction=0.25, test_fraction=0.25, seed=9))
+    err = refused("--model", run, "--cache", moved)
+    assert "not the cache" in err and "split" in err
+    assert not (run / "evaluation" / "train").exists()
