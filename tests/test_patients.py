@@ -105,3 +105,92 @@ def test_prepare_reports_grouping_warns_on_placeholders_and_takes_csv_patients(r
     assert not (tmp_path / "c3" / ".salt").exists()
     m3 = {r["path"]: r["patient"] for r in pq.read_table(tmp_path / "c3" / "manifest.parquet").to_pylist()}
     assert m3 == {rel: dicom.hash_patient(salt, "labels:" + true[rel]) for rel in files}
+
+
+class TestSplitFile:
+    """``prepare --split-file``: official splits reproduced exactly, conflicts refused."""
+
+    @staticmethod
+    def prepare(synth_binary, out, *split_files, **kw):
+        from xray_dist.config import PrepareConfig, PreprocessSpec
+        from xray_dist.dataset import prepare
+
+        report = prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv),
+                                       out=str(out), preprocess=PreprocessSpec(image_size=32),
+                                       split_files=tuple(map(str, split_files)), **kw))
+        m = pq.read_table(out / "manifest.parquet").to_pylist()
+        return report, {r["path"]: r["split"] for r in m}
+
+    @staticmethod
+    def patients(synth_binary) -> list[str]:
+        return sorted(set(synth_binary.patients.values()))
+
+    @pytest.mark.slow
+    def test_a_csv_by_path_or_by_patient_is_reproduced_exactly(self, ray_cluster, synth_binary, tmp_path):
+        pids = self.patients(synth_binary)
+        wanted = {pid: ("test" if i % 4 == 0 else "val" if i % 4 == 1 else "train") for i, pid in enumerate(pids)}
+        by_path = tmp_path / "split_by_path.csv"
+        with open(by_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "split"])
+            w.writerows((rel, wanted[pid]) for rel, pid in synth_binary.patients.items())
+        report, split = self.prepare(synth_binary, tmp_path / "c1", by_path, seed=1)
+        assert split == {rel: wanted[pid] for rel, pid in synth_binary.patients.items()}
+        assert report["split_settings"]["how"] == "split file" and report["split_settings"]["drawn_patients"] == 0
+        by_patient = tmp_path / "split_by_patient.csv"
+        with open(by_patient, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["patient", "split"])
+            w.writerows(wanted.items())
+        _, split2 = self.prepare(synth_binary, tmp_path / "c2", by_patient, seed=7)  # seed plays no part
+        assert split2 == split
+
+    @pytest.mark.slow
+    def test_name_lists_fix_test_and_draw_validation_from_the_rest(self, ray_cluster, synth_binary, tmp_path):
+        pids = self.patients(synth_binary)
+        test_pids = set(pids[::5])
+        names = sorted(rel.split("/")[-1] for rel, pid in synth_binary.patients.items() if pid in test_pids)
+        (tmp_path / "test_list.txt").write_text("\n".join(names) + "\n")
+        report, split = self.prepare(synth_binary, tmp_path / "c", tmp_path / "test_list.txt", val_fraction=0.25)
+        for rel, pid in synth_binary.patients.items():
+            assert (split[rel] == "test") == (pid in test_pids)
+        sides: dict[str, set] = {}
+        for rel, pid in synth_binary.patients.items():
+            sides.setdefault(pid, set()).add(split[rel])
+        assert all(len(s) == 1 for s in sides.values())  # no patient on two sides
+        assert {"train", "val"} <= set(split.values())
+        assert report["split_settings"]["drawn_patients"] == len(pids) - len(test_pids)
+
+    @pytest.mark.slow
+    def test_a_patient_put_in_two_splits_is_refused_with_their_files_named(self, ray_cluster, synth_binary, tmp_path,
+                                                                        capsys):
+        from xray_dist import cli
+
+        rel_a, rel_b = sorted(r for r, pid in synth_binary.patients.items()
+                              if pid == self.patients(synth_binary)[3])[:2]
+        bad = tmp_path / "split.csv"
+        bad.write_text(f"path,split\n{rel_a},train\n{rel_b},test\n")
+        code = cli.main(["prepare", str(synth_binary.out), "--labels", str(synth_binary.labels_csv), "--out",
+                         str(tmp_path / "c"), "--image-size", "32", "--split-file", str(bad)])
+        err = capsys.readouterr().err
+        assert code == 2 and "two splits" in err and rel_a in err and rel_b in err
+        assert "Traceback" not in err and synth_binary.patients[rel_a] not in err  # the raw ID stays private
+
+
+def test_split_files_are_read_strictly(tmp_path):
+    from xray_dist.errors import PrepareError
+    from xray_dist.splits import read_split_files
+
+    (tmp_path / "train_val_list.txt").write_text("a.png\nb.png\n")
+    (tmp_path / "test_list.txt").write_text("c.png\n")
+    sf = read_split_files([str(tmp_path / "train_val_list.txt"), str(tmp_path / "test_list.txt")])
+    assert sf.of_file("images/a.dcm") == "train_val" and sf.of_file("c.png") == "test" and sf.of_file("d") is None
+    (tmp_path / "mine.txt").write_text("a.png\n")
+    with pytest.raises(PrepareError, match="say its split in its name"):
+        read_split_files([str(tmp_path / "mine.txt")])
+    (tmp_path / "s.csv").write_text("path,split\na.png,holdout\n")
+    with pytest.raises(PrepareError, match="holdout"):
+        read_split_files([str(tmp_path / "s.csv")])
+    (tmp_path / "both_test_list.txt").write_text("a.png\n")
+    with pytest.raises(PrepareError, match="two splits"):
+        read_split_files([str(tmp_path / "train_val_list.txt"), str(tmp_path / "both_test_list.txt")])

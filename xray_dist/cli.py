@@ -51,6 +51,10 @@ def _add_prepare(sub) -> None:
     _add_path_flags(p, "the cache and its report")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--split-file", action="append", default=[],
+                   help="official splits: a CSV of path or patient plus split (train/val/test/train_val), or a "
+                        "list of file names named for its split (test_list.txt, train_val_list.txt); repeatable. "
+                        "Fixes those splits; validation is drawn from train_val and from files it does not name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
@@ -65,6 +69,7 @@ def cmd_prepare(a) -> int:
         patient_column=a.patient_column,
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject"),
         salt_file=a.salt_file, paths="redact" if a.redact_paths else "relative", path_map=a.path_map,
+        split_files=tuple(a.split_file),
         val_fraction=a.val_fraction,
         test_fraction=a.test_fraction, seed=a.seed, address=a.address, num_cpus=a.num_cpus,
     )

@@ -89,6 +89,7 @@ class PrepareConfig:
     salt_file: str | None = None  # where the patient-key salt lives (default: CACHE/.salt)
     paths: str = "relative"  # how the cache and report name files: "relative" or "redact" (xray_dist.paths)
     path_map: str | None = None  # with "redact": where to write key -> path (never inside the cache)
+    split_files: tuple[str, ...] = ()  # official splits (xray_dist.splits.read_split_files) instead of drawn ones
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -105,6 +106,9 @@ class PrepareConfig:
             raise ValueError(f"seed must be >= 0. Received: seed={self.seed}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"num_cpus must be >= 1. Received: num_cpus={self.num_cpus}")
+        if self.split_files and self.test_fraction:
+            raise ValueError("test_fraction and split_files both choose test patients; give one (the split file's "
+                             "test list, or --test-fraction)")
         if self.paths not in ("relative", "redact"):
             raise ValueError(f"paths must be 'relative' or 'redact'. Received: paths={self.paths!r}")
         if self.path_map and self.paths != "redact":

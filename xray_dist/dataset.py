@@ -39,7 +39,7 @@ from xray_dist.errors import CacheError, DicomReadError, PrepareError
 from xray_dist.labels import list_entries, scan_labels
 from xray_dist.locks import LOCK, TargetLock
 from xray_dist.paths import RELATIVE, PathNames, write_path_map
-from xray_dist.splits import patient_labels, split_patients
+from xray_dist.splits import fixed_splits, patient_labels, read_split_files, split_patients
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,11 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
                 m["patient"], m["patient_source"] = hash_patient(salt, "labels:" + patient_of[m["path"]]), BY_LABELS
     grouped = dict(sorted(Counter(m.get("patient_source") or "unknown" for m in ok).items()))
     strata = patient_labels([(m["patient"], labels[m["path"]]) for m in ok])
-    split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    split_source = {"how": "drawn", "fixed_patients": 0, "drawn_patients": len(strata)}
+    if cfg.split_files:  # official splits: fixed where the file says, drawn (train/val) for the rest
+        split_of, split_source = _official_splits(cfg, ok, strata, salt, names, rels)
+    else:
+        split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     manifest = pa.table({
         "path": [m["path"] for m in ok],
         "split": [split_of[m["patient"]] for m in ok],
@@ -358,7 +362,8 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         "patients_grouped_by": grouped,
         "image_size": cfg.preprocess.image_size,
         "preprocess": cfg.preprocess.to_dict(),
-        "split_settings": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed},
+        "split_settings": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed,
+                           **split_source},
         "cache_reused": reused,
         "fingerprint": fp["id"],
         "warnings": warnings,
@@ -369,6 +374,26 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     for w in warnings:
         log.warning(w)
     return report
+
+
+def _official_splits(cfg: PrepareConfig, ok: list[dict], strata: dict[str, str], salt: str, names: PathNames,
+                     rels: list[str]) -> tuple[dict[str, str], dict]:
+    """Patient → split from ``--split-file``: fixed where it names a patient or a file of theirs
+    (raw patient IDs are hashed as the cache's keys are), drawn (train/val, ``val_fraction``) for
+    its ``train_val`` pool and for patients it does not name."""
+    from xray_dist.dicom import hash_patient
+
+    sf = read_split_files(list(cfg.split_files))
+    by_key = {hash_patient(salt, kind + raw): split for raw, split in sf.by_patient.items()
+              for kind in ("pid:", "labels:", "study:")}
+    rel_of = {names.name(r): r for r in rels}
+    fixed = fixed_splits([{"path": m["path"], "rel": rel_of[m["path"]], "patient": m["patient"]} for m in ok], sf,
+                         by_key)
+    split_of = {p: s for p, s in fixed.items() if s != "train_val"}
+    pool = {p: lab for p, lab in strata.items() if p not in split_of}
+    split_of.update(split_patients(pool, cfg.val_fraction, 0.0, cfg.seed))
+    return split_of, {"how": "split file", "split_files": [names.location(str(f)) for f in cfg.split_files],
+                      "fixed_patients": len(strata) - len(pool), "drawn_patients": len(pool)}
 
 
 # ---- reading the cache (training, sweeps, bench) -------------------------------------------------

@@ -1,10 +1,18 @@
-"""Patient-level, label-stratified, seeded splits: no patient is ever on two sides."""
+"""Patient-level, label-stratified, seeded splits — or the official ones of ``--split-file`` —
+with no patient ever on two sides."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import numpy as np
+
+from xray_dist import storage
+from xray_dist.errors import PrepareError
 
 
 def patient_labels(rows: list[tuple[str, str]]) -> dict[str, str]:
@@ -40,4 +48,95 @@ def split_patients(strata: dict[str, str], val_fraction: float, test_fraction: f
         n_test = min(n_test, max(n - 1 - n_val, 0))
         for i, p in enumerate(order):
             out[p] = "val" if i < n_val else ("test" if i < n_val + n_test else "train")
+    return out
+
+
+# ---- official splits ----------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test", "train_val")
+
+
+@dataclass
+class SplitFile:
+    """Fixed assignments read from ``--split-file``: by file (relative path, file name or stem) and
+    by patient (the raw identifier, as in the DICOM Patient ID or the labels' patient column).
+    ``train_val`` is the pool from which validation patients are drawn."""
+
+    by_file: dict[str, str] = field(default_factory=dict)
+    by_patient: dict[str, str] = field(default_factory=dict)
+
+    def of_file(self, rel: str) -> str | None:
+        """The split of the file at ``rel``: listed by that path, its file name, or its stem under
+        any extension (NIH lists ``00000001_000.png`` for the DICOM ``00000001_000.dcm``)."""
+        p = PurePosixPath(rel)
+        for k in (rel, p.name):
+            if k in self.by_file:
+                return self.by_file[k]
+        if not hasattr(self, "_stems"):
+            self._stems = {PurePosixPath(k).stem: v for k, v in self.by_file.items()}
+        return self._stems.get(p.stem)
+
+
+def _split_of_list(path: str) -> str:
+    name = PurePosixPath(path).name.lower()
+    for marker, split in (("train_val", "train_val"), ("trainval", "train_val"), ("test", "test"), ("val", "val"),
+                          ("train", "train")):
+        if marker in name:
+            return split
+    raise PrepareError(f"--split-file {path}: a plain list must say its split in its name (test_list.txt, "
+                       "train_val_list.txt, val_list.txt, train_list.txt); or give a CSV with a split column")
+
+
+def read_split_files(paths: list[str]) -> SplitFile:
+    """``--split-file`` arguments: CSVs of ``path`` or ``patient`` plus ``split``, or plain lists of
+    file names (``test_list.txt``, ``train_val_list.txt``: the split from the file's name). A file
+    or patient given two different splits is an error."""
+    out = SplitFile()
+
+    def put(table: dict, key: str, split: str, where: str) -> None:
+        if split not in SPLITS:
+            raise PrepareError(f"--split-file {where}: split {split!r} for {key!r}; expected one of {', '.join(SPLITS)}")
+        if table.setdefault(key, split) != split:
+            raise PrepareError(f"--split-file {where}: {key!r} is given two splits ({table[key]} and {split})")
+
+    for path in paths:
+        text = storage.read_text(path)
+        if PurePosixPath(path).suffix.lower() == ".csv":
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            cols = set(reader.fieldnames or [])
+            if "split" not in cols or not cols & {"path", "patient"}:
+                raise PrepareError(f"--split-file {path}: expected a 'split' column and a 'path' or 'patient' column; "
+                                   f"found {sorted(cols)}")
+            for row in reader:
+                split = (row.get("split") or "").strip().lower()
+                if (row.get("path") or "").strip():
+                    put(out.by_file, row["path"].strip(), split, path)
+                if (row.get("patient") or "").strip():
+                    put(out.by_patient, row["patient"].strip(), split, path)
+        else:
+            split = _split_of_list(path)
+            for line in text.splitlines():
+                if line.strip():
+                    put(out.by_file, line.strip(), split, path)
+    return out
+
+
+def fixed_splits(images: list[dict], split_file: SplitFile, patient_split: dict[str, str]) -> dict[str, str]:
+    """Patient key → split from the split file, for the ``images`` (``path``: the name outputs use,
+    ``rel``, ``patient``) it names; ``patient_split`` maps hashed patient keys to the file's
+    patient rows. A patient given two splits (``train_val`` goes with ``train`` or ``val``, not
+    with ``test``) is an error naming the patient's files."""
+    seen: dict[str, dict[str, str]] = {}
+    for m in images:
+        split = split_file.of_file(m["rel"]) or patient_split.get(m["patient"])
+        if split:
+            seen.setdefault(m["patient"], {})[m["path"]] = split
+    out = {}
+    for patient, files in seen.items():
+        kinds = set(files.values())
+        if len(kinds) > 1 and not (kinds <= {"train", "train_val"} or kinds <= {"val", "train_val"}):
+            listed = "; ".join(f"{p}: {s}" for p, s in sorted(files.items()))
+            raise PrepareError(f"--split-file puts one patient (key {patient[:12]}) in two splits: {listed}. "
+                               "A patient's images must all be on one side")
+        out[patient] = sorted(kinds - {"train_val"})[0] if kinds - {"train_val"} else "train_val"
     return out
