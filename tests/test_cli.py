@@ -27,6 +27,30 @@ def test_preview_writes_exactly_the_model_input(tmp_path):
     assert png[24, 24] > png[2, 2]  # body (dense) brighter than the air outside it
 
 
+def test_synth_gives_every_class_every_encoding(tmp_path):
+    """`xray-dist synth` with its defaults, checked from outside (labels.csv and the DICOM headers,
+    not synth's own records): each class has files in all 8 encodings, so no class can be told
+    apart by how its files are encoded."""
+    import csv
+
+    import pydicom
+
+    from xray_dist.synth import ENCODINGS
+
+    assert cli.main(["synth", str(tmp_path / "d"), "--size", "64"]) == 0
+    with open(tmp_path / "d" / "labels.csv") as f:
+        labels = {r["path"]: r["label"] for r in csv.DictReader(f)}
+    seen: dict[str, set] = {}
+    for rel, label in labels.items():
+        ds = pydicom.dcmread(tmp_path / "d" / rel, stop_before_pixels=True)
+        encoding = (str(ds.file_meta.TransferSyntaxUID), ds.PhotometricInterpretation, int(ds.BitsAllocated),
+                    int(ds.PixelRepresentation), "WindowCenter" in ds)
+        seen.setdefault(label, set()).add(encoding)
+    all_encodings = set().union(*seen.values())
+    assert len(all_encodings) == len(ENCODINGS) == 8
+    assert len(seen) == 2 and all(s == all_encodings for s in seen.values()), seen
+
+
 def test_preview_bad_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "x.dcm"
     bad.write_text("no")

@@ -194,3 +194,22 @@ def test_split_files_are_read_strictly(tmp_path):
     (tmp_path / "both_test_list.txt").write_text("a.png\n")
     with pytest.raises(PrepareError, match="two splits"):
         read_split_files([str(tmp_path / "train_val_list.txt"), str(tmp_path / "both_test_list.txt")])
+
+
+@pytest.mark.slow
+def test_no_true_patient_on_two_sides(prepared_binary, synth_binary):
+    """Leakage checked against the patient IDs synth wrote (not against the product's own keys):
+    no true patient in two splits, one key per true patient, one patient per key."""
+    _, cache = prepared_binary
+    m = pq.read_table(cache / "manifest.parquet").to_pylist()
+    true = synth_binary.patients  # relative path -> the Patient ID in the file
+    assert {r["path"] for r in m} == set(true)
+    sides: dict[str, set] = {}
+    keys: dict[str, set] = {}
+    for r in m:
+        sides.setdefault(true[r["path"]], set()).add(r["split"])
+        keys.setdefault(true[r["path"]], set()).add(r["patient"])
+    assert all(len(s) == 1 for s in sides.values()), "a patient on two sides"
+    assert all(len(k) == 1 for k in keys.values()), "two files of one patient under two keys"
+    assert len({r["patient"] for r in m}) == len(set(true.values()))  # and no two patients under one key
+    assert {"train", "val"} <= {s for v in sides.values() for s in v}

@@ -3,6 +3,7 @@ directories, writes are whole or absent, bad locations fail fast with exit 2 and
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -301,7 +302,7 @@ def test_worker_killed_with_checkpoints_in_object_storage(two_worker_run, s3_ser
     """One of two train workers (one per node) killed once a checkpoint is in the bucket: the run
     restarts from it, counts each epoch once, and ends as the uninterrupted run with the same
     settings (``two_worker_run``) ended — optimizer, dropout and data order restored on both nodes."""
-    from test_train import kill_a_worker_once_checkpointed
+    from test_train import assert_restarted, kill_this_runs_worker
 
     from xray_dist.config import TrainConfig
     from xray_dist.train import train
@@ -309,11 +310,20 @@ def test_worker_killed_with_checkpoints_in_object_storage(two_worker_run, s3_ser
     done, _, done_dir = two_worker_run
     b = "xray-kill"
     out = f"{s3_server.bucket(b)}/runs/kill"
-    t, killed = kill_a_worker_once_checkpointed(
-        lambda: any("/checkpoint_" in k for k in s3_server.keys(b, "runs/kill/ray/train/")))
+    def worker():
+        try:
+            return json.loads(s3_server.get(b, "runs/kill/workers/rank1.json"))  # the worker node's
+        except Exception:  # noqa: BLE001 - not written yet
+            return None
+
+    def checkpoints():
+        return len({k.split("/checkpoint_")[1].split("/")[0] for k in s3_server.keys(b, "runs/kill/ray/train/")
+                    if "/checkpoint_" in k})
+
+    t, killed = kill_this_runs_worker(checkpoints, worker)
     res = train(TrainConfig(**{**done.metrics["config"], "out": out}))
     t.join(timeout=5)
-    assert killed, "no worker was killed"
+    assert_restarted(killed, worker(), 4)
     history = _history(s3_server.get(b, "runs/kill/history.csv").decode())
     assert [int(h["epoch"]) for h in history] == [1, 2, 3, 4]
     assert res.metrics["epochs"] == 4 and res.metrics["complete"]

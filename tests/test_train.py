@@ -110,36 +110,39 @@ def test_multi_device_worker_on_logical_cpus(ray_cluster, prepared_binary, tmp_p
     assert final["replicas"] == 2 and final["world_size"] == 1 and final["global_batch"] == 8
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith("ray::RayTrainWorker"):
-                pids.append(int(d.name))
-    return pids
-
-
-def kill_a_worker_once_checkpointed(has_checkpoint) -> tuple[threading.Thread, list[int]]:
-    """A thread that SIGKILLs a Ray Train worker as soon as ``has_checkpoint()`` says the run has
-    saved one; returns it (started) and the list it appends the killed pid to."""
-    killed: list[int] = []
+def kill_this_runs_worker(checkpoints, worker) -> tuple[threading.Thread, list[dict]]:
+    """A thread that SIGKILLs the rank-0 worker of *this* run — the pid the run recorded in
+    ``RUN/workers/rank0.json`` (``worker()`` reads it, or None) — once ``checkpoints()`` (the
+    number saved, or being saved) reaches two — so the first is surely registered with Ray Train,
+    not still being uploaded — and the worker is still training; returns it (started) and the list
+    it appends the killed worker's record to, with the checkpoint count at the kill."""
+    killed: list[dict] = []
 
     def killer():
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
-            pids = _train_worker_pids()
-            if pids and has_checkpoint():
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.5)
+            info = worker()
+            n = checkpoints()
+            if info and n >= 2:
+                try:
+                    os.kill(info["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    return  # the run ended first: the test fails on `killed`
+                killed.append({**info, "checkpoints_at_kill": n})
+            time.sleep(0.3)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     return t, killed
+
+
+def assert_restarted(killed: list[dict], after: dict, epochs: int) -> None:
+    """The killed worker was this run's, killed before the last epoch's checkpoint, and a new
+    process resumed from a checkpoint before the last epoch."""
+    assert killed, "no worker was killed"
+    assert killed[0]["checkpoints_at_kill"] < epochs, "killed after the run had checkpointed every epoch"
+    assert after["pid"] != killed[0]["pid"], "no new worker process"
+    assert 1 <= after["resumed_after_epoch"] < epochs, after
 
 
 # The resume tests' run: a hidden layer (dropout draws random numbers), 4 epochs.
@@ -167,10 +170,17 @@ def test_worker_killed_mid_run_resumes_exactly_and_counts_each_epoch_once(prepar
 
     _, cache = prepared_binary
     out = tmp_path / "run"
-    t, killed = kill_a_worker_once_checkpointed(lambda: any((out / "ray" / "train").glob("checkpoint_*")))
+
+    def worker():
+        try:
+            return json.loads((out / "workers" / "rank0.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    t, killed = kill_this_runs_worker(lambda: len(list((out / "ray" / "train").glob("checkpoint_*"))), worker)
     res = train(cfg_for(cache, out, **RESUMED))
     t.join(timeout=5)
-    assert killed, "no worker was killed"
+    assert_restarted(killed, worker(), RESUMED["epochs"])
     assert [int(h["epoch"]) for h in read_history(out)] == [1, 2, 3, 4]
     assert res.metrics["epochs"] == 4 and res.metrics["complete"]
     # the restarted worker went on from the checkpoint with Adam's moments, the dropout generator

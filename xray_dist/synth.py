@@ -2,9 +2,11 @@
 
 Each patient gets one class; each of their images shows that class's finding (a dense round
 opacity at a class-specific place in the lungs; the first class, conventionally ``normal``, has
-none). Files rotate through the encodings the reader must get right, so every test and the demo
-exercise MONOCHROME1/2, 8- and 16-bit, signed values with rescale, windowing, big endian, RLE and
-JPEG 2000 (lossless and lossy). Patient names, IDs and birth dates are filled in on purpose so that
+none). Each class's files rotate through the encodings the reader must get right, so every test
+and the demo exercise MONOCHROME1/2, 8- and 16-bit, signed values with rescale, windowing, big
+endian, RLE and JPEG 2000 (lossless and lossy) — and the rotation is per class, so with 8 images or
+more per class every class has every encoding and no class can be told apart by how its files are
+encoded (a decode bug then makes the task harder, never easier). Patient names, IDs and birth dates are filled in on purpose so that
 tests can prove none of them leaks into anything xray-dist writes.
 """
 
@@ -154,13 +156,14 @@ def synthesize(
     files: list[Path] = []
     labels: dict[str, str] = {}
     pids: dict[str, str] = {}
-    n = 0
+    per_class = [0] * len(classes)  # each class rotates through the encodings on its own
     for p in range(patients):
         cls_idx = p % len(classes)
         patient_id = f"SYN{seed:03d}{p:05d}"
         for i in range(images_per_patient):
             img = chest_phantom(size, cls_idx, len(classes), rng)
-            enc = encodings[n % len(encodings)]
+            enc = encodings[per_class[cls_idx] % len(encodings)]
+            per_class[cls_idx] += 1
             ds = encode(_base_dataset(patient_id, p, i, rng), img, enc)
             rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
             path = out / rel
@@ -169,7 +172,6 @@ def synthesize(
             files.append(path)
             labels[rel] = classes[cls_idx]
             pids[rel] = patient_id
-            n += 1
     labels_csv = out / "labels.csv"
     with labels_csv.open("w", newline="") as f:
         w = csv.writer(f)

@@ -377,14 +377,19 @@ def _devices(strategy) -> list[str]:
         return [d.name for d in tf.config.list_logical_devices("GPU")[:1] or tf.config.list_logical_devices("CPU")[:1]]
 
 
-def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str, times: dict) -> None:
-    """``RUN/workers/rank<N>.json``: where each worker ran and on what (visible when RUN is shared storage)."""
+def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str, times: dict,
+                   resumed_after_epoch: int = 0) -> None:
+    """``RUN/workers/rank<N>.json``: where each worker ran and on what (visible when RUN is shared
+    storage), its process, and the epoch it started after (0, or a checkpoint's: a replaced
+    worker, or a rerun, rewrites the file)."""
+    import os
     import socket
 
     import ray
 
     info = {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
-            "hostname": socket.gethostname(), "strategy": type(strategy).__name__,
+            "hostname": socket.gethostname(), "pid": os.getpid(), "resumed_after_epoch": resumed_after_epoch,
+            "strategy": type(strategy).__name__,
             "replicas": strategy.num_replicas_in_sync, "devices": _devices(strategy),
             "precision": policy, "times": times}
     storage.write_json(storage.join(cfg.out, "workers", f"rank{rank}.json"), info, indent=2)
@@ -459,8 +464,7 @@ def train_loop(config: dict, session) -> None:
         loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
         model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=loss)
     params = trainable_parameters(model)
-    _record_worker(cfg, rank, world, strategy, policy, {"train_func_entry": t_entry, "model_ready": time.time()})
-
+    t_model = time.time()
     _generators(model)  # dropout's generators exist before a checkpoint is restored into them
     history: list[dict] = []
     start = 0
@@ -477,6 +481,8 @@ def train_loop(config: dict, session) -> None:
                    "optimizer and dropout state restored; the data order is Ray Data's (the training split is larger "
                    "than worker_cache_mb)" if exact else "weights only: the checkpoint holds no optimizer state")
             log.info("resuming from the checkpoint after epoch %d (%s)", start, how)
+    _record_worker(cfg, rank, world, strategy, policy, {"train_func_entry": t_entry, "model_ready": t_model},
+                   resumed_after_epoch=start)
 
     plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
     rows = ShardCache(session.dataset_shard("train"), plan.per_replica_batch, plan.steps * plan.local_replicas,
