@@ -62,7 +62,7 @@ GOALS = {"input_ratio": 20, "sweep_ratio": 5, "j2k_reduce_ratio": 5, "prepare_sc
 
 SETTINGS = {
     # smoke: exercises every part in a minute or two (tests/test_bench.py); its numbers mean nothing
-    "smoke": {"size": 512, "n_unc": 12, "n_j2k": 4, "input_epochs": 2, "image_size": 32, "batch": 4,
+    "smoke": {"size": 512, "n_unc": 12, "n_j2k": 4, "input_epochs": 2, "image_size": 64, "batch": 4,
               "sweep_epochs": 1, "head_widths": [0, 8], "prepare_copies": 1},
     # quick: under 10 minutes on 2 cores
     True: {"size": 2048, "n_unc": 56, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,

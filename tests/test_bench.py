@@ -23,8 +23,9 @@ def test_smoke_run_reports_ratios_from_raw_figures(tmp_path):
     r = json.loads(out.read_text())
     j = r["j2k_reduce"]
     assert r["j2k_reduce_ratio"] == pytest.approx(j["reduced_images_per_s"] / j["full_images_per_s"])
-    assert j["within_tolerance"] == (j["mean_abs_diff"] <= j["tolerance"]["mean_abs"]
-                                     and j["p99_abs_diff"] <= j["tolerance"]["p99_abs"])
+    # the reduced decode's model inputs are within the stated tolerance of the full decode's
+    assert j["mean_abs_diff"] <= j["tolerance"]["mean_abs"] and j["p99_abs_diff"] <= j["tolerance"]["p99_abs"], j
+    assert j["within_tolerance"]
     assert j["reduced_shapes"] and j["source_px"] == 512  # the reduced path really ran
     i = r["input"]
     assert r["input_ratio"] == pytest.approx(i["ours_images_per_s"] / i["naive_images_per_s"])

@@ -63,8 +63,10 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     # five labels: the cache has three, so that trial raises while the others finish.
     combos = ((0, 2, 0), (8, 3, 0), (0, 3, 1), (8, 2, 1), (0, 5, 0))
     # max_failures=0: the K = 5 trial fails the same way every time (retries would only cost time)
+    # FIFO: every trial that does not fail completes, so the checks on non-best trials below always
+    # have trials to check (ASHA's stopping has its own deterministic test)
     cfg = SweepConfig(base=base(cache3.name, out, max_failures=0), out=str(out), combos=combos, lr=(1e-3, 3e-3),
-                      scheduler="asha", max_concurrent=2)
+                      scheduler="fifo", max_concurrent=2)
     summary = sweep(cfg)
     rows = read_results(out)
     assert len(rows) == 5
@@ -98,6 +100,7 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
 
     _, val_images = load_split_arrays(cache3, "val")
     others = [r for r in completed if r["model"] != best["model"]]
+    assert len(completed) == 4 and len(others) == 3
     for r in others:
         model_dir = Path(r["model"]) / "model"
         assert not (model_dir / "weights.h5").exists() and (model_dir / "top_weights.h5").is_file()
@@ -126,6 +129,22 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     assert table.count("<tr><td>") == 5  # every trial, the failed one included
     assert "failed" in text and "Best trial" in text and Path(best["model"]).name in text
     assert chromium(page, tmp_path / "sweep.png") == "5/5"  # sweep plot + the best run's four pictures
+
+
+def test_asha_stops_the_trial_built_to_be_weak(cache3, tmp_path):
+    """A deterministic sweep (one trial at a time, exact training): the first trial is sound; the
+    second is built to be weak — a one-unit hidden layer behind dropout 0.9 — so at the first rung
+    it scores below the first and ASHA stops it there, before it trains its remaining epochs."""
+    from xray_dist.tune import sweep
+
+    out = tmp_path / "asha"
+    cfg = SweepConfig(base=base(cache3, out, epochs=4, dropout=0.9), out=str(out), combos=((0, 2, 1), (1, 2, 1)),
+                      lr=(1e-3, 1e-3), scheduler="asha", grace_period=1, max_concurrent=1)
+    sweep(cfg)
+    rows = {int(r["head_width"]): r for r in read_results(out)}
+    assert rows[0]["status"] == "completed" and rows[0]["epochs"] == "4", rows[0]
+    assert rows[1]["status"] == "stopped_early", rows[1]
+    assert int(rows[1]["epochs"]) < 4 and float(rows[1]["val_auc_abnormal"]) < float(rows[0]["val_auc_abnormal"])
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

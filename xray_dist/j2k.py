@@ -3,8 +3,8 @@
 A JPEG 2000 codestream holds the image as a pyramid: decoding with OpenJPEG's *reduce* factor
 ``r`` (``opj_set_decoded_resolution_factor``, reached here through Pillow's ``Image.reduce``)
 stops ``r`` levels early and returns the low-pass image at ``1/2^r`` of the size, for a fraction of
-the work. A 2048 px radiograph going to a 224 px model input needs ``r = 3`` (256 px), not the full
-image that pydicom decodes.
+the work. A 2048 px radiograph going to a 224 px model input is decoded at ``r = 2`` (512 px), not
+in full as pydicom decodes it.
 
 The fast path is taken only where it is valid — otherwise :func:`decode_reduced` returns None and
 the caller decodes in full with pydicom:
@@ -14,8 +14,12 @@ the caller decodes in full with pydicom:
 - (0028,1050)/(0028,1051) *Window Center/Width* or a (0028,3010) *VOI LUT Sequence* fixes the
   intensity range: without them the range is the image's own min–max, which a low-pass image
   narrows, so every pixel would shift;
-- the reduced image still covers the model input: ``max(rows, cols) >> r >= image_size``, so the
-  final resize still only shrinks, and ``r`` is at most the codestream's decomposition levels;
+- the reduced image covers the model input twice over (:data:`OVERSAMPLE`):
+  ``max(rows, cols) >> r >= 2 · image_size``, so the final antialiased resize still shrinks by 2×
+  or more, and ``r`` is at most the codestream's decomposition levels. Stopping at exactly the
+  model size skips that resize, and the wavelet low-pass alone differs from it at sharp edges:
+  on synthetic phantoms (512 px → 32 / 64 / 224 px) the mean difference from a full decode was
+  2.9 / 1.7 / 1.0 grey levels at 1× and 1.5 / 0.7 / 0 at 2×;
 - the decoder returns the size OpenJPEG promises (``ceil(n / 2^r)``); if Pillow fails at ``r``
   (it does on some odd-sized codestreams), the next smaller ``r`` is tried.
 
@@ -37,6 +41,9 @@ from pydicom.dataset import Dataset
 log = logging.getLogger(__name__)
 
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+
+#: The reduced image is at least this many times the model input (see the module docstring).
+OVERSAMPLE = 2
 
 
 def codestream(ds: Dataset) -> bytes:
@@ -75,8 +82,8 @@ def fast_path_applies(ds: Dataset) -> bool:
 
 
 def decode_reduced(ds: Dataset, image_size: int) -> np.ndarray | None:
-    """Stored values at the lowest resolution that covers ``image_size``; None where the fast path
-    does not apply or would not save anything (then decode in full)."""
+    """Stored values at the lowest resolution that covers ``OVERSAMPLE × image_size``; None where the
+    fast path does not apply or would not save anything (then decode in full)."""
     from PIL import Image
 
     if not fast_path_applies(ds):
@@ -88,7 +95,7 @@ def decode_reduced(ds: Dataset, image_size: int) -> np.ndarray | None:
         return None
     if precision(cs) != bits:
         return None  # Pillow's 16-bit scaling follows the codestream; keep the shift exact
-    r = reduce_factor(rows, cols, image_size, decomposition_levels(cs))
+    r = reduce_factor(rows, cols, OVERSAMPLE * image_size, decomposition_levels(cs))
     while r > 0:
         expected = (-(-rows // (1 << r)), -(-cols // (1 << r)))
         try:
