@@ -97,9 +97,13 @@ def test_cached_pixels_equal_reader(prepared_binary, synth_binary):
     from xray_dist.dicom import load_image
 
     _, cache = prepared_binary
-    paths, images = load_split_arrays(cache, "val")
-    for rel, img in list(zip(paths, images))[:6]:
-        np.testing.assert_array_equal(img, load_image(synth_binary.out / rel, PreprocessSpec(image_size=32)))
+    n = 0
+    for split in ("train", "val"):  # every cached image, all eight encodings among them
+        paths, images = load_split_arrays(cache, split)
+        for rel, img in zip(paths, images):
+            np.testing.assert_array_equal(img, load_image(synth_binary.out / rel, PreprocessSpec(image_size=32)))
+            n += 1
+    assert n == len(synth_binary.files)
 
 
 def test_nothing_identifying_written(ray_cluster, mixed_dir, tmp_path, capsys, caplog):

@@ -105,7 +105,7 @@ class TestBootstrapCI:
             s = rng.normal(y * 1.0, 1.0)
             _, lo, hi = bootstrap_ci(auroc, (y, s), 300, strata=y, seed=seed)
             hits += lo <= 0.7602 <= hi
-        assert 85 <= hits <= 100
+        assert 85 <= hits <= 99  # 100 of 100 would mean intervals too wide to say anything
 
     def test_strata_keep_a_rare_class_and_seed_repeats(self):
         from xray_dist.metrics import bootstrap_ci

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -369,6 +370,39 @@ class TestShardCache:
         assert self.ids([list(c.batches())]) != r0[:1]  # another seed, another order
 
 
+def test_equal_steps_on_every_worker_from_uneven_shards(ray_cluster):
+    """41 rows for 3 workers: StepPlan gives every worker the same number of full batches, and every
+    worker's input yields exactly that many per epoch — whole split or Ray Data's streamed shares
+    (read at once, as the workers do) — so MultiWorkerMirroredStrategy never waits on a worker
+    that ran out."""
+    import ray
+
+    from xray_dist.train import ShardCache, StepPlan
+
+    items = [{"path": f"p{i:03d}", "x": np.full((2, 2), i, np.uint8), "label": i % 2, "weight": 1.0}
+             for i in range(41)]
+    plan = StepPlan.make(41, world=3, replicas=3, batch_size=4)
+    assert plan.steps == 41 // 3 // 4 == 3 and plan.local_replicas == 1
+    whole = {}
+    for r in range(3):
+        c = ShardCache(ray.data.from_items(items).iterator(), 4, plan.steps, 0, 1, 0, whole=True, rank=r, world=3)
+        whole[r] = [[len(b[0]) for b in c.batches()] for _ in range(2)]
+    shards = ray.data.from_items(items, override_num_blocks=5).streaming_split(3, equal=True)
+    counts: dict[int, list[int]] = {}
+
+    def consume(r):
+        c = ShardCache(shards[r], 4, plan.steps, 0, 1, limit_bytes=0)  # streamed every epoch
+        counts[r] = [sum(1 for _ in c.batches()) for _ in range(2)]
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert counts == {r: [plan.steps, plan.steps] for r in range(3)}
+    assert whole == {r: [[4] * plan.steps] * 2 for r in range(3)}
+
+
 def test_ray_engine_predicts_what_the_local_engine_does(two_worker_run, synth_binary, tmp_path, caplog):
     """predict --engine ray (Ray Data: decode tasks, model actors) writes the local engine's CSV:
     same rows in the same order, same probabilities, same errors; decoding is not fused into the actors."""
@@ -422,3 +456,45 @@ def test_a_failed_export_leaves_the_previous_outputs_whole(ray_cluster, prepared
     assert not [p for p in out.iterdir() if p.name.startswith(".writing")]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
     load_run_model(out)  # loadable
+
+
+def test_real_jpeg2000_radiographs_through_prepare_and_predict(two_worker_run, tmp_path):
+    """pydicom-data's RG JPEG 2000 radiographs (lossless and lossy, ~1900 px, windowed): prepare
+    takes the reduced-resolution decode, its cached inputs equal what predict's reader gives, and
+    predict scores the files exactly as the model scores the cached inputs."""
+    import pydicom
+    import pyarrow.compute as pc
+    from pydicom.data import get_testdata_file
+
+    from xray_dist.config import PrepareConfig
+    from xray_dist.dataset import _tensor_column_to_numpy, images_dataset, load_spec, prepare
+    from xray_dist.dicom import load_image, read_dataset
+    from xray_dist.j2k import decode_reduced
+    from xray_dist.predict import load_run_model, predict_arrays, predict_files
+
+    _, train_cache, run = two_worker_run
+    data = tmp_path / "rg"
+    data.mkdir()
+    names = ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm", "RG3_J2KI.dcm"]
+    for n in names:
+        shutil.copy(get_testdata_file(n), data / n)
+    (data / "labels.csv").write_text("path,label\n" + "".join(f"{n},{'normal' if 'RG1' in n else 'finding'}\n"
+                                                            for n in names))
+    spec = load_spec(train_cache)  # the run's preprocessing: 32 px, reduced JPEG 2000 decode
+    assert spec.j2k_reduce
+    cache = tmp_path / "cache"
+    report = prepare(PrepareConfig(data_dir=str(data), labels=str(data / "labels.csv"), out=str(cache),
+                                   preprocess=spec, val_fraction=0.0))
+    assert report["ok"] == 4 and not report["quarantined"]
+    for n in names:  # the fast path is really the one taken
+        assert decode_reduced(read_dataset(data / n), spec.image_size) is not None
+    table = images_dataset(cache).to_table(columns=["path", "image"], filter=pc.field("error") == "")
+    cached = dict(zip(table.column("path").to_pylist(),
+                      _tensor_column_to_numpy(table.column("image").combine_chunks(), spec.image_size)))
+    lm = load_run_model(run)
+    for n in names:
+        np.testing.assert_array_equal(cached[n], load_image(data / n, lm.preprocess))
+    assert pydicom.dcmread(data / names[0], stop_before_pixels=True).Rows > 8 * spec.image_size
+    rows = predict_files(run, [str(data)], tmp_path / "p.csv", engine="local")
+    expected = predict_arrays(lm, np.stack([cached[r["path"]] for r in rows]))
+    np.testing.assert_allclose([[float(r["p_normal"]), float(r["p_finding"])] for r in rows], expected, atol=1e-6)
