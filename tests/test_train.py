@@ -214,8 +214,8 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit(synth_binary, tmp_path):
-    """`ray job submit` of the whole flow — jobs/prepare.py, jobs/train.py, jobs/tune.py and
-    jobs/report.py — to a `ray start --head` this test starts and stops. The sweep's trials are Ray Train runs (``--trial-runner train``: the path that
+    """`ray job submit` of the whole flow — jobs/prepare.py, jobs/train.py, jobs/tune.py,
+    jobs/evaluate.py and jobs/report.py — to a `ray start --head` this test starts and stops. The sweep's trials are Ray Train runs (``--trial-runner train``: the path that
     multi-worker trials take), so Train V2 under Tune with ``TuneReportCallback`` is covered here."""
     import secrets
     import shutil
@@ -262,7 +262,7 @@ def test_ray_job_submit(synth_binary, tmp_path):
 
         cache = tmp_path / "jobcache"
         stdout = submit("jobs/prepare.py", str(synth_binary.out), "--labels", str(synth_binary.labels_csv), "--out",
-                        str(cache), "--image-size", "32", "--seed", "3")
+                        str(cache), "--image-size", "32", "--seed", "3", "--test-fraction", "0.2")
         assert "prepare: 80 of 80 files used" in stdout
         out = tmp_path / "jobrun"
         stdout = submit("jobs/train.py", "--cache", str(cache), "--out", str(out), "--epochs", "2", "--weights",
@@ -283,8 +283,12 @@ def test_ray_job_submit(synth_binary, tmp_path):
             assert (Path(r["model"]) / "workers" / "rank0.json").is_file()
             assert (Path(r["model"]) / "ray").is_dir() and not (Path(r["model"]) / "checkpoints").exists()
         assert json.loads((sweep_out / "best.json").read_text())["model"] in {r["model"] for r in rows}
+        stdout = submit("jobs/evaluate.py", "--model", str(sweep_out), "--cache", str(cache), "--bootstrap", "100")
+        assert "evaluate: test split" in stdout and "AUROC abnormal" in stdout
+        assert "test" in json.loads((sweep_out / "best.json").read_text())
         stdout = submit("jobs/report.py", str(sweep_out), "--out", str(tmp_path / "report.html"), "--bootstrap", "50")
-        assert "report:" in stdout and "Best trial" in (tmp_path / "report.html").read_text()
+        page = (tmp_path / "report.html").read_text()
+        assert "report:" in stdout and "Best trial" in page and page.index("Held-out test") < page.index("Best trial")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

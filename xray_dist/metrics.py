@@ -96,23 +96,8 @@ def bootstrap_ci(stat, arrays: tuple, n_boot: int = 1000, level: float = 0.95, s
     never vanishes from a resample and AUROC stays defined. Resamples where ``stat`` is NaN are
     dropped; the interval is NaN when fewer than half survive.
     """
-    arrays = tuple(np.asarray(a) for a in arrays)
-    n = len(arrays[0])
-    point = float(stat(*arrays))
-    if n == 0:
-        return point, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(strata == g) for g in np.unique(strata)] if strata is not None else [np.arange(n)]
-    vals = []
-    for _ in range(n_boot):
-        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-        v = stat(*(a[idx] for a in arrays))
-        if not np.isnan(v):
-            vals.append(v)
-    if len(vals) < n_boot / 2:
-        return point, float("nan"), float("nan")
-    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
-    return point, float(lo), float(hi)
+    n = len(np.asarray(arrays[0]))
+    return cluster_bootstrap_ci(stat, arrays, np.arange(n), n_boot, level, seed, strata)  # each row its own cluster
 
 
 def cluster_bootstrap_ci(stat, arrays: tuple, clusters: np.ndarray, n_boot: int = 1000, level: float = 0.95,
