@@ -41,3 +41,19 @@ def test_a_trial_stopped_after_epoch_2_and_resumed_ends_where_the_uninterrupted_
     resumed = in_process(cache, tmp_path / "cut", 4, read_h5)  # the same --out: resumes after epoch 2
     assert [h["epoch"] for h in resumed[1]] == [1, 2, 3, 4] and resumed[1][:2] == first[1]  # 1-2 not retrained
     same_run(whole, resumed)
+
+
+def test_a_trial_cut_between_its_last_checkpoint_and_its_export_reports_its_end(prepared_binary, tmp_path):
+    """A sweep trial killed after its last epoch's checkpoint but before its export is run again
+    by Tune: it has nothing left to train, and must still report its last epoch (Tune fails a trial
+    whose result lacks the sweep's metric — seen once in CI)."""
+    from xray_dist.inprocess import train_in_process
+
+    cfg = TrainConfig(cache=str(prepared_binary[1]), out=str(tmp_path / "t"), epochs=1, batch_size=8, lr=1e-4,
+                      weights="none", unfreeze_blocks=1)
+    first: list[dict] = []
+    train_in_process(cfg, on_report=first.append)
+    again: list[dict] = []
+    result, _, _ = train_in_process(cfg, on_report=again.append)  # the rerun: the checkpoint holds epoch 1
+    assert [m["epoch"] for m in again] == [1] and again[0]["val_auc_abnormal"] == first[0]["val_auc_abnormal"]
+    assert result.checkpoint is not None

@@ -164,7 +164,9 @@ def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path, where, s3_serv
     done = []
     trials = storage.join(out, "trials")
     while time.time() < deadline and proc.poll() is None:
-        done = [storage.join(trials, e.rel) for e in storage.list_files(trials) if e.rel.endswith("/metrics.json")]
+        # a trial's own metrics.json, not the one still in its export's staging directory (.writing_*)
+        done = [storage.join(trials, e.rel) for e in storage.list_files(trials) if e.rel.endswith("/metrics.json")
+                and not any(part.startswith(".") for part in e.rel.split("/"))]
         if done:
             break
         time.sleep(1)

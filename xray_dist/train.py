@@ -511,6 +511,11 @@ def train_loop(config: dict, session) -> None:
                       start_epoch=start)
     train_input = _train_input(strategy, rows, input_spec)
     if start >= cfg.epochs:
+        # the run had trained every epoch when its process ended (a sweep trial killed between its
+        # last checkpoint and its export, say): report the last epoch again, so whoever waits for
+        # this run's reports — Tune, with its metric — sees it finish instead of an empty result
+        if history:
+            session.report(dict(history[-1]), None)
         return
     reporter = _EpochReporter(cfg, scheme, session, history, rank, world, params, replicas, policy, plan)
     model.fit(train_input, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=plan.steps, verbose=0,
