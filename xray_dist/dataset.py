@@ -19,7 +19,6 @@ in the manifest, so changing ``--seed`` or the fractions re-splits without decod
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets

@@ -93,6 +93,6 @@ def check_unchanged(target: str, cache: str, what: str) -> dict:
     diff = changes(recorded, fp)
     if diff:
         raise CacheError(f"--cache {cache} changed since the {what} in {target} started from it: "
-                         + "; ".join(diff) + f". Resuming would mix the two; use a new --out, or prepare the "
+                         + "; ".join(diff) + ". Resuming would mix the two; use a new --out, or prepare the "
                          "cache again with the settings it had")
     return fp
