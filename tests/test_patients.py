@@ -191,6 +191,8 @@ def test_split_files_are_read_strictly(tmp_path):
     (tmp_path / "s.csv").write_text("path,split\na.png,holdout\n")
     with pytest.raises(PrepareError, match="holdout"):
         read_split_files([str(tmp_path / "s.csv")])
+    with pytest.raises(PrepareError, match="nope_test_list.txt: no such file"):
+        read_split_files([str(tmp_path / "nope_test_list.txt")])
     (tmp_path / "both_test_list.txt").write_text("a.png\n")
     with pytest.raises(PrepareError, match="two splits"):
         read_split_files([str(tmp_path / "train_val_list.txt"), str(tmp_path / "both_test_list.txt")])

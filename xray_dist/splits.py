@@ -100,7 +100,10 @@ def read_split_files(paths: list[str]) -> SplitFile:
             raise PrepareError(f"--split-file {where}: {key!r} is given two splits ({table[key]} and {split})")
 
     for path in paths:
-        text = storage.read_text(path)
+        try:
+            text = storage.read_text(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise PrepareError(f"--split-file {path}: no such file") from None
         if PurePosixPath(path).suffix.lower() == ".csv":
             reader = csv.DictReader(io.StringIO(text, newline=""))
             cols = set(reader.fieldnames or [])
