@@ -119,7 +119,7 @@ class TestStrictConfiguration:
         (["train", "--cache", "/c", "--out", "/o", "--num-workers", "0"], "num_workers must be >= 1"),
         (["tune", "--cache", "/c", "--out", "/o", "--grace-period", "0"], "grace_period must be in [1, epochs=5]"),
         (["tune", "--cache", "/c", "--out", "/o", "--epochs", "3", "--grace-period", "4"], "grace_period"),
-        (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:1:0"], "W:K:D triples"),
+        (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:0:0"], "W:K:D triples"),
         (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:2"], "W:K:D triples"),
         (["tune", "--cache", "/c", "--out", "/o", "--combos", "0:two:0"], "combos: expected W:K:D triples"),
         (["tune", "--cache", "/c", "--out", "/o", "--max-concurrent", "0"], "max_concurrent must be >= 1"),

@@ -36,7 +36,18 @@ def _at_least(lo: int):
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="decode DICOMs once into a Parquet cache with a patient-level split")
     p.add_argument("data_dir")
-    p.add_argument("--labels", help="CSV of paths (or file stems) and labels; default: folder per class")
+    p.add_argument("--labels", help="labels file (see --labels-format); default: a folder per class")
+    p.add_argument("--labels-format", choices=["csv", "nih", "chexpert", "rsna", "mimic"], default="csv",
+                   help="csv: a path (or file name/stem) and a label column, several findings as A|B; nih: "
+                        "Data_Entry_2017.csv; chexpert: train.csv/valid.csv; rsna: stage_2_train_labels.csv; mimic: "
+                        "mimic-cxr-2.0.0-chexpert.csv with --metadata (default: %(default)s)")
+    p.add_argument("--uncertain", choices=["ignore", "zeros", "ones"], default="ignore",
+                   help="chexpert/mimic: what an uncertain (-1) finding becomes: ignore (left out of that image's "
+                        "loss and metrics), zeros (absent) or ones (present) (default: %(default)s)")
+    p.add_argument("--metadata", help="mimic: mimic-cxr-2.0.0-metadata.csv, joining dicom_id to study and view")
+    p.add_argument("--views", default="",
+                   help="keep only these views, e.g. PA,AP (frontal): from the labels' view column, else the DICOM "
+                        "View Position (0018,5101); the others are listed in the report (default: all views)")
     p.add_argument("--path-column", default="path")
     p.add_argument("--label-column", default="label")
     p.add_argument("--patient-column", default=None,
@@ -66,7 +77,8 @@ def cmd_prepare(a) -> int:
 
     cfg = PrepareConfig(
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
-        patient_column=a.patient_column,
+        patient_column=a.patient_column, labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata,
+        views=tuple(v.strip().upper() for v in a.views.split(",") if v.strip()),
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject"),
         salt_file=a.salt_file, paths="redact" if a.redact_paths else "relative", path_map=a.path_map,
         split_files=tuple(a.split_file),
@@ -81,9 +93,11 @@ def cmd_prepare(a) -> int:
 def format_prepare_summary(report: dict, out: str) -> str:
     lines = [
         f"prepare: {report['ok']} of {report['found']} files used, {len(report['quarantined'])} quarantined, "
-        f"{len(report['missing'])} label rows without a file, {len(report['unlabeled'])} unlabeled files"
+        + (f"{len(report['excluded'])} excluded by view, " if report.get("excluded") else "")
+        + f"{len(report['missing'])} label rows without a file, {len(report['unlabeled'])} unlabeled files"
         + (" (cache reused)" if report["cache_reused"] else ""),
-        "  classes: " + ", ".join(f"{k}={v}" for k, v in report["classes"].items()),
+        ("  findings (images): " if report.get("task") == "multilabel" else "  classes: ")
+        + ", ".join(f"{k}={v}" for k, v in report["classes"].items()),
         "  splits:  " + ", ".join(f"{k}={v['images']} images/{v['patients']} patients" for k, v in report["splits"].items()),
         "  patient keys from: " + ", ".join(f"{k.replace('_', ' ')}={v}"
                                             for k, v in report.get("patients_grouped_by", {}).items()),
@@ -208,6 +222,9 @@ def _add_train_flags(p, sweep: bool = False) -> None:
         p.add_argument("--unfreeze-blocks", type=int, default=S, help="top VGG16 blocks that train (0-5)")
     p.add_argument("--dropout", type=float, default=S)
     p.add_argument("--negative-class", default=S)
+    p.add_argument("--task", choices=["auto", "multiclass", "multilabel"], default=S,
+                   help="multilabel: one sigmoid output per finding (K = --num-classes most frequent findings); "
+                        "auto: multilabel when the cache's labels hold several findings per image")
     p.add_argument("--weights", default=S, help="imagenet | none | PATH to VGG16 no-top .h5")
     p.add_argument("--num-workers", type=int, default=S)
     p.add_argument("--gpus-per-worker", type=int, default=S)

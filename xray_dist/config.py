@@ -90,6 +90,10 @@ class PrepareConfig:
     paths: str = "relative"  # how the cache and report name files: "relative" or "redact" (xray_dist.paths)
     path_map: str | None = None  # with "redact": where to write key -> path (never inside the cache)
     split_files: tuple[str, ...] = ()  # official splits (xray_dist.splits.read_split_files) instead of drawn ones
+    labels_format: str = "csv"  # csv | nih | chexpert | rsna | mimic (xray_dist.labels)
+    uncertain: str = "ignore"  # chexpert/mimic -1 entries: ignore (masked) | zeros | ones
+    metadata: str | None = None  # mimic: mimic-cxr-2.0.0-metadata.csv (dicom_id -> study_id, ViewPosition)
+    views: tuple[str, ...] = ()  # keep only these views (View Position: PA, AP, LL, ...); () keeps all
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -109,6 +113,18 @@ class PrepareConfig:
         if self.split_files and self.test_fraction:
             raise ValueError("test_fraction and split_files both choose test patients; give one (the split file's "
                              "test list, or --test-fraction)")
+        from xray_dist.labels import FORMATS
+
+        if self.labels_format not in FORMATS:
+            raise ValueError(f"labels_format must be one of {', '.join(FORMATS)}. "
+                             f"Received: labels_format={self.labels_format!r}")
+        if self.labels_format != "csv" and not self.labels:
+            raise ValueError(f"labels_format={self.labels_format!r} reads a labels file: give labels (--labels)")
+        if self.uncertain not in ("ignore", "zeros", "ones"):
+            raise ValueError(f"uncertain must be ignore, zeros or ones. Received: uncertain={self.uncertain!r}")
+        if self.labels_format == "mimic" and not self.metadata:
+            raise ValueError("labels_format='mimic' joins the label CSV to the DICOM files through "
+                             "mimic-cxr-2.0.0-metadata.csv: give metadata (--metadata)")
         if self.paths not in ("relative", "redact"):
             raise ValueError(f"paths must be 'relative' or 'redact'. Received: paths={self.paths!r}")
         if self.path_map and self.paths != "redact":
@@ -212,7 +228,10 @@ class TrainConfig:
         epochs, batch_size, lr: ``batch_size`` is per replica; the global batch is
             ``batch_size * replicas`` (replicas = workers × devices per worker).
         head_width: hidden Dense units before the logits (0 = no hidden layer).
-        num_classes: class scheme size K (None = every label); see :mod:`xray_dist.classes`.
+        num_classes: class scheme size K (None = every label): classes, or for a multi-label
+            task the K most frequent findings; see :mod:`xray_dist.classes`.
+        task: ``multiclass`` (one label per image), ``multilabel`` (K sigmoid outputs, one per
+            finding) or ``auto`` (multi-label when the cache's labels hold several findings).
         negative_class: the label that counts as negative for ``val_auc_abnormal``.
         unfreeze_blocks: how many of VGG16's 5 conv blocks train, counted from the top.
         weights: ``imagenet``, ``none`` or a path to a VGG16 no-top ``.h5`` weights file.
@@ -243,6 +262,7 @@ class TrainConfig:
     dropout: float = 0.3
     num_classes: int | None = None
     negative_class: str = "normal"
+    task: str = "auto"  # multiclass | multilabel | auto (the cache decides: xray_dist.train.resolve_task)
     unfreeze_blocks: int = 0
     weights: str = "imagenet"
     num_workers: int = 1
@@ -276,7 +296,9 @@ class TrainConfig:
             (0 <= self.unfreeze_blocks <= 5, "unfreeze_blocks must be in 0..5", "unfreeze_blocks"),
             (self.num_workers >= 1, "num_workers must be >= 1", "num_workers"),
             (self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0", "gpus_per_worker"),
-            (self.num_classes is None or self.num_classes >= 2, "num_classes must be >= 2", "num_classes"),
+            (self.num_classes is None or self.num_classes >= 1,
+             "num_classes must be >= 1 (findings of a multi-label task; >= 2 classes otherwise)", "num_classes"),
+            (self.task in ("auto", "multiclass", "multilabel"), "task must be auto, multiclass or multilabel", "task"),
             (self.mixed_precision in ("auto", "on", "off"), "mixed_precision must be auto|on|off", "mixed_precision"),
             (self.cpu_replicas >= 0, "cpu_replicas must be >= 0", "cpu_replicas"),
             (self.worker_cache_mb >= 0, "worker_cache_mb must be >= 0 (0 = stream every epoch)", "worker_cache_mb"),
@@ -363,11 +385,11 @@ class SweepConfig:
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1. Received: max_concurrent={self.max_concurrent}")
         for c in self.combos or ():
-            if len(c) != 3 or not (0 <= c[0] <= 1 << 16 and 2 <= c[1] <= 1000 and 0 <= c[2] <= 5):
-                raise ValueError("combos are W:K:D triples with head width W >= 0, classes K >= 2 and unfreeze "
+            if len(c) != 3 or not (0 <= c[0] <= 1 << 16 and 1 <= c[1] <= 1000 and 0 <= c[2] <= 5):
+                raise ValueError("combos are W:K:D triples with head width W >= 0, classes K >= 1 and unfreeze "
                                  f"depth D in 0..5. Received: {':'.join(map(str, c))}")
         for name, values, lo, hi in (("head_widths", self.head_widths, 0, 1 << 16),
-                                     ("num_classes", self.num_classes, 2, 1000),
+                                     ("num_classes", self.num_classes, 1, 1000),
                                      ("unfreeze_blocks", self.unfreeze_blocks, 0, 5)):
             if not values or any(not lo <= v <= hi for v in values):
                 raise ValueError(f"{name} values must be in [{lo}, {hi}]. Received: {name}={values!r}")

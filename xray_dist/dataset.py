@@ -25,7 +25,7 @@ import secrets
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,8 @@ from xray_dist import fingerprint, storage
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
 from xray_dist.dicom import read_for_cache
 from xray_dist.errors import CacheError, DicomReadError, PrepareError
-from xray_dist.labels import list_entries, scan_labels
+from xray_dist.classes import finding_counts, is_multilabel_label
+from xray_dist.labels import NEGATIVE, list_entries, scan_labels
 from xray_dist.locks import LOCK, TargetLock
 from xray_dist.paths import RELATIVE, PathNames, write_path_map
 from xray_dist.splits import fixed_splits, patient_labels, read_split_files, split_patients
@@ -79,25 +80,28 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
     s = spec.image_size
     n = len(batch["path"])
     images = np.zeros((n, s, s), dtype=np.uint8)
-    patients, sources, kinds, errors = [], [], [], []
+    patients, sources, views, kinds, errors = [], [], [], [], []
     rels = batch.get("rel", batch["path"])
     for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], _prefetched(batch["abspath"]))):
         try:
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
-            images[i], key, source = read_for_cache(str(full), spec, salt, data)
+            images[i], key, source, view = read_for_cache(str(full), spec, salt, data)
             patients.append(key)
             sources.append(source)
+            views.append(view)
             kinds.append("")
             errors.append("")
         except DicomReadError as e:
             patients.append("")
             sources.append("")
+            views.append("")
             kinds.append(e.kind)
             errors.append(names.scrub(e.reason, full, rel))
         except Exception as e:  # noqa: BLE001 - an unforeseen failure still quarantines only this file
             patients.append("")
             sources.append("")
+            views.append("")
             kinds.append("unexpected")
             errors.append(names.scrub(f"{type(e).__name__}: {e}", full, rel))
             log.warning("unexpected error decoding %s: %s", names.name(rel), errors[-1])
@@ -105,6 +109,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
         "path": np.asarray(batch["path"], dtype=object),
         "patient": np.asarray(patients, dtype=object),
         "patient_source": np.asarray(sources, dtype=object),
+        "view": np.asarray(views, dtype=object),
         "image": images,
         "error_kind": np.asarray(kinds, dtype=object),
         "error": np.asarray(errors, dtype=object),
@@ -147,8 +152,9 @@ def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]
     """The decoded images' key: the data location, every file's (path, size, mtime), the spec, the
     salt, how files are named."""
     files = [[rel, *stats[rel]] for rel in rels]
+    # "rows": what each decoded row holds; 2 added the view (caches decoded before are decoded again)
     return stable_hash({"data_dir": storage.absolute(data_dir), "files": files, "spec": spec.to_dict(),
-                        "salt": stable_hash(salt), **({"paths": paths} if paths != RELATIVE else {})})
+                        "salt": stable_hash(salt), "rows": 2, **({"paths": paths} if paths != RELATIVE else {})})
 
 
 def _check_cache_dir(cache: str) -> None:
@@ -220,7 +226,7 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
 def read_image_meta(cache: str | Path) -> pa.Table:
     """Path, patient (and what made its key) and error of every decoded input (no pixels read)."""
     dset = images_dataset(cache)
-    return dset.to_table(columns=[c for c in [*META_COLUMNS, "patient_source"] if c in dset.schema.names])
+    return dset.to_table(columns=[c for c in [*META_COLUMNS, "patient_source", "view"] if c in dset.schema.names])
 
 
 def parquet_dataset(directory: str | Path):
@@ -245,12 +251,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     t0 = time.time()
     data_dir = storage.absolute(cfg.data_dir)
     cache = storage.absolute(cfg.out)
-    for where in (data_dir, cache, *([cfg.labels] if cfg.labels else [])):
+    for where in (data_dir, cache, *[f for f in (cfg.labels, cfg.metadata) if f]):
         storage.check_location(where)
     if not storage.is_dir(data_dir):
         raise PrepareError(f"data directory not found: {data_dir}")
     entries = list_entries(data_dir)
-    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column, entries, cfg.patient_column)
+    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column, entries, cfg.patient_column,
+                       cfg.labels_format, cfg.uncertain, cfg.metadata)
     if not scan.items:
         raise PrepareError(
             f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
@@ -267,8 +274,18 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     storage.makedirs(cache)
     salt = _salt(cache, cfg.salt_file)
     names = PathNames(cfg.paths, salt)  # how the cache and its report name files (relative or redacted)
-    rels = [rel for rel, _ in scan.items]
-    labels = {names.name(rel): lab for rel, lab in scan.items}  # by the name the cache's rows carry
+    views = {v.strip().upper() for v in cfg.views}
+    excluded = []  # files left out by --views, with the reason: listed in the report, never lost
+    if views:  # a view the labels give decides before decoding (a lateral is never decoded)
+        for rel, _ in scan.items:
+            v = scan.views.get(rel)
+            if v and v not in views:
+                excluded.append({"path": names.name(rel), "reason": f"view {v} (from the labels) not in --views "
+                                                                     f"{','.join(sorted(views))}"})
+    left_out = {e["path"] for e in excluded}
+    items = [(rel, lab) for rel, lab in scan.items if names.name(rel) not in left_out]
+    rels = [rel for rel, _ in items]
+    labels = {names.name(rel): lab for rel, lab in items}  # by the name the cache's rows carry
     stats = {e.rel: (e.size, e.mtime_ns) for e in entries}
     key = _images_key(data_dir, rels, stats, cfg.preprocess, salt, cfg.paths)
     if cfg.path_map:
@@ -296,16 +313,27 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     if lost:  # a decode task that lost rows must never pass silently
         raise CacheError(f"{len(lost)} files have no row in {images_dir} (e.g. {lost[0]}); delete the cache and retry")
     meta = [m for m in meta if m["path"] in labels]
-    ok = sorted((m for m in meta if not m["error"]), key=lambda m: m["path"])
+    if views:  # the rest by the DICOM header's View Position
+        view_of = {names.name(rel): v for rel, v in scan.views.items()}
+        for m in meta:
+            if m["error"]:
+                continue
+            v = view_of.get(m["path"]) or m.get("view") or ""
+            if v not in views:
+                why = (f"view {v} (from the DICOM header) not in --views {','.join(sorted(views))}" if v else
+                       "no view: no View Position (0018,5101) in the header and none in the labels")
+                excluded.append({"path": m["path"], "reason": why})
+        left_out = {e["path"] for e in excluded}
+    ok = sorted((m for m in meta if not m["error"] and m["path"] not in left_out), key=lambda m: m["path"])
     quarantined = sorted(({"path": m["path"], "reason": f"{m['error_kind']}: {m['error']}"}
                           for m in meta if m["error"]), key=lambda q: q["path"])
     if not ok:
         raise PrepareError(
-            f"none of the {len(meta)} labelled files could be read; first reasons: "
-            + "; ".join(f"{q['path']}: {q['reason']}" for q in quarantined[:3])
+            f"none of the {len(meta)} labelled files could be used; first reasons: "
+            + "; ".join(f"{q['path']}: {q['reason']}" for q in (quarantined + excluded)[:3])
         )
 
-    if scan.patients:  # --patient-column: the labels name the patients
+    if scan.patients:  # --patient-column, or the format's patient column: the labels name the patients
         from xray_dist.dicom import BY_LABELS, hash_patient
 
         patient_of = {names.name(rel): p for rel, p in scan.patients.items()}
@@ -313,7 +341,9 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
             if patient_of.get(m["path"]):
                 m["patient"], m["patient_source"] = hash_patient(salt, "labels:" + patient_of[m["path"]]), BY_LABELS
     grouped = dict(sorted(Counter(m.get("patient_source") or "unknown" for m in ok).items()))
-    strata = patient_labels([(m["patient"], labels[m["path"]]) for m in ok])
+    multilabel = scan.multilabel or any(is_multilabel_label(labels[m["path"]]) for m in ok)
+    stratum = _primary_finding(labels[m["path"]] for m in ok) if multilabel else (lambda lab: lab)
+    strata = patient_labels([(m["patient"], stratum(labels[m["path"]])) for m in ok])
     split_source = {"how": "drawn", "fixed_patients": 0, "drawn_patients": len(strata)}
     if cfg.split_files:  # official splits: fixed where the file says, drawn (train/val) for the rest
         split_of, split_source = _official_splits(cfg, ok, strata, salt, names, rels)
@@ -330,6 +360,9 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     fingerprint.write(cache, fp)  # what runs and sweeps made from this cache pin
 
     classes = Counter(manifest.column("label").to_pylist())
+    if multilabel:  # images per finding (and without any): a cohort's label combinations are too many to list
+        classes = Counter({f: n for f, n in finding_counts(classes.elements(), NEGATIVE).items()})
+        classes[NEGATIVE] = sum(1 for lab in manifest.column("label").to_pylist() if lab == NEGATIVE)
     splits: dict[str, dict[str, int]] = {}
     for split in ("train", "val", "test"):
         rows = [i for i, s in enumerate(manifest.column("split").to_pylist()) if s == split]
@@ -351,9 +384,14 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         "data_dir": names.location(data_dir),
         "labels": names.location(str(cfg.labels)) if cfg.labels else "folders",
         "paths": cfg.paths,
-        "found": len(meta),
+        "found": len(meta) + sum(1 for e in excluded if e["path"] not in {m["path"] for m in meta}),
         "ok": len(ok),
         "quarantined": quarantined,
+        "excluded": sorted(excluded, key=lambda e: e["path"]),
+        "labels_format": cfg.labels_format,
+        "task": "multilabel" if multilabel else "multiclass",
+        **({"uncertain": cfg.uncertain} if cfg.labels_format in ("chexpert", "mimic") else {}),
+        **({"views": sorted(views)} if views else {}),
         "missing": [{"path": names.name(m["path"]), "reason": m["reason"]} for m in scan.missing],
         "unlabeled": [names.name(rel) for rel in scan.unlabeled],
         "classes": dict(sorted(classes.items())),
@@ -368,11 +406,26 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         "warnings": warnings,
         "seconds": round(time.time() - t0, 2),
     }
-    assert report["found"] == report["ok"] + len(quarantined)
+    assert report["found"] == report["ok"] + len(quarantined) + len(excluded)
     storage.write_json(storage.join(cache, REPORT), report, indent=2)
     for w in warnings:
         log.warning(w)
     return report
+
+
+def _primary_finding(labels) -> "Callable[[str], str]":
+    """Multi-label strata: an image's most frequent finding in the cohort (or the negative class),
+    so the split keeps each finding's share without one stratum per label combination."""
+    from xray_dist.classes import finding_counts, parse_findings
+
+    labels = list(labels)
+    counts = finding_counts(labels, NEGATIVE)
+
+    def stratum(label: str) -> str:
+        present = parse_findings(label, NEGATIVE)[0]
+        return min(present, key=lambda f: (-counts[f], f)) if present else label
+
+    return stratum
 
 
 def _official_splits(cfg: PrepareConfig, ok: list[dict], strata: dict[str, str], salt: str, names: PathNames,
@@ -506,5 +559,6 @@ def read_report_summary(cache: str | Path) -> dict:
         r = storage.read_json(storage.join(cache, REPORT))
     except FileNotFoundError:
         return {}
-    return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]), "classes": r["classes"],
+    return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]),
+            "excluded": len(r.get("excluded", [])), "task": r.get("task", "multiclass"), "classes": r["classes"],
             "splits": r["splits"], "image_size": r["image_size"]}

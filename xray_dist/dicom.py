@@ -318,9 +318,11 @@ def patient_key_and_source(ds: Dataset, salt: str, fallback: str) -> tuple[str, 
 
 
 def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
-                   data: bytes | None = None) -> tuple[np.ndarray, str, str]:
-    """Read once: the model input, the salted patient key and what the key was made from
-    (``data``: see :func:`read_dataset`)."""
+                   data: bytes | None = None) -> tuple[np.ndarray, str, str, str]:
+    """Read once: the model input, the salted patient key, what the key was made from, and the
+    view — (0018,5101) View Position, upper-cased, empty when absent (``data``: see
+    :func:`read_dataset`)."""
     ds = read_dataset(path, data)
     key, source = patient_key_and_source(ds, salt, fallback=str(path))
-    return to_model_input(ds, spec, path), key, source
+    view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
+    return to_model_input(ds, spec, path), key, source, view

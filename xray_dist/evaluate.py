@@ -88,11 +88,12 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
     paths, images = load_split_arrays(cache, split)
     m = load_manifest(cache)
     patient_of = dict(zip(m.column("path").to_pylist(), m.column("patient").to_pylist()))
-    labels = np.array([label_of[p] for p in paths], dtype=int)
+    labels = np.array([label_of[p] for p in paths], dtype=int)  # multi-label: target rows (classes module)
     patients = np.array([patient_of[p] for p in paths])
     probs = predict_arrays(lm, images, batch_size)
     names = list(lm.scheme.names)
-    values, method = metrics_with_intervals(labels, probs, names, lm.threshold, patients, n_boot)
+    values, method = metrics_with_intervals(labels, probs, names, lm.threshold, patients, n_boot,
+                                            multilabel=lm.scheme.multilabel, thresholds=lm.thresholds)
     metrics = {
         "split": split, "optimistic": split == "val",
         "images": int(len(labels)), "patients": int(len(set(patients.tolist()))),
@@ -100,13 +101,19 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
         "interval_method": method,
         **{k: {"value": v[0], "ci95": [v[1], v[2]]} for k, v in values.items()},
         "classes": names, "model": run, "sweep": sweep, "cache_fingerprint": fp["id"],
+        "task": "multilabel" if lm.scheme.multilabel else "multiclass",
     }
+    if lm.scheme.multilabel:
+        metrics["thresholds"] = lm.thresholds
+        metrics["keys"] = lm.scheme.keys
+        metrics["abnormal_score"] = "any finding vs none, scored by the largest finding probability"
     if split == "val":
         metrics["note"] = ("validation chose the epoch, the trial and the threshold: these numbers are optimistic; "
                            "report a held-out test split")
     out = out or storage.join(sweep or run, EVALUATION, split)
+    label_text = dict(zip(m.column("path").to_pylist(), m.column("label").to_pylist()))
     with storage.staged_output(out, marker="metrics.json") as local:
-        _write(local, metrics, paths, patients, labels, probs, names)
+        _write(local, metrics, paths, patients, labels, probs, lm.scheme, [label_text[p] for p in paths])
     if sweep and split == "test":
         best = storage.read_json(storage.join(sweep, "best.json"))
         best["test"] = {k: metrics[k] for k in ("auc_abnormal", "sensitivity", "specificity", "images", "patients",
@@ -117,21 +124,29 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
     return {**metrics, "out": out}
 
 
-def _write(out: Path, metrics: dict, paths, patients, labels, probs, names) -> None:
+def _write(out: Path, metrics: dict, paths, patients, labels, probs, scheme, label_text: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from xray_dist.metrics import reliability
     from xray_dist.plots import plot_calibration, plot_roc
 
-    table = pa.table({"path": list(paths), "patient": patients.tolist(), "label": [names[i] for i in labels],
-                      **{f"p_{n}": probs[:, i] for i, n in enumerate(names)}})
+    names = list(scheme.names)
+    table = pa.table({"path": list(paths), "patient": patients.tolist(),
+                      "label": label_text if scheme.multilabel else [names[i] for i in labels],
+                      **{f"p_{k}": probs[:, i] for i, k in enumerate(scheme.keys)}})
     pq.write_table(table, out / "scores.parquet")
     split = metrics["split"]
     intervals = {"abnormal": metrics["auc_abnormal"]["ci95"]}
-    plot_roc(labels, probs, names, out / "roc.png", intervals)
-    plot_calibration({f"abnormal (1 - p({names[0]})), {split}": reliability(labels != 0, 1.0 - probs[:, 0])},
-                     out / "reliability.png")
+    intervals.update({k: metrics[f"auc_{k}"]["ci95"] for k in scheme.keys if f"auc_{k}" in metrics})
+    plot_roc(labels, probs, names, out / "roc.png", intervals, multilabel=scheme.multilabel)
+    if scheme.multilabel:
+        known = labels[:, : len(names)] >= 0
+        curve = {f"findings (each image x finding), {split}": reliability(labels[:, : len(names)][known] == 1,
+                                                                          probs[known])}
+    else:
+        curve = {f"abnormal (1 - p({names[0]})), {split}": reliability(labels != 0, 1.0 - probs[:, 0])}
+    plot_calibration(curve, out / "reliability.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_nan_to_none))
 
 

@@ -4,7 +4,8 @@ Grad-CAM (Selvaraju et al., 2017): the gradients of a class score with respect t
 convolutional feature maps, averaged over space, weight those maps; their ReLU'd sum, upsampled to
 the model input, is the heatmap. The class score is the pre-activation output (the logit): for the
 one-unit sigmoid head, ``z`` for the positive class and ``-z`` for the negative one; for a softmax
-head, ``z_c``. Saturated probabilities would otherwise give vanishing gradients. The map has the
+head, ``z_c``; for a multi-label head, the finding's own ``z_k`` (``--class FINDING``; by default
+the most probable finding). Saturated probabilities would otherwise give vanishing gradients. The map has the
 resolution of ``block5_conv3``: image size / 16 cells a side (14 at 224 px; 2 at 32 px).
 
 For each input ``DIR/<name>.png`` shows the model input (exactly what the model saw, from the run's
@@ -29,15 +30,20 @@ LAST_CONV = "block5_conv3"
 
 
 def resolve_class(lm: LoadedModel, chosen: str | None) -> int | None:
-    """``--class`` as a class name or index → index (None: explain the predicted class)."""
+    """``--class`` as a class (or finding) name, a finding's key, or an index → index (None:
+    explain the predicted class, or the most probable finding)."""
     if chosen is None:
         return None
     names = list(lm.scheme.names)
     if chosen in names:
         return names.index(chosen)
+    if lm.scheme.multilabel and chosen in lm.scheme.keys:
+        return lm.scheme.keys.index(chosen)
     if chosen.isdigit() and int(chosen) < len(names):
         return int(chosen)
-    raise ModelSpecError(f"--class {chosen!r}: this model's classes are {names} (a name or an index 0..{len(names) - 1})")
+    what = "findings" if lm.scheme.multilabel else "classes"
+    raise ModelSpecError(f"--class {chosen!r}: this model's {what} are {names} (a name or an index "
+                         f"0..{len(names) - 1})")
 
 
 def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,7 +63,10 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
         for layer in head:  # dropout is the identity at inference and is skipped
             h = layer(h)
         z = tf.matmul(tf.cast(h, tf.float32), logits.kernel) + logits.bias  # pre-activation scores
-        if z.shape[-1] == 1:
+        if lm.scheme.multilabel:  # independent findings: each one's own logit and probability
+            probs = tf.sigmoid(z)
+            scores = z
+        elif z.shape[-1] == 1:
             p1 = tf.sigmoid(z[:, 0])
             probs = tf.stack([1.0 - p1, p1], axis=1)
             scores = tf.stack([-z[:, 0], z[:, 0]], axis=1)
@@ -120,7 +129,7 @@ def _explain(lm: LoadedModel, chosen: int | None, files: list[str], rels: list[s
         heat, target, probs = gradcam(lm, images, chosen)
         for (i, img), hm, t, p in zip(chunk, heat, target, probs):
             row = rows[i]
-            predicted = names[int(np.argmax(p))]
+            predicted = names[int(np.argmax(p))]  # multi-label: the most probable finding
             row.update({"class": names[int(t)], "probability": float(p[int(t)]), "predicted": predicted})
             np.save(out / f"{row['name']}.npy", hm)
             title = f"{row['name']}\nGrad-CAM for {names[int(t)]}: p = {p[int(t)]:.3f}"

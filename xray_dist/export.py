@@ -51,7 +51,8 @@ def _write(lm, fmt: str, out: Path) -> Path:
     spec = lm.spec
     size = lm.preprocess.image_size
     image = keras.Input((size, size), dtype="uint8", name="image")
-    serving = keras.Model(image, ClassProbabilities(name="probabilities")(lm.model(image, training=False)),
+    probabilities = ClassProbabilities(multilabel=lm.scheme.multilabel, name="probabilities")
+    serving = keras.Model(image, probabilities(lm.model(image, training=False)),
                           name="xray_vgg16_serving")
     if fmt == "savedmodel":
         path = out / "savedmodel"
@@ -76,9 +77,13 @@ def _write(lm, fmt: str, out: Path) -> Path:
         "input": {"name": "image", "dtype": "uint8", "shape": [None, size, size],
                   "meaning": "grayscale radiograph after the preprocessing spec (0 = black), as in the cache"},
         "output": {"name": "probabilities", "dtype": "float32", "shape": [None, lm.scheme.num_classes],
-                   "classes": list(lm.scheme.names)},
-        "abnormal_score": f"1 - probabilities[:, 0] (class 0 is {lm.scheme.names[0]!r})",
+                   **({"findings": list(lm.scheme.names), "keys": lm.scheme.keys,
+                       "meaning": "each finding's probability (independent sigmoids; several can be present)"}
+                      if lm.scheme.multilabel else {"classes": list(lm.scheme.names)})},
+        "abnormal_score": ("max(probabilities, axis=1) (any finding: the most probable one)" if lm.scheme.multilabel
+                           else f"1 - probabilities[:, 0] (class 0 is {lm.scheme.names[0]!r})"),
         "threshold": lm.threshold,
+        **({"thresholds": lm.thresholds} if lm.scheme.multilabel else {}),
         "preprocess": spec["preprocess"],
     }, indent=2))
     return path

@@ -1,23 +1,58 @@
-"""Label sources: a CSV of paths (or RSNA-style file stems) and labels, or a folder per class.
+"""Label sources: a labels file in one of the public cohorts' formats, or a folder per class.
 
-Whatever the source, the result is a :class:`LabelScan`: the labelled files to read, the label
-rows that name no usable file (``missing``, with the reason), and the files nobody labelled
-(``unlabeled``). Nothing is read from a path outside the data directory.
+Whatever the source, the result is a :class:`LabelScan`: the labelled files to read (each with
+its manifest label: one class, or findings joined by ``|``, :mod:`xray_dist.classes`), the
+label rows that name no usable file (``missing``, with the reason), the files nobody labelled
+(``unlabeled``), and — where the format has them — each file's patient and view. Nothing is
+read from a path outside the data directory.
+
+Formats (``--labels-format``):
+
+``csv``       a path (or a file name or stem) column and a label column; a label cell may hold
+              several findings, ``Effusion|Infiltration`` (a multi-label task), ``?Edema`` marks an
+              uncertain one; ``--patient-column`` names the patients.
+``nih``       NIH ChestX-ray14 ``Data_Entry_2017.csv``: ``Image Index`` matches the DICOM file of the
+              same stem (``00000001_000.png`` → ``…/00000001_000.dcm``), ``Finding Labels`` split on
+              ``|`` with ``No Finding`` the negative, ``Patient ID`` the patient, ``View Position``.
+``chexpert``  CheXpert's ``train.csv``/``valid.csv``: ``Path`` matched without its extension (and
+              without leading folders the data directory does not have), one column per finding
+              holding 1 / 0 / -1 (uncertain) / blank (not mentioned: absent, as in the CheXpert
+              paper's labeller), ``Frontal/Lateral`` and ``AP/PA`` for the view, the patient from
+              the path's ``patientNNNNN``.
+``rsna``      RSNA Pneumonia ``stage_2_train_labels.csv``: a row per box, several per
+              ``patientId`` (the DICOM file's stem); Target 1 → ``pneumonia``, 0 → ``normal``.
+``mimic``     MIMIC-CXR-JPG's ``mimic-cxr-2.0.0-chexpert.csv`` (labels per ``subject_id``,
+              ``study_id``, values as CheXpert's), joined to the DICOM files (stem = ``dicom_id``)
+              through ``--metadata mimic-cxr-2.0.0-metadata.csv`` (``dicom_id``, ``study_id``,
+              ``ViewPosition``); ``subject_id`` is the patient. Its official split CSV is read by
+              ``--split-file``.
+
+Uncertain entries (-1) follow ``--uncertain``: ``ignore`` keeps them as uncertain (masked out of
+that finding's loss and metrics for that image), ``zeros`` reads them as absent, ``ones`` as present.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from xray_dist import storage
-
+from xray_dist.classes import SEPARATOR, join_findings, parse_findings
 from xray_dist.errors import PrepareError
 
 # Files in the data directory that are never images and never reported as unlabeled.
 _IGNORED_SUFFIXES = {".csv", ".json", ".txt", ".md", ".yaml", ".yml"}
+
+FORMATS = ("csv", "nih", "chexpert", "rsna", "mimic")
+#: Formats whose labels are findings (a multi-label task, whatever one image shows).
+MULTILABEL_FORMATS = ("nih", "chexpert", "mimic")
+#: The label the cohort formats give an image without findings.
+NEGATIVE = "normal"
+_CHEXPERT_NOT_FINDINGS = {"Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"}
+_MIMIC_NOT_FINDINGS = {"subject_id", "study_id", "No Finding"}
 
 
 @dataclass
@@ -25,15 +60,28 @@ class LabelScan:
     items: list[tuple[str, str]] = field(default_factory=list)  # (path relative to data dir, label)
     missing: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     unlabeled: list[str] = field(default_factory=list)  # relative paths
-    patients: dict[str, str] = field(default_factory=dict)  # relative path -> patient (--patient-column)
+    patients: dict[str, str] = field(default_factory=dict)  # relative path -> patient (from the labels)
+    views: dict[str, str] = field(default_factory=dict)  # relative path -> view (from the labels)
+    multilabel: bool = False  # the format's labels are findings
 
 
-def list_files(data_dir: str | Path) -> list[str]:
+@dataclass
+class LabelRow:
+    """One row of a labels file: ``ref`` names a file (path, file name or stem)."""
+
+    ref: str
+    label: str
+    patient: str = ""
+    view: str = ""
+    why: str = ""  # why ``label`` is empty, when the format knows
+
+
+def list_files(data_dir: str | PurePosixPath) -> list[str]:
     """Every regular, non-hidden file under ``data_dir`` (local or URI; relative POSIX paths, sorted)."""
     return [e.rel for e in list_entries(data_dir)]
 
 
-def list_entries(data_dir: str | Path) -> list[storage.FileEntry]:
+def list_entries(data_dir) -> list[storage.FileEntry]:
     """:func:`list_files` with each file's size and modification time (one listing of the store)."""
     out = []
     for e in storage.list_files(data_dir):
@@ -45,76 +93,215 @@ def list_entries(data_dir: str | Path) -> list[storage.FileEntry]:
     return out
 
 
-def from_csv(data_dir: str | Path, csv_path: str | Path, path_column: str = "path", label_column: str = "label",
-             entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
-    """Labels from a CSV.
-
-    ``path_column`` holds a path relative to ``data_dir`` or, RSNA style, a file stem
-    (``0004cfab-...`` for ``stage_2_train_images/0004cfab-....dcm``), looked up among the files
-    under ``data_dir``. Repeated rows for one file (RSNA has one per box) are merged when they
-    agree and reported as ``missing`` when their labels conflict.
-    """
+def _read_csv(path, what: str, needed: list[tuple[str, str]]) -> tuple[list[str], list[dict]]:
+    """Columns and rows of a CSV; a missing file or column is a :class:`PrepareError` naming it."""
     try:
-        text = storage.read_text(csv_path)
+        text = storage.read_text(path)
     except (FileNotFoundError, IsADirectoryError):
-        raise PrepareError(f"labels CSV not found: {csv_path}") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+        raise PrepareError(f"{what} not found: {path}") from None
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline=""))
     cols = reader.fieldnames or []
-    wanted = [(path_column, "--path-column"), (label_column, "--label-column")]
-    for col, flag in wanted + ([(patient_column, "--patient-column")] if patient_column else []):
+    for col, hint in needed:
         if col not in cols:
-            raise PrepareError(f"{csv_path}: no column {col!r} (set {flag}); columns are {cols}")
-    rows = list(reader)
+            raise PrepareError(f"{path}: no column {col!r} ({hint}); columns are {cols}")
+    return cols, list(reader)
 
-    all_files = [e.rel for e in (entries if entries is not None else list_entries(data_dir))]
-    listed = set(all_files)
-    by_stem: dict[str, list[str]] = {}
-    for rel in all_files:
-        by_stem.setdefault(PurePosixPath(rel).stem, []).append(rel)
-    local = not storage.is_uri(data_dir)
 
+class _Files:
+    """The data directory's files, found by a label row's reference: the relative path itself; the
+    path without its extension, with leading folders dropped one by one (CheXpert's
+    ``CheXpert-v1.0-small/train/…/view1_frontal.jpg`` for ``train/…/view1_frontal.dcm``); or a
+    unique stem (NIH's ``00000001_000.png``, RSNA's ``patientId``, MIMIC's ``dicom_id``)."""
+
+    def __init__(self, data_dir, entries: list[storage.FileEntry]):
+        self.data_dir = data_dir
+        self.all = [e.rel for e in entries]
+        self.listed = set(self.all)
+        self.by_base: dict[str, list[str]] = {}
+        self.by_stem: dict[str, list[str]] = {}
+        for rel in self.all:
+            p = PurePosixPath(rel)
+            self.by_base.setdefault(str(p.with_suffix("")), []).append(rel)
+            self.by_stem.setdefault(p.stem, []).append(rel)
+        self.local = not storage.is_uri(data_dir)
+        self.tops = {rel.split("/", 1)[0] for rel in self.all}
+
+    def find(self, value: str) -> tuple[str | None, str]:
+        """``(relative path, "")`` or ``(None, reason)``."""
+        found = storage.inside(self.data_dir, value)
+        if found is None:
+            return None, "path escapes the data directory; not read"
+        # a listed file, or (locally) any file the path reaches, hidden or not, as before
+        if found in self.listed or (self.local and storage.is_file(storage.join(self.data_dir, found))):
+            return found, ""
+        parts = PurePosixPath(found).with_suffix("").parts
+        for i in range(len(parts) - 1):  # leading folders the data directory lacks are dropped, no more
+            hits = self.by_base.get("/".join(parts[i:]), [])
+            if len(hits) == 1:
+                return hits[0], ""
+            if parts[i] in self.tops:
+                break
+        if len(parts) > 1:
+            return None, "file not found"
+        hits = self.by_stem.get(parts[0], [])
+        if len(hits) == 1:
+            return hits[0], ""
+        if hits:
+            return None, f"file stem matches {len(hits)} files"
+        return None, "file not found"
+
+
+def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], label_name: str) -> LabelScan:
+    """Label rows → a :class:`LabelScan`. Repeated rows for one file (RSNA has one per box) are
+    merged when they agree and reported as ``missing`` when their labels conflict."""
+    files = _Files(data_dir, entries)
     scan = LabelScan()
     chosen: dict[str, str] = {}
     conflicts: set[str] = set()
     for row in rows:
-        value = (row.get(path_column) or "").strip()
-        label = (row.get(label_column) or "").strip()
-        if not value:
-            scan.missing.append({"path": value, "reason": f"empty {path_column!r} cell"})
+        if not row.ref:
+            scan.missing.append({"path": row.ref, "reason": "empty file cell"})
             continue
-        found = storage.inside(data_dir, value)
-        if found is None:
-            scan.missing.append({"path": value, "reason": "path escapes the data directory; not read"})
+        rel, why = files.find(row.ref)
+        if rel is None:
+            scan.missing.append({"path": row.ref, "reason": why})
             continue
-        # a listed file, or (locally) any file the path reaches, hidden or not, as before
-        if found in listed or (local and storage.is_file(storage.join(data_dir, found))):
-            rel = found
-        elif value in by_stem and len(by_stem[value]) == 1:
-            rel = by_stem[value][0]
-        elif value in by_stem:
-            scan.missing.append({"path": value, "reason": f"file stem matches {len(by_stem[value])} files"})
+        if not row.label:
+            scan.missing.append({"path": rel, "reason": row.why or f"empty {label_name!r} cell"})
             continue
-        else:
-            scan.missing.append({"path": value, "reason": "file not found"})
-            continue
-        if not label:
-            scan.missing.append({"path": rel, "reason": f"empty {label_column!r} cell"})
-            continue
-        if rel in chosen and chosen[rel] != label:
+        if rel in chosen and chosen[rel] != row.label:
             conflicts.add(rel)
-        chosen.setdefault(rel, label)
-        if patient_column and (row.get(patient_column) or "").strip():
-            scan.patients.setdefault(rel, row[patient_column].strip())
+        chosen.setdefault(rel, row.label)
+        if row.patient:
+            scan.patients.setdefault(rel, row.patient)
+        if row.view:
+            scan.views.setdefault(rel, row.view.strip().upper())
     for rel in sorted(conflicts):
         scan.missing.append({"path": rel, "reason": "conflicting labels in the CSV; not used"})
         del chosen[rel]
     scan.items = sorted(chosen.items())
     labelled = set(chosen) | conflicts
-    scan.unlabeled = [rel for rel in all_files if rel not in labelled]
+    scan.unlabeled = [rel for rel in files.all if rel not in labelled]
     return scan
 
 
-def from_folders(data_dir: str | Path, entries: list[storage.FileEntry] | None = None) -> LabelScan:
+def _canonical(label: str) -> str:
+    """A csv label cell: several findings sorted (and deduplicated) so one set is one label."""
+    if SEPARATOR not in label and not label.startswith("?"):
+        return label
+    present, uncertain = parse_findings(label, negative="\0")
+    return join_findings(present, uncertain)
+
+
+def from_csv(data_dir, csv_path, path_column: str = "path", label_column: str = "label",
+             entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
+    """Labels from a CSV (``--labels-format csv``).
+
+    ``path_column`` holds a path relative to ``data_dir``, a file name or, RSNA style, a file stem
+    (``0004cfab-...`` for ``stage_2_train_images/0004cfab-....dcm``).
+    """
+    needed = [(path_column, "set --path-column"), (label_column, "set --label-column")]
+    needed += [(patient_column, "set --patient-column")] if patient_column else []
+    _, rows = _read_csv(csv_path, "labels CSV", needed)
+    label_rows = [LabelRow(ref=(r.get(path_column) or "").strip(), label=_canonical((r.get(label_column) or "").strip()),
+                           patient=(r.get(patient_column) or "").strip() if patient_column else "") for r in rows]
+    scan = _resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, label_column)
+    scan.multilabel = any(SEPARATOR in lab or lab.startswith("?") for _, lab in scan.items)
+    return scan
+
+
+def from_nih(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
+    _, rows = _read_csv(csv_path, "NIH labels CSV (Data_Entry_2017.csv)",
+                        [("Image Index", "NIH format"), ("Finding Labels", "NIH format")])
+    out = []
+    for r in rows:
+        cell = (r.get("Finding Labels") or "").strip()
+        findings = [f.strip() for f in cell.split("|") if f.strip() and f.strip() != "No Finding"]
+        label = join_findings(findings, negative=NEGATIVE) if cell else ""
+        out.append(LabelRow(ref=(r.get("Image Index") or "").strip(), label=label,
+                            patient=(r.get("Patient ID") or "").strip(), view=(r.get("View Position") or "").strip()))
+    scan = _resolve(data_dir, entries, out, "Finding Labels")
+    scan.multilabel = True
+    return scan
+
+
+def _finding_cells(row: dict, findings: list[str], uncertain: str) -> str:
+    """CheXpert-style cells (1, 0, -1, blank) → a manifest label, the uncertain ones by policy."""
+    present, unsure = [], []
+    for f in findings:
+        v = (row.get(f) or "").strip()
+        try:
+            x = float(v) if v else 0.0  # blank: not mentioned in the report, read as absent
+        except ValueError:
+            raise PrepareError(f"column {f!r} holds {v!r}; expected 1, 0, -1 or blank") from None
+        if x == 1:
+            present.append(f)
+        elif x == -1:
+            if uncertain == "ones":
+                present.append(f)
+            elif uncertain == "ignore":
+                unsure.append(f)
+        elif x != 0:
+            raise PrepareError(f"column {f!r} holds {v!r}; expected 1, 0, -1 or blank")
+    return join_findings(present, unsure, negative=NEGATIVE)
+
+
+def from_chexpert(data_dir, csv_path, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
+    cols, rows = _read_csv(csv_path, "CheXpert labels CSV", [("Path", "CheXpert format")])
+    findings = [c for c in cols if c not in _CHEXPERT_NOT_FINDINGS]
+    if not findings:
+        raise PrepareError(f"{csv_path}: no finding columns besides {sorted(_CHEXPERT_NOT_FINDINGS & set(cols))}")
+    out = []
+    for i, r in enumerate(rows, start=2):
+        path = (r.get("Path") or "").strip()
+        try:
+            label = _finding_cells(r, findings, uncertain)
+        except PrepareError as e:
+            raise PrepareError(f"{csv_path}, line {i}: {e}") from None
+        side = (r.get("Frontal/Lateral") or "").strip().lower()
+        view = "LATERAL" if side == "lateral" else (r.get("AP/PA") or "").strip()
+        m = re.search(r"(patient\d+)", path)
+        out.append(LabelRow(ref=path, label=label, patient=m.group(1) if m else "", view=view))
+    scan = _resolve(data_dir, entries, out, "Path")
+    scan.multilabel = True
+    return scan
+
+
+def from_rsna(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
+    _, rows = _read_csv(csv_path, "RSNA labels CSV (stage_2_train_labels.csv)",
+                        [("patientId", "RSNA format"), ("Target", "RSNA format")])
+    out = []
+    for r in rows:
+        pid, target = (r.get("patientId") or "").strip(), (r.get("Target") or "").strip()
+        label = {"1": "pneumonia", "0": NEGATIVE}.get(target, "")
+        out.append(LabelRow(ref=pid, label=label, patient=pid))
+    return _resolve(data_dir, entries, out, "Target")
+
+
+def from_mimic(data_dir, csv_path, metadata: str, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
+    cols, rows = _read_csv(csv_path, "MIMIC-CXR labels CSV (mimic-cxr-2.0.0-chexpert.csv)",
+                           [("subject_id", "MIMIC format"), ("study_id", "MIMIC format")])
+    findings = [c for c in cols if c not in _MIMIC_NOT_FINDINGS]
+    label_of: dict[str, str] = {}
+    for i, r in enumerate(rows, start=2):
+        try:
+            label_of[(r.get("study_id") or "").strip()] = _finding_cells(r, findings, uncertain)
+        except PrepareError as e:
+            raise PrepareError(f"{csv_path}, line {i}: {e}") from None
+    _, meta = _read_csv(metadata, "MIMIC-CXR metadata CSV (--metadata)",
+                        [("dicom_id", "MIMIC metadata"), ("study_id", "MIMIC metadata")])
+    out = []
+    for r in meta:
+        study = (r.get("study_id") or "").strip()
+        out.append(LabelRow(ref=(r.get("dicom_id") or "").strip(), label=label_of.get(study, ""),
+                            patient=(r.get("subject_id") or "").strip(), view=(r.get("ViewPosition") or "").strip(),
+                            why=f"study {study}: no row in the labels CSV"))
+    scan = _resolve(data_dir, entries, out, "study_id")
+    scan.multilabel = True
+    return scan
+
+
+def from_folders(data_dir, entries: list[storage.FileEntry] | None = None) -> LabelScan:
     """Labels from a folder-per-class layout, ``DATA/<class>/**/<file>``; top-level files are unlabeled."""
     scan = LabelScan()
     for e in entries if entries is not None else list_entries(data_dir):
@@ -127,8 +314,9 @@ def from_folders(data_dir: str | Path, entries: list[storage.FileEntry] | None =
     return scan
 
 
-def scan_labels(data_dir: str | Path, labels_csv: str | None, path_column: str, label_column: str,
-                entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
+def scan_labels(data_dir, labels_csv: str | None, path_column: str = "path", label_column: str = "label",
+                entries: list[storage.FileEntry] | None = None, patient_column: str | None = None,
+                labels_format: str = "csv", uncertain: str = "ignore", metadata: str | None = None) -> LabelScan:
     """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it)."""
     if entries is None:
         if not storage.is_dir(data_dir):
@@ -136,6 +324,17 @@ def scan_labels(data_dir: str | Path, labels_csv: str | None, path_column: str, 
         entries = list_entries(data_dir)
     if patient_column and not labels_csv:
         raise PrepareError("--patient-column needs --labels: it names a column of the labels CSV")
+    if patient_column and labels_format != "csv":
+        raise PrepareError(f"--patient-column is for --labels-format csv; the {labels_format} format has its own "
+                           "patient column")
+    if labels_format == "nih":
+        return from_nih(data_dir, labels_csv, entries)
+    if labels_format == "chexpert":
+        return from_chexpert(data_dir, labels_csv, entries, uncertain)
+    if labels_format == "rsna":
+        return from_rsna(data_dir, labels_csv, entries)
+    if labels_format == "mimic":
+        return from_mimic(data_dir, labels_csv, metadata, entries, uncertain)
     if labels_csv:
         return from_csv(data_dir, labels_csv, path_column, label_column, entries, patient_column)
     return from_folders(data_dir, entries)

@@ -56,14 +56,18 @@ def class_probabilities(raw: np.ndarray) -> np.ndarray:
     return raw
 
 
-def evaluate(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float | None = None) -> dict:
-    """All validation metrics from integer labels and ``(n, K)`` probabilities.
+def evaluate(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float | None = None,
+             multilabel: bool = False) -> dict:
+    """All validation metrics from integer labels and ``(n, K)`` probabilities (multi-label:
+    :func:`evaluate_multilabel`).
 
     ``val_auc`` is the macro mean of per-class one-vs-rest AUROCs (the positive class alone when
     K = 2); ``val_auc_abnormal`` scores "not negative" (class 0) with ``1 - p(negative)``, so runs
     with different class schemes compare on one number. Sensitivity/specificity are for
     abnormal vs negative at ``threshold`` (Youden's J on these labels when not given).
     """
+    if multilabel:
+        return evaluate_multilabel(labels, probs, names, threshold)
     labels = np.asarray(labels).astype(int).ravel()
     k = probs.shape[1]
     per_class = {names[c]: auroc(labels == c, probs[:, c]) for c in range(k)}
@@ -85,6 +89,64 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold:
         "sensitivity": sens,
         "specificity": spec,
         "val_images": int(len(labels)),
+    }
+
+
+def _known(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a multi-label target column that are known (not -1: uncertain, masked)."""
+    keep = np.asarray(y) >= 0
+    return np.asarray(y)[keep], np.asarray(s)[keep]
+
+
+def _youden_or_half(y: np.ndarray, s: np.ndarray) -> float:
+    return youden_threshold(y, s) if 0 < int(np.sum(y)) < len(y) else 0.5
+
+
+def evaluate_multilabel(targets: np.ndarray, probs: np.ndarray, names: list[str], threshold: float | None = None,
+                        thresholds: dict[str, float] | None = None) -> dict:
+    """Validation metrics of a multi-label model (:mod:`xray_dist.classes`): ``targets`` is
+    ``(n, K + 1)`` — per finding 1/0/-1 (-1: uncertain, left out), then "any finding" — and
+    ``probs`` the ``(n, K)`` finding probabilities.
+
+    Per finding: AUROC (``val_auc_per_class``, by :func:`~xray_dist.classes.finding_key`) and a
+    Youden threshold (``val_thresholds``); ``val_auc`` and ``val_auc_mean`` are their mean.
+    ``val_auc_abnormal`` is any finding (kept by the model or not) vs none, scored by the largest
+    finding probability, so schemes with different K compare on it; sensitivity and specificity are
+    for that score at ``threshold``. ``val_loss`` is the unweighted binary cross-entropy of the
+    known entries, ``val_accuracy`` the share of known entries right at their finding's threshold.
+    """
+    from xray_dist.classes import finding_key
+
+    targets = np.asarray(targets).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    keys = [finding_key(n) for n in names]
+    per, thr_of, right, seen = {}, {}, 0, 0
+    for j, key in enumerate(keys):
+        y, s = _known(targets[:, j], probs[:, j])
+        per[key] = auroc(y, s)
+        thr_of[key] = thresholds[key] if thresholds and key in thresholds else _youden_or_half(y, s)
+        right += int(np.sum((s >= thr_of[key]) == (y == 1)))
+        seen += len(y)
+    y_any, score = _known(targets[:, -1], probs.max(axis=1) if len(names) else np.zeros(len(probs)))
+    thr = _youden_or_half(y_any, score) if threshold is None else threshold
+    sens, spec = sens_spec(y_any, score, thr)
+    known = targets[:, : len(names)] >= 0
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    bce = -(np.where(targets[:, : len(names)] == 1, np.log(p), np.log(1 - p)))
+    aucs = [v for v in per.values() if not np.isnan(v)]
+    mean = float(np.mean(aucs)) if aucs else float("nan")
+    return {
+        "val_loss": float(bce[known].mean()) if known.any() else float("nan"),
+        "val_accuracy": right / seen if seen else float("nan"),
+        "val_auc": mean,
+        "val_auc_mean": mean,
+        "val_auc_abnormal": auroc(y_any, score),
+        "val_auc_per_class": per,
+        "val_thresholds": thr_of,
+        "threshold": thr,
+        "sensitivity": sens,
+        "specificity": spec,
+        "val_images": int(len(targets)),
     }
 
 
@@ -146,12 +208,16 @@ IMAGE_METHOD = ("image-level stratified percentile bootstrap: {n} resamples of i
 
 
 def metrics_with_intervals(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float,
-                           patients: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, str]:
+                           patients: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+                           multilabel: bool = False, thresholds: dict[str, float] | None = None) -> tuple[dict, str]:
     """Point estimates and 95 % intervals, ``{name: (value, lo, hi)}``, of ``auc_abnormal``,
     ``auc_<class>`` (one-vs-rest; the positive class alone for K = 2), ``sensitivity`` and
     ``specificity`` of the abnormal score at ``threshold``, ``accuracy`` (argmax) and ``ece`` (of
     the abnormal score); and the interval method, in words. With ``patients`` the bootstrap
-    resamples patients (:func:`cluster_bootstrap_ci`), else images."""
+    resamples patients (:func:`cluster_bootstrap_ci`), else images. Multi-label:
+    :func:`_multilabel_intervals`."""
+    if multilabel:
+        return _multilabel_intervals(labels, probs, names, threshold, thresholds or {}, patients, n_boot, seed)
     labels = np.asarray(labels).astype(int)
     abnormal = (labels != 0).astype(int)
     score = 1.0 - probs[:, 0]
@@ -170,6 +236,67 @@ def metrics_with_intervals(labels: np.ndarray, probs: np.ndarray, names: list[st
     out["specificity"] = ci(lambda y, s: sens_spec(y, s, threshold)[1], (abnormal, score))
     out["accuracy"] = ci(lambda y, p: float(np.mean(np.argmax(p, axis=1) == y)), (labels, probs))
     out["ece"] = ci(lambda y, s: reliability(y, s)["ece"], (abnormal, score))
+    return out, method
+
+
+def _multilabel_intervals(targets: np.ndarray, probs: np.ndarray, names: list[str], threshold: float,
+                          thresholds: dict[str, float], patients: np.ndarray | None, n_boot: int,
+                          seed: int) -> tuple[dict, str]:
+    """:func:`metrics_with_intervals` for findings (targets as :func:`evaluate_multilabel`'s):
+    ``auc_abnormal`` (any finding vs none, largest finding probability), ``auc_<finding>``,
+    ``sensitivity``/``specificity`` of the abnormal score at ``threshold``,
+    ``sensitivity_<finding>``/``specificity_<finding>`` at each finding's threshold, ``accuracy``
+    (known entries right at their thresholds) and ``ece`` (all known image × finding
+    probabilities pooled). Uncertain entries (-1) are left out of every number."""
+    from xray_dist.classes import finding_key
+
+    targets = np.asarray(targets).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(names)
+    keys = [finding_key(n) for n in names]
+    any_ = targets[:, -1]
+    score = probs.max(axis=1) if k else np.zeros(len(probs))
+    rows = np.arange(len(targets))
+    strata = (any_ == 1).astype(int)
+    if patients is not None:
+        def ci(stat):
+            return cluster_bootstrap_ci(lambda r: stat(r.astype(int)), (rows,), patients, n_boot, seed=seed,
+                                        strata=strata)
+        method = PATIENT_METHOD.format(n=n_boot)
+    else:
+        def ci(stat):
+            return bootstrap_ci(lambda r: stat(r.astype(int)), (rows,), n_boot, seed=seed, strata=strata)
+        method = IMAGE_METHOD.format(n=n_boot)
+
+    def on_known(j, fn, col=None):
+        def stat(r):
+            y, s = _known(targets[r, j], (probs[r, j] if col is None else col[r]))
+            return fn(y, s)
+        return stat
+
+    out = {"auc_abnormal": ci(on_known(-1, auroc, score))}
+    for j, key in enumerate(keys):
+        out[f"auc_{key}"] = ci(on_known(j, auroc))
+    out["sensitivity"] = ci(on_known(-1, lambda y, s: sens_spec(y, s, threshold)[0], score))
+    out["specificity"] = ci(on_known(-1, lambda y, s: sens_spec(y, s, threshold)[1], score))
+    for j, key in enumerate(keys):
+        t = float(thresholds.get(key, 0.5))
+        out[f"sensitivity_{key}"] = ci(on_known(j, lambda y, s, t=t: sens_spec(y, s, t)[0]))
+        out[f"specificity_{key}"] = ci(on_known(j, lambda y, s, t=t: sens_spec(y, s, t)[1]))
+    thr = np.array([float(thresholds.get(key, 0.5)) for key in keys])
+
+    def accuracy(r):
+        y, p = targets[r, :k], probs[r]
+        known = y >= 0
+        return float(np.mean(((p >= thr) == (y == 1))[known])) if known.any() else float("nan")
+
+    def ece(r):
+        y, p = targets[r, :k], probs[r]
+        known = y >= 0
+        return reliability(y[known], p[known])["ece"] if known.any() else float("nan")
+
+    out["accuracy"] = ci(accuracy)
+    out["ece"] = ci(ece)
     return out, method
 
 

@@ -7,7 +7,8 @@ export can never preprocess differently.
 
 Layers keep Keras's names (``block1_conv1`` … ``block5_pool``) so that freezing by block is a
 name lookup. The head is ``GlobalAveragePooling2D`` → optional ``Dense(head_width, relu)`` +
-dropout → ``logits`` (1 sigmoid unit for two classes, K softmax units for K).
+dropout → ``logits`` (1 sigmoid unit for two classes, K softmax units for K classes, K sigmoid
+units for K findings of a multi-label task).
 
 Keras here is ``tf_keras`` (Keras 2): Keras 3's ``model.fit`` fails under
 MultiWorkerMirroredStrategy (keras-team/keras#20585).
@@ -43,13 +44,15 @@ class ModelSpec:
     head_width: int = 0
     dropout: float = 0.3
     unfreeze_blocks: int = 0
+    multilabel: bool = False  # K independent sigmoid outputs (one per finding) instead of one softmax
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**{k: d[k] for k in ("image_size", "num_outputs", "head_width", "dropout", "unfreeze_blocks")})
+        return cls(**{k: d[k] for k in ("image_size", "num_outputs", "head_width", "dropout", "unfreeze_blocks")},
+                   multilabel=bool(d.get("multilabel", False)))
 
 
 @keras.utils.register_keras_serializable(package="xray_dist")
@@ -66,11 +69,19 @@ class VGGInput(keras.layers.Layer):
 
 @keras.utils.register_keras_serializable(package="xray_dist")
 class ClassProbabilities(keras.layers.Layer):
-    """Model outputs → ``(n, K)`` class probabilities: one sigmoid unit ``p`` becomes ``[1 - p, p]``."""
+    """Model outputs → ``(n, K)`` class probabilities: one sigmoid unit ``p`` becomes ``[1 - p, p]``
+    (multi-label outputs are each finding's probability already and pass as they are)."""
+
+    def __init__(self, multilabel: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.multilabel = multilabel
+
+    def get_config(self):
+        return {**super().get_config(), "multilabel": self.multilabel}
 
     def call(self, x):
         x = tf.cast(x, tf.float32)
-        if x.shape[-1] == 1:
+        if x.shape[-1] == 1 and not self.multilabel:
             return tf.concat([1.0 - x, x], axis=-1)
         return x
 
@@ -126,7 +137,7 @@ def add_head(features, spec: ModelSpec, seed: int = 0):
         # a tf.random.Generator whose state a checkpoint saves (train.save_training_state): a
         # resumed run draws the masks the uninterrupted run would have drawn
         x = keras.layers.Dropout(spec.dropout, name="head_dropout", seed=seed, rng_type="stateful")(x)
-    activation = "sigmoid" if spec.num_outputs == 1 else "softmax"
+    activation = "sigmoid" if spec.num_outputs == 1 or spec.multilabel else "softmax"
     return keras.layers.Dense(spec.num_outputs, activation=activation, dtype="float32", name="logits",
                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))(x)
 

@@ -41,22 +41,36 @@ def _ci_text(intervals: dict | None, key: str) -> str:
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, names: list[str], path: str | Path,
-             intervals: dict | None = None) -> None:
-    """ROC of abnormal vs the negative class, plus one-vs-rest per class when K > 2.
+             intervals: dict | None = None, multilabel: bool = False) -> None:
+    """ROC of abnormal vs the negative class, plus one-vs-rest per class when K > 2; multi-label:
+    any finding vs none (largest finding probability) plus one curve per finding (uncertain
+    entries left out).
 
-    ``intervals`` maps ``"abnormal"`` or a class name to an AUROC confidence interval for the legend.
+    ``intervals`` maps ``"abnormal"``, a class name or a finding key to an AUROC confidence interval
+    for the legend.
     """
+    from xray_dist.classes import finding_key
+
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    abnormal = labels != 0
-    score = 1 - probs[:, 0]
+    if multilabel:
+        known = labels[:, -1] >= 0
+        abnormal, score = labels[known, -1] == 1, probs[known].max(axis=1)
+        first = "any finding vs none"
+        curves = []
+        for c, name in enumerate(names):
+            k = labels[:, c] >= 0
+            curves.append((f"{name}", finding_key(name), labels[k, c] == 1, probs[k, c]))
+    else:
+        abnormal, score = labels != 0, 1 - probs[:, 0]
+        first = f"abnormal vs {names[0]}"
+        curves = [(f"{names[c]} vs rest", names[c], labels == c, probs[:, c]) for c in range(1, len(names))] \
+            if len(names) > 2 else []
     fpr, tpr, _ = roc_curve(abnormal, score)
-    ax.plot(fpr, tpr, lw=2.5, label=f"abnormal vs {names[0]} (AUROC {auroc(abnormal, score):.3f}"
+    ax.plot(fpr, tpr, lw=2.5, label=f"{first} (AUROC {auroc(abnormal, score):.3f}"
                                     f"{_ci_text(intervals, 'abnormal')})")
-    if len(names) > 2:
-        for c in range(1, len(names)):
-            fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-            ax.plot(fpr, tpr, lw=1, label=f"{names[c]} vs rest (AUROC {auroc(labels == c, probs[:, c]):.3f}"
-                                          f"{_ci_text(intervals, names[c])})")
+    for label, key, y, s in curves:
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, lw=1, label=f"{label} (AUROC {auroc(y, s):.3f}{_ci_text(intervals, key)})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity"); ax.set_title("Validation ROC")
     ax.legend(loc="lower right", fontsize=8)

@@ -40,6 +40,11 @@ class LoadedModel:
     threshold: float
     spec: dict = field(default_factory=dict)  # the model directory's model_spec.json
 
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Multi-label: each finding's threshold (by key), chosen on validation."""
+        return {k: float(v) for k, v in self.spec.get("thresholds", {}).items()}
+
 
 def model_dir_of(run: str | Path) -> str:
     """The ``model/`` directory of a run (local path or URI), or ``run`` itself when it is one."""
@@ -89,10 +94,27 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    from xray_dist.metrics import class_probabilities
-
+    """``(n, K)`` probabilities: of each class, or (multi-label) of each finding."""
     outs = [np.asarray(lm.model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)]
-    return class_probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
+    return lm.scheme.probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
+
+
+def prediction_columns(scheme: ClassScheme) -> list[str]:
+    return ["prediction", *[f"p_{k}" for k in scheme.keys], "abnormal_score", "abnormal_at_threshold"]
+
+
+def prediction_row(scheme: ClassScheme, p: np.ndarray, threshold: float, thresholds: dict[str, float]) -> dict:
+    """One image's columns: the prediction (the argmax class; multi-label: the findings at or above
+    their thresholds, joined by ``|``, or the negative class), each output's probability, the
+    abnormal score (:meth:`ClassScheme.abnormal_score`) and whether it reaches the model's threshold."""
+    if scheme.multilabel:
+        found = [n for n, k, v in zip(scheme.names, scheme.keys, p) if v >= thresholds.get(k, 0.5)]
+        prediction = "|".join(found) or scheme.negative
+    else:
+        prediction = scheme.names[int(np.argmax(p))]
+    abnormal = float(scheme.abnormal_score(p[None, :])[0])
+    return {"prediction": prediction, **{f"p_{k}": float(v) for k, v in zip(scheme.keys, p)},
+            "abnormal_score": abnormal, "abnormal_at_threshold": bool(abnormal >= threshold)}
 
 
 def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: str,
@@ -132,24 +154,21 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch
     if engine == "auto":
         engine = "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local"
     if engine == "ray":
-        classes, threshold, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus)
+        scheme, spec, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus)
     else:
         lm = load_run_model(run)
-        classes, threshold = list(lm.scheme.names), lm.threshold
+        scheme, spec = lm.scheme, lm.spec
         errors, good = load_inputs(files, rels, lm.preprocess, "predict", names)
-        probs = np.full((len(files), len(classes)), np.nan)
+        probs = np.full((len(files), scheme.num_classes), np.nan)
         if good:
             probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
+    threshold = float(spec.get("threshold", 0.5))
+    thresholds = {k: float(v) for k, v in spec.get("thresholds", {}).items()}
     rows = [{"path": names.name(rel), "prediction": "", "error": err} for rel, err in zip(rels, errors)]
     for i, row in enumerate(rows):
-        if row["error"]:
-            continue
-        p = probs[i]
-        row["prediction"] = classes[int(np.argmax(p))]
-        row.update({f"p_{n}": float(v) for n, v in zip(classes, p)})
-        row["abnormal_score"] = float(1.0 - p[0])
-        row["abnormal_at_threshold"] = bool(1.0 - p[0] >= threshold)
-    fields = ["path", "prediction", *[f"p_{n}" for n in classes], "abnormal_score", "abnormal_at_threshold", "error"]
+        if not row["error"]:
+            row.update(prediction_row(scheme, probs[i], threshold, thresholds))
+    fields = ["path", *prediction_columns(scheme), "error"]
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
@@ -199,7 +218,7 @@ class _Scorer:
 
 
 def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names: PathNames, batch_size: int,
-                      address: str | None, num_cpus: int | None) -> tuple[list[str], float, list[str], np.ndarray]:
+                      address: str | None, num_cpus: int | None) -> tuple[ClassScheme, dict, list[str], np.ndarray]:
     import ray as _ray
 
     from xray_dist.model import read_spec
@@ -208,8 +227,7 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
     run = storage.absolute(run)
     with storage.local_copy(model_dir_of(run)) as d:
         spec = read_spec(d)
-    classes = list(ClassScheme.from_dict(spec["classes"]).names)
-    threshold = float(spec.get("threshold", 0.5))
+    scheme = ClassScheme.from_dict(spec["classes"])
     init_ray(address, num_cpus)
     res = _ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
@@ -236,7 +254,7 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
     ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads}, batch_size=batch_size,
                         batch_format="numpy", **pool)
     errors = [""] * len(files)
-    probs = np.full((len(files), len(classes)), np.nan)
+    probs = np.full((len(files), scheme.num_classes), np.nan)
     from tqdm import tqdm
 
     with tqdm(total=len(files), desc="predict", unit="file", mininterval=2) as bar:
@@ -248,4 +266,4 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
                     log.warning("predict: %s: %s", names.name(rels[int(i)]), e)
             bar.update(len(b["index"]))
     log.debug("predict: Ray Data plan and stats:\n%s", ds.stats())
-    return classes, threshold, errors, probs
+    return scheme, spec, errors, probs

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from xray_dist import storage
+from xray_dist.classes import ClassScheme
 from xray_dist.errors import XrayDistError
 from xray_dist.metrics import confusion_matrix, metrics_with_intervals, reliability
 
@@ -71,19 +72,36 @@ def _held_out_section(ev: dict) -> str:
         return _ci(m["value"], *[float("nan") if v is None else v for v in m["ci95"]]) if m else "n/a"
 
     names = ev.get("classes", [])
-    rows = [[f"AUROC abnormal vs {names[0] if names else 'negative'}", cell("auc_abnormal")]]
-    rows += [[f"AUROC {n} vs rest", cell(f"auc_{n}")] for n in names[1:] if f"auc_{n}" in ev]
-    rows += [[f"sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
-             [f"specificity at {ev['threshold']:.3f}", cell("specificity")],
-             ["accuracy (argmax)", cell("accuracy")], ["expected calibration error", cell("ece")]]
+    if ev.get("task") == "multilabel":
+        keys, thr = ev.get("keys", []), ev.get("thresholds", {})
+        rows = [["AUROC any finding vs none (largest finding probability)", cell("auc_abnormal")]]
+        for n, k in zip(names, keys):
+            rows += [[f"AUROC {n}", cell(f"auc_{k}")],
+                     [f"{n}: sensitivity / specificity at {thr.get(k, 0.5):.3f}",
+                      f"{cell(f'sensitivity_{k}')} / {cell(f'specificity_{k}')}"]]
+        rows += [[f"any finding: sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
+                 [f"any finding: specificity at {ev['threshold']:.3f}", cell("specificity")],
+                 ["accuracy (image x finding, at each finding's threshold)", cell("accuracy")],
+                 ["expected calibration error (image x finding)", cell("ece")]]
+    else:
+        rows = [[f"AUROC abnormal vs {names[0] if names else 'negative'}", cell("auc_abnormal")]]
+        rows += [[f"AUROC {n} vs rest", cell(f"auc_{n}")] for n in names[1:] if f"auc_{n}" in ev]
+        rows += [[f"sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
+                 [f"specificity at {ev['threshold']:.3f}", cell("specificity")],
+                 ["accuracy (argmax)", cell("accuracy")], ["expected calibration error", cell("ece")]]
     title = "Held-out test" if ev["split"] == "test" else f"Evaluation on {ev['split']} (optimistic)"
     return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
             f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
             f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics"))
 
 
-def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10) -> dict[str, dict]:
-    """Reliability of the abnormal score; for K > 2 also of the top-label confidence."""
+def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10,
+                       multilabel: bool = False) -> dict[str, dict]:
+    """Reliability of the abnormal score; for K > 2 also of the top-label confidence; multi-label:
+    of every known image × finding probability."""
+    if multilabel:
+        known = labels[:, : len(names)] >= 0
+        return {"findings (image x finding)": reliability(labels[:, : len(names)][known] == 1, probs[known], bins)}
     curves = {f"abnormal (1 - p({names[0]}))": reliability(labels != 0, 1.0 - probs[:, 0], bins)}
     if len(names) > 2:
         top = np.argmax(probs, axis=1)
@@ -115,18 +133,22 @@ def _run_section(run: str, n_boot: int) -> str:
     probs, labels = scores["probs"], scores["labels"].astype(int)
     patients = scores["patients"] if "patients" in scores.files and all(scores["patients"]) else None
     names = list(metrics["classes"])
+    scheme = ClassScheme.from_dict(spec["classes"]) if "classes" in spec else ClassScheme(tuple(names))
+    ml = scheme.multilabel
+    thresholds = {k: float(v) for k, v in spec.get("thresholds", {}).items()}
     threshold = float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5)))
-    ci, method = metrics_with_intervals(labels, probs, names, threshold, patients, n_boot)
+    ci, method = metrics_with_intervals(labels, probs, names, threshold, patients, n_boot, multilabel=ml,
+                                        thresholds=thresholds)
     intervals = {"abnormal": ci["auc_abnormal"][1:]}
-    intervals.update({n: ci[f"auc_{n}"][1:] for n in names[1:] if f"auc_{n}" in ci})
-    cal = calibration_curves(labels, probs, names)
-    cm = confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
+    intervals.update({k: ci[f"auc_{k}"][1:] for k in (scheme.keys if ml else names[1:]) if f"auc_{k}" in ci})
+    cal = calibration_curves(labels, probs, names, multilabel=ml)
+    cm = None if ml else confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
     cfg = metrics.get("config", {})
     model = spec.get("model", {})
 
     parts = [f"<h2>Run <code>{html.escape(storage.name(run))}</code></h2>"]
     parts.append(_table(["setting", "value"], [
-        ["classes", ", ".join(names)],
+        ["findings (one sigmoid output each)" if ml else "classes", ", ".join(names)],
         ["image size", model.get("image_size", cfg.get("image_size"))],
         ["head width", model.get("head_width", cfg.get("head_width"))],
         ["unfreeze depth (VGG blocks trainable)", model.get("unfreeze_blocks", cfg.get("unfreeze_blocks"))],
@@ -137,19 +159,34 @@ def _run_section(run: str, n_boot: int) -> str:
         ["workers", cfg.get("num_workers")],
         ["wall time (s)", metrics.get("wall_seconds")],
     ], "kv"))
-    n_abn = int((labels != 0).sum())
+    truth = scheme.abnormal_truth(labels)
+    n_abn, n_neg = int((truth == 1).sum()), int((truth == 0).sum())
     n_pat = f" of {len(set(patients.tolist()))} patients" if patients is not None else ""
+    negative = scheme.negative if ml else names[0]
+    score_text = "the largest finding probability" if ml else f"1 − p({negative})"
     parts.append(f"<h3>Validation metrics (used for selection)</h3><p>{len(labels)} validation images{n_pat} "
-                 f"({n_abn} abnormal, {len(labels) - n_abn} {html.escape(names[0])}). Intervals: "
+                 f"({n_abn} abnormal, {n_neg} {html.escape(negative)}). Intervals: "
                  f"{html.escape(method)}. These images chose the best epoch (and, in a sweep, the trial) and the "
-                 f"threshold {threshold:.3f} on the abnormal score (1 − p({html.escape(names[0])}), Youden's J), so "
+                 f"threshold {threshold:.3f} on the abnormal score ({html.escape(score_text)}, Youden's J)"
+                 + (", and each finding's threshold" if ml else "") + ", so "
                  "every number here is optimistic; report the held-out test numbers (`xray-dist evaluate`).</p>")
-    rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auc_abnormal"])]]
-    rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auc_{n}"])] for n in names[1:] if f"auc_{n}" in ci]
-    rows += [["macro AUROC", _fmt(metrics.get("val_auc"))],
-             [f"sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
-             [f"specificity at {threshold:.3f}", _ci(*ci["specificity"])],
-             ["accuracy (argmax)", _ci(*ci["accuracy"])]]
+    if ml:
+        rows = [["AUROC any finding vs none", _ci(*ci["auc_abnormal"])]]
+        for n, k in zip(names, scheme.keys):
+            rows += [[f"AUROC {n}", _ci(*ci[f"auc_{k}"])],
+                     [f"{n}: sensitivity / specificity at {thresholds.get(k, 0.5):.3f}",
+                      f"{_ci(*ci[f'sensitivity_{k}'])} / {_ci(*ci[f'specificity_{k}'])}"]]
+        rows += [["mean AUROC over findings", _fmt(metrics.get("val_auc"))],
+                 [f"any finding: sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
+                 [f"any finding: specificity at {threshold:.3f}", _ci(*ci["specificity"])],
+                 ["accuracy (image x finding)", _ci(*ci["accuracy"])]]
+    else:
+        rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auc_abnormal"])]]
+        rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auc_{n}"])] for n in names[1:] if f"auc_{n}" in ci]
+        rows += [["macro AUROC", _fmt(metrics.get("val_auc"))],
+                 [f"sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
+                 [f"specificity at {threshold:.3f}", _ci(*ci["specificity"])],
+                 ["accuracy (argmax)", _ci(*ci["accuracy"])]]
     rows += [[f"expected calibration error, {k}", _fmt(v["ece"])] for k, v in cal.items()]
     parts.append(_table(["metric", "value [95 % CI]"], rows, "metrics"))
     if any(v[1] == v[2] for v in ci.values()):
@@ -158,8 +195,9 @@ def _run_section(run: str, n_boot: int) -> str:
     if history:  # wide: full width
         parts.append(_png(lambda b: plot_history(history, b), "Training curves"))
     parts.append('<div class="figs">')
-    parts.append(_png(lambda b: plot_roc(labels, probs, names, b, intervals), "ROC curves (validation)"))
-    parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
+    parts.append(_png(lambda b: plot_roc(labels, probs, names, b, intervals, multilabel=ml), "ROC curves (validation)"))
+    if cm is not None:  # multi-label outputs are not exclusive: no confusion matrix
+        parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
     parts.append(_png(lambda b: plot_calibration(cal, b), "Reliability diagram (validation)"))
     parts.append("</div>")
     parts.append(_dataset_section(cfg.get("cache"), metrics.get("dataset", {})))
@@ -177,14 +215,19 @@ def _dataset_section(cache: str | None, summary: dict) -> str:
     if not src:
         return "<h3>Dataset</h3><p>No prepare report found (the cache has moved?).</p>"
     parts = ["<h3>Dataset</h3>"]
+    def count(key):
+        return len(src[key]) if isinstance(src.get(key), list) else src.get(key, 0)
+
     parts.append(_table(["", "count"], [["files found", src.get("found")], ["used", src.get("ok")],
-                                        ["quarantined", len(src["quarantined"]) if isinstance(src.get("quarantined"), list)
-                                         else src.get("quarantined")]], "kv"))
+                                        ["quarantined", count("quarantined")], ["excluded by view", count("excluded")]],
+                        "kv"))
     splits = src.get("splits", {})
     parts.append(_table(["split", "images", "patients"],
                         [[k, v.get("images"), v.get("patients")] for k, v in splits.items()]))
-    parts.append(_table(["label", "images"], [[k, v] for k, v in sorted(src.get("classes", {}).items())]))
+    parts.append(_table(["finding" if src.get("task") == "multilabel" else "label", "images"],
+                        [[k, v] for k, v in sorted(src.get("classes", {}).items())]))
     for key, what in (("quarantined", "Quarantined files (unreadable; not used)"),
+                      ("excluded", "Files of other views (--views; not used)"),
                       ("unlabeled", "Files without a label (not used)"),
                       ("missing", "Labelled paths with no file")):
         listed = report.get(key, []) if report else []

@@ -54,6 +54,11 @@ def split_patients(strata: dict[str, str], val_fraction: float, test_fraction: f
 # ---- official splits ----------------------------------------------------------------------------------
 
 SPLITS = ("train", "val", "test", "train_val")
+#: Split names of the public cohorts' split files (MIMIC-CXR says ``validate``).
+_SPLIT_NAMES = {"validate": "val", "valid": "val", "validation": "val"}
+#: Columns naming a file (MIMIC-CXR's split CSV: ``dicom_id``, the file's stem) or a patient.
+_FILE_COLUMNS = ("path", "dicom_id")
+_PATIENT_COLUMNS = ("patient", "subject_id")
 
 
 @dataclass
@@ -107,15 +112,16 @@ def read_split_files(paths: list[str]) -> SplitFile:
         if PurePosixPath(path).suffix.lower() == ".csv":
             reader = csv.DictReader(io.StringIO(text, newline=""))
             cols = set(reader.fieldnames or [])
-            if "split" not in cols or not cols & {"path", "patient"}:
-                raise PrepareError(f"--split-file {path}: expected a 'split' column and a 'path' or 'patient' column; "
-                                   f"found {sorted(cols)}")
+            if "split" not in cols or not cols & {*_FILE_COLUMNS, *_PATIENT_COLUMNS}:
+                raise PrepareError(f"--split-file {path}: expected a 'split' column and a 'path' (or MIMIC's "
+                                   f"'dicom_id') or 'patient' (or 'subject_id') column; found {sorted(cols)}")
             for row in reader:
                 split = (row.get("split") or "").strip().lower()
-                if (row.get("path") or "").strip():
-                    put(out.by_file, row["path"].strip(), split, path)
-                if (row.get("patient") or "").strip():
-                    put(out.by_patient, row["patient"].strip(), split, path)
+                split = _SPLIT_NAMES.get(split, split)
+                for table, columns in ((out.by_file, _FILE_COLUMNS), (out.by_patient, _PATIENT_COLUMNS)):
+                    key = next(((row.get(c) or "").strip() for c in columns if (row.get(c) or "").strip()), "")
+                    if key:
+                        put(table, key, split, path)
         else:
             split = _split_of_list(path)
             for line in text.splitlines():

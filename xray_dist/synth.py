@@ -54,8 +54,10 @@ class SynthResult:
     patients: dict[str, str]  # relative path -> raw patient ID (for tests only)
 
 
-def chest_phantom(size: int, finding: int | None, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """A chest-like image in [0, 1] (higher = denser), with the finding of class index ``finding``."""
+def chest_phantom(size: int, finding: int | tuple[int, ...] | None, n_classes: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """A chest-like image in [0, 1] (higher = denser), with the finding of class index ``finding``
+    (or the findings of several: each at its own place, so they can co-occur)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     jitter = rng.normal(0, 0.015, size=4)
     body = (((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.52) ** 2) < 1.0
@@ -65,9 +67,12 @@ def chest_phantom(size: int, finding: int | None, n_classes: int, rng: np.random
         img = np.where(lung, 0.22, img)
     img += 0.12 * (np.abs(xx - 0.5) < 0.04)  # spine
     img += 0.06 * (np.sin(yy * 2 * np.pi * 7 + jitter[3] * 20) > 0.6) * body  # ribs
-    if finding is not None and finding > 0:
+    shown = () if finding is None else (finding,) if isinstance(finding, (int, np.integer)) else tuple(finding)
+    for f in shown:
+        if f <= 0:
+            continue
         k = n_classes - 1
-        angle = 2 * np.pi * (finding - 1) / max(k, 1)
+        angle = 2 * np.pi * (f - 1) / max(k, 1)
         fx = 0.5 + (0.19 if np.cos(angle) >= 0 else -0.19) + rng.normal(0, 0.02)
         fy = 0.5 + 0.15 * np.sin(angle) + rng.normal(0, 0.02)
         r = 0.085 + rng.normal(0, 0.008)
@@ -171,6 +176,66 @@ def synthesize(
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
             labels[rel] = classes[cls_idx]
+            pids[rel] = patient_id
+    labels_csv = out / "labels.csv"
+    with labels_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for rel, lab in labels.items():
+            w.writerow([rel, lab])
+    return SynthResult(out=out, labels_csv=labels_csv, files=files, labels=labels, patients=pids)
+
+
+def write_image(path: str | Path, patient_id: str, findings: tuple[int, ...], n_findings: int, size: int,
+                rng: np.random.Generator, encoding: str = "mono2_u8", view: str | None = "PA",
+                patient_idx: int = 0, image_idx: int = 0) -> Path:
+    """One synthetic radiograph at ``path`` showing the findings with indices ``findings`` (1-based
+    among ``n_findings``; empty: no finding), with View Position ``view`` (None: the element is left
+    out). Tests build the public cohorts' layouts from it."""
+    img = chest_phantom(size, findings, n_findings + 1, rng)
+    ds = _base_dataset(patient_id, patient_idx, image_idx, rng)
+    if view is None:
+        del ds.ViewPosition
+    else:
+        ds.ViewPosition = view
+    ds = encode(ds, img, encoding)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def synthesize_multilabel(
+    out: str | Path,
+    patients: int = 48,
+    images_per_patient: int = 2,
+    findings: tuple[str, ...] = ("Effusion", "Nodule"),
+    size: int = 96,
+    seed: int = 0,
+    encodings: tuple[str, ...] = ENCODINGS,
+) -> SynthResult:
+    """A multi-label cohort: patient ``p`` shows the ``p``-th combination of ``findings`` (binary
+    counting: none, the first, the second, both, …), so findings co-occur on one image; labels.csv
+    holds ``normal`` or the findings joined by ``|``. Each combination rotates through the
+    encodings on its own, as :func:`synthesize`'s classes do."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    combos = 1 << len(findings)
+    files: list[Path] = []
+    labels: dict[str, str] = {}
+    pids: dict[str, str] = {}
+    per_combo = [0] * combos
+    for p in range(patients):
+        combo = p % combos
+        shown = tuple(i + 1 for i in range(len(findings)) if combo >> i & 1)
+        label = "|".join(sorted(findings[i - 1] for i in shown)) or "normal"
+        patient_id = f"SYN{seed:03d}{p:05d}"
+        for i in range(images_per_patient):
+            enc = encodings[per_combo[combo] % len(encodings)]
+            per_combo[combo] += 1
+            rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
+            files.append(write_image(out / rel, patient_id, shown, len(findings), size, rng, enc, "PA", p, i))
+            labels[rel] = label
             pids[rel] = patient_id
     labels_csv = out / "labels.csv"
     with labels_csv.open("w", newline="") as f:

@@ -54,32 +54,40 @@ SCALAR_KEYS = ("val_loss", "val_accuracy", "val_auc", "val_auc_abnormal", "thres
 
 def attach_labels(batch: dict, label_of: dict, weight_of: dict, column: str = "image") -> dict:
     """Keep the rows of one split (by path): ``path``, ``x`` (the model input), ``label`` (class
-    index), ``weight``."""
+    index, or a multi-label target row: :meth:`ClassScheme.target`), ``weight`` (the class's
+    balancing weight; 1 for multi-label rows, whose loss weighs positives per finding)."""
     keep = np.array([p in label_of for p in batch["path"]], dtype=bool)
     paths = np.asarray(batch["path"])[keep]
-    labels = np.array([label_of[p] for p in paths], dtype=np.int32)
-    return {
-        "path": paths,
-        "x": np.asarray(batch[column])[keep],
-        "label": labels,
-        "weight": np.array([weight_of[int(c)] for c in labels], dtype=np.float32),
-    }
+    targets = [label_of[p] for p in paths]
+    if targets and np.ndim(targets[0]):
+        labels = np.stack(targets).astype(np.int32)
+        weights = np.ones(len(labels), dtype=np.float32)
+    else:
+        labels = np.array(targets, dtype=np.int32)
+        weights = np.array([weight_of[int(c)] for c in labels], dtype=np.float32)
+    return {"path": paths, "x": np.asarray(batch[column])[keep], "label": labels, "weight": weights}
 
 
-def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict[str, int]:
-    """Path → class index of every image in ``split`` (a :class:`CacheError` when there is none)."""
+def manifest_labels(cache: str | Path, split: str | None = None) -> list[tuple[str, str]]:
+    """``(path, label)`` of the manifest's images (of one split, or all)."""
     from xray_dist.dataset import load_manifest
 
     m = load_manifest(cache)
-    rows = [(p, lab) for p, s, lab in zip(m.column("path").to_pylist(), m.column("split").to_pylist(),
-                                          m.column("label").to_pylist()) if s == split]
-    unseen = Counter(lab for _, lab in rows if lab not in scheme.mapping)
+    return [(p, lab) for p, s, lab in zip(m.column("path").to_pylist(), m.column("split").to_pylist(),
+                                          m.column("label").to_pylist()) if split is None or s == split]
+
+
+def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict:
+    """Path → training target (:meth:`ClassScheme.target`) of every image in ``split`` (a
+    :class:`CacheError` when there is none)."""
+    rows = manifest_labels(cache, split)
+    unseen = Counter(lab for _, lab in rows if not scheme.knows(lab))
     if unseen:
         lab, n = unseen.most_common(1)[0]
         raise CacheError(f"{cache}: class {lab!r} has {n} images in the {split!r} split but none in 'train', so the "
                          "model has no output for it; prepare again with another --seed or fractions, or leave the "
                          "class out of the labels")
-    label_of = {p: scheme.mapping[lab] for p, lab in rows}
+    label_of = {p: scheme.target(lab) for p, lab in rows}
     if not label_of:
         raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
     return label_of
@@ -281,7 +289,7 @@ class ShardCache:
             yield tuple(np.concatenate(c) for c in zip(*parts))
 
 
-def _train_input(strategy, cache: ShardCache, input_spec):
+def _train_input(strategy, cache: ShardCache, input_spec, label_shape: tuple = ()):
     """An endless tf.data input over this worker's :class:`ShardCache`; elements are per-replica batches.
 
     Each pass yields exactly ``steps × local replicas`` full batches — the rest of a Ray Data pass
@@ -294,7 +302,7 @@ def _train_input(strategy, cache: ShardCache, input_spec):
         while True:
             yield from cache.batches()
 
-    sig = (input_spec, tf.TensorSpec((None,), tf.float32),
+    sig = (input_spec, tf.TensorSpec((None, *label_shape), tf.float32),
            tf.TensorSpec((None,), tf.float32))
 
     def dataset_fn(_ctx):
@@ -357,16 +365,35 @@ def restore_training_state(model, directory: Path, strategy) -> bool:
     return True
 
 
-def _score(model, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _score(model, batches, scheme: ClassScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities ``(n, K)``, labels and paths for ``(x, label, path)`` batches, with direct model calls."""
-    from xray_dist.metrics import class_probabilities
-
     probs, labels, paths = [], [], []
     for x, y, p in batches:
         probs.append(np.asarray(model(x, training=False), dtype=np.float64))
         labels.append(y)
         paths.append(np.asarray(p, dtype=str))
-    return class_probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int), np.concatenate(paths)
+    return scheme.probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int), np.concatenate(paths)
+
+
+def masked_weighted_bce(pos_weight: list[float]):
+    """The multi-label loss: per finding binary cross-entropy, a present finding weighted by its
+    positive weight (:func:`xray_dist.classes.positive_weights`), uncertain entries (target -1)
+    left out; per image the mean over its known findings. ``y_true`` is the K + 1 target row (the
+    last column, "any finding", is for metrics only)."""
+    import tensorflow as tf
+
+    pw = tf.constant(pos_weight, tf.float32)
+    k = len(pos_weight)
+
+    def loss(y_true, y_pred):
+        y = tf.cast(y_true, tf.float32)[:, :k]
+        p = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
+        known = tf.cast(y >= 0.0, tf.float32)
+        pos = tf.maximum(y, 0.0)
+        per = -(pw * pos * tf.math.log(p) + (1.0 - pos) * tf.math.log(1.0 - p)) * known
+        return tf.reduce_sum(per, axis=-1) / tf.maximum(tf.reduce_sum(known, axis=-1), 1.0)
+
+    return loss
 
 
 class ValidationSet:
@@ -482,7 +509,10 @@ def train_loop(config: dict, session) -> None:
         else:
             model = build_model(spec, cfg.weights, cfg.seed)
             input_spec = tf.TensorSpec((None, spec.image_size, spec.image_size), tf.uint8)
-        loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
+        if scheme.multilabel:
+            loss = masked_weighted_bce(config["pos_weight"])
+        else:
+            loss = "binary_crossentropy" if scheme.binary else "sparse_categorical_crossentropy"
         model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=loss)
     params = trainable_parameters(model)
     t_model = time.time()
@@ -509,7 +539,7 @@ def train_loop(config: dict, session) -> None:
     rows = ShardCache(session.dataset_shard("train"), plan.per_replica_batch, plan.steps * plan.local_replicas,
                       cfg.shuffle_buffer, cfg.seed, cfg.worker_cache_mb * 2**20, whole=whole, rank=rank, world=world,
                       start_epoch=start)
-    train_input = _train_input(strategy, rows, input_spec)
+    train_input = _train_input(strategy, rows, input_spec, (scheme.num_classes + 1,) if scheme.multilabel else ())
     if start >= cfg.epochs:
         # the run had trained every epoch when its process ended (a sweep trial killed between its
         # last checkpoint and its export, say): report the last epoch again, so whoever waits for
@@ -553,11 +583,13 @@ def _make_reporter_class():
                        "global_batch": self.plan.per_replica_batch * self.replicas}
             tmp = None
             if self.rank == 0:
-                probs, labels, paths = _score(self.model, self.val_set.batches())
-                m = evaluate(labels, probs, list(self.scheme.names))
+                probs, labels, paths = _score(self.model, self.val_set.batches(), self.scheme)
+                m = evaluate(labels, probs, list(self.scheme.names), multilabel=self.scheme.multilabel)
                 per_class = m.pop("val_auc_per_class")
+                per_threshold = m.pop("val_thresholds", {})  # multi-label: one per finding
                 metrics.update(m)
                 metrics.update({f"val_auc_{k}": v for k, v in per_class.items()})
+                metrics.update({f"threshold_{k}": v for k, v in per_threshold.items()})
                 self.history.append(dict(metrics))
                 tmp = Path(tempfile.mkdtemp(prefix="xray_ckpt_"))
                 self.model.save_weights(str(tmp / "weights.h5"))
@@ -594,7 +626,7 @@ def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:
         old = storage.read_json(storage.join(out, "config.json"))
     except FileNotFoundError:
         return
-    fixed = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class",
+    fixed = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class", "task",
              "unfreeze_blocks", "weights", "seed", "features")
     diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if old.get(k) != getattr(cfg, k)]
     if diff:
@@ -602,19 +634,42 @@ def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:
                             "use a new --out, or the same settings to resume it")
 
 
+def resolve_task(cfg: TrainConfig, labels: list[str]) -> str:
+    """``multilabel`` or ``multiclass``: ``cfg.task``, or for ``auto`` what the cache says —
+    multi-label when ``prepare`` read a multi-label format or any label holds several (or
+    uncertain) findings."""
+    from xray_dist.classes import is_multilabel_label
+    from xray_dist.dataset import read_report_summary
+
+    if cfg.task != "auto":
+        return cfg.task
+    if read_report_summary(cfg.cache).get("task") == "multilabel":
+        return "multilabel"
+    return "multilabel" if any(is_multilabel_label(lab) for lab in labels) else "multiclass"
+
+
 def run_setup(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict]:
     """Class scheme, model spec and class weights for ``cfg`` (shared by train and tune)."""
-    from xray_dist.dataset import load_manifest, load_spec
+    from xray_dist.classes import build_multilabel_scheme
+    from xray_dist.dataset import load_spec
     from xray_dist.model import ModelSpec
 
-    m = load_manifest(cfg.cache)
-    train_labels = [lab for lab, s in zip(m.column("label").to_pylist(), m.column("split").to_pylist())
-                    if s == "train"]
-    scheme = build_scheme(dict(Counter(train_labels)), cfg.num_classes, cfg.negative_class)
-    counts = Counter(scheme.mapping[lab] for lab in train_labels)
-    weights = balanced_weights({c: counts.get(c, 0) for c in range(scheme.num_classes)})
+    labels = [lab for _, lab in manifest_labels(cfg.cache)]
+    train_labels = [lab for _, lab in manifest_labels(cfg.cache, "train")]
+    try:
+        if resolve_task(cfg, labels) == "multilabel":
+            scheme = build_multilabel_scheme(train_labels, cfg.num_classes, cfg.negative_class)
+        else:
+            scheme = build_scheme(dict(Counter(train_labels)), cfg.num_classes, cfg.negative_class)
+    except ValueError as e:
+        raise CacheError(f"{cfg.cache}: {e}") from None
+    weights = {}
+    if not scheme.multilabel:
+        counts = Counter(scheme.mapping[lab] for lab in train_labels)
+        weights = balanced_weights({c: counts.get(c, 0) for c in range(scheme.num_classes)})
     spec = ModelSpec(image_size=load_spec(cfg.cache).image_size, num_outputs=scheme.num_outputs,
-                     head_width=cfg.head_width, dropout=cfg.dropout, unfreeze_blocks=cfg.unfreeze_blocks)
+                     head_width=cfg.head_width, dropout=cfg.dropout, unfreeze_blocks=cfg.unfreeze_blocks,
+                     multilabel=scheme.multilabel)
     return scheme, spec.to_dict(), weights
 
 
@@ -630,8 +685,12 @@ def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train:
     """:func:`train_loop`'s config. ``whole_split``: every worker gets the whole training split and
     takes its part of a (seed, epoch) permutation (:class:`ShardCache`) — when the split fits in
     ``worker_cache_mb``; otherwise each worker streams Ray Data's equal share."""
+    from xray_dist.classes import positive_weights
+
+    pos_weight = positive_weights(scheme, [lab for _, lab in manifest_labels(cfg.cache, "train")]) \
+        if scheme.multilabel else None
     return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train,
-            "whole_split": fits_in_worker(cfg, spec, n_train)}
+            "whole_split": fits_in_worker(cfg, spec, n_train), "pos_weight": pos_weight}
 
 
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None):
@@ -702,6 +761,8 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
     best_row = state["history"][-1]
     extra = {"classes": scheme.to_dict(), "preprocess": load_spec(cfg.cache).to_dict(),
              "threshold": best_row["threshold"], "epoch": state["epoch"]}
+    if scheme.multilabel:  # each finding's own threshold, chosen on validation (the abnormal score's is "threshold")
+        extra["thresholds"] = {k: best_row[f"threshold_{k}"] for k in scheme.keys}
     out = Path(out)
     if cfg.features:
         from xray_dist.features import read_meta
@@ -726,12 +787,14 @@ def export_run(cfg: TrainConfig, result, scheme: ClassScheme, spec: dict, out: P
         "sensitivity": best_row["sensitivity"], "specificity": best_row["specificity"],
         "trainable_parameters": final["trainable_parameters"],
         "images_per_s": float(np.mean([h["images_per_s"] for h in history])),
-        "classes": list(scheme.names), "config": cfg.to_dict(), "dataset": read_report_summary(cfg.cache),
+        "classes": list(scheme.names), "task": "multilabel" if scheme.multilabel else "multiclass",
+        **({"val_auc_mean": best_row["val_auc_mean"]} if scheme.multilabel else {}),
+        "config": cfg.to_dict(), "dataset": read_report_summary(cfg.cache),
         "complete": len(history) >= cfg.epochs,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     plot_history(history, out / "training_curves.png")
-    plot_roc(labels, probs, list(scheme.names), out / "roc.png")
+    plot_roc(labels, probs, list(scheme.names), out / "roc.png", multilabel=scheme.multilabel)
     write_tensorboard(history, out / "tensorboard")
     return TrainResult(out=out, metrics=metrics, history=history, scheme=scheme)
 
