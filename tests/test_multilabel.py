@@ -105,6 +105,14 @@ def test_predict_explain_evaluate_report_export(ml_cohort, ml_run, tmp_path, cap
     assert all(float(r["abnormal_score"]) == max(float(r["p_effusion"]), float(r["p_nodule"])) for r in rows)
     right = sum(r["prediction"] == t["label"] for r, t in zip(rows, test))
     assert right >= 0.75 * len(test), [(r["prediction"], t["label"]) for r, t in zip(rows, test)]
+    # Ray Data batch inference writes the same rows
+    assert cli.main(["predict", *files[:6], "--model", str(run), "--out", str(tmp_path / "ray.csv"),
+                     "--engine", "ray"]) == 0
+    with open(tmp_path / "ray.csv") as f:
+        by_ray = list(csv.DictReader(f))
+    assert [r["prediction"] for r in by_ray] == [r["prediction"] for r in rows[:6]]
+    np.testing.assert_allclose([float(r["p_nodule"]) for r in by_ray], [float(r["p_nodule"]) for r in rows[:6]],
+                               atol=1e-5)
 
     # explain one finding, by name or by key
     both = next(f for f, t in zip(files, test) if t["label"] == "Effusion|Nodule")
