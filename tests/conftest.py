@@ -20,6 +20,10 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+if "XRAY_DIST_LOG_DIR" not in os.environ:  # commands' log files: the session's own place, not ~/.cache
+    import tempfile
+
+    os.environ["XRAY_DIST_LOG_DIR"] = tempfile.mkdtemp(prefix="xray_dist_logs_")
 
 from xray_dist.synth import synthesize  # noqa: E402
 

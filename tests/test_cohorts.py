@@ -21,6 +21,12 @@ pytestmark = pytest.mark.slow
 SIZE = 48
 
 
+@pytest.fixture(autouse=True)
+def _session_ray(ray_cluster):
+    """prepare on the session's Ray cluster (started by itself, it would start an embedded Ray that
+    the session cluster then cannot join)."""
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     with path.open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])

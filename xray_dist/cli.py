@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import re
 import sys
 
 from typing import TYPE_CHECKING
@@ -34,8 +35,10 @@ def _at_least(lo: int):
 
 
 def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="decode DICOMs once into a Parquet cache with a patient-level split")
-    p.add_argument("data_dir")
+    p = _command(sub, "prepare", "decode DICOMs once into a Parquet cache with a patient-level split",
+                 "Reads every labelled DICOM file once (in parallel Ray tasks), writes the model inputs to a Parquet "
+                 "cache, splits patients into train/val/test, and lists every file it could not use, with the reason.")
+    p.add_argument("data_dir", help="directory or object-store prefix (s3://...) holding the DICOM files")
     p.add_argument("--labels", help="labels file (see --labels-format); default: a folder per class")
     p.add_argument("--labels-format", choices=["csv", "nih", "chexpert", "rsna", "mimic"], default="csv",
                    help="csv: a path (or file name/stem) and a label column, several findings as A|B; nih: "
@@ -48,27 +51,27 @@ def _add_prepare(sub) -> None:
     p.add_argument("--views", default="",
                    help="keep only these views, e.g. PA,AP (frontal): from the labels' view column, else the DICOM "
                         "View Position (0018,5101); the others are listed in the report (default: all views)")
-    p.add_argument("--path-column", default="path")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--path-column", default="path", help="csv format: the column naming each file")
+    p.add_argument("--label-column", default="label", help="csv format: the column holding each file's label")
     p.add_argument("--patient-column", default=None,
-                   help="labels CSV column naming each image's patient (hashed like header IDs; default: the "
-                        "DICOM Patient ID, else the Study Instance UID, else the file)")
-    p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--image-size", type=int, default=224)
+                   help="csv format: the column naming each image's patient (hashed like header IDs; default: "
+                        "the DICOM Patient ID, else the Study Instance UID, else the file)")
+    p.add_argument("--out", required=True, help="cache directory (local or object store)")
+    p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (square)")
     p.add_argument("--keep-burned-in", action="store_true",
                    help="use images whose (0028,0301) Burned In Annotation is YES (default: quarantined)")
     p.add_argument("--salt-file", help="file holding the patient-key salt, kept apart from the cache (made when "
-                                       "missing; default: CACHE/.salt, or XRAY_DIST_SALT)")
+                                       "missing; default: XRAY_DIST_SALT, else CACHE/.salt)")
     _add_path_flags(p, "the cache and its report")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients (per label) for validation")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="share of patients (per label) held out for `xray-dist evaluate`")
     p.add_argument("--split-file", action="append", default=[],
                    help="official splits: a CSV of path or patient plus split (train/val/test/train_val), or a "
                         "list of file names named for its split (test_list.txt, train_val_list.txt); repeatable. "
                         "Fixes those splits; validation is drawn from train_val and from files it does not name")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    _add_ray_flags(p)
 
 
 def cmd_prepare(a) -> int:
@@ -114,6 +117,11 @@ def format_prepare_summary(report: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def _add_ray_flags(p) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
+
+
 def _add_path_flags(p, where: str, salt: bool = False) -> None:
     p.add_argument("--redact-paths", action="store_true",
                    help=f"name files in {where} by a salted key instead of their relative path (xray_dist.paths)")
@@ -141,13 +149,15 @@ def _path_names(a):
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write synthetic chest-like radiographs as DICOM files + labels.csv")
-    p.add_argument("out")
-    p.add_argument("--patients", type=int, default=40)
-    p.add_argument("--images-per-patient", type=int, default=2)
-    p.add_argument("--classes", default="normal,finding", help="comma-separated; the first has no finding")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "synth", "write synthetic chest-like radiographs as DICOM files + labels.csv",
+                 "Synthetic radiographs in every encoding the reader handles (MONOCHROME1/2, rescale, windowing, "
+                 "RLE, JPEG 2000...), one finding per class, to try the whole flow without patient data.")
+    p.add_argument("out", help="directory (or object-store prefix) to write")
+    p.add_argument("--patients", type=int, default=40, help="number of patients (one class each)")
+    p.add_argument("--images-per-patient", type=int, default=2, help="images per patient")
+    p.add_argument("--classes", default="normal,finding", help="comma-separated class names; the first has no finding")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def cmd_synth(a) -> int:
@@ -165,10 +175,11 @@ def cmd_synth(a) -> int:
 
 
 def _add_preview(sub) -> None:
-    p = sub.add_parser("preview", help="write a PNG of exactly what the model sees for one DICOM file")
-    p.add_argument("file")
-    p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=224)
+    p = _command(sub, "preview", "write a PNG of exactly what the model sees for one DICOM file",
+                 "Reads one DICOM file as prepare and predict do (rescale, window, MONOCHROME1, padding, resize).")
+    p.add_argument("file", help="a DICOM file (local or URI)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--size", type=int, default=224, help="model input size in pixels")
 
 
 def cmd_preview(a) -> int:
@@ -186,9 +197,10 @@ def cmd_preview(a) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="local single-node test mode: synth -> prepare -> train -> predict")
-    p.add_argument("--out", default="xray-dist-demo")
-    p.add_argument("--num-cpus", type=int, default=None)
+    p = _command(sub, "demo", "local single-node test mode: synth -> prepare -> train -> evaluate -> ... -> report",
+                 "The whole flow on this machine's CPUs in about two minutes, on synthetic DICOM files.")
+    p.add_argument("--out", default="xray-dist-demo", help="directory for everything the demo writes")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for embedded local Ray (default: all)")
 
 
 def cmd_demo(a) -> int:
@@ -206,42 +218,61 @@ def _add_train_flags(p, sweep: bool = False) -> None:
     For ``tune`` (``sweep=True``) --num-classes, --unfreeze-blocks and --lr take lists to search.
     """
     S = argparse.SUPPRESS
-    p.add_argument("--cache", default=S, help="cache directory from `xray-dist prepare`")
-    p.add_argument("--out", default=S, help="run directory (rerun with the same one to resume)")
-    p.add_argument("--epochs", type=int, default=S)
-    p.add_argument("--batch-size", type=int, default=S, help="per replica (global = this x replicas)")
+
+    def d(name: str) -> str:  # the TrainConfig default, shown in --help (the flags default to "unset")
+        from xray_dist.config import TrainConfig
+
+        return f" (default: {TrainConfig.__dataclass_fields__[name].default})"
+
+    p.add_argument("--cache", default=S, help="cache directory from `xray-dist prepare` (required)")
+    p.add_argument("--out", default=S, help="run directory; rerun with the same one to resume (required)")
+    p.add_argument("--epochs", type=int, default=S, help="epochs to train" + d("epochs"))
+    p.add_argument("--batch-size", type=int, default=S, help="per replica; global = this x replicas" + d("batch_size"))
     if sweep:
-        p.add_argument("--lr", default=S, help="MIN,MAX: learning rate searched log-uniformly")
-        p.add_argument("--num-classes", default=S, help="class scheme sizes to search, e.g. 2,4")
-        p.add_argument("--unfreeze-blocks", default=S, help="unfreeze depths to search, e.g. 0,1,2")
-        p.add_argument("--head-widths", default=S, help="head widths to search, e.g. 0,64,256")
+        p.add_argument("--lr", default=S, help="MIN,MAX: learning rate searched log-uniformly (default: 1e-4,1e-4)")
+        p.add_argument("--num-classes", default=S, help="class scheme sizes (multi-label: numbers of findings) to "
+                                                        "search, e.g. 2,4 (default: 2)")
+        p.add_argument("--unfreeze-blocks", default=S, help="unfreeze depths to search, e.g. 0,1,2 (default: 0,1,2)")
+        p.add_argument("--head-widths", default=S, help="head widths to search, e.g. 0,64,256 (default: 0,64,256)")
     else:
-        p.add_argument("--lr", type=float, default=S)
-        p.add_argument("--head-width", type=int, default=S, help="hidden Dense units in the head (0 = none)")
-        p.add_argument("--num-classes", type=int, default=S, help="class scheme size K (default: every label)")
-        p.add_argument("--unfreeze-blocks", type=int, default=S, help="top VGG16 blocks that train (0-5)")
-    p.add_argument("--dropout", type=float, default=S)
-    p.add_argument("--negative-class", default=S)
+        p.add_argument("--lr", type=float, default=S, help="Adam learning rate" + d("lr"))
+        p.add_argument("--head-width", type=int, default=S, help="hidden Dense units in the head, 0 = none"
+                       + d("head_width"))
+        p.add_argument("--num-classes", type=int, default=S,
+                       help="class scheme size K, or (multi-label) the K most frequent findings (default: all)")
+        p.add_argument("--unfreeze-blocks", type=int, default=S, help="top VGG16 blocks that train, 0-5"
+                       + d("unfreeze_blocks"))
+    p.add_argument("--dropout", type=float, default=S, help="dropout after the hidden head layer" + d("dropout"))
+    p.add_argument("--negative-class", default=S, help="the label that means no finding" + d("negative_class"))
     p.add_argument("--task", choices=["auto", "multiclass", "multilabel"], default=S,
                    help="multilabel: one sigmoid output per finding (K = --num-classes most frequent findings); "
-                        "auto: multilabel when the cache's labels hold several findings per image")
-    p.add_argument("--weights", default=S, help="imagenet | none | PATH to VGG16 no-top .h5")
-    p.add_argument("--num-workers", type=int, default=S)
-    p.add_argument("--gpus-per-worker", type=int, default=S)
-    p.add_argument("--cpus-per-worker", type=float, default=S)
-    p.add_argument("--cpu-replicas", type=int, default=S, help="split the CPU into N logical devices (no GPU)")
-    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default=S)
-    p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=S)
-    p.add_argument("--max-failures", type=int, default=S)
+                        "auto: multilabel when the cache's labels hold several findings per image" + d("task"))
+    p.add_argument("--weights", default=S, help="VGG16 base weights: imagenet, none (random) or PATH/URI of the "
+                                                "no-top .h5" + d("weights"))
+    p.add_argument("--num-workers", type=int, default=S, help="Ray Train workers" + d("num_workers"))
+    p.add_argument("--gpus-per-worker", type=int, default=S, help="GPUs each worker mirrors over"
+                   + d("gpus_per_worker"))
+    p.add_argument("--cpus-per-worker", type=float, default=S,
+                   help="CPUs each worker reserves (default: 0.5 without GPUs, leaving Ray Data room; 1 with GPUs)")
+    p.add_argument("--cpu-replicas", type=int, default=S, help="split the CPU into N logical devices (no GPU)"
+                   + d("cpu_replicas"))
+    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default=S,
+                   help="how Ray places the workers (STRICT_SPREAD: one per node)" + d("placement_strategy"))
+    p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=S,
+                   help="auto: bf16/fp16 on GPU, fp32 on CPU" + d("mixed_precision"))
+    p.add_argument("--max-failures", type=int, default=S, help="worker failures survived by resuming from the last "
+                                                               "checkpoint" + d("max_failures"))
     p.add_argument("--worker-cache-mb", type=int, default=S,
-                   help="keep each worker's training rows in memory after epoch 1 (0: stream every epoch)")
-    p.add_argument("--seed", type=int, default=S)
+                   help="memory per worker for its training rows, read once (0: stream every epoch)"
+                   + d("worker_cache_mb"))
+    p.add_argument("--seed", type=int, default=S, help="seed of weights, dropout and data order" + d("seed"))
     p.add_argument("--address", default=S, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
-    p.add_argument("--config", default=None, help="YAML file of flag values")
+    p.add_argument("--config", default=None, help="YAML file of flag values; flags on the command line win "
+                                                  "(default: none)")
 
 
 #: argparse's own entries, never configuration.
-_CLI_ONLY = {"command", "verbose", "config"}
+_CLI_ONLY = {"command", "verbose", "quiet", "config"}
 
 
 def _source(a) -> str:
@@ -264,7 +295,9 @@ def train_config_from_args(a) -> "TrainConfig":
 
 
 def _add_train(sub) -> None:
-    _add_train_flags(sub.add_parser("train", help="fine-tune VGG16 on a prepared cache with Ray Train"))
+    _add_train_flags(_command(sub, "train", "fine-tune VGG16 on a prepared cache with Ray Train",
+                              "Data-parallel fine-tuning (MultiWorkerMirroredStrategy between workers, all GPUs of a "
+                              "worker) with checkpoints every epoch; a rerun with the same --out resumes exactly."))
 
 
 def cmd_train(a) -> int:
@@ -280,23 +313,33 @@ def cmd_train(a) -> int:
 
 
 def _add_tune(sub) -> None:
-    p = sub.add_parser("tune", help="Ray Tune sweep over head width x classes x unfreeze depth (x lr)")
+    p = _command(sub, "tune", "Ray Tune sweep over head width x classes x unfreeze depth (x lr)",
+                 "Searches head width x number of classes (or findings) x unfreeze depth (x learning rate) with Ray "
+                 "Tune; trials share the frozen base's features, ASHA stops weak ones early, and the best trial's "
+                 "model is written with the results table.")
     _add_train_flags(p, sweep=True)
     S = argparse.SUPPRESS
-    p.add_argument("--num-samples", type=int, default=S, help="grid: repeats of the grid; random: trials")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default=S)
-    p.add_argument("--search", choices=["grid", "random", "optuna"], default=S)
-    p.add_argument("--max-concurrent", type=int, default=S, help="default: what the cluster's resources allow")
-    p.add_argument("--grace-period", type=int, default=S, help="ASHA: epochs every trial runs before it may be stopped")
-    p.add_argument("--workers-per-trial", type=int, default=S)
+    p.add_argument("--num-samples", type=int, default=S, help="grid: repeats of the grid; random/optuna: trials "
+                                                              "(default: 1)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default=S, help="asha stops weak trials early "
+                                                                            "(default: asha)")
+    p.add_argument("--search", choices=["grid", "random", "optuna"], default=S, help="how trials are chosen "
+                                                                                     "(default: grid)")
+    p.add_argument("--max-concurrent", type=int, default=S, help="trials at once (default: what the cluster's "
+                                                                 "resources allow)")
+    p.add_argument("--grace-period", type=int, default=S, help="ASHA: epochs every trial runs before it may be "
+                                                               "stopped (default: 1)")
+    p.add_argument("--workers-per-trial", type=int, default=S, help="Ray Train workers per trial (default: 1)")
     p.add_argument("--trial-runner", choices=["auto", "inprocess", "train"], default=S,
-                   help="auto (default): one-worker trials train inside their Tune process, which Tune reuses; "
-                        "train: every trial is a Ray Train run (always so with several workers per trial)")
-    p.add_argument("--combos", default=S, help="explicit W:K:D triples instead of the full grid, e.g. 0:2:0,64:4:1")
+                   help="auto: one-worker trials train inside their Tune process, which Tune reuses; "
+                        "train: every trial is a Ray Train run (always so with several workers per trial) "
+                        "(default: auto)")
+    p.add_argument("--combos", default=S, help="explicit W:K:D triples instead of the full grid, e.g. 0:2:0,64:4:1 "
+                                               "(default: the full grid)")
     p.add_argument("--resume-errored", action="store_true", default=S,
-                   help="when resuming a sweep, run its failed trials again")
+                   help="when resuming a sweep, run its failed trials again (default: off)")
     p.add_argument("--no-shared-features", action="store_true", default=S,
-                   help="recompute the frozen base in every trial (for comparison)")
+                   help="recompute the frozen base in every trial, for comparison (default: off)")
 
 
 def _values(v, cast, key: str, source: str) -> tuple:
@@ -361,9 +404,11 @@ def sweep_config_from_args(a):
 def cmd_tune(a) -> int:
     from xray_dist.tune import sweep
 
-    s = sweep(sweep_config_from_args(a))
+    cfg = sweep_config_from_args(a)
+    s = sweep(cfg)
     print(f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, "
           f"{s['failed']} failed) in {s['seconds']:.0f} s")
+    print(format_sweep_table(storage.join(storage.absolute(cfg.out), "results.csv")))
     if "best" in s:
         b = s["best"]
         print(f"  best: {b['config']} val_auc_abnormal {b['metrics']['val_auc_abnormal']:.3f} -> model {b['model']}")
@@ -374,36 +419,73 @@ def cmd_tune(a) -> int:
     return 0
 
 
+def format_sweep_table(results_csv: str, top: int = 10) -> str:
+    """The sweep's trials as a small table, best first (the whole table is results.csv)."""
+    import csv
+    import math
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(results_csv), newline="")))
+
+    def score(r):
+        try:
+            v = float(r["val_auc_abnormal"])
+        except ValueError:
+            return -math.inf
+        return -math.inf if math.isnan(v) else v
+
+    rows.sort(key=score, reverse=True)
+    head = f"  {'W':>5} {'K':>3} {'D':>2} {'lr':>8} {'status':<14} {'epochs':>6} {'val_auc_abnormal':>16}"
+    lines = [head]
+    for r in rows[:top]:
+        v = score(r)
+        lines.append(f"  {r['head_width']:>5} {r['num_classes']:>3} {r['unfreeze_blocks']:>2} "
+                     f"{float(r['lr']):>8.1e} {r['status']:<14} {r['epochs']:>6} "
+                     f"{'' if v == -math.inf else f'{v:.3f}':>16}")
+    if len(rows) > top:
+        lines.append(f"  ... {len(rows) - top} more in {results_csv}")
+    return "\n".join(lines)
+
+
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="class probabilities for DICOM files with a trained run")
-    p.add_argument("inputs", nargs="+", help="DICOM files or directories")
-    p.add_argument("--model", required=True, help="a run directory from `xray-dist train`")
+    p = _command(sub, "predict", "class probabilities for DICOM files with a trained run",
+                 "One CSV row per input file: each class's (or finding's) probability, the abnormal score and "
+                 "decision, or the reason a file could not be read.")
+    p.add_argument("inputs", nargs="+", help="DICOM files, directories or object-store prefixes")
+    p.add_argument("--model", required=True, help="a run directory from `xray-dist train` (or a sweep trial)")
     p.add_argument("--out", required=True, help="CSV to write (local path or URI)")
     p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                    help="local: score in this process; ray: Ray Data batch inference (decode in CPU tasks, model in "
                         "an actor pool, GPUs when present); auto: ray for object-store inputs or 256+ files")
-    p.add_argument("--address", help="Ray address for --engine ray (default: RAY_ADDRESS, else embedded local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    _add_ray_flags(p)
     _add_path_flags(p, "the CSV and the log", salt=True)
 
 
 def cmd_predict(a) -> int:
     from xray_dist.predict import predict_files
 
-    rows = predict_files(a.model, a.inputs, a.out, engine=a.engine, address=a.address, num_cpus=a.num_cpus,
+    rows = predict_files(a.model, a.inputs, a.out, batch_size=a.batch_size, engine=a.engine, address=a.address,
+                         num_cpus=a.num_cpus,
                          names=_path_names(a), path_map=a.path_map)
     bad = sum(1 for r in rows if r["error"])
     print(f"predict: {len(rows) - bad} files scored, {bad} unreadable (see the error column) -> {a.out}")
+    if bad == len(rows):
+        print(f"xray-dist predict: error: {'none of the %d files could be scored' % bad if rows else 'no input files'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _add_explain(sub) -> None:
-    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looks, per input file")
+    p = _command(sub, "explain", "Grad-CAM heatmaps: where the model looks, per input file",
+                 "For each input: the model input with a Grad-CAM heatmap over it (PNG), the heatmap (.npy), and a "
+                 "row in explain.csv (or the reason the file could not be read).")
     p.add_argument("inputs", nargs="+", help="DICOM files or directories")
     p.add_argument("--model", required=True, help="a run directory from `xray-dist train` (or a sweep trial)")
     p.add_argument("--out", required=True, help="directory for <name>.png, <name>.npy and explain.csv")
     p.add_argument("--class", dest="class_name", default=None,
-                   help="class name or index to explain (default: the predicted class)")
+                   help="class (or finding) name, finding key or index to explain (default: the predicted class, "
+                        "or the most probable finding)")
     _add_path_flags(p, "explain.csv, the image file names and titles, and the log", salt=True)
 
 
@@ -412,14 +494,18 @@ def cmd_explain(a) -> int:
 
     rows = explain_files(a.model, a.inputs, a.out, a.class_name, names=_path_names(a), path_map=a.path_map)
     bad = [r for r in rows if r["error"]]
-    print(f"explain: {len(rows) - len(bad)} heatmaps, {len(bad)} unreadable -> {a.out}")
-    for r in bad:
-        print(f"  {r['path']}: {r['error']}", file=sys.stderr)
+    print(f"explain: {len(rows) - len(bad)} heatmaps, {len(bad)} unreadable (see explain.csv) -> {a.out}")
+    if len(bad) == len(rows):
+        what = f"none of the {len(bad)} files could be explained" if rows else "no input files"
+        print(f"xray-dist explain: error: {what}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="one self-contained HTML report for a run or a sweep")
+    p = _command(sub, "report", "one self-contained HTML report for a run or a sweep",
+                 "Held-out test numbers first (when evaluate has run), validation metrics with patient-level "
+                 "intervals, curves, ROC, calibration and the dataset, in one HTML file.")
     p.add_argument("target", help="a run directory (xray-dist train) or a sweep directory (xray-dist tune)")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--bootstrap", type=_at_least(1), default=1000, help="bootstrap resamples for the intervals")
@@ -434,10 +520,11 @@ def cmd_report(a) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="a serving model: cached-format image in, class probabilities out")
+    p = _command(sub, "export", "a serving model: cached-format image in, class probabilities out",
+                 "Writes a SavedModel (no xray-dist code needed to load it) or a .keras file, with serving.json.")
     p.add_argument("--model", required=True, help="a run directory from `xray-dist train` (or a sweep trial)")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--format", choices=["savedmodel", "keras"], default="savedmodel")
+    p.add_argument("--format", choices=["savedmodel", "keras"], default="savedmodel", help="serving format")
 
 
 def cmd_export(a) -> int:
@@ -449,10 +536,12 @@ def cmd_export(a) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a held-out split once, with patient-level 95 % intervals")
+    p = _command(sub, "evaluate", "score a held-out split once, with patient-level 95 % intervals",
+                 "The numbers to report: the model (a run, or a sweep's best trial) scored once on patients that "
+                 "took part in no choice, at the threshold chosen on validation.")
     p.add_argument("--model", required=True, help="a run directory, or a sweep directory (its best trial)")
     p.add_argument("--cache", required=True, help="the cache the model was trained with")
-    p.add_argument("--split", default="test", help="test (default) or val (optimistic: used for selection)")
+    p.add_argument("--split", default="test", help="test, or val (optimistic: used for selection)")
     p.add_argument("--out", help="directory to write (default: MODEL/evaluation/SPLIT, where report finds it)")
     p.add_argument("--bootstrap", type=_at_least(100), default=1000, help="patient resamples for the intervals")
 
@@ -489,26 +578,102 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = """\
+Fine-tune a VGG16 chest X-ray classifier on DICOM images — on this machine or on a Ray cluster.
+
+  prepare   decode the DICOM files once into a cache, split patients, list every file not used
+  train     fine-tune on the cache (Ray Train; resumable)      tune      search head x classes x depth
+  evaluate  the numbers to report, on held-out patients        report    one HTML page of results
+  predict   probabilities for new files     explain   Grad-CAM heatmaps     export    a serving model
+  demo      all of it on synthetic data, in about two minutes
+
+Run `xray-dist COMMAND --help` for a command's flags."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every flag's default (unless its text already says it)."""
+
+    def _get_help_string(self, action):
+        text = re.sub(r"%(?!\()", "%%", action.help or "")  # "95 %" is text; "%(default)s" is a field
+        if action.option_strings and not action.required and "default" not in text \
+                and action.default is not argparse.SUPPRESS and not isinstance(action, argparse._VersionAction):
+            d = action.default
+            shown = ("none" if d is None or d == [] else "off" if d is False else "on" if d is True else
+                     ",".join(map(str, d)) if isinstance(d, (list, tuple)) else d)
+            text += f" (default: {str(shown).replace('%', '%%')})"
+        return text
+
+
+def _common() -> argparse.ArgumentParser:
+    """-v/-q, accepted before the command and after it (so ``jobs/*.py`` take them too)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show what the log file gets: Ray, TensorFlow and per-step detail (default: off)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="only warnings, errors and the final summary (default: off)")
+    return p
+
+
+def _command(sub, name: str, help: str, description: str):
+    return sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\n{description}",
+                          parents=[_common()], formatter_class=_Formatter)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xray-dist")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xray-dist", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="xray-dist", description=DESCRIPTION, formatter_class=_Formatter,
+                                     parents=[_common()])
+    parser.add_argument("--version", action="version", version=f"xray-dist {_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
     return parser
 
 
+#: Commands whose log file lives in the directory they write (a run, a sweep, the demo).
+_LOG_IN_OUT = {"train", "tune", "demo"}
+#: Commands that load TensorFlow in this process.
+_USES_TENSORFLOW = {"train", "tune", "demo", "predict", "explain", "export", "evaluate"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from xray_dist import console
+
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    level = console.VERBOSE if getattr(a, "verbose", False) else console.QUIET if getattr(a, "quiet", False) \
+        else console.NORMAL
+    console.setup(level, console.log_path_for(a.command, getattr(a, "out", None), a.command in _LOG_IN_OUT))
     try:
+        if a.command in _USES_TENSORFLOW:
+            console.load_tensorflow()  # its native start-up lines go to the log, not the terminal
         return COMMANDS[a.command][1](a)
     except (XrayDistError, ValueError) as e:
+        log.debug("%s failed", a.command, exc_info=True)
         print(f"xray-dist {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"xray-dist {a.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: one line here, the traceback in the log
+        if level >= console.VERBOSE:
+            raise
+        log.debug("%s failed", a.command, exc_info=True)
+        where = console.log_file()
+        print(f"xray-dist {a.command}: unexpected error: {type(e).__name__}: {e}"
+              + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+        return 1
+    finally:
+        console.finish()
 
 
 if __name__ == "__main__":

@@ -194,8 +194,8 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
     kept; files from anything else are removed.
     """
     import ray as _ray
-    from tqdm import tqdm
 
+    from xray_dist.console import Progress
     from xray_dist.runtime import init_ray
 
     ray = init_ray(cfg.address, cfg.num_cpus)
@@ -217,7 +217,7 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
     task = _ray.remote(num_cpus=1, max_retries=2)(_decode_chunk)
     spec = cfg.preprocess.to_dict()
     pending = [task.remote(c, data_dir, spec, salt, storage.join(images_dir, n), names) for c, n in todo]
-    with tqdm(total=sum(len(c) for c, _ in todo), desc="prepare: decode", unit="file", mininterval=2) as bar:
+    with Progress(sum(len(c) for c, _ in todo), "prepare: decode") as bar:
         while pending:
             done, pending = _ray.wait(pending, num_returns=1)
             bar.update(_ray.get(done[0]))
@@ -300,7 +300,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         if old is not None:
             log.info("cache %s was made from other inputs or settings; decoding again", images_dir)
             storage.delete_dir(images_dir)
-        log.info("decoding %d files with Ray tasks", len(rels))
+        log.debug("decoding %d files with Ray tasks", len(rels))
         _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key, names)
         storage.write_json(marker, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict()})
     else:

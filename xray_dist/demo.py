@@ -92,4 +92,8 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
                  "sweep/best.json", "sweep/sweep.png", "sweep_report.html"):
         print(f"  {out / name}")
     print(f"report: {out / 'report.html'}")
+    from xray_dist import console
+
+    if console.log_file():
+        print(f"log (Ray, TensorFlow and per-worker detail): {console.log_file()}")
     return {"prepare": report, "train": m, "test": ev, "predictions": rows, "sweep": summary, "report": out / "report.html"}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,26 @@ def read_dataset(path: str | Path, data: bytes | None = None) -> Dataset:
         raise NotDicomError(path, f"not a DICOM Part 10 file ({e})") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, reported with its cause
         raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: {e}") from None
+    with named_failures(path, "the DICOM header"):
+        _check_image(ds, path)
+    return ds
 
+
+@contextmanager
+def named_failures(path: str | Path, what: str):
+    """Any failure inside becomes this file's :class:`DicomReadError` with the cause (pydicom
+    converts values lazily, so an invalid IS such as ``'1A'`` raises a bare ValueError wherever it
+    is first read): one line naming the file, never a traceback."""
+    try:
+        yield
+    except DicomReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad value is this file's failure, not the run's
+        raise DicomReadError(str(path), f"unreadable value in {what}: {type(e).__name__}: {e}") from None
+
+
+def _check_image(ds: Dataset, path: str) -> None:
+    """Exactly one decodable image frame, or the reason there is not."""
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         sop = getattr(ds, "SOPClassUID", None)
@@ -105,7 +125,6 @@ def read_dataset(path: str | Path, data: bytes | None = None) -> Dataset:
     if not decoder.is_available:
         hint = _CODEC_PACKAGES.get(str(tsuid), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle")
         raise MissingCodecError(path, f"no installed decoder for {tsuid.name} ({tsuid}); install it with: pip install {hint}")
-    return ds
 
 
 # Which pylibjpeg plugin decodes each compressed transfer syntax (for MissingCodecError's hint).
@@ -285,7 +304,9 @@ def to_model_input(ds: Dataset, spec: PreprocessSpec, path: str | Path) -> np.nd
 
 def load_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     """Read ``path`` and return exactly what the model sees: ``(size, size)`` uint8."""
-    return to_model_input(read_dataset(path), spec, path)
+    ds = read_dataset(path)
+    with named_failures(path, "the image"):
+        return to_model_input(ds, spec, path)
 
 
 def hash_patient(salt: str, source: str) -> str:
@@ -323,6 +344,7 @@ def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
     view — (0018,5101) View Position, upper-cased, empty when absent (``data``: see
     :func:`read_dataset`)."""
     ds = read_dataset(path, data)
-    key, source = patient_key_and_source(ds, salt, fallback=str(path))
-    view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
-    return to_model_input(ds, spec, path), key, source, view
+    with named_failures(path, "the image"):
+        key, source = patient_key_and_source(ds, salt, fallback=str(path))
+        view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
+        return to_model_input(ds, spec, path), key, source, view

@@ -22,8 +22,8 @@ class DicomReadError(XrayDistError):
 
     def __init__(self, path: str, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = " ".join(str(reason).split())  # one line, whatever the decoder's message looked like
+        super().__init__(f"{self.path}: {self.reason}")
 
     def __reduce__(self):
         return (type(self), (self.path, self.reason))

@@ -119,7 +119,7 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
         best["test"] = {k: metrics[k] for k in ("auc_abnormal", "sensitivity", "specificity", "images", "patients",
                                                 "interval_method")}
         storage.write_json(storage.join(sweep, "best.json"), best, indent=2)
-    log.info("evaluate: %s split, %d images of %d patients: AUROC abnormal %.3f [%.3f, %.3f]", split,
+    log.debug("evaluate: %s split, %d images of %d patients: AUROC abnormal %.3f [%.3f, %.3f]", split,
              metrics["images"], metrics["patients"], *values["auc_abnormal"])
     return {**metrics, "out": out}
 

@@ -87,10 +87,10 @@ def _extract(cache: str, out: str, meta_path: str, layer: str, key: str, weights
     storage.delete_dir(storage.join(out, "shards"))  # an interrupted extraction (nothing when absent)
     if where == "auto":
         where, why = extraction_place()
-        log.info("frozen features: extracting %s (%s)", "in this process" if where == "here" else "on the cluster", why)
+        log.debug("frozen features: extracting %s (%s)", "in this process" if where == "here" else "on the cluster", why)
     if where not in ("here", "ray"):
         raise ValueError(f"where={where!r}: expected 'auto', 'here' or 'ray'")
-    log.info("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", layer,
+    log.debug("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", layer,
              unfreeze_blocks, "in this process" if where == "here" else f"{concurrency} Ray Data actors")
     shards = storage.join(out, "shards")
     if where == "here":
@@ -136,7 +136,8 @@ def _extract_here(cache: str, shards: str, weights: str, seed: int, unfreeze_blo
     import pyarrow.compute as pc
     import tf_keras as keras
     from ray.data.block import BlockAccessor
-    from tqdm import tqdm
+
+    from xray_dist.console import Progress
 
     from xray_dist.dataset import _tensor_column_to_numpy, images_dataset, load_spec
     from xray_dist.model import frozen_part
@@ -147,7 +148,7 @@ def _extract_here(cache: str, shards: str, weights: str, seed: int, unfreeze_blo
     storage.makedirs(shards)
     dset = images_dataset(cache)
     ok = pc.field("error").is_null() | (pc.field("error") == "")
-    with tqdm(total=dset.count_rows(filter=ok), desc=f"frozen features (depth {unfreeze_blocks})", unit="img") as bar:
+    with Progress(dset.count_rows(filter=ok), f"frozen features (depth {unfreeze_blocks})", unit="image") as bar:
         for i, rb in enumerate(dset.to_batches(columns=["path", "image"], filter=ok, batch_size=256)):
             if rb.num_rows == 0:
                 continue

@@ -100,7 +100,8 @@ def in_process_inputs(cfg: TrainConfig) -> tuple:
             datasets[name] = LocalSplit(source, column, label_of, class_weight)
         else:
             datasets[name], _ = split_dataset(cfg.cache, name, scheme, class_weight, cfg.features)
-    return scheme, spec, datasets, make_loop_config(cfg, scheme, spec, sizes["train"])
+    # in-process runs are sweep trials: their lines go to the log, Tune's progress to the terminal
+    return scheme, spec, datasets, make_loop_config(cfg, scheme, spec, sizes["train"], terminal=False)
 
 
 class InProcessSession:

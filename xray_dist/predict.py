@@ -121,19 +121,29 @@ def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: s
                 names: PathNames = PathNames()) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
     """Every file read as the model sees it: per file its error (``kind: reason``, empty when read;
     the file named as ``names`` names it) and the ``(index, image)`` of each readable one. A bad
-    file is logged and the rest go on."""
+    file is logged (one line) and the rest go on, whatever the failure."""
+    from xray_dist.console import Progress
     from xray_dist.dicom import load_image
 
     errors: list[str] = []
     good: list[tuple[int, np.ndarray]] = []
-    for i, (f, rel) in enumerate(zip(files, rels)):
-        try:
-            good.append((i, load_image(f, spec)))
-            errors.append("")
-        except DicomReadError as e:
-            errors.append(names.scrub(f"{e.kind}: {e.reason}", f, rel))
-            log.warning("%s: %s: %s", what, names.name(rel), errors[-1])
+    with Progress(len(files), f"{what}: read") as bar:
+        for i, (f, rel) in enumerate(zip(files, rels)):
+            try:
+                good.append((i, load_image(f, spec)))
+                errors.append("")
+            except Exception as e:  # noqa: BLE001 - DicomReadError, or anything else: a row with its reason
+                errors.append(names.scrub(file_error(e), f, rel))
+                log.warning("%s: %s: %s", what, names.name(rel), errors[-1])
+            bar.update()
     return errors, good
+
+
+def file_error(e: BaseException) -> str:
+    """One file's failure as its CSV cell: ``kind: reason``."""
+    if isinstance(e, DicomReadError):
+        return f"{e.kind}: {e.reason}"
+    return f"unexpected: {type(e).__name__}: {e}"
 
 
 #: ``--engine auto`` uses Ray Data from this many files on (and for any object-store input).
@@ -191,8 +201,8 @@ def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames()) -
         try:
             images[i] = load_image(str(path), spec)
             errors.append("")
-        except DicomReadError as e:
-            errors.append(names.scrub(f"{e.kind}: {e.reason}", str(path), str(rel)))
+        except Exception as e:  # noqa: BLE001 - whatever failed, this file's row says so and the rest go on
+            errors.append(names.scrub(file_error(e), str(path), str(rel)))
     return {"index": np.asarray(batch["index"]), "image": images, "error": np.asarray(errors, dtype=object)}
 
 
@@ -255,9 +265,9 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
                         batch_format="numpy", **pool)
     errors = [""] * len(files)
     probs = np.full((len(files), scheme.num_classes), np.nan)
-    from tqdm import tqdm
+    from xray_dist.console import Progress
 
-    with tqdm(total=len(files), desc="predict", unit="file", mininterval=2) as bar:
+    with Progress(len(files), "predict") as bar:
         for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
             for i, p, e in zip(b["index"], b["probs"], b["error"]):
                 probs[int(i)] = p

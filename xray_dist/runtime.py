@@ -36,9 +36,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
+        from xray_dist import console
+
+        if console.active():  # a command run inside a program that started Ray itself
+            console.route_worker_output()
         return ray
     addr = resolve_address(address)
     env = dict(WORKER_ENV)
+    env["TF_CPP_MIN_LOG_LEVEL"] = os.environ["TF_CPP_MIN_LOG_LEVEL"]  # -v shows TensorFlow's C++ lines too
     if addr not in ("local", "auto") and "://" not in addr:
         # Ray's own helpers inside the job (Ray Train's placement-group cleaner queries the state
         # API) otherwise pick "the latest cluster" when a machine runs two, find the controller
@@ -48,6 +53,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     if addr == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
-    log.info("ray.init(address=%r)", addr)
+    from xray_dist import console
+
+    if console.active():
+        console.adopt_ray_loggers()  # Ray's own start-up lines (token mode, "Started a local Ray instance"): the log
+    log.debug("ray.init(address=%r)", addr)
     ray.init(address=addr, **kwargs)
+    if console.active():
+        console.route_worker_output()
     return ray

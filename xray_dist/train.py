@@ -484,8 +484,12 @@ def train_loop(config: dict, session) -> None:
     import tensorflow as tf
     import tf_keras as keras
 
+    from xray_dist.console import worker_logging
     from xray_dist.model import ModelSpec, build_model, load_weights_checked, trainable_parameters
 
+    # this worker's lines reach the driver's terminal (a sweep trial's: the log; Tune's lines say
+    # how each trial did); TensorFlow's go to the log
+    worker_logging(terminal=config.get("terminal", True))
     t_entry = time.time()
     cfg: TrainConfig = config["cfg"]
     scheme = ClassScheme.from_dict(config["scheme"])
@@ -564,9 +568,14 @@ def _make_reporter_class():
             self.val_set = ValidationSet(session.dataset_shard("val"), cfg.worker_cache_mb * 2**20)
             self.rank, self.world, self.n_params, self.replicas, self.policy, self.plan = (
                 rank, world, params, replicas, policy, plan)
+            self.live = LiveScalars(cfg.out) if rank == 0 else None
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.time()
+
+        def on_train_end(self, logs=None):
+            if self.live is not None:
+                self.live.close()
 
         def on_train_batch_end(self, batch, logs=None):
             if self.session.should_stop():
@@ -596,6 +605,7 @@ def _make_reporter_class():
                 save_training_state(self.model, tmp)
                 (tmp / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
                 np.savez(tmp / "val_scores.npz", probs=probs, labels=labels, paths=paths)
+                self.live.write(metrics)
                 log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
                          "sens %.2f spec %.2f %.1f img/s (%s)", epoch + 1, self.cfg.epochs, metrics["loss"],
                          m["val_loss"], m["val_auc"], m["val_auc_abnormal"], m["sensitivity"], m["specificity"],
@@ -605,6 +615,50 @@ def _make_reporter_class():
                 shutil.rmtree(tmp, ignore_errors=True)
 
     return EpochReporter
+
+
+class LiveScalars:
+    """Rank 0's TensorBoard scalars, written as each epoch ends (``tensorboard --logdir RUN`` shows
+    a run while it trains). An object-store run's event file is written locally and uploaded
+    after every epoch. The export at the end rewrites ``RUN/tensorboard`` from the whole history
+    (:func:`write_tensorboard`), so a resumed run's file holds every epoch once."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.remote = storage.is_uri(out)
+        self.dir = Path(tempfile.mkdtemp(prefix="xray_tb_")) if self.remote else Path(out) / "tensorboard"
+        self.writer = None
+
+    def write(self, row: dict) -> None:
+        import tensorflow as tf
+
+        try:
+            if self.writer is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.writer = tf.summary.create_file_writer(str(self.dir))
+            with self.writer.as_default():
+                _scalars(row)
+            self.writer.flush()
+            if self.remote:
+                for f in self.dir.iterdir():
+                    storage.upload_file(f, storage.join(self.out, "tensorboard", f.name))
+        except Exception as e:  # noqa: BLE001 - live curves are a convenience; training goes on without them
+            log.warning("live TensorBoard scalars not written (%s: %s)", type(e).__name__, e)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.remote:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _scalars(row: dict) -> None:
+    import tensorflow as tf
+
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            tf.summary.scalar(key, float(value), step=int(row["epoch"]))
 
 
 def _EpochReporter(*args):  # noqa: N802 - builds the Keras callback lazily (TensorFlow imports in workers only)
@@ -673,15 +727,16 @@ def run_setup(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict]:
     return scheme, spec.to_dict(), weights
 
 
-def run_inputs(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict, dict]:
-    """Class scheme, model spec, the train/val Ray Datasets and :func:`train_loop`'s config."""
+def run_inputs(cfg: TrainConfig, terminal: bool = True) -> tuple[ClassScheme, dict, dict, dict]:
+    """Class scheme, model spec, the train/val Ray Datasets and :func:`train_loop`'s config
+    (``terminal``: whether the workers' lines are for the terminal; a sweep trial's are not)."""
     scheme, spec, weights = run_setup(cfg)
     train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights, cfg.features)
     val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights, cfg.features)
-    return scheme, spec, {"train": train_ds, "val": val_ds}, make_loop_config(cfg, scheme, spec, n_train)
+    return scheme, spec, {"train": train_ds, "val": val_ds}, make_loop_config(cfg, scheme, spec, n_train, terminal)
 
 
-def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train: int) -> dict:
+def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train: int, terminal: bool = True) -> dict:
     """:func:`train_loop`'s config. ``whole_split``: every worker gets the whole training split and
     takes its part of a (seed, epoch) permutation (:class:`ShardCache`) — when the split fits in
     ``worker_cache_mb``; otherwise each worker streams Ray Data's equal share."""
@@ -690,10 +745,11 @@ def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train:
     pos_weight = positive_weights(scheme, [lab for _, lab in manifest_labels(cfg.cache, "train")]) \
         if scheme.multilabel else None
     return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train,
-            "whole_split": fits_in_worker(cfg, spec, n_train), "pos_weight": pos_weight}
+            "whole_split": fits_in_worker(cfg, spec, n_train), "pos_weight": pos_weight, "terminal": terminal}
 
 
-def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None):
+def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None,
+                 terminal: bool = True):
     """The Ray Train trainer for ``cfg`` (the sweep builds its trials' trainers here too): a
     ``DataParallelTrainer`` with the MultiWorkerMirroredStrategy backend — what
     ``TensorflowTrainer`` is, minus a TensorFlow import in the driver and controller
@@ -704,7 +760,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: 
     from xray_dist.backend import MultiWorkerConfig
     from xray_dist.runtime import WORKER_ENV
 
-    scheme, spec, datasets, loop_config = run_inputs(cfg)
+    scheme, spec, datasets, loop_config = run_inputs(cfg, terminal)
     # Checkpoints go where the run's --out is: a local directory, or an object store every node
     # reaches (Ray Train uploads each worker's checkpoint there and downloads it on a restart).
     ray_path, ray_fs = storage.ray_storage(storage_path or storage.join(cfg.out, RAY_DIR))
@@ -816,7 +872,8 @@ def save_scores(path: Path, cache: str, probs: np.ndarray, labels: np.ndarray, p
 def write_tensorboard(history: list[dict], logdir: Path) -> None:
     """Every per-epoch number of the history as TensorBoard scalars (``tensorboard --logdir RUN``).
 
-    Written by the driver from the reports, so it works wherever the workers ran; a resumed run
+    Written by the driver from the reports when the run ends, so it is complete wherever the
+    workers ran (rank 0 writes each epoch live meanwhile: :class:`LiveScalars`); a resumed run
     rewrites the whole file from the full history.
     """
     import tensorflow as tf
@@ -826,10 +883,7 @@ def write_tensorboard(history: list[dict], logdir: Path) -> None:
     writer = tf.summary.create_file_writer(str(logdir))
     with writer.as_default():
         for row in history:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value):
-                    tf.summary.scalar(key, float(value), step=int(row["epoch"]))
+            _scalars(row)
     writer.close()
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-from xray_dist import fingerprint, storage
+from xray_dist import console, fingerprint, storage
 from xray_dist.config import SweepConfig, TrainConfig
 from xray_dist.errors import RunStopped, XrayDistError
 
@@ -57,8 +57,11 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from xray_dist.console import worker_logging
     from xray_dist.inprocess import train_in_process
     from xray_dist.train import export_run, make_trainer
+
+    worker_logging(terminal=False)
 
     t0 = time.time()
     ctx = ray.tune.get_context()
@@ -83,7 +86,8 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
             return  # the scheduler stopped this trial: no export, the row says stopped_early
         t_trainer = t0
     else:
-        trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage_path=storage.join(out, "ray"))
+        trainer, scheme, spec = make_trainer(cfg, callbacks=[TuneReportCallback()], storage_path=storage.join(out, "ray"),
+                                             terminal=False)
         t_trainer = time.time()
         result = trainer.fit()
     if result.error:
@@ -191,6 +195,50 @@ def _grid_to_params(fn):
     return wrapped
 
 
+def _SweepProgress(metric: str, epochs: int, every: float = 30.0):  # noqa: N802 - built lazily (Ray Tune imported here)
+    """A Tune callback for the terminal: one line per finished, stopped or failed trial, and a
+    status line at most every ``every`` seconds while trials run."""
+    from ray.tune import Callback
+
+    class SweepProgress(Callback):
+        def __init__(self):
+            self.last = time.time()
+            self.done = 0
+
+        def _params(self, trial) -> str:
+            c = _params_of(trial.config)
+            return f"W={c['head_width']} K={c['num_classes']} D={c['unfreeze_blocks']} lr={float(c['lr']):.0e}"
+
+        def _line(self, trial, what: str) -> None:
+            r = trial.last_result or {}
+            best = (getattr(trial, "metric_analysis", {}) or {}).get(metric, {}).get("max", r.get(metric))
+            score = f"best {metric} {best:.3f}" if isinstance(best, (int, float)) and not math.isnan(best) else ""
+            console.say(f"tune: trial {trial.trial_id} ({self._params(trial)}) {what} after {r.get('epoch', 0)} "
+                        "epochs" + (f", {score}" if score else ""))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            stopped = (trial.last_result or {}).get("epoch", 0) < epochs
+            self._line(trial, "stopped early" if stopped else "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(trial, "FAILED (see results.csv)")
+
+        def on_step_begin(self, iteration, trials, **info):
+            now = time.time()
+            if now - self.last < every or not trials:
+                return
+            self.last = now
+            running = [t for t in trials if t.status == "RUNNING"]
+            scores = [t.last_result.get(metric) for t in trials if t.last_result and
+                      isinstance(t.last_result.get(metric), (int, float))]
+            best = f", best {metric} so far {max(scores):.3f}" if scores else ""
+            console.say(f"tune: {self.done}/{len(trials)} trials finished, {len(running)} running{best}")
+
+    return SweepProgress()
+
+
 def _FinishingASHA(**kwargs):  # noqa: N802 - built lazily: Ray Tune is imported inside functions here
     """ASHA that never stops a trial at its last epoch.
 
@@ -247,7 +295,7 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
                 features[str(d)] = path
     t_features = time.time() - t0
     if cfg.shared_features:
-        log.info("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
+        log.debug("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
                  sorted(features), t_features)
     else:
         log.info("shared frozen features off: every trial recomputes the frozen base")
@@ -285,14 +333,19 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
                                         scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc,
                                         reuse_actors=local),
             run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=root_path, storage_filesystem=root_fs,
+                                      # Tune's own console output (a result box per trial) with -v only;
+                                      # otherwise a line per finished trial and a periodic status line
+                                      verbose=1 if console.verbosity() >= console.VERBOSE else 0,
+                                      callbacks=[_SweepProgress(cfg.base.metric, cfg.base.epochs)],
                                       # in-process trials are retried here; a Ray Train trial retries its
                                       # own workers with the same --max-failures, so not twice
                                       failure_config=tune.FailureConfig(
                                           max_failures=cfg.base.max_failures if local else 0, fail_fast=False)),
         )
-    log.info("sweep: up to %d trials at a time (%s), %s", max_conc, why,
+    log.info("tune: up to %d trials at a time (%s), %s", max_conc, why,
              "each training in its own Tune process" if local else "each a Ray Train run")
-    grid = tuner.fit()
+    with console.output_to_log():  # Tune's own prints (experiment box, paths): the log; ours: the terminal
+        grid = tuner.fit()
     rows = collect_results(grid, cfg, out)
     summary = write_outputs(rows, cfg, out, time.time() - t0, t_features)
     return summary

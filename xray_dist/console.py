@@ -1,0 +1,374 @@
+"""The terminal and the log file: what a person sees, and where the rest goes.
+
+A command's terminal shows its stage lines, progress, Tune's table, warnings, errors and the
+summary. Everything else — xray-dist's own detail, Ray's and TensorFlow's messages, what Ray
+workers print (TensorFlow's C++ start-up lines, Ray-internal warnings), pydicom's warnings and
+tracebacks — goes to the command's log file (``RUN/xray-dist.log`` for ``train``, the sweep's
+or the demo's directory likewise; ``$XRAY_DIST_LOG_DIR`` or ``~/.cache/xray-dist/logs`` for
+the others and for object-store outputs). ``-v`` shows it all on the terminal too; ``-q`` leaves
+warnings, errors and the summary.
+
+How: Python logging gets two handlers (terminal, file); Ray's driver-side printer of worker
+output is replaced by a router that writes every worker line to the file and shows on the
+terminal only the lines xray-dist's own code marked (:data:`MARK`: each epoch's line from rank 0,
+for instance); TensorFlow's C++ logging is turned down before TensorFlow loads
+(``TF_CPP_MIN_LOG_LEVEL``, here and in every Ray worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+LOG_NAME = "xray-dist.log"
+#: Prefix of a worker's line that belongs on the terminal (see :func:`worker_logging`).
+MARK = "[xray-dist] "
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+
+_state: dict = {"verbosity": NORMAL, "log_file": None, "active": False}
+
+
+def default_log_dir() -> Path:
+    return Path(os.environ.get("XRAY_DIST_LOG_DIR") or Path.home() / ".cache" / "xray-dist" / "logs")
+
+
+def log_path_for(command: str, out: str | None, in_out: bool) -> Path:
+    """The log file of ``command``: inside ``out`` when the command owns that directory (a run, a
+    sweep, the demo) and it is local; else a timestamped file in :func:`default_log_dir`."""
+    from xray_dist import storage
+
+    if in_out and out and not storage.is_uri(out):
+        return Path(out).resolve() / LOG_NAME
+    return default_log_dir() / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+class _TerminalFilter(logging.Filter):
+    """xray-dist's records at the terminal's level; other libraries' only from ERROR (all with -v)."""
+
+    def __init__(self, verbosity: int):
+        super().__init__()
+        self.verbosity = verbosity
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbosity >= VERBOSE:
+            return True
+        if record.name.startswith(("pydicom", "py.warnings")):
+            return False  # a bad file's warnings and tracebacks: xray-dist's own line names the file
+        ours = record.name == "xray_dist" or record.name.startswith("xray_dist.")
+        if ours:
+            return record.levelno >= (logging.WARNING if self.verbosity <= QUIET else logging.INFO)
+        return record.levelno >= logging.ERROR
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes (not the stream of the
+    moment it was made: a test's captured stream, or a stream a library swapped in, may be gone)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
+    """Configure this process's logging for a command (idempotent: a second call replaces it)."""
+    _state["verbosity"] = verbosity
+    _state["active"] = True
+    if verbosity < VERBOSE:
+        # before TensorFlow loads, here and (runtime.init_ray passes it on) in Ray's workers
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_xray_dist", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.DEBUG)
+    term = _StderrHandler()
+    term.setFormatter(logging.Formatter("%(message)s" if verbosity < VERBOSE else
+                                        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    term.addFilter(_TerminalFilter(verbosity))
+    term._xray_dist = True
+    root.addHandler(term)
+    _state["log_file"] = None
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as e:  # a read-only place: the terminal still works
+            logging.getLogger(__name__).warning("no log file (%s): %s", log_file, e)
+        else:
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            fh.setLevel(logging.DEBUG)
+            fh._xray_dist = True
+            root.addHandler(fh)
+            _state["log_file"] = log_file
+    logging.captureWarnings(True)  # pydicom's and other libraries' warnings: records, not stderr text
+    for name in ("pydicom", "openjpeg", "py.warnings", "absl", "tensorflow", "h5py", "matplotlib", "PIL",
+                 "urllib3", "botocore", "filelock", "asyncio"):
+        lg = logging.getLogger(name)
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
+        lg.propagate = True
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if verbosity >= VERBOSE else logging.WARNING)
+    for name in ("matplotlib", "PIL", "urllib3", "botocore", "filelock", "asyncio", "h5py"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return _state["log_file"]
+
+
+def active() -> bool:
+    """Whether a command set up this process's terminal (tests calling functions directly did not)."""
+    return _state["active"]
+
+
+def log_file() -> Path | None:
+    return _state["log_file"]
+
+
+def verbosity() -> int:
+    return _state["verbosity"]
+
+
+def adopt_ray_loggers() -> None:
+    """Ray's loggers write through this process's handlers (file; terminal from ERROR, or all
+    with -v) instead of their own stderr handler. Called after ``import ray`` (which configures
+    them) and again after ``ray.init``."""
+    import ray  # noqa: F401 - importing Ray sets up the handlers replaced here
+
+    for name in ("ray", "ray.data", "ray.tune", "ray.train", "ray.air"):
+        lg = logging.getLogger(name)
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
+                       or getattr(h, "_xray_dist", False)]
+        lg.propagate = True
+
+
+def route_worker_output() -> None:
+    """After ``ray.init``: the worker output Ray forwards to this driver is routed by
+    :func:`_route_worker_lines` (file, and the marked lines to the terminal)."""
+    adopt_ray_loggers()
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:  # a Ray without this hook: its own printer stays
+        return
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
+        return
+    if _state["verbosity"] >= VERBOSE:
+        return  # everything on the terminal, as Ray prints it
+    with dispatcher._lock:
+        kept = [(n, h) for n, h in dispatcher.handlers if n == "ray_print_logs"]
+    if kept:
+        _state["ray_printer"] = kept[0]
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("xray_dist_logs")
+    dispatcher.add_handler("xray_dist_logs", _route_worker_lines)
+
+
+def finish() -> None:
+    """Undo :func:`setup` (the end of a command run inside another program, such as a test):
+    this module's handlers closed and removed, Ray's printer of worker output back."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_xray_dist", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(False)
+    printer = _state.pop("ray_printer", None)
+    if printer is not None:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("xray_dist_logs")
+        dispatcher.add_handler(*printer)
+    _state.update({"active": False, "log_file": None, "verbosity": NORMAL})
+
+
+_worker_log = logging.getLogger("xray_dist.workers")
+
+
+def _route_worker_lines(data: dict) -> None:
+    """Ray's worker output: every line to the log file; the marked ones to the terminal too."""
+    who = data.get("actor_name") or data.get("task_name") or "worker"
+    for line in data.get("lines", []):
+        if MARK in line:
+            message = line.split(MARK, 1)[1]
+            if _state["verbosity"] > QUIET or message.startswith(("WARNING", "ERROR")):
+                print(message, file=sys.stderr, flush=True)
+            _file_only(f"({who} pid={data.get('pid')}) {line}")
+        else:
+            _file_only(f"({who} pid={data.get('pid')}) {line}")
+
+
+def _file_only(text: str) -> None:
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and getattr(h, "_xray_dist", False):
+            h.emit(logging.LogRecord("ray.worker", logging.INFO, __file__, 0, text, None, None))
+
+
+def worker_logging(terminal: bool = True) -> None:
+    """In a Ray worker (a Train worker, a Tune trial): xray-dist's INFO lines are printed — with
+    :data:`MARK` when they are for the terminal (the driver's router shows those; a sweep trial's
+    lines go to the log only, Tune's progress lines speak for it); TensorFlow's Python logger and
+    absl are turned down to errors (their per-step collective lines go nowhere)."""
+    lg = logging.getLogger("xray_dist")
+    for h in [h for h in lg.handlers if getattr(h, "_xray_dist_worker", False)]:
+        lg.removeHandler(h)  # a reused process (Tune's) may switch between trial and run
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_WorkerFormatter(terminal))
+    h._xray_dist_worker = True
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") >= "2":
+        for name in ("tensorflow", "absl"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            import absl.logging
+
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:
+            pass
+
+
+class _WorkerFormatter(logging.Formatter):
+    """A worker's line: marked for the terminal when ``terminal`` (or a warning or error)."""
+
+    def __init__(self, terminal: bool):
+        super().__init__()
+        self.terminal = terminal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{MARK}{record.levelname}: {text}"
+        return f"{MARK}{text}" if self.terminal else f"{record.levelname} {record.name}: {text}"
+
+
+class _LogStream:
+    """A text stream whose lines go to the log file (``logger``, INFO)."""
+
+    def __init__(self, logger: str):
+        self.log = logging.getLogger(logger)
+        self.buf = ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            if line.strip():
+                _file_only(f"{self.log.name}: {line}")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextmanager
+def output_to_log(logger: str = "ray.tune.output"):
+    """Inside: what a library prints to stdout goes to the log file (with -v, to the terminal as
+    well: nothing is redirected). :func:`say` still reaches the terminal."""
+    if not _state["active"] or _state["verbosity"] >= VERBOSE:
+        yield
+        return
+    real = sys.stdout
+    _state["terminal_out"] = real
+    sys.stdout = _LogStream(logger)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        _state["terminal_out"] = None
+
+
+def say(text: str) -> None:
+    """A line for the terminal (stdout), even inside :func:`output_to_log`; quiet mode drops it."""
+    if _state["verbosity"] <= QUIET and _state["active"]:
+        _file_only(text)
+        return
+    print(text, file=_state.get("terminal_out") or sys.stdout, flush=True)
+
+
+@contextmanager
+def native_stderr_to_log():
+    """Inside: what native code writes to file descriptor 2 (TensorFlow's C++ start-up lines,
+    which no environment variable silences before absl is initialised) goes to the log file."""
+    if not _state["active"] or _state["verbosity"] >= VERBOSE:
+        yield
+        return
+    target = open(_state["log_file"] or os.devnull, "ab")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(target.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        target.close()
+
+
+def load_tensorflow() -> None:
+    """Import TensorFlow (and probe its devices) with its native start-up noise in the log."""
+    if "tensorflow" in sys.modules:
+        return
+    with native_stderr_to_log():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+
+
+class Progress:
+    """Progress of ``total`` items: a tqdm bar on a terminal; elsewhere (job logs, CI) a line at
+    most every ``every`` seconds and at the end, so a log shows progress without redraws."""
+
+    def __init__(self, total: int, desc: str, unit: str = "file", every: float = 30.0, stream=None):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.stream = stream or sys.stderr
+        self.n = 0
+        self.t0 = self.last = time.time()
+        self.bar = None
+        if _state["verbosity"] > QUIET and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1, file=self.stream)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+            return
+        now = time.time()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            self._line()
+
+    def _line(self) -> None:
+        if _state["verbosity"] > QUIET:
+            rate = self.n / max(time.time() - self.t0, 1e-9)
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({rate:.1f}/s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.total >= 50 or time.time() - self.t0 >= self.every:
+            self._line()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
