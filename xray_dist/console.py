@@ -64,6 +64,56 @@ class _TerminalFilter(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+class _LogFileHandler(logging.Handler):
+    """The log file, opened once its directory exists. A run's or sweep's log lives in the
+    directory the command makes: until the command has made it (a refused command never does),
+    records wait in memory; if it never comes, they go to a file in :func:`default_log_dir` at
+    the end, so a command's log is never lost and never makes a directory by itself."""
+
+    LIMIT = 20000
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.stream = None
+        self.pending: list[str] = []
+
+    def _open(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.stream = open(path, "a", encoding="utf-8")
+        for line in self.pending:
+            self.stream.write(line)
+        self.pending = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            if self.stream is None and self.path.parent.is_dir():
+                self._open(self.path)
+            if self.stream is None:
+                if len(self.pending) < self.LIMIT:
+                    self.pending.append(line)
+                return
+            self.stream.write(line)
+            self.stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+    def close(self) -> None:
+        try:
+            if self.stream is None and self.pending:
+                fallback = default_log_dir() / f"{self.path.parent.name}-{os.getpid()}.log"
+                self._open(fallback)
+                _state["log_file"] = fallback
+            if self.stream is not None:
+                self.stream.close()
+                self.stream = None
+        except OSError:
+            pass
+        finally:
+            super().close()
+
+
 class _StderrHandler(logging.StreamHandler):
     """A handler writing to whatever ``sys.stderr`` is when a record comes (not the stream of the
     moment it was made: a test's captured stream, or a stream a library swapped in, may be gone)."""
@@ -102,17 +152,12 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
     root.addHandler(term)
     _state["log_file"] = None
     if log_file is not None:
-        try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file, encoding="utf-8")
-        except OSError as e:  # a read-only place: the terminal still works
-            logging.getLogger(__name__).warning("no log file (%s): %s", log_file, e)
-        else:
-            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            fh.setLevel(logging.DEBUG)
-            fh._xray_dist = True
-            root.addHandler(fh)
-            _state["log_file"] = log_file
+        fh = _LogFileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        fh._xray_dist = True
+        root.addHandler(fh)
+        _state["log_file"] = log_file
     logging.captureWarnings(True)  # pydicom's and other libraries' warnings: records, not stderr text
     for name in ("pydicom", "openjpeg", "py.warnings", "absl", "tensorflow", "h5py", "matplotlib", "PIL",
                  "urllib3", "botocore", "filelock", "asyncio"):
@@ -120,6 +165,8 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
         lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
         lg.propagate = True
     logging.getLogger("pydicom").setLevel(logging.DEBUG if verbosity >= VERBOSE else logging.WARNING)
+    if "ray" in sys.modules:
+        adopt_ray_loggers()
     for name in ("matplotlib", "PIL", "urllib3", "botocore", "filelock", "asyncio", "h5py"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return _state["log_file"]
@@ -211,7 +258,7 @@ def _route_worker_lines(data: dict) -> None:
 
 def _file_only(text: str) -> None:
     for h in logging.getLogger().handlers:
-        if isinstance(h, logging.FileHandler) and getattr(h, "_xray_dist", False):
+        if isinstance(h, _LogFileHandler):
             h.emit(logging.LogRecord("ray.worker", logging.INFO, __file__, 0, text, None, None))
 
 
@@ -308,7 +355,9 @@ def native_stderr_to_log():
     if not _state["active"] or _state["verbosity"] >= VERBOSE:
         yield
         return
-    target = open(_state["log_file"] or os.devnull, "ab")
+    import tempfile
+
+    target = tempfile.TemporaryFile()
     sys.stderr.flush()
     saved = os.dup(2)
     os.dup2(target.fileno(), 2)
@@ -318,6 +367,10 @@ def native_stderr_to_log():
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+        target.seek(0)
+        for line in target.read().decode("utf-8", "replace").splitlines():
+            if line.strip():
+                _file_only(f"native stderr: {line}")
         target.close()
 
 
