@@ -223,3 +223,47 @@ def read_h5():
 def same_run():
     """:func:`assert_same_run` for tests that compare an interrupted run with an uninterrupted one."""
     return assert_same_run
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts served by it), run
+    from its own environment (``XRAY_DIST_MLFLOW_SERVER``: its ``mlflow`` executable; .ci/run
+    makes one). Returns the tracking URI."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = os.environ.get("XRAY_DIST_MLFLOW_SERVER") or shutil.which("mlflow")
+    if not exe:
+        if os.environ.get("XRAY_DIST_REQUIRE_MLFLOW"):
+            pytest.fail("an MLflow server is required (XRAY_DIST_REQUIRE_MLFLOW is set) but XRAY_DIST_MLFLOW_SERVER "
+                        "names none")
+        pytest.skip("no MLflow server: set XRAY_DIST_MLFLOW_SERVER to an `mlflow` executable (.ci/run installs one)")
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(d / "server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV"))}
+    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination",
+                             str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the MLflow server did not start (see {d / 'server.log'})")
+        time.sleep(1)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

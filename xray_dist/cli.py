@@ -267,6 +267,9 @@ def _add_train_flags(p, sweep: bool = False) -> None:
                    + d("worker_cache_mb"))
     p.add_argument("--seed", type=int, default=S, help="seed of weights, dropout and data order" + d("seed"))
     p.add_argument("--address", default=S, help="Ray address (default: RAY_ADDRESS, else embedded local Ray)")
+    p.add_argument("--mlflow", default=S, help="MLflow tracking URI: each run (each sweep trial) is logged there, "
+                                               "with no path or patient data (default: MLFLOW_TRACKING_URI, else "
+                                               "none); needs pip install 'xray-dist[mlflow]'")
     p.add_argument("--config", default=None, help="YAML file of flag values; flags on the command line win "
                                                   "(default: none)")
 

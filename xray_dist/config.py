@@ -279,6 +279,7 @@ class TrainConfig:
     worker_cache_mb: int = 2048  # per worker: keep its training rows (and rank 0 the validation set) in memory
     placement_strategy: str = "PACK"
     features: str | None = None  # set by sweeps: a frozen-feature cache to train the top on
+    mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)
 
     def __post_init__(self) -> None:
         checks = [

@@ -116,7 +116,7 @@ def _read(run: str, name: str) -> bytes:
         raise XrayDistError(f"{run}: no {name}; is it a finished `xray-dist train` run or sweep trial?") from None
 
 
-def _run_section(run: str, n_boot: int) -> str:
+def _run_section(run: str, n_boot: int, file_lists: bool = True) -> str:
     from xray_dist.plots import plot_calibration, plot_confusion, plot_history, plot_roc
 
     raw = {name: _read(run, name) for name in ("metrics.json", "history.csv", "val_scores.npz")}
@@ -200,11 +200,11 @@ def _run_section(run: str, n_boot: int) -> str:
         parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
     parts.append(_png(lambda b: plot_calibration(cal, b), "Reliability diagram (validation)"))
     parts.append("</div>")
-    parts.append(_dataset_section(cfg.get("cache"), metrics.get("dataset", {})))
+    parts.append(_dataset_section(cfg.get("cache"), metrics.get("dataset", {}), file_lists))
     return "\n".join(parts)
 
 
-def _dataset_section(cache: str | None, summary: dict) -> str:
+def _dataset_section(cache: str | None, summary: dict, file_lists: bool = True) -> str:
     report = {}
     if cache:
         try:
@@ -230,7 +230,7 @@ def _dataset_section(cache: str | None, summary: dict) -> str:
                       ("excluded", "Files of other views (--views; not used)"),
                       ("unlabeled", "Files without a label (not used)"),
                       ("missing", "Labelled paths with no file")):
-        listed = report.get(key, []) if report else []
+        listed = report.get(key, []) if report and file_lists else []
         if not listed:
             continue
         shown = listed[:200]
@@ -303,8 +303,11 @@ window.addEventListener('load', () => {
 """
 
 
-def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
-    """Write the HTML report for a run or sweep directory ``target`` (local or URI) to ``out``."""
+def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shareable: bool = False) -> Path:
+    """Write the HTML report for a run or sweep directory ``target`` (local or URI) to ``out``.
+
+    ``shareable``: for places beyond this disk (an experiment tracker): no file names (the
+    dataset's lists of unused files, the run's own path), which can carry a patient's name."""
     for where in (target, out):
         storage.check_location(where)
     target = storage.absolute(target)
@@ -313,19 +316,19 @@ def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT) -> P
     if storage.is_file(storage.join(target, "results.csv")):
         body, best_run = _sweep_section(target)
         if best_run is not None and storage.is_file(storage.join(best_run, "metrics.json")):
-            body += "\n" + _run_section(best_run, n_boot)
+            body += "\n" + _run_section(best_run, n_boot, not shareable)
         title = f"xray-dist sweep report: {storage.name(target)}"
     elif storage.is_file(storage.join(target, "metrics.json")):
-        body = _run_section(target, n_boot)
+        body = _run_section(target, n_boot, not shareable)
         title = f"xray-dist run report: {storage.name(target)}"
     else:
         raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
     held_out = read_evaluation(target)
     if held_out:  # the numbers to report come first; validation (used for selection) beneath
         body = _held_out_section(held_out) + "\n" + body
+    source = "" if shareable else f" from <code>{html.escape(str(target))}</code>"
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by xray-dist from <code>{html.escape(str(target))}</code>."
-            f"</p>{body}</body></html>")
+            f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by xray-dist{source}.</p>{body}</body></html>")
     storage.write_text(out, page)  # whole or absent
     return out if storage.is_uri(out) else Path(out)

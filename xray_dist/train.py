@@ -551,7 +551,8 @@ def train_loop(config: dict, session) -> None:
         if history:
             session.report(dict(history[-1]), None)
         return
-    reporter = _EpochReporter(cfg, scheme, session, history, rank, world, params, replicas, policy, plan)
+    reporter = _EpochReporter(cfg, scheme, session, history, rank, world, params, replicas, policy, plan,
+                              config.get("mlflow"))
     model.fit(train_input, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=plan.steps, verbose=0,
               callbacks=[reporter])
 
@@ -562,13 +563,16 @@ def _make_reporter_class():
     class EpochReporter(keras.callbacks.Callback):
         """After each epoch: rank 0 validates and checkpoints; every worker reports (a barrier)."""
 
-        def __init__(self, cfg, scheme, session, history, rank, world, params, replicas, policy, plan):
+        def __init__(self, cfg, scheme, session, history, rank, world, params, replicas, policy, plan, mlflow=None):
             super().__init__()
             self.cfg, self.scheme, self.history, self.session = cfg, scheme, history, session
             self.val_set = ValidationSet(session.dataset_shard("val"), cfg.worker_cache_mb * 2**20)
             self.rank, self.world, self.n_params, self.replicas, self.policy, self.plan = (
                 rank, world, params, replicas, policy, plan)
             self.live = LiveScalars(cfg.out) if rank == 0 else None
+            from xray_dist.tracking import EpochLogger
+
+            self.tracker = EpochLogger(mlflow) if rank == 0 else None
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.time()
@@ -606,6 +610,7 @@ def _make_reporter_class():
                 (tmp / "state.json").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
                 np.savez(tmp / "val_scores.npz", probs=probs, labels=labels, paths=paths)
                 self.live.write(metrics)
+                self.tracker.log(metrics)
                 log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
                          "sens %.2f spec %.2f %.1f img/s (%s)", epoch + 1, self.cfg.epochs, metrics["loss"],
                          m["val_loss"], m["val_auc"], m["val_auc_abnormal"], m["sensitivity"], m["specificity"],
@@ -749,7 +754,7 @@ def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train:
 
 
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None,
-                 terminal: bool = True):
+                 terminal: bool = True, mlflow: dict | None = None):
     """The Ray Train trainer for ``cfg`` (the sweep builds its trials' trainers here too): a
     ``DataParallelTrainer`` with the MultiWorkerMirroredStrategy backend — what
     ``TensorflowTrainer`` is, minus a TensorFlow import in the driver and controller
@@ -761,6 +766,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: 
     from xray_dist.runtime import WORKER_ENV
 
     scheme, spec, datasets, loop_config = run_inputs(cfg, terminal)
+    loop_config["mlflow"] = mlflow  # rank 0 logs each epoch to this MLflow run (xray_dist.tracking)
     # Checkpoints go where the run's --out is: a local directory, or an object store every node
     # reaches (Ray Train uploads each worker's checkpoint there and downloads it on a restart).
     ray_path, ray_fs = storage.ray_storage(storage_path or storage.join(cfg.out, RAY_DIR))
@@ -927,10 +933,15 @@ def _train_locked(cfg: TrainConfig) -> TrainResult:
     storage.write_json(storage.join(cfg.out, "config.json"), cfg.to_dict(), indent=2)
     fingerprint.record(cfg.out, cfg.cache, fp)
     init_ray(cfg.address)
-    trainer, scheme, spec = make_trainer(cfg)
+    from xray_dist import tracking
+    from xray_dist.dataset import read_report_summary
+
+    target = tracking.start_train_run(cfg, fp["id"], read_report_summary(cfg.cache))
+    trainer, scheme, spec = make_trainer(cfg, mlflow=target)
     t0 = time.time()
     result = trainer.fit()
     if result.error:
+        tracking.fail_train_run(target)
         raise XrayDistError(f"training failed: {result.error}") from result.error
     # exports are written locally, then (object storage) uploaded: the model and TensorBoard
     # directories are replaced whole, so a resumed run leaves no stale file behind
@@ -939,5 +950,6 @@ def _train_locked(cfg: TrainConfig) -> TrainResult:
         res.metrics["wall_seconds"] = round(time.time() - t0, 1)
         res.metrics["cache_fingerprint"] = fp["id"]
         (local_out / "metrics.json").write_text(json.dumps(res.metrics, indent=2, default=_json_default))
+        tracking.finish_train_run(target, local_out, res.metrics["complete"])
     res.out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out)
     return res

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-from xray_dist import console, fingerprint, storage
+from xray_dist import console, fingerprint, storage, tracking
 from xray_dist.config import SweepConfig, TrainConfig
 from xray_dist.errors import RunStopped, XrayDistError
 
@@ -336,7 +336,8 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
                                       # Tune's own console output (a result box per trial) with -v only;
                                       # otherwise a line per finished trial and a periodic status line
                                       verbose=1 if console.verbosity() >= console.VERBOSE else 0,
-                                      callbacks=[_SweepProgress(cfg.base.metric, cfg.base.epochs)],
+                                      callbacks=[c for c in (_SweepProgress(cfg.base.metric, cfg.base.epochs),
+                                                             tracking.sweep_callback(cfg.base.mlflow, out)) if c],
                                       # in-process trials are retried here; a Ray Train trial retries its
                                       # own workers with the same --max-failures, so not twice
                                       failure_config=tune.FailureConfig(
@@ -353,7 +354,7 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
 
 SWEEP_CONFIG = "sweep_config.json"
 #: Settings a resumed sweep may change: how many trials run at once and how, and where Ray is.
-_MAY_CHANGE = {"max_concurrent", "trial_runner", "resume_errored", "address", "max_failures"}
+_MAY_CHANGE = {"max_concurrent", "trial_runner", "resume_errored", "address", "max_failures", "mlflow"}
 
 
 #: Base settings every trial replaces with its own searched values: not part of what a sweep is.

@@ -1,0 +1,78 @@
+"""Experiment tracking against a real MLflow server: a train run (and its resume) is one MLflow
+run with per-epoch metrics, parameters and artifacts; a sweep logs each trial; nothing
+identifying reaches the server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xray_dist import cli
+
+pytestmark = pytest.mark.slow
+
+
+def everything_sent(client, run) -> str:
+    """Every parameter, tag, metric name and text artifact of ``run``, as one string."""
+    import tempfile
+    from pathlib import Path
+
+    parts = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(sorted(run.data.metrics))]
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(client.download_artifacts(run.info.run_id, "", d))
+        for f in local.rglob("*"):
+            if f.is_file() and f.suffix in (".json", ".csv", ".html"):
+                parts.append(f.read_text(errors="replace"))
+    return "\n".join(parts)
+
+
+def test_a_train_run_and_its_resume_are_one_mlflow_run(mlflow_server, prepared_binary, synth_binary, tmp_path,
+                                                         monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, cache = prepared_binary
+    out = tmp_path / "run"
+    args = ["train", "--cache", str(cache), "--out", str(out), "--batch-size", "8", "--weights", "none",
+            "--unfreeze-blocks", "1", "--cpus-per-worker", "0.5", "--mlflow", mlflow_server]
+    assert cli.main([*args, "--epochs", "2"]) == 0
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("xray-dist")
+    (run,) = client.search_runs([exp.experiment_id])
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(rid, "val_auc_abnormal")] == [1, 2]
+    p = run.data.params
+    assert p["epochs"] == "2" and p["weights"] == "none" and p["unfreeze_blocks"] == "1" and p["task"] == "auto"
+    assert p["cache_fingerprint"] == json.loads((out / "metrics.json").read_text())["cache_fingerprint"]
+    arts = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "model")}
+    assert {"training_curves.png", "roc.png", "metrics.json", "history.csv", "report.html",
+            "model/model_spec.json"} <= arts
+    sent = everything_sent(client, run)
+    for secret in (str(tmp_path), str(cache), "Synthetic^", *set(synth_binary.patients.values())):
+        assert secret not in sent, secret
+
+    # resumed with more epochs: the same MLflow run goes on (epochs 1-2 are not logged twice)
+    assert cli.main([*args, "--epochs", "3"]) == 0
+    (again,) = client.search_runs([exp.experiment_id])
+    assert again.info.run_id == rid and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(rid, "val_auc_abnormal")] == [1, 2, 3]
+
+
+def test_each_sweep_trial_is_a_run(mlflow_server, prepared_binary, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the environment variable works as the flag does
+    _, cache = prepared_binary
+    out = tmp_path / "sweep_t"
+    assert cli.main(["tune", "--cache", str(cache), "--out", str(out), "--epochs", "2", "--batch-size", "8",
+                     "--weights", "none", "--combos", "0:2:0,8:2:0", "--lr", "1e-3,1e-3", "--scheduler", "fifo",
+                     "--cpus-per-worker", "0.5"]) == 0
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("xray-dist-sweep-sweep_t")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2
+    for r in runs:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_auc_abnormal")] == [1, 2]
+        assert str(tmp_path) not in json.dumps(r.data.params) + json.dumps(r.data.tags)
