@@ -138,11 +138,7 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
         # before TensorFlow loads, here and (runtime.init_ray passes it on) in Ray's workers
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_xray_dist", False):
-            root.removeHandler(h)
-            h.close()
+    root = _remove_handlers()
     root.setLevel(logging.DEBUG)
     term = _StderrHandler()
     term.setFormatter(logging.Formatter("%(message)s" if verbosity < VERBOSE else
@@ -175,6 +171,16 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
 def active() -> bool:
     """Whether a command set up this process's terminal (tests calling functions directly did not)."""
     return _state["active"]
+
+
+def _remove_handlers() -> logging.Logger:
+    """This module's handlers off the root logger (closed); returns the root logger."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_xray_dist", False):
+            root.removeHandler(h)
+            h.close()
+    return root
 
 
 def log_file() -> Path | None:
@@ -223,12 +229,7 @@ def route_worker_output() -> None:
 def finish() -> None:
     """Undo :func:`setup` (the end of a command run inside another program, such as a test):
     this module's handlers closed and removed, Ray's printer of worker output back."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_xray_dist", False):
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(logging.WARNING)
+    _remove_handlers().setLevel(logging.WARNING)
     logging.captureWarnings(False)
     printer = _state.pop("ray_printer", None)
     if printer is not None:
@@ -266,11 +267,14 @@ def worker_logging(terminal: bool = True) -> None:
     """In a Ray worker (a Train worker, a Tune trial): xray-dist's INFO lines are printed — with
     :data:`MARK` when they are for the terminal (the driver's router shows those; a sweep trial's
     lines go to the log only, Tune's progress lines speak for it); TensorFlow's Python logger and
-    absl are turned down to errors (their per-step collective lines go nowhere)."""
+    absl are turned down to errors (their per-step collective lines go nowhere). Nothing changes
+    in a driver (a test calling the training loop itself): its logging is :func:`setup`'s."""
+    if not _in_ray_worker():
+        return
     lg = logging.getLogger("xray_dist")
     for h in [h for h in lg.handlers if getattr(h, "_xray_dist_worker", False)]:
         lg.removeHandler(h)  # a reused process (Tune's) may switch between trial and run
-    h = logging.StreamHandler(sys.stderr)
+    h = _StderrHandler()
     h.setFormatter(_WorkerFormatter(terminal))
     h._xray_dist_worker = True
     lg.addHandler(h)
@@ -285,6 +289,14 @@ def worker_logging(terminal: bool = True) -> None:
             absl.logging.set_verbosity(absl.logging.ERROR)
         except ImportError:
             pass
+
+
+def _in_ray_worker() -> bool:
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return False
+    return getattr(ray_worker.global_worker, "mode", None) == getattr(ray_worker, "WORKER_MODE", 1)
 
 
 class _WorkerFormatter(logging.Formatter):

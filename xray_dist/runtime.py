@@ -53,6 +53,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     if addr == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
+        # No dashboard, so Ray's state API has nothing of this instance to query. Left to find one
+        # itself, it finds any other Ray instance on the machine: Ray Train's placement-group
+        # cleaner then asks that one about this run's controller, is told it does not exist, and
+        # removes the live run's placement group (seen: the demo killed while a test cluster ran).
+        # An address where nothing listens makes the query fail, which the cleaner tolerates.
+        env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
     from xray_dist import console
 
     if console.active():

@@ -166,24 +166,23 @@ def synthesize(
         cls_idx = p % len(classes)
         patient_id = f"SYN{seed:03d}{p:05d}"
         for i in range(images_per_patient):
-            img = chest_phantom(size, cls_idx, len(classes), rng)
             enc = encodings[per_class[cls_idx] % len(encodings)]
             per_class[cls_idx] += 1
-            ds = encode(_base_dataset(patient_id, p, i, rng), img, enc)
             rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
-            path = out / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
+            files.append(write_image(out / rel, patient_id, (cls_idx,), len(classes) - 1, size, rng, enc, "PA", p, i))
             labels[rel] = classes[cls_idx]
             pids[rel] = patient_id
+    return SynthResult(out=out, labels_csv=_write_labels(out, labels), files=files, labels=labels, patients=pids)
+
+
+def _write_labels(out: Path, labels: dict[str, str]) -> Path:
     labels_csv = out / "labels.csv"
     with labels_csv.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label"])
         for rel, lab in labels.items():
             w.writerow([rel, lab])
-    return SynthResult(out=out, labels_csv=labels_csv, files=files, labels=labels, patients=pids)
+    return labels_csv
 
 
 def write_image(path: str | Path, patient_id: str, findings: tuple[int, ...], n_findings: int, size: int,
@@ -237,10 +236,4 @@ def synthesize_multilabel(
             files.append(write_image(out / rel, patient_id, shown, len(findings), size, rng, enc, "PA", p, i))
             labels[rel] = label
             pids[rel] = patient_id
-    labels_csv = out / "labels.csv"
-    with labels_csv.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for rel, lab in labels.items():
-            w.writerow([rel, lab])
-    return SynthResult(out=out, labels_csv=labels_csv, files=files, labels=labels, patients=pids)
+    return SynthResult(out=out, labels_csv=_write_labels(out, labels), files=files, labels=labels, patients=pids)

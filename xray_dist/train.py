@@ -687,7 +687,9 @@ def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:
         return
     fixed = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class", "task",
              "unfreeze_blocks", "weights", "seed", "features")
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if old.get(k) != getattr(cfg, k)]
+    # a setting the run's config.json predates had its default then
+    was = {k: old.get(k, TrainConfig.__dataclass_fields__[k].default) for k in fixed}
+    diff = [f"{k}: {was[k]!r} -> {getattr(cfg, k)!r}" for k in fixed if was[k] != getattr(cfg, k)]
     if diff:
         raise XrayDistError(f"--out {out} holds a run with other settings ({'; '.join(diff)}); "
                             "use a new --out, or the same settings to resume it")
