@@ -313,6 +313,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     if lost:  # a decode task that lost rows must never pass silently
         raise CacheError(f"{len(lost)} files have no row in {images_dir} (e.g. {lost[0]}); delete the cache and retry")
     meta = [m for m in meta if m["path"] in labels]
+    decoded = {m["path"] for m in meta}
     if views:  # the rest by the DICOM header's View Position
         view_of = {names.name(rel): v for rel, v in scan.views.items()}
         for m in meta:
@@ -384,7 +385,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         "data_dir": names.location(data_dir),
         "labels": names.location(str(cfg.labels)) if cfg.labels else "folders",
         "paths": cfg.paths,
-        "found": len(meta) + sum(1 for e in excluded if e["path"] not in {m["path"] for m in meta}),
+        "found": len(meta) + len({e["path"] for e in excluded} - decoded),
         "ok": len(ok),
         "quarantined": quarantined,
         "excluded": sorted(excluded, key=lambda e: e["path"]),

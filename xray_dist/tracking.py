@@ -90,6 +90,13 @@ def start_train_run(cfg, fingerprint_id: str, dataset: dict) -> dict | None:
     return {"uri": uri, "run_id": run.info.run_id}
 
 
+def metric_key(key: str) -> str:
+    """A metric name MLflow accepts (``val_auc_<class>`` of a class named ``a|b``, say)."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", key)
+
+
 class EpochLogger:
     """Rank 0's per-epoch metrics to the run's MLflow run (failures are logged, never fatal)."""
 
@@ -107,7 +114,7 @@ class EpochLogger:
 
         now = int(time.time() * 1000)
         step = int(row["epoch"])
-        metrics = [Metric(k, float(v), now, step) for k, v in row.items()
+        metrics = [Metric(metric_key(k), float(v), now, step) for k, v in row.items()
                    if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         try:
             self.client.log_batch(self.target["run_id"], metrics=metrics)
