@@ -111,14 +111,19 @@ def test_the_log_gets_what_the_terminal_does_not(tmp_path, capfd):
         logging.getLogger("xray_dist.train").info("a stage line")
         warnings.warn("a library warning", UserWarning)
         logging.getLogger("xray_dist.train").debug("detail for the log")
+        # pydicom quotes the value it objects to, here and in a worker: the log keeps the warning only
+        logging.getLogger("pydicom").warning("Invalid value for VR PN: 'Doe^Jane'")
+        console._route_worker_lines({"pid": 7, "lines": ["pydicom/valuerep.py:440: UserWarning: Invalid value for "
+                                                         "VR DA: '19451231 Doe'"]})
     finally:
         console.finish()
     err = capfd.readouterr().err
     assert err.strip().splitlines() == ["a stage line"]
     text = log.read_text()
     for s in ("pydicom says something", "ray internal detail", "a stage line", "a library warning",
-              "detail for the log"):
+              "detail for the log", "Invalid value for VR PN: '…'", "Invalid value for VR DA: '…'"):
         assert s in text
+    assert "Doe" not in text and "19451231" not in text
 
 
 def test_progress_lines_without_a_terminal(capfd):

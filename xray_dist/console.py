@@ -46,6 +46,18 @@ def log_path_for(command: str, out: str | None, in_out: bool) -> Path:
     return default_log_dir() / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
+class _MaskDicomValues(logging.Filter):
+    """pydicom's warnings quote the element value they object to (a name, a birth date): the log
+    keeps the warning, not the value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("pydicom", "py.warnings")) or "pydicom" in str(record.msg):
+            from xray_dist.dicom import mask_values
+
+            record.msg, record.args = mask_values(record.getMessage()), None
+        return True
+
+
 class _TerminalFilter(logging.Filter):
     """xray-dist's records at the terminal's level; other libraries' only from ERROR (all with -v)."""
 
@@ -151,6 +163,7 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
         fh = _LogFileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(logging.DEBUG)
+        fh.addFilter(_MaskDicomValues())
         fh._xray_dist = True
         root.addHandler(fh)
         _state["log_file"] = log_file
@@ -258,6 +271,10 @@ def _route_worker_lines(data: dict) -> None:
 
 
 def _file_only(text: str) -> None:
+    if "pydicom" in text or "for VR " in text:
+        from xray_dist.dicom import mask_values
+
+        text = mask_values(text)
     for h in logging.getLogger().handlers:
         if isinstance(h, _LogFileHandler):
             h.emit(logging.LogRecord("ray.worker", logging.INFO, __file__, 0, text, None, None))

@@ -94,7 +94,16 @@ def named_failures(path: str | Path, what: str):
     except DicomReadError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad value is this file's failure, not the run's
-        raise DicomReadError(str(path), f"unreadable value in {what}: {type(e).__name__}: {e}") from None
+        raise DicomReadError(str(path), f"unreadable value in {what}: {type(e).__name__}: "
+                                        f"{mask_values(str(e))}") from None
+
+
+def mask_values(text: str) -> str:
+    """``text`` with every quoted value replaced by ``'…'``: pydicom quotes the offending element's
+    value in its messages, and that element may be a name or a birth date."""
+    import re
+
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
 
 
 def _check_image(ds: Dataset, path: str) -> None:
