@@ -108,8 +108,10 @@ def prediction_row(scheme: ClassScheme, p: np.ndarray, threshold: float, thresho
     their thresholds, joined by ``|``, or the negative class), each output's probability, the
     abnormal score (:meth:`ClassScheme.abnormal_score`) and whether it reaches the model's threshold."""
     if scheme.multilabel:
+        from xray_dist.classes import join_findings
+
         found = [n for n, k, v in zip(scheme.names, scheme.keys, p) if v >= thresholds.get(k, 0.5)]
-        prediction = "|".join(found) or scheme.negative
+        prediction = join_findings(found, negative=scheme.negative)  # as the labels write it: sorted
     else:
         prediction = scheme.names[int(np.argmax(p))]
     abnormal = float(scheme.abnormal_score(p[None, :])[0])
