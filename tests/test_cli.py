@@ -200,3 +200,19 @@ def test_runtime_env_pins_the_project_dependencies():
     assert sorted(env["pip"]) == sorted(d for d in deps if not d.startswith("ray["))
     assert env["env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
     assert not any("SECRET" in k or "KEY" in k for k in env.get("env_vars", {}))
+
+
+def test_an_unreachable_mlflow_server_stops_train_with_one_line(tmp_path, monkeypatch):
+    """Tracking was asked for: a server that cannot be reached is an error before training starts,
+    naming the URI (not a traceback, not a run that trains untracked)."""
+    from xray_dist.config import TrainConfig
+    from xray_dist.errors import XrayDistError
+    from xray_dist.tracking import start_train_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "run"), mlflow="http://127.0.0.1:9")
+    with pytest.raises(XrayDistError, match=r"--mlflow http://127\.0\.0\.1:9: cannot start a run there") as e:
+        start_train_run(cfg, "fp", {})
+    assert "\n" not in str(e.value)
+    assert start_train_run(TrainConfig(cache="c", out=str(tmp_path / "r2")), "fp", {}) is None  # no URI: no tracking

@@ -60,11 +60,22 @@ def params_of(cfg) -> dict[str, str]:
 
 def start_train_run(cfg, fingerprint_id: str, dataset: dict) -> dict | None:
     """The MLflow run of a train run (created, or the one a resumed run logged to), as
-    ``{"uri", "run_id"}`` for the workers; None without a tracking URI."""
+    ``{"uri", "run_id"}`` for the workers; None without a tracking URI. A server that cannot be
+    reached stops the command before training, with one line (tracking was asked for)."""
     uri = tracking_uri(cfg.mlflow)
     if not uri:
         return None
     client = _client(uri)
+    try:
+        return _start(client, uri, cfg, fingerprint_id, dataset)
+    except XrayDistError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the server's, or the network's, failure: one line naming it
+        raise XrayDistError(f"--mlflow {uri}: cannot start a run there ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _start(client, uri: str, cfg, fingerprint_id: str, dataset: dict) -> dict:
     try:
         saved = storage.read_json(storage.join(cfg.out, RUN_FILE))
     except FileNotFoundError:
