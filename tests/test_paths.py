@@ -106,7 +106,8 @@ def test_redacted_paths_leave_no_input_path_in_any_output(ray_cluster, synth_bin
     secret.mkdir()
     work = tmp_path / "shared"
     cache, run, out = work / "cache", work / "run", work / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    # every command's log file (prepare's, predict's, ... as well as the run's) among what is scanned
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "XRAY_DIST_LOG_DIR": str(work / "logs")}
     env.pop("XRAY_DIST_SALT", None)
     printed = []
 
