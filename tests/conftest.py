@@ -24,6 +24,10 @@ if "XRAY_DIST_LOG_DIR" not in os.environ:  # commands' log files: the session's 
     import tempfile
 
     os.environ["XRAY_DIST_LOG_DIR"] = tempfile.mkdtemp(prefix="xray_dist_logs_")
+if "XRAY_DIST_SECRETS_DIR" not in os.environ:  # the per-user default salt: the session's own, not ~/.config
+    import tempfile
+
+    os.environ["XRAY_DIST_SECRETS_DIR"] = tempfile.mkdtemp(prefix="xray_dist_secrets_")
 
 from xray_dist.synth import synthesize  # noqa: E402
 

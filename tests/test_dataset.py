@@ -25,7 +25,7 @@ REAL = {  # shipped radiographs / syntaxes -> label
     "MR_small_jpeg_ls_lossless.dcm": "finding", "JPEGLSNearLossless_16.dcm": "normal",
 }
 CORRUPT = {  # name -> expected error kind
-    "garbage.dcm": "not_dicom", "empty.dcm": "not_dicom", "truncated.dcm": "corrupt_pixel_data",
+    "garbage.dcm": "not_dicom", "empty.dcm": "not_dicom", "truncated.dcm": "truncated",
     "report.dcm": "no_pixel_data", "multiframe.dcm": "unsupported_image",
 }
 
@@ -165,8 +165,8 @@ def test_interrupted_prepare_decodes_only_what_is_missing(ray_cluster, synth_bin
     _, images = load_split_arrays(out, "train")
     chunks = sorted((out / "images").glob("chunk-*.parquet"))
     assert len(chunks) >= 3
-    # as a prepare killed mid-way leaves it: no completion marker, one chunk never written, one
-    # half-written temporary file, and a chunk left from other inputs
+    # as a prepare killed mid-way leaves it: no completion marker, one chunk never written; and two
+    # files prepare never recorded writing (a half-written temporary file, a copy of a chunk)
     (out / "images" / "_COMPLETE.json").unlink()
     chunks[1].unlink()
     (out / "images" / "chunk-partial.tmp").write_bytes(b"PAR1 cut off")
@@ -174,7 +174,9 @@ def test_interrupted_prepare_decodes_only_what_is_missing(ray_cluster, synth_bin
     kept = {p.name: p.stat().st_mtime_ns for p in chunks if p != chunks[1]}
     assert run_prepare(synth_binary.out, synth_binary.labels_csv, out) == 0
     now = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("chunk-*")}
-    assert set(now) == set(kept) | {chunks[1].name}  # the stray files are gone
+    strays = {"chunk-partial.tmp", "chunk-0000000000000000.parquet"}
+    assert set(now) == set(kept) | {chunks[1].name} | strays  # prepare deletes only what it recorded writing
+    assert strays.isdisjoint(json.loads((out / "images" / "_COMPLETE.json").read_text())["chunks"])  # never read
     assert all(now[n] == t for n, t in kept.items())  # finished chunks were not decoded again
     second = json.loads((out / "prepare_report.json").read_text())
     assert {k: v for k, v in second.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}

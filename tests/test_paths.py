@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_dist.paths import REDACT, RELATIVE, PathNames, named_inputs, resolve_salt
+from xray_dist.paths import REDACT, RELATIVE, PathNames, named_inputs
 
 
 class TestNames:
@@ -49,12 +49,23 @@ class TestNames:
         assert rels == ["x/1.dcm", "2.dcm", "3.dcm", "here/4.dcm", "5.dcm"]
 
     def test_salt_from_the_environment_or_a_file(self, tmp_path, monkeypatch):
+        import os
+
+        from xray_dist.salt import SaltError, resolve
+
         monkeypatch.delenv("XRAY_DIST_SALT", raising=False)
-        assert resolve_salt(None, None) is None
-        made = resolve_salt(str(tmp_path / "salt"))
-        assert made and (tmp_path / "salt").read_text() == made and resolve_salt(str(tmp_path / "salt")) == made
-        monkeypatch.setenv("XRAY_DIST_SALT", "from-env")
-        assert resolve_salt(str(tmp_path / "salt")) == "from-env"
+        monkeypatch.setenv("XRAY_DIST_SECRETS_DIR", str(tmp_path / "user"))
+        made = resolve(str(tmp_path / "salt"))  # made where named, 0600 from the start
+        assert len(made) >= 32 and (tmp_path / "salt").read_text() == made and resolve(str(tmp_path / "salt")) == made
+        assert oct(os.stat(tmp_path / "salt").st_mode & 0o777) == "0o600"
+        default = resolve()  # no file named: the per-user secret, the same for every command
+        assert default == resolve() and (tmp_path / "user" / "salt").read_text() == default != made
+        assert oct(os.stat(tmp_path / "user" / "salt").st_mode & 0o777) == "0o600"
+        monkeypatch.setenv("XRAY_DIST_SALT", "from-env-0123456789")
+        assert resolve(str(tmp_path / "salt")) == "from-env-0123456789"
+        monkeypatch.setenv("XRAY_DIST_SALT", "")
+        with pytest.raises(SaltError, match="at least 16"):
+            resolve()
 
 
 def test_a_path_map_inside_the_cache_is_refused():

@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from xray_dist import storage
+from xray_dist.config import DEFAULT_MAX_PIXELS
 from xray_dist.errors import XrayDistError
 
 if TYPE_CHECKING:
@@ -58,10 +59,13 @@ def _add_prepare(sub) -> None:
                         "the DICOM Patient ID, else the Study Instance UID, else the file)")
     p.add_argument("--out", required=True, help="cache directory (local or object store)")
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (square)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse (quarantine as too_large) a file whose header declares more pixels than this, before "
+                        "decoding it (rows x columns x frames x samples)")
     p.add_argument("--keep-burned-in", action="store_true",
                    help="use images whose (0028,0301) Burned In Annotation is YES (default: quarantined)")
-    p.add_argument("--salt-file", help="file holding the patient-key salt, kept apart from the cache (made when "
-                                       "missing; default: XRAY_DIST_SALT, else CACHE/.salt)")
+    p.add_argument("--salt-file", help="file or URI holding the patient-key salt, never inside the cache (made, "
+                                       "0600, when missing; default: XRAY_DIST_SALT, else ~/.config/xray-dist/salt)")
     _add_path_flags(p, "the cache and its report")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients (per label) for validation")
     p.add_argument("--test-fraction", type=float, default=0.0,
@@ -82,7 +86,8 @@ def cmd_prepare(a) -> int:
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
         patient_column=a.patient_column, labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata,
         views=tuple(v.strip().upper() for v in a.views.split(",") if v.strip()),
-        preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject"),
+        preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject",
+                                  max_pixels=a.max_pixels),
         salt_file=a.salt_file, paths="redact" if a.redact_paths else "relative", path_map=a.path_map,
         split_files=tuple(a.split_file),
         val_fraction=a.val_fraction,
@@ -101,7 +106,9 @@ def format_prepare_summary(report: dict, out: str) -> str:
         + (" (cache reused)" if report["cache_reused"] else ""),
         ("  findings (images): " if report.get("task") == "multilabel" else "  classes: ")
         + ", ".join(f"{k}={v}" for k, v in report["classes"].items()),
-        "  splits:  " + ", ".join(f"{k}={v['images']} images/{v['patients']} patients" for k, v in report["splits"].items()),
+        "  splits:  " + ", ".join(f"{k}={v['images']} images/{v['patients']} patients" for k, v in report["splits"].items())
+        + (f" (split fingerprint {report['split_fingerprint']}, seed {report['split_settings']['seed']})"
+           if report.get("split_fingerprint") else ""),
         "  patient keys from: " + ", ".join(f"{k.replace('_', ' ')}={v}"
                                             for k, v in report.get("patients_grouped_by", {}).items()),
     ]
@@ -128,24 +135,22 @@ def _add_path_flags(p, where: str, salt: bool = False) -> None:
     p.add_argument("--path-map", help="with --redact-paths: CSV to write key,path to (keep it private; never inside "
                                       "the outputs)")
     if salt:
-        p.add_argument("--salt-file", help="with --redact-paths: the salt (made when missing; XRAY_DIST_SALT wins); "
-                                           "give prepare's salt to get the cache's keys")
+        p.add_argument("--salt-file", help="with --redact-paths: the salt (made, 0600, when missing; default: "
+                                           "XRAY_DIST_SALT, else ~/.config/xray-dist/salt, as prepare's); give "
+                                           "prepare's salt to get the cache's keys")
 
 
 def _path_names(a):
     """:class:`~xray_dist.paths.PathNames` from predict/explain flags."""
     from xray_dist.errors import XrayDistError
-    from xray_dist.paths import REDACT, RELATIVE, PathNames, resolve_salt
+    from xray_dist.paths import REDACT, RELATIVE, PathNames
+    from xray_dist.salt import resolve as resolve_salt
 
     if a.path_map and not a.redact_paths:
         raise XrayDistError("--path-map is written with --redact-paths only")
     if not a.redact_paths:
         return PathNames(RELATIVE)
-    salt = resolve_salt(a.salt_file)
-    if not salt:
-        raise XrayDistError("--redact-paths needs a salt: --salt-file FILE (prepare's, to get the cache's keys) or "
-                            "XRAY_DIST_SALT")
-    return PathNames(REDACT, salt)
+    return PathNames(REDACT, resolve_salt(a.salt_file))  # the lookup prepare uses: the same keys by default
 
 
 def _add_synth(sub) -> None:
@@ -282,14 +287,23 @@ def _source(a) -> str:
     return f"--config {a.config} / command line" if a.config else "command line"
 
 
+def _check_config_keys(values, command: str, config: str | None) -> None:
+    """A ``--config`` file holds flags of ``command`` and nothing else (not every config field is a
+    flag): an unknown key is refused, naming the nearest flags."""
+    from xray_dist.config import check_keys
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    COMMANDS[command][0](sub)
+    # argparse lists a parser's flags only in ``_actions`` (unchanged since Python 2.7; no public accessor)
+    flags = {action.dest for action in sub.choices[command]._actions} - _CLI_ONLY - {"help"}
+    check_keys(values, flags, f"--config {config}", command)
+
+
 def train_config_from_args(a) -> "TrainConfig":
     from xray_dist.config import TrainConfig, coerce, load_yaml_overrides
 
     values = load_yaml_overrides(a.config)
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"--config {a.config}: unknown keys {sorted(unknown)} (keys are the flag names of "
-                         "`xray-dist train`)")
+    _check_config_keys(values, "train", a.config)
     values.update({k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
     for required in ("cache", "out"):
         if required not in values:
@@ -347,13 +361,16 @@ def _add_tune(sub) -> None:
 
 def _values(v, cast, key: str, source: str) -> tuple:
     """A list flag (``0,64,256``, or a YAML list) as a tuple of ``cast``; an error names the key."""
+    from xray_dist.config import ConfigError, coerce_scalar
+
     items = v if isinstance(v, (list, tuple)) else [x for x in str(v).split(",") if x.strip()]
     try:
-        out = tuple(cast(x.strip() if isinstance(x, str) else x) for x in items)
+        out = tuple(coerce_scalar(cast, x) for x in items)  # no bools, no 2.5 cut to 2; ranges: SweepConfig
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {key}: expected a comma-separated list of {cast.__name__}, got {v!r}") from None
+        raise ConfigError(key, f"{source}: {key}: expected a comma-separated list of {cast.__name__}, "
+                               f"got {v!r}") from None
     if not out:
-        raise ValueError(f"{source}: {key}: expected at least one value, got {v!r}")
+        raise ConfigError(key, f"{source}: {key}: expected at least one value, got {v!r}")
     return out
 
 
@@ -367,10 +384,7 @@ def sweep_config_from_args(a):
     from xray_dist.config import SweepConfig, TrainConfig, coerce, load_yaml_overrides
 
     raw = load_yaml_overrides(a.config)
-    unknown = set(raw) - set(TrainConfig.__dataclass_fields__) - SWEEP_KEYS
-    if unknown:
-        raise ValueError(f"--config {a.config}: unknown keys {sorted(unknown)} (keys are the flag names of "
-                         "`xray-dist tune`)")
+    _check_config_keys(raw, "tune", a.config)
     raw.update({k: v for k, v in vars(a).items() if k not in _CLI_ONLY})
     source = _source(a)
     sweep_kw = {}
@@ -648,13 +662,32 @@ _LOG_IN_OUT = {"train", "tune", "demo"}
 _USES_TENSORFLOW = {"train", "tune", "demo", "predict", "explain", "export", "evaluate"}
 
 
+#: Flags naming input locations, which can carry a patient's name (``/data/SMITH_JOHN/labels.csv``):
+#: with --redact-paths, every form of them is replaced by its placeholder in what is printed and logged.
+_INPUT_LOCATIONS = {"data_dir": "<data>", "labels": "<labels>", "metadata": "<metadata>",
+                    "split_file": "<split-file>", "inputs": "<input>"}
+
+
+def _protect_inputs(a) -> None:
+    """--redact-paths: the command's input locations go to :func:`xray_dist.redaction.protect`."""
+    from xray_dist import redaction
+
+    if not getattr(a, "redact_paths", False):
+        return
+    for attr, placeholder in _INPUT_LOCATIONS.items():
+        value = getattr(a, attr, None)
+        for location in value if isinstance(value, list) else [value] if value else []:
+            redaction.protect(location, placeholder)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from xray_dist import console
+    from xray_dist import console, redaction
 
     parser = build_parser()
     a = parser.parse_args(argv)
     level = console.VERBOSE if getattr(a, "verbose", False) else console.QUIET if getattr(a, "quiet", False) \
         else console.NORMAL
+    _protect_inputs(a)
     console.setup(level, console.log_path_for(a.command, getattr(a, "out", None), a.command in _LOG_IN_OUT))
     try:
         if a.command in _USES_TENSORFLOW:
@@ -662,17 +695,17 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[a.command][1](a)
     except (XrayDistError, ValueError) as e:
         log.debug("%s failed", a.command, exc_info=True)
-        print(f"xray-dist {a.command}: error: {e}", file=sys.stderr)
+        print(f"xray-dist {a.command}: error: {redaction.scrub(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"xray-dist {a.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: one line here, the traceback in the log
-        if level >= console.VERBOSE:
-            raise
-        log.debug("%s failed", a.command, exc_info=True)
+        if level >= console.VERBOSE and not redaction.protected():
+            raise  # Python prints the traceback; with --redact-paths it is logged (cleaned) below instead
+        log.log(logging.ERROR if level >= console.VERBOSE else logging.DEBUG, "%s failed", a.command, exc_info=True)
         where = console.log_file()
-        print(f"xray-dist {a.command}: unexpected error: {type(e).__name__}: {e}"
+        print(f"xray-dist {a.command}: unexpected error: {type(e).__name__}: {redaction.scrub(str(e))}"
               + (f" (traceback in {where})" if where else ""), file=sys.stderr)
         return 1
     finally:

@@ -6,12 +6,18 @@ Cache layout (``CACHE/``)::
                             salted key with --redact-paths: xray_dist.paths), patient (salted hash), image (uint8
                             S×S tensor), error_kind, error — one file per decode task, never
                             rewritten unless the inputs or the preprocessing spec change
-    images/_COMPLETE.json   the key the images were made with; written last, so a crashed prepare
-                            is never mistaken for a finished one
+    images/_WRITTEN.json    the chunk files prepare is writing, recorded before any is written: the
+                            only files a later prepare ever deletes
+    images/_COMPLETE.json   the key the images were made with and their chunk files (the only
+                            files readers read); written last, so a crashed prepare is never
+                            mistaken for a finished one
     manifest.parquet        one row per image used: path, split, label, patient
     preprocess.json         the :class:`~xray_dist.config.PreprocessSpec`
     prepare_report.json     found / ok / quarantined / missing / unlabeled / classes / splits
-    .salt                   the salt of the patient-key hash (keep it private)
+    fingerprint.json        what runs pin (xray_dist.fingerprint; recomputed from the manifest when read)
+
+The cache holds no salt (xray_dist.salt keeps it apart), and it never overlaps its inputs: a cache
+inside the data directory, or around it, is refused before anything is listed or written.
 
 The decoded images depend only on the files and the preprocessing spec; labels and the split live
 in the manifest, so changing ``--seed`` or the fractions re-splits without decoding anything.
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,7 +45,9 @@ from xray_dist.classes import finding_counts, is_multilabel_label
 from xray_dist.labels import NEGATIVE, list_entries, scan_labels
 from xray_dist.locks import LOCK, TargetLock
 from xray_dist.paths import RELATIVE, PathNames, write_path_map
-from xray_dist.splits import fixed_splits, patient_labels, read_split_files, split_patients
+from xray_dist.salt import resolve as resolve_salt
+from xray_dist.splits import (canonical_names, fixed_splits, patient_labels, read_split_files, split_fingerprint,
+                              split_patients)
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +56,8 @@ COMPLETE = "_COMPLETE.json"
 MANIFEST = "manifest.parquet"
 REPORT = "prepare_report.json"
 SPEC = "preprocess.json"
-SALT = ".salt"
+WRITTEN = "_WRITTEN.json"
 META_COLUMNS = ["path", "patient", "error_kind", "error"]
-
-
-def _salt(cache: str, salt_file: str | None = None) -> str:
-    """The patient-key salt: ``XRAY_DIST_SALT`` if set, else the one in ``salt_file`` (made there,
-    random, when missing: keep it away from the data, and the keys cannot be recomputed from the
-    cache alone), else a random one kept in ``CACHE/.salt``."""
-    env = os.environ.get("XRAY_DIST_SALT")
-    if env:
-        return env
-    p = salt_file or storage.join(cache, SALT)
-    try:
-        return storage.read_text(p).strip()
-    except FileNotFoundError:
-        pass
-    salt = secrets.token_hex(16)
-    storage.write_text(p, salt)
-    if not storage.is_uri(p):
-        Path(p).chmod(0o600)
-    return salt
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
@@ -158,9 +147,27 @@ def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]
 
 
 def _check_cache_dir(cache: str) -> None:
-    top = {e.rel.split("/", 1)[0] for e in storage.list_files(cache, limit=1000)} - {LOCK}
-    if top and not ({SPEC, IMAGES_DIR, SALT} & top):
+    """A non-empty ``--out`` must be a cache: one that holds this module's own records (a folder
+    that merely has an ``images`` entry is somebody's data, not a cache)."""
+    files = {e.rel for e in storage.list_files(cache, limit=100000)} - {LOCK}
+    ours = {SPEC, f"{IMAGES_DIR}/{COMPLETE}", f"{IMAGES_DIR}/{WRITTEN}"}
+    if files and not (files & ours):
         raise PrepareError(f"--out {cache} exists and is not an xray-dist cache; choose an empty or new directory")
+
+
+def _check_apart(cfg: PrepareConfig, data_dir: str, cache: str) -> None:
+    """The cache and the inputs never overlap: prepare writes (and cleans up) only inside its
+    cache, so a cache that is the data directory, inside it or around it, or that holds an input
+    file, is refused before anything is listed or written."""
+    if storage.contains(data_dir, cache) or storage.contains(cache, data_dir):
+        how = ("is" if storage.absolute(cache) == data_dir else
+               "is inside" if storage.contains(data_dir, cache) else "contains")
+        raise PrepareError(f"--out {cache} {how} the data directory {data_dir}: prepare writes only into a cache apart "
+                           "from its inputs; choose a directory outside the data")
+    for flag, f in (("--labels", cfg.labels), ("--metadata", cfg.metadata),
+                    *(("--split-file", x) for x in cfg.split_files), ("--path-map", cfg.path_map)):
+        if f and storage.contains(cache, storage.absolute(f)):
+            raise PrepareError(f"{flag} {f} is inside the cache {cache}: keep inputs and private files apart from it")
 
 
 def decode_chunks(rels: list[str], sizes: dict[str, int], cpus: int) -> list[list[str]]:
@@ -172,15 +179,67 @@ def decode_chunks(rels: list[str], sizes: dict[str, int], cpus: int) -> list[lis
     return [ordered[i:i + per] for i in range(0, len(ordered), per)]
 
 
-def _decode_chunk(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
-                  names: PathNames = PathNames()) -> int:
-    """Ray task body: decode a chunk of files (:func:`decode_batch`) and write them as one Parquet file."""
-    from ray.data.block import BlockAccessor
+#: Fault injection for tests (the storage engines' habit): a file whose relative path contains this
+#: variable's value (read where prepare runs, handed to its tasks) makes its decoding process die by
+#: SIGKILL, as the kernel's or Ray's out-of-memory killer ends a process. Unset in normal use.
+FAULT_KILL_ENV = "XRAY_DIST_FAULT_KILL_ON"
 
+
+def _decode_rows(rels: list[str], data_dir: str, spec_dict: dict, salt: str, names: PathNames,
+                 fault: str | None = None) -> dict:
+    if fault and any(fault in r for r in rels):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     batch = {"path": np.asarray([names.name(r) for r in rels], dtype=object), "rel": np.asarray(rels, dtype=object),
              "abspath": np.asarray([storage.join(data_dir, r) for r in rels], dtype=object)}
-    table = BlockAccessor.batch_to_block(decode_batch(batch, spec_dict, salt, names))  # Ray Data's tensor columns
+    return decode_batch(batch, spec_dict, salt, names)
+
+
+def _write_rows(rows: dict, dest: str) -> None:
+    from ray.data.block import BlockAccessor
+
+    table = BlockAccessor.batch_to_block(rows)  # Ray Data's tensor columns
     storage.write_parquet(table, dest)  # whole or absent: a rerun after a crash redoes only the missing chunks
+
+
+def _decode_chunk(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
+                  names: PathNames = PathNames(), fault: str | None = None) -> int:
+    """Ray task body: decode a chunk of files (:func:`decode_batch`) and write them as one Parquet file."""
+    _write_rows(_decode_rows(rels, data_dir, spec_dict, salt, names, fault), dest)
+    return len(rels)
+
+
+def _killed_row(rel: str, spec_dict: dict, names: PathNames, why: str) -> dict:
+    """The quarantine row of a file whose decoding process was killed."""
+    s = PreprocessSpec.from_dict(spec_dict).image_size
+    return {"path": np.asarray([names.name(rel)], dtype=object), "patient": np.asarray([""], dtype=object),
+            "patient_source": np.asarray([""], dtype=object), "view": np.asarray([""], dtype=object),
+            "image": np.zeros((1, s, s), dtype=np.uint8), "error_kind": np.asarray(["killed"], dtype=object),
+            "error": np.asarray([why], dtype=object)}
+
+
+def _decode_one_by_one(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
+                       names: PathNames, cause: BaseException, fault: str | None = None) -> int:
+    """A chunk whose process was killed (out of memory, most often): each file again in a task of
+    its own, so the files that kill their process are found and quarantined with that reason
+    while the rest are used; written as the chunk's Parquet file, as a whole chunk would be."""
+    import ray as _ray
+
+    one = _ray.remote(num_cpus=1, max_retries=1)(_decode_rows)
+    why = ("its decoding process was killed (out of memory)" if isinstance(cause, _ray.exceptions.OutOfMemoryError)
+           else "its decoding process was killed (out of memory or a signal; see the log)")
+    futures = [one.remote([r], data_dir, spec_dict, salt, names, fault) for r in rels]
+    parts = []
+    for rel, f in zip(rels, futures):
+        try:
+            parts.append(_ray.get(f))
+        except (_ray.exceptions.OutOfMemoryError, _ray.exceptions.WorkerCrashedError) as e:
+            log.warning("%s: %s", names.name(rel), why)
+            log.debug("%s: %s", names.name(rel), type(e).__name__)
+            parts.append(_killed_row(rel, spec_dict, names, why))
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    _write_rows(rows, dest)
     return len(rels)
 
 
@@ -205,22 +264,59 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
     storage.makedirs(images_dir)
     chunk_files = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
     wanted = set(chunk_files)
-    present = set()
-    for f in storage.list_files(images_dir):
-        if f.rel in wanted:
-            present.add(f.rel)
-        elif f.rel != COMPLETE:
-            storage.delete_file(storage.join(images_dir, f.rel))  # a partial write, or a chunk of other inputs
+    listed = {f.rel for f in storage.list_files(images_dir)}
+    recorded = set(_recorded_chunks(images_dir))
+    for rel in sorted((recorded - wanted) & listed):  # chunks of other inputs, recorded by an earlier prepare
+        storage.delete_file(storage.join(images_dir, rel))
+    # recorded before any is written: the only files a later prepare may delete (nothing else, ever)
+    storage.write_json(storage.join(images_dir, WRITTEN), {"chunks": sorted(wanted)})
+    present = wanted & listed
     todo = [(c, n) for c, n in zip(chunks, chunk_files) if n not in present]
     if len(todo) < len(chunks):
         log.info("resuming: %d of %d chunks already decoded", len(chunks) - len(todo), len(chunks))
-    task = _ray.remote(num_cpus=1, max_retries=2)(_decode_chunk)
+    task = _ray.remote(num_cpus=1, max_retries=1)(_decode_chunk)
     spec = cfg.preprocess.to_dict()
-    pending = [task.remote(c, data_dir, spec, salt, storage.join(images_dir, n), names) for c, n in todo]
+    fault = os.environ.get(FAULT_KILL_ENV)
+    work = {task.remote(c, data_dir, spec, salt, storage.join(images_dir, n), names, fault): (c, n) for c, n in todo}
+    pending = list(work)
     with Progress(sum(len(c) for c, _ in todo), "prepare: decode") as bar:
         while pending:
             done, pending = _ray.wait(pending, num_returns=1)
-            bar.update(_ray.get(done[0]))
+            try:
+                bar.update(_ray.get(done[0]))
+            except (_ray.exceptions.OutOfMemoryError, _ray.exceptions.WorkerCrashedError) as e:
+                c, n = work[done[0]]  # a killed process: find the file(s) that did it, keep the rest
+                log.warning("a decode task of %d files was killed (%s); decoding them one by one", len(c),
+                            type(e).__name__)
+                bar.update(_decode_one_by_one(c, data_dir, spec, salt, storage.join(images_dir, n), names, e, fault))
+    return chunk_files
+
+
+#: The chunk names of caches written before prepare recorded its writes (used only for those).
+_LEGACY_CHUNK = re.compile(r"chunk-[0-9a-f]{20}\.parquet")
+
+
+def _recorded_chunks(images_dir: str) -> list[str]:
+    """The chunk files an earlier prepare recorded writing into ``images_dir`` (its journal, and
+    its completion marker's list); for a cache from before the journal, its marker's chunks by
+    their exact name pattern."""
+    out: set[str] = set()
+    for name in (WRITTEN, COMPLETE):
+        rec = _read_marker(storage.join(images_dir, name)) or {}
+        out.update(rec.get("chunks", []))
+    if not out and _read_marker(storage.join(images_dir, COMPLETE)) is not None:
+        out = {f.rel for f in storage.list_files(images_dir) if _LEGACY_CHUNK.fullmatch(f.rel)}
+    return sorted(out)
+
+
+def data_files(directory: str | Path) -> list[str]:
+    """The Parquet files a reader reads in ``directory``: those its completion marker lists, else
+    every top-level ``*.parquet`` that is not hidden (a ``.writing_*`` left by a crash is not data)."""
+    rec = _read_marker(storage.join(directory, COMPLETE))
+    if rec and rec.get("chunks"):
+        return list(rec["chunks"])
+    return [e.rel for e in storage.list_files(directory)
+            if e.rel.endswith(".parquet") and "/" not in e.rel and not e.rel.startswith(".")]
 
 
 def read_image_meta(cache: str | Path) -> pa.Table:
@@ -235,8 +331,7 @@ def parquet_dataset(directory: str | Path):
     import pyarrow.dataset as pads
 
     fs, inner = storage.filesystem(directory)
-    files = [f"{inner}/{e.rel}" for e in storage.list_files(directory) if e.rel.endswith(".parquet")
-             and "/" not in e.rel]
+    files = [f"{inner}/{rel}" for rel in data_files(directory)]
     if not files:
         raise CacheError(f"{directory}: no Parquet files")
     return pads.dataset(files, format="parquet", filesystem=fs)
@@ -251,6 +346,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     t0 = time.time()
     data_dir = storage.absolute(cfg.data_dir)
     cache = storage.absolute(cfg.out)
+    _check_apart(cfg, data_dir, cache)
     for where in (data_dir, cache, *[f for f in (cfg.labels, cfg.metadata) if f]):
         storage.check_location(where)
     if not storage.is_dir(data_dir):
@@ -265,14 +361,15 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                                                         " (expected DATA/<class>/**/*.dcm or --labels CSV)")
         )
     _check_cache_dir(cache)
-    with TargetLock(cache, "xray-dist prepare"):  # two prepares into one cache would mix their salts
-        return _prepare_into(cfg, t0, data_dir, cache, entries, scan)
+    salt = resolve_salt(cfg.salt_file, cache)  # before anything is written: a refused salt leaves no trace
+    with TargetLock(cache, "xray-dist prepare"):  # two prepares into one cache would mix their chunks
+        return _prepare_into(cfg, t0, data_dir, cache, entries, scan, salt)
 
 
-def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entries: list, scan) -> dict[str, Any]:
+def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entries: list, scan,
+                  salt: str) -> dict[str, Any]:
     """:func:`prepare`'s work on the cache, under its lock."""
     storage.makedirs(cache)
-    salt = _salt(cache, cfg.salt_file)
     names = PathNames(cfg.paths, salt)  # how the cache and its report name files (relative or redacted)
     views = {v.strip().upper() for v in cfg.views}
     excluded = []  # files left out by --views, with the reason: listed in the report, never lost
@@ -299,10 +396,11 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     if not reused:
         if old is not None:
             log.info("cache %s was made from other inputs or settings; decoding again", images_dir)
-            storage.delete_dir(images_dir)
+            storage.delete_file(marker)  # no longer complete; its recorded chunks go in _decode_all
         log.debug("decoding %d files with Ray tasks", len(rels))
-        _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key, names)
-        storage.write_json(marker, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict()})
+        chunks = _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key, names)
+        storage.write_json(marker, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict(),
+                                    "chunks": chunks})
     else:
         log.info("reusing decoded images in %s (same inputs and preprocessing)", images_dir)
     storage.write_json(storage.join(cache, SPEC), cfg.preprocess.to_dict(), indent=2)
@@ -345,11 +443,15 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     multilabel = scan.multilabel or any(is_multilabel_label(labels[m["path"]]) for m in ok)
     stratum = _primary_finding(labels[m["path"]] for m in ok) if multilabel else (lambda lab: lab)
     strata = patient_labels([(m["patient"], stratum(labels[m["path"]])) for m in ok])
+    rel_of = {names.name(r): r for r in rels}
+    # the patients' order before the seeded shuffle comes from their files, not their salted keys:
+    # the same files and seed give the same split in any cache (names kept in memory only)
+    order_names = canonical_names([(m["patient"], rel_of[m["path"]]) for m in ok])
     split_source = {"how": "drawn", "fixed_patients": 0, "drawn_patients": len(strata)}
     if cfg.split_files:  # official splits: fixed where the file says, drawn (train/val) for the rest
-        split_of, split_source = _official_splits(cfg, ok, strata, salt, names, rels)
+        split_of, split_source = _official_splits(cfg, ok, strata, salt, names, rel_of, order_names)
     else:
-        split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        split_of = split_patients(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed, order_names)
     manifest = pa.table({
         "path": [m["path"] for m in ok],
         "split": [split_of[m["patient"]] for m in ok],
@@ -404,6 +506,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
                            **split_source},
         "cache_reused": reused,
         "fingerprint": fp["id"],
+        "split_fingerprint": split_fingerprint([(rel_of[m["path"]], split_of[m["patient"]]) for m in ok]),
         "warnings": warnings,
         "seconds": round(time.time() - t0, 2),
     }
@@ -430,7 +533,7 @@ def _primary_finding(labels) -> "Callable[[str], str]":
 
 
 def _official_splits(cfg: PrepareConfig, ok: list[dict], strata: dict[str, str], salt: str, names: PathNames,
-                     rels: list[str]) -> tuple[dict[str, str], dict]:
+                     rel_of: dict[str, str], order_names: dict[str, str]) -> tuple[dict[str, str], dict]:
     """Patient → split from ``--split-file``: fixed where it names a patient or a file of theirs
     (raw patient IDs are hashed as the cache's keys are), drawn (train/val, ``val_fraction``) for
     its ``train_val`` pool and for patients it does not name."""
@@ -439,12 +542,11 @@ def _official_splits(cfg: PrepareConfig, ok: list[dict], strata: dict[str, str],
     sf = read_split_files(list(cfg.split_files))
     by_key = {hash_patient(salt, kind + raw): split for raw, split in sf.by_patient.items()
               for kind in ("pid:", "labels:", "study:")}
-    rel_of = {names.name(r): r for r in rels}
     fixed = fixed_splits([{"path": m["path"], "rel": rel_of[m["path"]], "patient": m["patient"]} for m in ok], sf,
                          by_key)
     split_of = {p: s for p, s in fixed.items() if s != "train_val"}
     pool = {p: lab for p, lab in strata.items() if p not in split_of}
-    split_of.update(split_patients(pool, cfg.val_fraction, 0.0, cfg.seed))
+    split_of.update(split_patients(pool, cfg.val_fraction, 0.0, cfg.seed, order_names))
     return split_of, {"how": "split file", "split_files": [names.location(str(f)) for f in cfg.split_files],
                       "fixed_patients": len(strata) - len(pool), "drawn_patients": len(pool)}
 
@@ -495,8 +597,7 @@ def _cache_parquet_source_class():
         def __init__(self, directory: str | Path, columns: list[str]):
             super().__init__()
             self.directory = str(directory)  # local path or URI: each read task opens it itself
-            self.files = [e.rel for e in storage.list_files(directory) if e.rel.endswith(".parquet")
-                          and "/" not in e.rel]
+            self.files = data_files(directory)
             if not self.files:
                 raise CacheError(f"{directory}: no Parquet files")
             self.columns = list(columns)
@@ -562,4 +663,6 @@ def read_report_summary(cache: str | Path) -> dict:
         return {}
     return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]),
             "excluded": len(r.get("excluded", [])), "task": r.get("task", "multiclass"), "classes": r["classes"],
-            "splits": r["splits"], "image_size": r["image_size"]}
+            "splits": r["splits"], "image_size": r["image_size"],
+            **({"split_fingerprint": r["split_fingerprint"], "split_settings": r.get("split_settings", {})}
+               if r.get("split_fingerprint") else {})}

@@ -26,7 +26,12 @@ Policies for everything that is not a single grayscale frame:
   with ``force=True``.
 - a transfer syntax whose decoder plugin is not installed: :class:`MissingCodecError` naming the
   packages to install.
-- pixel data shorter than the header promises, or a codec that fails: :class:`CorruptPixelDataError`.
+- a file that ends before the data its header declares — an element cut off, or a header that
+  describes an image ((0028,0010) *Rows*, (0028,0011) *Columns*) but ends before (7FE0,0010)
+  *Pixel Data*: :class:`TruncatedError` (``truncated``).
+- more than ``max_pixels`` declared (Rows × Columns × frames × samples per pixel): refused from the
+  header before any pixel is decoded, :class:`ImageTooLargeError` (``too_large``).
+- a codec that fails on the pixel data: :class:`CorruptPixelDataError`.
 """
 
 from __future__ import annotations
@@ -48,18 +53,22 @@ from xray_dist.errors import (
     BurnedInAnnotationError,
     CorruptPixelDataError,
     DicomReadError,
+    ImageTooLargeError,
     MissingCodecError,
     NoPixelDataError,
     NotDicomError,
+    TruncatedError,
     UnsupportedImageError,
 )
+from xray_dist.config import DEFAULT_MAX_PIXELS
 
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
 
 
-def read_dataset(path: str | Path, data: bytes | None = None) -> Dataset:
-    """Read a DICOM Part 10 file and check that it holds exactly one decodable image frame.
+def read_dataset(path: str | Path, data: bytes | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """Read a DICOM Part 10 file and check that it holds exactly one decodable image frame of at
+    most ``max_pixels`` pixels, and that nothing in it was cut off.
 
     ``data``: the file's bytes when the caller has fetched them already (``path`` then only names
     the file in errors)."""
@@ -80,8 +89,22 @@ def read_dataset(path: str | Path, data: bytes | None = None) -> Dataset:
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, reported with its cause
         raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: {e}") from None
     with named_failures(path, "the DICOM header"):
-        _check_image(ds, path)
+        _check_whole(ds, path, len(data))
+        _check_image(ds, path, max_pixels)
     return ds
+
+
+def _check_whole(ds: Dataset, path: str, size: int) -> None:
+    """pydicom keeps whatever bytes are left when a file ends inside an element (a shorter value,
+    no error): an element whose value is shorter than its declared length was cut off. Elements
+    are read raw (``Dataset.elements``), so nothing is decoded to find out."""
+    from pydicom.dataelem import RawDataElement
+
+    for elem in ds.elements():
+        if (isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.value is not None
+                and len(elem.value) < elem.length):
+            raise TruncatedError(path, f"truncated: the file ({size} bytes) ends inside {elem.tag} "
+                                       f"({len(elem.value)} of its {elem.length} bytes)")
 
 
 @contextmanager
@@ -106,17 +129,28 @@ def mask_values(text: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
 
 
-def _check_image(ds: Dataset, path: str) -> None:
-    """Exactly one decodable image frame, or the reason there is not."""
+def _check_image(ds: Dataset, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Exactly one decodable image frame of at most ``max_pixels``, or the reason there is not."""
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         sop = getattr(ds, "SOPClassUID", None)
         what = f"SOP Class {sop.name}" if sop is not None else "object"
         if other:
             raise UnsupportedImageError(path, f"(7FE0,0008/0009) {other[0]} is not a radiograph")
+        if "Rows" in ds and "Columns" in ds:
+            raise TruncatedError(path, "truncated: the header describes an image ((0028,0010) Rows, (0028,0011) "
+                                       "Columns) but the file ends before (7FE0,0010) Pixel Data")
         raise NoPixelDataError(path, f"no (7FE0,0010) Pixel Data: {what} is not an image")
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    declared = rows * cols * max(frames, 1) * samples
+    if declared > max_pixels:  # before any pixel is decoded: a 1 KB header can claim gigabytes
+        nbytes = declared * max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))
+        raise ImageTooLargeError(path, f"declares {rows} x {cols} pixels x {frames} frame(s) x {samples} sample(s) "
+                                       f"({declared / 1e6:.0f} MP, {nbytes / 2**30:.1f} GiB to decode), more than "
+                                       f"--max-pixels {max_pixels}")
     if frames > 1:
         raise UnsupportedImageError(
             path, f"multi-frame image ((0028,0008) Number of Frames = {frames}); one projection per file is expected"
@@ -313,7 +347,7 @@ def to_model_input(ds: Dataset, spec: PreprocessSpec, path: str | Path) -> np.nd
 
 def load_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     """Read ``path`` and return exactly what the model sees: ``(size, size)`` uint8."""
-    ds = read_dataset(path)
+    ds = read_dataset(path, max_pixels=spec.max_pixels)
     with named_failures(path, "the image"):
         return to_model_input(ds, spec, path)
 
@@ -352,7 +386,7 @@ def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
     """Read once: the model input, the salted patient key, what the key was made from, and the
     view — (0018,5101) View Position, upper-cased, empty when absent (``data``: see
     :func:`read_dataset`)."""
-    ds = read_dataset(path, data)
+    ds = read_dataset(path, data, spec.max_pixels)
     with named_failures(path, "the image"):
         key, source = patient_key_and_source(ds, salt, fallback=str(path))
         view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()

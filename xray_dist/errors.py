@@ -49,6 +49,19 @@ class CorruptPixelDataError(DicomReadError):
     kind = "corrupt_pixel_data"
 
 
+class TruncatedError(DicomReadError):
+    """The file ends before the data its header declares (an element, or the pixel data, cut off)."""
+
+    kind = "truncated"
+
+
+class ImageTooLargeError(UnsupportedImageError):
+    """(0028,0010) Rows × (0028,0011) Columns × frames × samples exceeds ``max_pixels``: refused
+    from the header, before a byte of pixel data is decoded (a 1 KB file can claim 65535²)."""
+
+    kind = "too_large"
+
+
 class BurnedInAnnotationError(DicomReadError):
     """(0028,0301) Burned In Annotation is YES: text (names, IDs) may be part of the pixels."""
 

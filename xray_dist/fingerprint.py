@@ -1,6 +1,6 @@
 """Pinned inputs: a prepared cache's fingerprint, recorded by what was made from it.
 
-``prepare`` writes ``CACHE/fingerprint.json``: a hash of each part of what a run depends on —
+``prepare`` writes ``CACHE/fingerprint.json`` (a record for people; readers recompute it): a hash of each part of what a run depends on —
 the decoded images (the images key: every file's path, size and modification time, the
 preprocessing spec and the salt), the preprocessing spec, the split of every image, the label of
 every image — and one ``id`` over all of them. A run or sweep records the fingerprint of the cache
@@ -58,13 +58,11 @@ def write(cache: str, fp: dict) -> None:
 
 
 def of_cache(cache: str) -> dict:
-    """The cache's fingerprint (computed from its manifest when the cache predates fingerprints)."""
+    """The cache's fingerprint, computed from what the cache holds now (its manifest, spec and
+    images key), never taken from ``fingerprint.json`` alone: a prepare that crashed between writing
+    a new manifest and its fingerprint would otherwise pass a re-split cache as the old one."""
     from xray_dist.dataset import COMPLETE, IMAGES_DIR, load_manifest, load_spec
 
-    try:
-        return storage.read_json(storage.join(cache, FINGERPRINT))
-    except FileNotFoundError:
-        pass
     manifest = load_manifest(cache)
     images_key = storage.read_json(storage.join(cache, IMAGES_DIR, COMPLETE))["key"]
     return compute(manifest, load_spec(cache).to_dict(), images_key)

@@ -10,7 +10,7 @@ explain outputs, its log lines — never holds an input's absolute path:
   therefore names files as the cache does.
 - ``redact`` (``--redact-paths``): a file is named ``f_`` + a salted hash of that relative path,
   and the data directory and labels file are not recorded. The salt is the patient-key salt
-  (``XRAY_DIST_SALT``, else ``--salt-file``, else the cache's ``.salt``): the same file gets the same
+  (:mod:`xray_dist.salt`: ``XRAY_DIST_SALT``, else ``--salt-file``, else the per-user secret): the same file gets the same
   key in the cache, in ``predict`` and in ``explain`` outputs, and keys cannot be reversed without
   it. ``--path-map FILE`` writes key → path to a file of the user's choosing, never beside the
   outputs.
@@ -22,8 +22,6 @@ replaces it with the file's name before a reason is stored or logged.
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -85,28 +83,6 @@ def named_inputs(inputs: list[str], files_of) -> tuple[list[str], list[str]]:
             files += [storage.join(item, r) for r in inside]
             rels += list(inside)
     return files, rels
-
-
-def resolve_salt(salt_file: str | None, default: str | None = None, create: bool = True) -> str | None:
-    """The salt: ``XRAY_DIST_SALT`` if set, else the content of ``salt_file`` (made there when
-    missing and ``create``), else of ``default`` (likewise); None when there is none to read."""
-    env = os.environ.get("XRAY_DIST_SALT")
-    if env:
-        return env
-    for p in (salt_file, default):
-        if not p:
-            continue
-        try:
-            salt = storage.read_text(p).strip()
-            if salt:
-                return salt
-        except FileNotFoundError:
-            pass
-        if create:
-            salt = secrets.token_hex(16)
-            storage.write_text(p, salt)
-            return salt
-    return None
 
 
 def write_path_map(path: str, files: list[str], rels: list[str], names: PathNames) -> None:

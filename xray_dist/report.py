@@ -224,6 +224,11 @@ def _dataset_section(cache: str | None, summary: dict, file_lists: bool = True) 
     splits = src.get("splits", {})
     parts.append(_table(["split", "images", "patients"],
                         [[k, v.get("images"), v.get("patients")] for k, v in splits.items()]))
+    if src.get("split_fingerprint"):  # salt-free: two people compare their splits by this value
+        seed = (src.get("split_settings") or {}).get("seed")
+        parts.append(f"<p>Split fingerprint <code>{src['split_fingerprint']}</code>"
+                     + (f" (seed {seed})" if seed is not None else "") + ": the same files, labels, split settings "
+                     "and seed give the same value on any machine.</p>")
     parts.append(_table(["finding" if src.get("task") == "multilabel" else "label", "images"],
                         [[k, v] for k, v in sorted(src.get("classes", {}).items())]))
     for key, what in (("quarantined", "Quarantined files (unreadable; not used)"),

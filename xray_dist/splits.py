@@ -24,18 +24,25 @@ def patient_labels(rows: list[tuple[str, str]]) -> dict[str, str]:
     return {p: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for p, c in counts.items()}
 
 
-def split_patients(strata: dict[str, str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+def split_patients(strata: dict[str, str], val_fraction: float, test_fraction: float, seed: int,
+                   names: dict[str, str] | None = None) -> dict[str, str]:
     """Assign each patient to ``train``, ``val`` or ``test``.
 
-    Within each label, patients are sorted, shuffled with ``seed`` and cut by the fractions
-    (rounded, and at least one validation patient per label that has two or more patients when
-    ``val_fraction > 0``), so every split sees every class in proportion and the same inputs with
-    the same seed always give the same split.
+    Within each label, patients are put in a canonical order, shuffled with ``seed`` and cut by the
+    fractions (rounded, and at least one validation patient per label that has two or more patients
+    when ``val_fraction > 0``), so every split sees every class in proportion.
+
+    The canonical order is by ``names`` (patient key → a name that does not depend on the salt:
+    prepare passes the relative path of the patient's first file), so the split is a function of
+    the files, the labels, the fractions and ``seed`` alone — not of the salt that made the keys,
+    the machine, the cache's location or the order files were listed in. Without ``names`` the
+    keys themselves are sorted (the same keys and seed still give the same split).
     """
     rng = np.random.default_rng(seed)
+    name = (names or {}).get
     out: dict[str, str] = {}
     for label in sorted(set(strata.values())):
-        members = sorted(p for p, lab in strata.items() if lab == label)
+        members = sorted((p for p, lab in strata.items() if lab == label), key=lambda p: (name(p) or "", p))
         order = [members[i] for i in rng.permutation(len(members))]
         n = len(order)
         n_val = int(round(n * val_fraction))
@@ -49,6 +56,29 @@ def split_patients(strata: dict[str, str], val_fraction: float, test_fraction: f
         for i, p in enumerate(order):
             out[p] = "val" if i < n_val else ("test" if i < n_val + n_test else "train")
     return out
+
+
+def canonical_names(patient_files: list[tuple[str, str]]) -> dict[str, str]:
+    """``(patient key, relative path)`` per image → each patient's first relative path: a name for
+    the patient that two caches of the same files share whatever their salts (kept in memory only)."""
+    out: dict[str, str] = {}
+    for patient, rel in patient_files:
+        if patient not in out or rel < out[patient]:
+            out[patient] = rel
+    return out
+
+
+def split_fingerprint(rel_splits: list[tuple[str, str]]) -> str:
+    """A salt-free fingerprint of a split: a hash over every image's relative path and split, so
+    two people can compare their splits without comparing manifests (the same files, labels,
+    settings and seed give the same value on any machine)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for rel, split in sorted(rel_splits):
+        h.update(json.dumps([rel, split]).encode() + b"\n")
+    return h.hexdigest()[:20]
 
 
 # ---- official splits ----------------------------------------------------------------------------------
