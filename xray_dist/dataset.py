@@ -149,7 +149,7 @@ def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]
 def _check_cache_dir(cache: str) -> None:
     """A non-empty ``--out`` must be a cache: one that holds this module's own records (a folder
     that merely has an ``images`` entry is somebody's data, not a cache)."""
-    files = {e.rel for e in storage.list_files(cache, limit=100000)} - {LOCK}
+    files = {e.rel for e in storage.list_files(cache, limit=100000) if not e.rel.startswith(LOCK)}  # lock + its temps
     ours = {SPEC, f"{IMAGES_DIR}/{COMPLETE}", f"{IMAGES_DIR}/{WRITTEN}"}
     if files and not (files & ours):
         raise PrepareError(f"--out {cache} exists and is not an xray-dist cache; choose an empty or new directory")
