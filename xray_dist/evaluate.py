@@ -8,8 +8,9 @@ intervals (:func:`xray_dist.metrics.cluster_bootstrap_ci`).
 
 Refused (exit 2): the train split; a split with no images; a cache whose splits or labels differ
 from those the model was trained with (its fingerprint, ``RUN/inputs.json`` or
-``SWEEP/inputs.json``); a cache decoded with other preprocessing than the model's. ``--split val``
-is allowed and marked optimistic.
+``SWEEP/inputs.json``); a cache decoded with other preprocessing than the model's; a sweep that
+another command (``tune``, another ``evaluate``) holds — a sweep is evaluated under its lock, since
+its ``best.json`` is rewritten. ``--split val`` is allowed and marked optimistic.
 
 Writes ``OUT/metrics.json`` (every metric as ``{"value", "ci95"}``), ``OUT/scores.parquet`` (one
 row per image: the cache's name for it, patient key, label, probabilities), ``OUT/roc.png`` and
@@ -61,12 +62,11 @@ def check_cache(target: str, cache: str) -> dict:
 
 def evaluate_model(model: str, cache: str, split: str = "test", out: str | None = None, n_boot: int = 1000,
                    batch_size: int = 32) -> dict:
-    """Score ``split`` of ``cache`` with ``model`` (a run, or a sweep's best trial); returns metrics.json."""
-    from xray_dist.dataset import load_manifest, load_spec, load_split_arrays
-    from xray_dist.metrics import metrics_with_intervals
-    from xray_dist.predict import load_run_model, predict_arrays
-    from xray_dist.train import split_labels
+    """Score ``split`` of ``cache`` with ``model`` (a run, or a sweep's best trial); returns metrics.json.
 
+    A sweep is evaluated under its lock (:class:`~xray_dist.locks.TargetLock`): while ``tune`` or
+    another ``evaluate`` holds it, this one stops at once with :class:`~xray_dist.errors.LockedError`
+    and ``best.json`` is left as it was."""
     if split == "train":
         raise XrayDistError("--split train: the model was fitted on it; evaluate a split that took part in no choice "
                             "(test), or val (optimistic: the epoch, trial and threshold were chosen on it)")
@@ -75,6 +75,24 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
     for where in (model, cache, *([out] if out else [])):
         storage.check_location(where)
     run, sweep = resolve_target(model)
+    if sweep is None:
+        return _evaluate(run, None, cache, split, out, n_boot, batch_size)
+    from xray_dist.locks import TargetLock
+
+    # the sweep's best.json (and, by default, its evaluation/) are rewritten: one writer per sweep, as tune
+    with TargetLock(sweep, "xray-dist evaluate"):
+        run, sweep = resolve_target(model)  # its best trial as it stands under the lock
+        return _evaluate(run, sweep, cache, split, out, n_boot, batch_size)
+
+
+def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | None, n_boot: int,
+              batch_size: int) -> dict:
+    """:func:`evaluate_model`'s work on ``run`` (a sweep's best trial: under the sweep's lock)."""
+    from xray_dist.dataset import load_manifest, load_spec, load_split_arrays
+    from xray_dist.metrics import metrics_with_intervals
+    from xray_dist.predict import load_run_model, predict_arrays
+    from xray_dist.train import split_labels
+
     cache = storage.absolute(cache)
     if split not in load_manifest(cache).column("split").to_pylist():
         raise CacheError(f"--cache {cache}: the {split!r} split has no images; prepare with --test-fraction or "

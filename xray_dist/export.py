@@ -15,6 +15,11 @@ Formats:
 
 Beside it: ``model_spec.json`` (architecture, class scheme, preprocessing spec, threshold) and
 ``serving.json`` (what the signature takes and returns, in words a serving engineer can act on).
+
+Exporting again over an object-store ``DIR`` never leaves it without a model: the new
+``savedmodel/`` is uploaded beside the old one as ``savedmodel.v<id>/`` and made current by one PUT
+of ``DIR/savedmodel.current`` (``{"current": "savedmodel.v<id>"}``); the command prints the
+directory that holds the model now. A local ``DIR`` gets the new directory by a rename.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> P
     storage.check_location(out)
     lm = load_run_model(run)
     dest = out
+    # savedmodel/ is replaced whole: renamed in locally; on object storage uploaded beside the old one
+    # and switched to by its pointer (storage.staged_output), so a failed re-export leaves the old one
     with storage.staged_output(dest, replace=("savedmodel",)) as out:
         path = _write(lm, fmt, out)
-    return storage.join(dest, path.name) if storage.is_uri(dest) else Path(storage.absolute(dest)) / path.name
+    if storage.is_uri(dest):
+        return storage.current_dir(storage.join(dest, path.name))  # savedmodel.v<id> after a re-export
+    return Path(storage.absolute(dest)) / path.name
 
 
 def _write(lm, fmt: str, out: Path) -> Path:

@@ -4,7 +4,10 @@ Whatever the source, the result is a :class:`LabelScan`: the labelled files to r
 its manifest label: one class, or findings joined by ``|``, :mod:`xray_dist.classes`), the
 label rows that name no usable file (``missing``, with the reason), the files nobody labelled
 (``unlabeled``), and — where the format has them — each file's patient and view. Nothing is
-read from a path outside the data directory.
+read from a path outside the data directory: a label row whose path escapes it, and a listed file
+that is a symlink leading out of it (whatever the source, folders included), are listed in
+``missing`` with the reason. A labels row holding a NUL byte or text that is not UTF-8 is listed
+there too, by its line number, and the other rows are used.
 
 Formats (``--labels-format``):
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -93,18 +97,58 @@ def list_entries(data_dir) -> list[storage.FileEntry]:
     return out
 
 
-def _read_csv(path, what: str, needed: list[tuple[str, str]]) -> tuple[list[str], list[dict]]:
-    """Columns and rows of a CSV; a missing file or column is a :class:`PrepareError` naming it."""
+#: Text that is not UTF-8, as decoded with ``surrogateescape`` (one lone surrogate per undecodable byte).
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _row_fault(row: dict) -> str | None:
+    """Why a CSV row's cells cannot be trusted (None: they can): a NUL byte, or bytes that are not
+    UTF-8. Either would reach a path or a label as garbage (``embedded null byte`` from the OS)."""
+    for v in row.values():
+        for cell in (v if isinstance(v, list) else [v]):
+            if not cell:
+                continue
+            if "\0" in cell:
+                return "a NUL byte in a cell"
+            bad = _UNDECODABLE.search(cell)
+            if bad:
+                return f"a cell that is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})"
+    return None
+
+
+def _printable(cell: str) -> str:
+    """A cell as a report can name it: NUL and undecodable bytes written as escapes (``\\x00``)."""
+    return cell.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\0", "\\x00")
+
+
+def _read_csv(path, what: str, needed: list[tuple[str, str]],
+              ref: str | None = None) -> tuple[list[str], list[tuple[int, dict]], list[dict]]:
+    """Columns, rows (each with the line it ends on) and bad rows of a CSV.
+
+    A missing file or column is a :class:`PrepareError` naming it. A row holding a NUL byte or text
+    that is not UTF-8 is one bad row, not a failed file: it comes back in the third list as a
+    ``missing`` entry (``path``: its ``ref`` cell — the file it names — escaped; ``reason``: its line
+    number and fault, never its contents) and the other rows are used.
+    """
     try:
-        text = storage.read_text(path)
+        data = storage.read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
         raise PrepareError(f"{what} not found: {path}") from None
-    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline=""))
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape").lstrip("\ufeff"), newline=""))
     cols = reader.fieldnames or []
     for col, hint in needed:
         if col not in cols:
             raise PrepareError(f"{path}: no column {col!r} ({hint}); columns are {cols}")
-    return cols, list(reader)
+    rows, bad = [], []
+    for row in reader:
+        fault = _row_fault(row)
+        if fault:
+            cell = row.get(ref) if ref else ""
+            bad.append({"path": _printable((cell if isinstance(cell, str) else "").strip()),
+                        "reason": f"line {reader.line_num} of the {what}: {fault}; row not used"})
+        else:
+            rows.append((reader.line_num, row))
+    return cols, rows, bad
 
 
 class _Files:
@@ -125,6 +169,7 @@ class _Files:
             self.by_stem.setdefault(p.stem, []).append(rel)
         self.local = not storage.is_uri(data_dir)
         self.tops = {rel.split("/", 1)[0] for rel in self.all}
+        self._inside = _Inside(data_dir) if self.local else None
 
     def find(self, value: str) -> tuple[str | None, str]:
         """``(relative path, "")`` or ``(None, reason)``."""
@@ -150,6 +195,33 @@ class _Files:
             return None, f"file stem matches {len(hits)} files"
         return None, "file not found"
 
+    def leads_out(self, rel: str) -> bool:
+        """Whether the file at ``rel`` (as listed) is reached through a symlink leading out of the
+        data directory (:class:`_Inside`)."""
+        return self._inside.leads_out(rel) if self._inside is not None else False
+
+
+#: Why a file reached through a symlink leading out of the data directory is not read.
+OUTSIDE = "symlink leading outside the data directory; not read"
+
+
+class _Inside:
+    """For a local data directory: whether a listed file is reached through a symlink leading out
+    of it (:func:`storage.inside`, the rule a label row's path follows), asked once per folder and,
+    for the file itself, only when it is a link."""
+
+    def __init__(self, data_dir):
+        self.data_dir, self.root = data_dir, storage.absolute(data_dir)
+        self.folders: dict[str, bool] = {}
+
+    def leads_out(self, rel: str) -> bool:
+        folder = rel.rpartition("/")[0]
+        if folder not in self.folders:
+            self.folders[folder] = storage.inside(self.data_dir, folder or ".") is None
+        if self.folders[folder]:
+            return True
+        return os.path.islink(os.path.join(self.root, rel)) and storage.inside(self.data_dir, rel) is None
+
 
 def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], label_name: str) -> LabelScan:
     """Label rows → a :class:`LabelScan`. Repeated rows for one file (RSNA has one per box) are
@@ -158,6 +230,7 @@ def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], l
     scan = LabelScan()
     chosen: dict[str, str] = {}
     conflicts: set[str] = set()
+    refused: set[str] = set()
     for row in rows:
         if not row.ref:
             scan.missing.append({"path": row.ref, "reason": "empty file cell"})
@@ -165,6 +238,11 @@ def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], l
         rel, why = files.find(row.ref)
         if rel is None:
             scan.missing.append({"path": row.ref, "reason": why})
+            continue
+        if files.leads_out(rel):  # found by its name or stem: the same rule as for a path given whole
+            if rel not in refused:
+                scan.missing.append({"path": rel, "reason": OUTSIDE})
+            refused.add(rel)
             continue
         if not row.label:
             scan.missing.append({"path": rel, "reason": row.why or f"empty {label_name!r} cell"})
@@ -180,7 +258,7 @@ def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], l
         scan.missing.append({"path": rel, "reason": "conflicting labels in the CSV; not used"})
         del chosen[rel]
     scan.items = sorted(chosen.items())
-    labelled = set(chosen) | conflicts
+    labelled = set(chosen) | conflicts | refused
     scan.unlabeled = [rel for rel in files.all if rel not in labelled]
     return scan
 
@@ -202,25 +280,27 @@ def from_csv(data_dir, csv_path, path_column: str = "path", label_column: str = 
     """
     needed = [(path_column, "set --path-column"), (label_column, "set --label-column")]
     needed += [(patient_column, "set --patient-column")] if patient_column else []
-    _, rows = _read_csv(csv_path, "labels CSV", needed)
+    _, rows, bad = _read_csv(csv_path, "labels CSV", needed, ref=path_column)
     label_rows = [LabelRow(ref=(r.get(path_column) or "").strip(), label=_canonical((r.get(label_column) or "").strip()),
-                           patient=(r.get(patient_column) or "").strip() if patient_column else "") for r in rows]
+                           patient=(r.get(patient_column) or "").strip() if patient_column else "") for _, r in rows]
     scan = _resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, label_column)
+    scan.missing[:0] = bad
     scan.multilabel = any(SEPARATOR in lab or lab.startswith("?") for _, lab in scan.items)
     return scan
 
 
 def from_nih(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
-    _, rows = _read_csv(csv_path, "NIH labels CSV (Data_Entry_2017.csv)",
-                        [("Image Index", "NIH format"), ("Finding Labels", "NIH format")])
+    _, rows, bad = _read_csv(csv_path, "NIH labels CSV (Data_Entry_2017.csv)",
+                             [("Image Index", "NIH format"), ("Finding Labels", "NIH format")], ref="Image Index")
     out = []
-    for r in rows:
+    for _, r in rows:
         cell = (r.get("Finding Labels") or "").strip()
         findings = [f.strip() for f in cell.split("|") if f.strip() and f.strip() != "No Finding"]
         label = join_findings(findings, negative=NEGATIVE) if cell else ""
         out.append(LabelRow(ref=(r.get("Image Index") or "").strip(), label=label,
                             patient=(r.get("Patient ID") or "").strip(), view=(r.get("View Position") or "").strip()))
     scan = _resolve(data_dir, entries, out, "Finding Labels")
+    scan.missing[:0] = bad
     scan.multilabel = True
     return scan
 
@@ -247,12 +327,12 @@ def _finding_cells(row: dict, findings: list[str], uncertain: str) -> str:
 
 
 def from_chexpert(data_dir, csv_path, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
-    cols, rows = _read_csv(csv_path, "CheXpert labels CSV", [("Path", "CheXpert format")])
+    cols, rows, bad = _read_csv(csv_path, "CheXpert labels CSV", [("Path", "CheXpert format")], ref="Path")
     findings = [c for c in cols if c not in _CHEXPERT_NOT_FINDINGS]
     if not findings:
         raise PrepareError(f"{csv_path}: no finding columns besides {sorted(_CHEXPERT_NOT_FINDINGS & set(cols))}")
     out = []
-    for i, r in enumerate(rows, start=2):
+    for i, r in rows:
         path = (r.get("Path") or "").strip()
         try:
             label = _finding_cells(r, findings, uncertain)
@@ -263,52 +343,61 @@ def from_chexpert(data_dir, csv_path, entries: list[storage.FileEntry], uncertai
         m = re.search(r"(patient\d+)", path)
         out.append(LabelRow(ref=path, label=label, patient=m.group(1) if m else "", view=view))
     scan = _resolve(data_dir, entries, out, "Path")
+    scan.missing[:0] = bad
     scan.multilabel = True
     return scan
 
 
 def from_rsna(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
-    _, rows = _read_csv(csv_path, "RSNA labels CSV (stage_2_train_labels.csv)",
-                        [("patientId", "RSNA format"), ("Target", "RSNA format")])
+    _, rows, bad = _read_csv(csv_path, "RSNA labels CSV (stage_2_train_labels.csv)",
+                             [("patientId", "RSNA format"), ("Target", "RSNA format")], ref="patientId")
     out = []
-    for r in rows:
+    for _, r in rows:
         pid, target = (r.get("patientId") or "").strip(), (r.get("Target") or "").strip()
         label = {"1": "pneumonia", "0": NEGATIVE}.get(target, "")
         out.append(LabelRow(ref=pid, label=label, patient=pid))
-    return _resolve(data_dir, entries, out, "Target")
+    scan = _resolve(data_dir, entries, out, "Target")
+    scan.missing[:0] = bad
+    return scan
 
 
 def from_mimic(data_dir, csv_path, metadata: str, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
-    cols, rows = _read_csv(csv_path, "MIMIC-CXR labels CSV (mimic-cxr-2.0.0-chexpert.csv)",
-                           [("subject_id", "MIMIC format"), ("study_id", "MIMIC format")])
+    cols, rows, bad = _read_csv(csv_path, "MIMIC-CXR labels CSV (mimic-cxr-2.0.0-chexpert.csv)",
+                                [("subject_id", "MIMIC format"), ("study_id", "MIMIC format")])
     findings = [c for c in cols if c not in _MIMIC_NOT_FINDINGS]
     label_of: dict[str, str] = {}
-    for i, r in enumerate(rows, start=2):
+    for i, r in rows:
         try:
             label_of[(r.get("study_id") or "").strip()] = _finding_cells(r, findings, uncertain)
         except PrepareError as e:
             raise PrepareError(f"{csv_path}, line {i}: {e}") from None
-    _, meta = _read_csv(metadata, "MIMIC-CXR metadata CSV (--metadata)",
-                        [("dicom_id", "MIMIC metadata"), ("study_id", "MIMIC metadata")])
+    _, meta, bad_meta = _read_csv(metadata, "MIMIC-CXR metadata CSV (--metadata)",
+                                  [("dicom_id", "MIMIC metadata"), ("study_id", "MIMIC metadata")], ref="dicom_id")
     out = []
-    for r in meta:
+    for _, r in meta:
         study = (r.get("study_id") or "").strip()
         out.append(LabelRow(ref=(r.get("dicom_id") or "").strip(), label=label_of.get(study, ""),
                             patient=(r.get("subject_id") or "").strip(), view=(r.get("ViewPosition") or "").strip(),
                             why=f"study {study}: no row in the labels CSV"))
     scan = _resolve(data_dir, entries, out, "study_id")
+    scan.missing[:0] = bad + bad_meta
     scan.multilabel = True
     return scan
 
 
 def from_folders(data_dir, entries: list[storage.FileEntry] | None = None) -> LabelScan:
-    """Labels from a folder-per-class layout, ``DATA/<class>/**/<file>``; top-level files are unlabeled."""
+    """Labels from a folder-per-class layout, ``DATA/<class>/**/<file>``; top-level files are unlabeled.
+    A file reached through a symlink leading out of ``data_dir`` is ``missing``, never read (the rule
+    a labels CSV's paths follow)."""
     scan = LabelScan()
+    inside = None if storage.is_uri(data_dir) else _Inside(data_dir)
     for e in entries if entries is not None else list_entries(data_dir):
         rel = e.rel
         parts = rel.split("/")
         if len(parts) < 2:
             scan.unlabeled.append(rel)
+        elif inside is not None and inside.leads_out(rel):
+            scan.missing.append({"path": rel, "reason": OUTSIDE})
         else:
             scan.items.append((rel, parts[0]))
     return scan

@@ -50,8 +50,9 @@ def model_dir_of(run: str | Path) -> str:
     """The ``model/`` directory of a run (local path or URI), or ``run`` itself when it is one."""
     from xray_dist.model import FULL_WEIGHTS, TOP_WEIGHTS
 
-    sub = storage.join(run, "model")
-    model_dir = sub if storage.is_file(storage.join(sub, "model_spec.json")) else storage.absolute(run)
+    sub = storage.current_dir(storage.join(run, "model"))  # model.v<id>/ after a re-export to object storage
+    model_dir = sub if storage.is_file(storage.join(sub, "model_spec.json")) else storage.current_dir(
+        storage.absolute(run))
     if not any(storage.is_file(storage.join(model_dir, w)) for w in (FULL_WEIGHTS, TOP_WEIGHTS)):
         raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
                              "run?")

@@ -122,7 +122,7 @@ def _run_section(run: str, n_boot: int, file_lists: bool = True) -> str:
     raw = {name: _read(run, name) for name in ("metrics.json", "history.csv", "val_scores.npz")}
     metrics = json.loads(raw["metrics.json"])
     try:
-        spec = storage.read_json(storage.join(run, "model", "model_spec.json"))
+        spec = storage.read_json(storage.join(storage.current_dir(storage.join(run, "model")), "model_spec.json"))
     except FileNotFoundError:
         spec = {}
     reader = csv.DictReader(io.StringIO(raw["history.csv"].decode("utf-8"), newline=""))

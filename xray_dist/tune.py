@@ -462,7 +462,7 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, 
                "features_seconds": round(features_seconds, 1)}
     if finished:
         best = max(finished, key=lambda r: r["val_auc_abnormal"])
-        model_dir = storage.join(best["model"], "model")
+        model_dir = storage.current_dir(storage.join(best["model"], "model"))  # a retried trial re-exports
         if storage.is_file(storage.join(model_dir, TOP_WEIGHTS)) and not storage.is_file(
                 storage.join(model_dir, FULL_WEIGHTS)):
             with storage.local_copy(model_dir) as local:  # trials on frozen features exported their top only
