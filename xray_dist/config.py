@@ -462,8 +462,9 @@ class TrainConfig:
         max_failures: worker failures survived by restarting from the last checkpoint.
         mixed_precision: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``off`` or ``on``.
         worker_cache_mb: memory for training rows per worker. When the whole training split
-            fits, every worker holds all of it (read once) and trains on its part of one seeded
-            permutation per epoch: the order depends on (seed, epoch) alone, so a resumed run is
+            fits, every worker holds all of it (read once) and each replica trains its slice of
+            every global batch of one seeded permutation per epoch (the same batches for any
+            spread of the replicas): the order depends on (seed, epoch) alone, so a resumed run is
             exact (:class:`xray_dist.train.ShardCache`). Otherwise each worker streams Ray Data's
             equal share, kept in memory after the first epoch when that fits; rank 0 keeps the
             validation set when it fits. 0 streams from Ray Data every epoch.

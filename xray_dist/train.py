@@ -6,10 +6,14 @@ devices uses ``MirroredStrategy``; one worker with one device runs without colle
 worker's input is a ``tf.data`` pipeline made with ``distribute_datasets_from_function`` whose
 elements are per-replica batches, so the global batch is ``batch_size × replicas``.
 
-Data. Ray Data reads the Parquet cache; ``DataConfig`` gives each worker an equal shard of the
-training split (equal rows → equal batches → no MWMS hang on the last batch), kept in the worker's
-memory after the first epoch when it fits (:class:`ShardCache`), reshuffled every epoch and
-prefetched. Class imbalance: balanced per-sample weights
+Data. Ray Data reads the Parquet cache. A training split that fits in ``worker_cache_mb`` goes
+whole to every worker, and global step ``s`` trains the ``s``-th global batch of the epoch's
+seeded permutation, each replica its slice (:class:`ShardCache`): the same batches for any
+spread of the replicas over workers and devices. A bigger split: ``DataConfig`` gives each worker
+an equal shard (equal rows → equal batches → no MWMS hang on the last batch), kept in the worker's
+memory after the first epoch when it fits, reshuffled every epoch and prefetched; its batches
+depend on the number of workers. After each epoch every rank checks that its weights hash as
+rank 0's do (:func:`weights_digest`). Class imbalance: balanced per-sample weights
 ``n / (K · n_k)`` from the training split, carried as a column.
 
 Validation. Rank 0 scores the whole validation split each epoch with direct model calls (no
@@ -176,7 +180,13 @@ def _configure_devices(cfg: TrainConfig, world: int):
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Equal steps on every worker: MWMS hangs if one worker runs out of batches before the others."""
+    """Equal steps on every worker: MWMS hangs if one worker runs out of batches before the others.
+
+    ``steps = ⌊⌊n / world⌋ / (b·k)⌋ = ⌊n / G⌋`` (``G = b·k·world``, the global batch): the same
+    whether the split is streamed in equal shares or held whole, and for every way of spreading
+    the same replicas; the rows past the last full global batch are left out of that epoch (not
+    padded). ``b`` is ``batch_size`` unless the split is smaller than one global batch.
+    """
 
     per_replica_batch: int
     local_replicas: int
@@ -199,27 +209,37 @@ class ShardCache:
 
     *Whole split* (``whole``: the driver found that the training split fits in ``worker_cache_mb``,
     and gave every worker all of it): the rows are read once, sorted by path, and each epoch draws
-    one seeded permutation of the whole split, the same on every worker, of which rank ``r`` trains
-    on the ``r``-th equal part. The epoch-``e`` batches are then the same in every run with that
-    seed, whatever order Ray Data delivered the rows in — which is what lets a resumed run replay
-    the epochs the uninterrupted run trains (with the optimizer and dropout state of the
-    checkpoint) — and the shuffle spans the whole split rather than a local buffer.
+    one seeded permutation of the whole split, the same on every worker. Global step ``s`` trains
+    on rows ``[s·G, (s+1)·G)`` of it, ``G = batch_size × local_replicas × world`` the global batch;
+    replica ``j`` of rank ``r`` (replica ``r·k + j`` counted over all workers, ``k`` local replicas)
+    takes the ``(r·k + j)``-th ``batch_size`` rows of that global batch. A worker's batches come
+    out step by step, its ``k`` replicas' in turn, which is the order
+    ``distribute_datasets_from_function`` deals them to the local replicas (round robin). So every
+    step trains the same global batch however the replicas are spread over workers and devices:
+    2 workers × batch 8, 1 worker × 2 devices × batch 8 and 1 device × batch 16 train the same
+    model (up to floating-point summation order; dropout aside: each replica draws its own mask).
+    The ``n − steps·G`` rows past the last full global batch sit out that epoch (a different set
+    every epoch). The epoch-``e`` batches are the same in every run with that seed, whatever order
+    Ray Data delivered the rows in — which is what lets a resumed run replay the epochs the
+    uninterrupted run trains (with the optimizer and dropout state of the checkpoint) — and the
+    shuffle spans the whole split rather than a local buffer.
 
     *Split shard* (bigger datasets: Ray Data's equal share of the split for this worker): the first
     pass streams (with Ray Data's local shuffle buffer); the rows are kept in memory when they fit in
     ``limit_bytes`` — all of them, the rows of the first pass's partial last batch included, so no
     row is left out of training for good — and later epochs permute them, sorted by path, with a
     seeded permutation. Which rows a worker's share holds is Ray Data's choice, so a resumed run's
-    order is not the uninterrupted run's. A share larger than ``limit_bytes`` streams every epoch.
+    order is not the uninterrupted run's, and the batches depend on the number of workers. A share
+    larger than ``limit_bytes`` streams every epoch.
 
     Either way a pass yields exactly ``per_pass`` full batches (equal steps on every worker).
     """
 
     def __init__(self, shard, batch_size: int, per_pass: int, shuffle_buffer: int, seed: int, limit_bytes: int,
-                 whole: bool = False, rank: int = 0, world: int = 1, start_epoch: int = 0):
+                 whole: bool = False, rank: int = 0, world: int = 1, start_epoch: int = 0, local_replicas: int = 1):
         self.shard, self.batch_size, self.per_pass = shard, batch_size, per_pass
         self.shuffle_buffer, self.seed, self.limit = shuffle_buffer, seed, limit_bytes
-        self.whole, self.rank, self.world = whole, rank, world
+        self.whole, self.rank, self.world, self.local = whole, rank, world, local_replicas
         self.rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.epoch = start_epoch  # the epoch the last pass trained (a resumed run starts after its checkpoint)
 
@@ -246,11 +266,9 @@ class ShardCache:
         if self.rows is not None:
             x, y, w = self.rows
             order = self._permutation(len(x))
-            if self.whole:
-                share = len(x) // self.world
-                order = order[self.rank * share : (self.rank + 1) * share]
             for i in range(self.per_pass):
-                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                start = self._global_batch_start(i) if self.whole else i * self.batch_size
+                idx = order[start : start + self.batch_size]
                 yield x[idx], y[idx], w[idx]
             return
         keep: list | None = [] if self.limit > 0 else None
@@ -267,6 +285,12 @@ class ShardCache:
                 yield x, y, w
         if keep:
             self._keep(keep)
+
+    def _global_batch_start(self, i: int) -> int:
+        """Where this worker's ``i``-th batch of a pass starts in the epoch's permutation (whole split):
+        step ``i // k``'s global batch, the slot of local replica ``i % k``."""
+        step, j = divmod(i, self.local)
+        return (step * self.world * self.local + self.rank * self.local + j) * self.batch_size
 
     def _rebatched(self):
         """The stream in full batches, then the remainder. Ray Data can hand over a short batch in
@@ -426,10 +450,11 @@ def _devices(strategy) -> list[str]:
 
 
 def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: str, times: dict,
-                   resumed_after_epoch: int = 0) -> None:
+                   resumed_after_epoch: int = 0) -> dict:
     """``RUN/workers/rank<N>.json``: where each worker ran and on what (visible when RUN is shared
     storage), its process, and the epoch it started after (0, or a checkpoint's: a replaced
-    worker, or a rerun, rewrites the file)."""
+    worker, or a rerun, rewrites the file). Returns the record; :class:`WeightsInSync` adds the
+    digest of the weights after each epoch (``weights_digest``: equal on every rank)."""
     import os
     import socket
 
@@ -441,6 +466,56 @@ def _record_worker(cfg: TrainConfig, rank: int, world: int, strategy, policy: st
             "replicas": strategy.num_replicas_in_sync, "devices": _devices(strategy),
             "precision": policy, "times": times}
     storage.write_json(storage.join(cfg.out, "workers", f"rank{rank}.json"), info, indent=2)
+    return info
+
+
+def weights_digest(model, strategy) -> str:
+    """sha256 (hex) of the model's trainable weights, their bytes in the model's order. Every local
+    copy of a mirrored variable must hold the same bytes (an :class:`XrayDistError` otherwise)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in model.trainable_weights:
+        # mixed precision wraps each variable (AutoCastVariable); its copies are the wrapped one's
+        copies = [np.asarray(c.numpy()) for c in strategy.experimental_local_results(getattr(v, "_variable", v))]
+        if any(c.tobytes() != copies[0].tobytes() for c in copies[1:]):
+            raise XrayDistError(f"the {len(copies)} local copies of {v.name} differ: the replicas of this worker are "
+                                "out of sync")
+        h.update(copies[0].tobytes())
+    return h.hexdigest()
+
+
+def _make_sync_check_class():
+    import tf_keras as keras
+
+    class WeightsInSync(keras.callbacks.Callback):
+        """After each epoch, before validation and the checkpoint: every rank hashes its trainable
+        weights (:func:`weights_digest`) into ``RUN/workers/rank<N>.json`` (``weights_digest``:
+        epoch and sha256) and compares it with rank 0's; a rank whose weights differ — the
+        gradient all-reduce did not keep the workers in step — stops the run with an error that
+        names both digests."""
+
+        def __init__(self, cfg, session, strategy, rank, world, record):
+            super().__init__()
+            self.cfg, self.session, self.strategy, self.rank, self.world = cfg, session, strategy, rank, world
+            self.record = record
+
+        def on_epoch_end(self, epoch, logs=None):
+            digest = weights_digest(self.model, self.strategy)
+            self.record["weights_digest"] = {"epoch": epoch + 1, "sha256": digest}
+            storage.write_json(storage.join(self.cfg.out, "workers", f"rank{self.rank}.json"), self.record, indent=2)
+            if self.world > 1:
+                first = self.session.broadcast_from_rank_zero(digest)
+                if first != digest:
+                    raise XrayDistError(f"rank {self.rank}: the trainable weights after epoch {epoch + 1} differ from "
+                                        f"rank 0's (sha256 {digest[:12]} vs {first[:12]}): the workers' gradients "
+                                        "were not all-reduced")
+
+    return WeightsInSync
+
+
+def _WeightsInSync(*args):  # noqa: N802 - builds the Keras callback lazily (TensorFlow imports in workers only)
+    return _make_sync_check_class()(*args)
 
 
 class RayTrainSession:
@@ -472,6 +547,12 @@ class RayTrainSession:
 
     def should_stop(self) -> bool:
         return False  # Ray Train stops its workers itself
+
+    def broadcast_from_rank_zero(self, data):
+        """Rank 0's ``data`` (small, picklable) on every rank; a barrier."""
+        from ray.train.collective import broadcast_from_rank_zero
+
+        return broadcast_from_rank_zero(data)
 
 
 def train_func(config: dict) -> None:
@@ -536,13 +617,17 @@ def train_loop(config: dict, session) -> None:
                    "optimizer and dropout state restored; the data order is Ray Data's (the training split is larger "
                    "than worker_cache_mb)" if exact else "weights only: the checkpoint holds no optimizer state")
             log.info("resuming from the checkpoint after epoch %d (%s)", start, how)
-    _record_worker(cfg, rank, world, strategy, policy, {"train_func_entry": t_entry, "model_ready": t_model},
-                   resumed_after_epoch=start)
+    record = _record_worker(cfg, rank, world, strategy, policy, {"train_func_entry": t_entry, "model_ready": t_model},
+                            resumed_after_epoch=start)
 
     plan = StepPlan.make(config["n_train"], world, replicas, cfg.batch_size)
     rows = ShardCache(session.dataset_shard("train"), plan.per_replica_batch, plan.steps * plan.local_replicas,
                       cfg.shuffle_buffer, cfg.seed, cfg.worker_cache_mb * 2**20, whole=whole, rank=rank, world=world,
-                      start_epoch=start)
+                      start_epoch=start, local_replicas=plan.local_replicas)
+    if rank == 0:
+        log.info("input: %s", "global-batch order (split held in memory; the same batches for any cluster shape)"
+                 if whole else "Ray Data shard order (streamed: the training split is larger than worker_cache_mb; "
+                 "the batches depend on the cluster's shape)")
     train_input = _train_input(strategy, rows, input_spec, (scheme.num_classes + 1,) if scheme.multilabel else ())
     if start >= cfg.epochs:
         # the run had trained every epoch when its process ended (a sweep trial killed between its
@@ -553,8 +638,9 @@ def train_loop(config: dict, session) -> None:
         return
     reporter = _EpochReporter(cfg, scheme, session, history, rank, world, params, replicas, policy, plan,
                               config.get("mlflow"))
+    in_sync = _WeightsInSync(cfg, session, strategy, rank, world, record)  # before the reporter: no checkpoint if not
     model.fit(train_input, epochs=cfg.epochs, initial_epoch=start, steps_per_epoch=plan.steps, verbose=0,
-              callbacks=[reporter])
+              callbacks=[in_sync, reporter])
 
 
 def _make_reporter_class():
