@@ -525,7 +525,12 @@ class TrainConfig:
         return 1.0 if self.gpus_per_worker else 0.5
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as written (config.json, metrics.json): a tracking URI's credentials masked."""
+        from xray_dist.redaction import mask_credentials
+
+        d = dataclasses.asdict(self)
+        d["mlflow"] = mask_credentials(d["mlflow"]) if d.get("mlflow") else d.get("mlflow")
+        return d
 
     def resolved(self) -> "TrainConfig":
         """Paths made absolute against the driver's working directory (Ray workers and Tune trials

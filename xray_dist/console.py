@@ -13,6 +13,12 @@ output is replaced by a router that writes every worker line to the file and sho
 terminal only the lines xray-dist's own code marked (:data:`MARK`: each epoch's line from rank 0,
 for instance); TensorFlow's C++ logging is turned down before TensorFlow loads
 (``TF_CPP_MIN_LOG_LEVEL``, here and in every Ray worker).
+
+Everything written to the terminal or the log passes :func:`clean` first: pydicom's values
+masked (its warnings quote the element they object to), credentials in URIs masked, and with
+``--redact-paths`` the inputs' locations replaced (:mod:`xray_dist.redaction`). The log
+handlers clean each record as they format it; ``sys.stdout`` and ``sys.stderr`` are wrapped
+for the command, so what is printed (Ray's worker lines with ``-v``, a summary) is cleaned too.
 """
 
 from __future__ import annotations
@@ -46,16 +52,70 @@ def log_path_for(command: str, out: str | None, in_out: bool) -> Path:
     return default_log_dir() / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
-class _MaskDicomValues(logging.Filter):
-    """pydicom's warnings quote the element value they object to (a name, a birth date): the log
-    keeps the warning, not the value."""
+def _mask_dicom(text: str) -> str:
+    """pydicom's warnings and log lines quote the element value they object to (a name, a birth
+    date, a UID with letters in it): each line of ``text`` that comes from pydicom (names it, or
+    says "... for VR ...") keeps the message, not the value. A traceback's ``File "..."`` line
+    stays as it is."""
+    if "pydicom" not in text and "for VR " not in text:
+        return text
+    from xray_dist.dicom import mask_values
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith(("pydicom", "py.warnings")) or "pydicom" in str(record.msg):
-            from xray_dist.dicom import mask_values
+    return "\n".join(mask_values(line) if ("pydicom" in line or "for VR " in line)
+                     and not line.lstrip().startswith('File "') else line for line in text.split("\n"))
 
-            record.msg, record.args = mask_values(record.getMessage()), None
-        return True
+
+def clean(text: str, from_pydicom: bool = False) -> str:
+    """What may be shown or logged of ``text``: pydicom's values masked (all of ``text`` when it
+    is a pydicom record), then :func:`xray_dist.redaction.scrub` (credentials in URIs; with
+    ``--redact-paths`` the inputs' locations)."""
+    from xray_dist import redaction
+
+    if from_pydicom:
+        from xray_dist.dicom import mask_values
+
+        text = mask_values(text)
+    return redaction.scrub(_mask_dicom(text))
+
+
+class _CleanFormatter(logging.Formatter):
+    """Every record, traceback included, through :func:`clean` as it is written (terminal and
+    log file alike): a record of pydicom's (its logger, or a warning it raised) masked whole."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record), record.name.startswith(("pydicom", "py.warnings")))
+
+
+class _CleanStream:
+    """``sys.stdout`` / ``sys.stderr`` during a command: what anything prints (the summary, Ray's
+    printer of worker lines with -v, a library's own print) passes :func:`clean` first."""
+
+    def __init__(self, stream):
+        self._xray_dist_stream = stream
+
+    def write(self, text: str) -> int:
+        self._xray_dist_stream.write(clean(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, buffer ...
+        return getattr(self._xray_dist_stream, name)
+
+
+def _clean_streams() -> None:
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), _CleanStream):
+            setattr(sys, name, _CleanStream(getattr(sys, name)))
+
+
+def _restore_streams() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, _CleanStream):
+            setattr(sys, name, stream._xray_dist_stream)
 
 
 class _TerminalFilter(logging.Filter):
@@ -152,18 +212,18 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     root = _remove_handlers()
     root.setLevel(logging.DEBUG)
+    _clean_streams()
     term = _StderrHandler()
-    term.setFormatter(logging.Formatter("%(message)s" if verbosity < VERBOSE else
-                                        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    term.setFormatter(_CleanFormatter("%(message)s" if verbosity < VERBOSE else
+                                      "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     term.addFilter(_TerminalFilter(verbosity))
     term._xray_dist = True
     root.addHandler(term)
     _state["log_file"] = None
     if log_file is not None:
         fh = _LogFileHandler(log_file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setFormatter(_CleanFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(logging.DEBUG)
-        fh.addFilter(_MaskDicomValues())
         fh._xray_dist = True
         root.addHandler(fh)
         _state["log_file"] = log_file
@@ -242,8 +302,12 @@ def route_worker_output() -> None:
 def finish() -> None:
     """Undo :func:`setup` (the end of a command run inside another program, such as a test):
     this module's handlers closed and removed, Ray's printer of worker output back."""
+    from xray_dist import redaction
+
     _remove_handlers().setLevel(logging.WARNING)
     logging.captureWarnings(False)
+    _restore_streams()
+    redaction.forget()
     printer = _state.pop("ray_printer", None)
     if printer is not None:
         from ray._private import worker as ray_worker
@@ -271,10 +335,8 @@ def _route_worker_lines(data: dict) -> None:
 
 
 def _file_only(text: str) -> None:
-    if "pydicom" in text or "for VR " in text:
-        from xray_dist.dicom import mask_values
-
-        text = mask_values(text)
+    """``text`` to the log file only (its formatter cleans it: pydicom's values, credentials,
+    protected locations)."""
     for h in logging.getLogger().handlers:
         if isinstance(h, _LogFileHandler):
             h.emit(logging.LogRecord("ray.worker", logging.INFO, __file__, 0, text, None, None))
@@ -306,6 +368,26 @@ def worker_logging(terminal: bool = True) -> None:
             absl.logging.set_verbosity(absl.logging.ERROR)
         except ImportError:
             pass
+
+
+def mask_pydicom_warnings() -> None:
+    """In a process that reads DICOM files outside :func:`setup` (a Ray worker, whose stderr Ray
+    also keeps in its session's log files): pydicom's warnings are masked before they are printed.
+    Idempotent; meant as Ray's ``worker_process_setup_hook``."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "_xray_dist", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "pydicom" in str(filename) or "for VR " in text:
+            message = clean(text, from_pydicom=True)
+        shown(message, category, filename, lineno, file, line)
+
+    show._xray_dist = True
+    warnings.showwarning = show
 
 
 def _in_ray_worker() -> bool:

@@ -49,7 +49,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         # API) otherwise pick "the latest cluster" when a machine runs two, find the controller
         # missing there, and remove a live run's placement group.
         env["RAY_ADDRESS"] = addr
-    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # every worker masks the values pydicom's warnings quote (a name, a UID) before Ray logs them
+    kwargs = {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "xray_dist.console.mask_pydicom_warnings"},
+              "log_to_driver": True}
     if addr == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False

@@ -7,6 +7,12 @@ exported: the model's spec, the plots, ``metrics.json``, ``history.csv`` and a s
 sweep logs each trial as a run of one experiment named after the sweep, through Ray Tune's
 ``MLflowLoggerCallback``.
 
+A tracking URI may carry credentials (``http://user:password@host``, ``?token=...``): they are
+used to talk to the server and never written or logged — ``RUN/mlflow.json``, the log and the
+errors hold the URI masked (:func:`xray_dist.redaction.mask_credentials`), and a resumed run is
+given the URI again (``--mlflow`` or ``MLFLOW_TRACKING_URI``) and recognises its MLflow run by
+the masked form.
+
 Nothing identifying leaves: parameters are the training settings that are numbers or choices
 (no path — the cache, the run directory and a weights file are named by what they are, not
 where); the dataset appears as its counts and the cache's fingerprint; the report has no file
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from xray_dist import storage
 from xray_dist.errors import XrayDistError
+from xray_dist.redaction import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +78,8 @@ def start_train_run(cfg, fingerprint_id: str, dataset: dict) -> dict | None:
     except XrayDistError:
         raise
     except Exception as e:  # noqa: BLE001 - the server's, or the network's, failure: one line naming it
-        raise XrayDistError(f"--mlflow {uri}: cannot start a run there ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise XrayDistError(f"--mlflow {mask_credentials(uri)}: cannot start a run there ({type(e).__name__}: "
+                            f"{mask_credentials(str(e).splitlines()[0]) if str(e) else ''})") from None
 
 
 def _start(client, uri: str, cfg, fingerprint_id: str, dataset: dict) -> dict:
@@ -80,13 +87,17 @@ def _start(client, uri: str, cfg, fingerprint_id: str, dataset: dict) -> dict:
         saved = storage.read_json(storage.join(cfg.out, RUN_FILE))
     except FileNotFoundError:
         saved = {}
-    if saved.get("uri") == uri and saved.get("run_id"):
+    shown = mask_credentials(uri)  # what is written and logged: the credentials stay in memory
+    # the same server: recorded masked (a file written before masking holds the URI itself)
+    if saved.get("uri") in (shown, uri) and saved.get("run_id"):
         try:
             client.get_run(saved["run_id"])
             client.update_run(saved["run_id"], status="RUNNING")
+            if saved["uri"] != shown:
+                storage.write_json(storage.join(cfg.out, RUN_FILE), {**saved, "uri": shown})
             return {"uri": uri, "run_id": saved["run_id"]}
         except Exception:  # noqa: BLE001 - deleted there, or another server: a new run
-            log.info("MLflow run %s not found at %s; starting a new one", saved["run_id"], uri)
+            log.info("MLflow run %s not found at %s; starting a new one", saved["run_id"], shown)
     name = f"xray-dist/{storage.name(cfg.out)}"
     exp = client.get_experiment_by_name("xray-dist")
     exp_id = exp.experiment_id if exp else client.create_experiment("xray-dist")
@@ -96,8 +107,8 @@ def _start(client, uri: str, cfg, fingerprint_id: str, dataset: dict) -> dict:
     params = {**params_of(cfg), "cache_fingerprint": fingerprint_id,
               **{f"images_{k}": str(v.get("images")) for k, v in dataset.get("splits", {}).items()}}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
-    storage.write_json(storage.join(cfg.out, RUN_FILE), {"uri": uri, "run_id": run.info.run_id, "name": name})
-    log.info("MLflow: logging to run %s at %s", run.info.run_id, uri)
+    storage.write_json(storage.join(cfg.out, RUN_FILE), {"uri": shown, "run_id": run.info.run_id, "name": name})
+    log.info("MLflow: logging to run %s at %s", run.info.run_id, shown)
     return {"uri": uri, "run_id": run.info.run_id}
 
 
@@ -130,7 +141,7 @@ class EpochLogger:
         try:
             self.client.log_batch(self.target["run_id"], metrics=metrics)
         except Exception as e:  # noqa: BLE001 - tracking is a convenience; training goes on without it
-            log.warning("MLflow: epoch %d not logged (%s: %s)", step, type(e).__name__, e)
+            log.warning("MLflow: epoch %d not logged (%s: %s)", step, type(e).__name__, mask_credentials(str(e)))
 
 
 def finish_train_run(target: dict | None, run_dir: Path, complete: bool) -> None:
@@ -161,7 +172,7 @@ def finish_train_run(target: dict | None, run_dir: Path, complete: bool) -> None
             client.log_artifact(rid, str(Path(tmp) / "report.html"))
         client.set_terminated(rid, status="FINISHED" if complete else "KILLED")
     except Exception as e:  # noqa: BLE001
-        log.warning("MLflow: artifacts of run %s not logged (%s: %s)", rid, type(e).__name__, e)
+        log.warning("MLflow: artifacts of run %s not logged (%s: %s)", rid, type(e).__name__, mask_credentials(str(e)))
 
 
 def fail_train_run(target: dict | None) -> None:
@@ -169,7 +180,7 @@ def fail_train_run(target: dict | None) -> None:
         try:
             _client(target["uri"]).set_terminated(target["run_id"], status="FAILED")
         except Exception as e:  # noqa: BLE001
-            log.warning("MLflow: run %s not marked failed (%s)", target["run_id"], e)
+            log.warning("MLflow: run %s not marked failed (%s)", target["run_id"], mask_credentials(str(e)))
 
 
 def sweep_callback(flag: str | None, sweep_out: str):
@@ -179,7 +190,58 @@ def sweep_callback(flag: str | None, sweep_out: str):
     if not uri:
         return None
     _client(uri)  # the client is installed (a clear error otherwise)
+    _KNOWN[mask_credentials(uri)] = uri
+    return _sweep_callback_class()(tracking_uri=uri, experiment_name=f"xray-dist-sweep-{storage.name(sweep_out)}",
+                                   tags={"xray_dist.kind": "sweep-trial"}, save_artifact=False)
+
+
+#: Credential-bearing URIs this process was given, by their masked form (a restored sweep's
+#: callback holds only the masked one).
+_KNOWN: dict[str, str] = {}
+
+
+def unmasked(shown: str | None) -> str | None:
+    """The URI behind ``shown``: itself when it holds no masked credentials; else the one this
+    process was given (``--mlflow``, ``MLFLOW_TRACKING_URI``) that masks to it; else None."""
+    from xray_dist.redaction import MASK
+
+    if not shown or MASK not in shown:
+        return shown
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and mask_credentials(env) == shown:
+        return env
+    return _KNOWN.get(shown)
+
+
+def __getattr__(name: str):
+    """``SweepMLflowCallback`` is made on first use (Ray is imported only then), and found here
+    by name when ``tuner.pkl`` is read back."""
+    if name == "SweepMLflowCallback":
+        return _sweep_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sweep_callback_class():
+    """Ray Tune's ``MLflowLoggerCallback``, pickled (into the sweep's ``tuner.pkl``) with its URI
+    masked; a restored sweep gets the URI back from :func:`unmasked` when it starts."""
+    if "SweepMLflowCallback" in globals():
+        return globals()["SweepMLflowCallback"]
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"xray-dist-sweep-{storage.name(sweep_out)}",
-                                tags={"xray_dist.kind": "sweep-trial"}, save_artifact=False)
+    class SweepMLflowCallback(MLflowLoggerCallback):
+        def __getstate__(self):
+            state = self.__dict__.copy()
+            state["tracking_uri"] = mask_credentials(state.get("tracking_uri"))
+            return state
+
+        def setup(self, *args, **kwargs):
+            real = unmasked(self.tracking_uri)
+            if real is None:
+                raise XrayDistError(f"--mlflow {self.tracking_uri}: give the URI with its credentials again "
+                                    "(--mlflow or MLFLOW_TRACKING_URI) to resume this sweep's tracking")
+            self.tracking_uri = real
+            return super().setup(*args, **kwargs)
+
+    SweepMLflowCallback.__module__, SweepMLflowCallback.__qualname__ = __name__, "SweepMLflowCallback"
+    globals()["SweepMLflowCallback"] = SweepMLflowCallback
+    return SweepMLflowCallback
