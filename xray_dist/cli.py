@@ -320,7 +320,7 @@ def _add_train(sub) -> None:
 def cmd_train(a) -> int:
     from xray_dist.train import train
 
-    res = train(train_config_from_args(a))
+    res = train(getattr(a, "cfg", None) or train_config_from_args(a))
     m = res.metrics
     print(f"train: best epoch {m['best_epoch']}/{m['epochs']}: val_auc {m['val_auc']:.3f}, "
           f"val_auc_abnormal {m['val_auc_abnormal']:.3f}, sensitivity {m['sensitivity']:.2f}, "
@@ -421,7 +421,7 @@ def sweep_config_from_args(a):
 def cmd_tune(a) -> int:
     from xray_dist.tune import sweep
 
-    cfg = sweep_config_from_args(a)
+    cfg = getattr(a, "cfg", None) or sweep_config_from_args(a)
     s = sweep(cfg)
     print(f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, "
           f"{s['failed']} failed) in {s['seconds']:.0f} s")
@@ -690,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     _protect_inputs(a)
     console.setup(level, console.log_path_for(a.command, getattr(a, "out", None), a.command in _LOG_IN_OUT))
     try:
+        if a.command in ("train", "tune"):  # a bad config stops in a second, before TensorFlow loads
+            a.cfg = (train_config_from_args if a.command == "train" else sweep_config_from_args)(a)
         if a.command in _USES_TENSORFLOW:
             console.load_tensorflow()  # its native start-up lines go to the log, not the terminal
         return COMMANDS[a.command][1](a)
