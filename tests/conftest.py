@@ -229,6 +229,39 @@ def same_run():
     return assert_same_run
 
 
+def mlflow_skinny_command(exe: str) -> str | None:
+    """Why ``exe`` cannot serve the tracking tests when it is the ``mlflow`` command of the
+    mlflow-skinny client (the training environment's: ``pip install xray-dist[mlflow]``), else None.
+
+    mlflow-skinny 3.x still lists ``mlflow server`` (``--help`` prints the full server's usage), but
+    it ships without the server's UI and dependencies, so the server it starts, if any, is not the
+    one the tests mean; older skinny releases answer ``No such command 'server'``. The executable's
+    own interpreter (its ``#!`` line) says which distribution it belongs to."""
+    import subprocess
+
+    why = (f"`{exe}` is mlflow-skinny's client command, not an MLflow tracking server: install the full "
+           "`mlflow` package in its own environment and set XRAY_DIST_MLFLOW_SERVER to its `mlflow` (.ci/run "
+           "makes one)")
+    try:
+        first = Path(exe).read_bytes()[:512].split(b"\n", 1)[0].decode()
+    except (OSError, UnicodeDecodeError):
+        first = ""
+    python = first[2:].strip().split()[0] if first.startswith("#!") and first[2:].strip() else ""
+    if python and Path(python).is_file():
+        probe = ("import importlib.metadata as m, sys\n"
+                 "def has(d):\n    try:\n        m.distribution(d)\n        return True\n"
+                 "    except m.PackageNotFoundError:\n        return False\n"
+                 "sys.stdout.write('skinny' if has('mlflow-skinny') and not has('mlflow') else 'full')")
+        r = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+        if r.stdout == "skinny":
+            return why
+        if r.stdout == "full":
+            return None
+    # no interpreter to ask (a wrapper script, a frozen binary): ask the command itself
+    r = subprocess.run([exe, "server", "--help"], capture_output=True, text=True, timeout=120)
+    return None if r.returncode == 0 and "Usage: mlflow server" in r.stdout else why
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts served by it), run
@@ -239,12 +272,17 @@ def mlflow_server(tmp_path_factory):
     import time
     import urllib.request
 
+    def unavailable(why: str):
+        if os.environ.get("XRAY_DIST_REQUIRE_MLFLOW"):
+            pytest.fail(f"an MLflow server is required (XRAY_DIST_REQUIRE_MLFLOW is set) but {why}")
+        pytest.skip(why)
+
     exe = os.environ.get("XRAY_DIST_MLFLOW_SERVER") or shutil.which("mlflow")
     if not exe:
-        if os.environ.get("XRAY_DIST_REQUIRE_MLFLOW"):
-            pytest.fail("an MLflow server is required (XRAY_DIST_REQUIRE_MLFLOW is set) but XRAY_DIST_MLFLOW_SERVER "
-                        "names none")
-        pytest.skip("no MLflow server: set XRAY_DIST_MLFLOW_SERVER to an `mlflow` executable (.ci/run installs one)")
+        unavailable("no MLflow server: set XRAY_DIST_MLFLOW_SERVER to an `mlflow` executable (.ci/run installs one)")
+    skinny = mlflow_skinny_command(exe)
+    if skinny:
+        unavailable(skinny)
     d = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = open(d / "server.log", "wb")

@@ -201,7 +201,7 @@ def test_nothing_usable_fails_clearly(ray_cluster, tmp_path, capsys):
     (data / "normal").mkdir(parents=True)
     (data / "normal" / "x.dcm").write_bytes(b"junk")
     rc = cli.main(["prepare", str(data), "--out", str(tmp_path / "c"), "--image-size", "32"])
-    assert rc != 0
+    assert rc == 2
     err = capsys.readouterr().err
     assert "x.dcm" in err and "not a DICOM" in err
 
@@ -210,7 +210,7 @@ def test_refuses_foreign_out_dir(tmp_path, synth_binary, capsys):
     (tmp_path / "notacache").mkdir()
     (tmp_path / "notacache" / "thesis.docx").write_text("precious")
     rc = run_prepare(synth_binary.out, synth_binary.labels_csv, tmp_path / "notacache")
-    assert rc != 0 and "not an xray-dist cache" in capsys.readouterr().err
+    assert rc == 2 and "not an xray-dist cache" in capsys.readouterr().err
 
 
 READ_UNDER_PRESSURE = """

@@ -44,7 +44,16 @@ def test_export_reloads_in_a_fresh_process_with_predicts_numbers(two_worker_run,
     spec = json.loads((out / "model_spec.json").read_text())
     assert serving["input"]["shape"] == [None, 32, 32] and serving["input"]["dtype"] == "uint8"
     assert serving["output"]["classes"] == spec["classes"]["names"] == ["normal", "finding"]
-    assert spec["preprocess"]["image_size"] == 32 and 0 < serving["threshold"] < 1
+    assert spec["preprocess"]["image_size"] == 32
+    # the threshold that travels is the run's, Youden's J on its best epoch's validation scores
+    # (recomputed here: the highest score t that maximises sens + spec at "score >= t")
+    assert serving["threshold"] == spec["threshold"] == json.loads((run / "model" / "model_spec.json").read_text())[
+        "threshold"]
+    val = np.load(run / "val_scores.npz")
+    score, y = 1.0 - val["probs"][:, 0], val["labels"] != 0
+    youden = max(sorted(set(score.tolist()), reverse=True),
+                 key=lambda t: (score[y] >= t).mean() - (score[~y] >= t).mean())  # max keeps the first: the highest
+    assert serving["threshold"] == pytest.approx(youden, abs=1e-6)
     np.save(tmp_path / "x.npy", images)
     script = LOAD_SAVEDMODEL if fmt == "savedmodel" else LOAD_KERAS
     model_path = out / ("savedmodel" if fmt == "savedmodel" else "model.keras")

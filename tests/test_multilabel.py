@@ -1,6 +1,7 @@
 """Multi-label training end to end on real Ray: a cohort whose images show zero, one or two
 findings at once trains K sigmoid outputs to per-finding AUROC >= 0.9; a sweep searches K; predict,
-explain, evaluate, report and export all read the multi-label run."""
+explain, evaluate, report and export all read the multi-label run (export checked apart from the
+report, whose browser check skips where Chromium is missing)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_cooccurring_findings_are_learned_per_finding(ml_cohort, ml_run):
     best = m["best"]
     assert best["val_auc_effusion"] >= 0.9 and best["val_auc_nodule"] >= 0.9
     assert best["val_auc_mean"] == pytest.approx((best["val_auc_effusion"] + best["val_auc_nodule"]) / 2)
-    assert 0 <= best["val_auc_abnormal"] <= 1
+    # any finding vs none, scored by the largest finding probability: learned too (measured 1.000)
+    assert best["val_auc_abnormal"] >= 0.9
     spec = json.loads((out / "model" / "model_spec.json").read_text())
     assert spec["model"]["multilabel"] and spec["model"]["num_outputs"] == 2  # K sigmoid outputs, no softmax
     assert set(spec["thresholds"]) == {"effusion", "nodule"}
@@ -87,7 +89,7 @@ def test_cooccurring_findings_are_learned_per_finding(ml_cohort, ml_run):
     assert auroc(targets[:, e], probs[:, e]) == pytest.approx(best["val_auc_effusion"], abs=1e-6)
 
 
-def test_predict_explain_evaluate_report_export(ml_cohort, ml_run, tmp_path, capsys, chromium):
+def test_predict_explain_evaluate_report(ml_cohort, ml_run, tmp_path, capsys, chromium):
     from xray_dist import cli
     from xray_dist.dataset import load_manifest
 
@@ -156,10 +158,16 @@ def test_predict_explain_evaluate_report_export(ml_cohort, ml_run, tmp_path, cap
     marks = chromium(page, tmp_path / "report.png")
     assert marks and marks.split("/")[0] == marks.split("/")[1]  # every picture decodes
 
-    # export: the serving model gives each finding's probability, as predict does
+
+def test_export_serves_each_finding(ml_cohort, ml_run, tmp_path):
+    """The serving model gives each finding's probability, as predict does (apart from the report
+    test, so that it runs wherever Chromium is missing)."""
+    from xray_dist import cli
     from xray_dist.dataset import load_split_arrays
     from xray_dist.predict import load_run_model, predict_arrays
 
+    _, cache = ml_cohort
+    _, run = ml_run
     assert cli.main(["export", "--model", str(run), "--out", str(tmp_path / "served"), "--format", "keras"]) == 0
     serving = json.loads((tmp_path / "served" / "serving.json").read_text())
     assert serving["output"]["findings"] == ranked_findings(cache) and set(serving["thresholds"]) == {"effusion", "nodule"}

@@ -7,6 +7,7 @@ paths (a worker killed mid-run, a rerun with the same ``--out``) are in tests/te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,65 @@ def test_a_trial_cut_between_its_last_checkpoint_and_its_export_reports_its_end(
     result, _, _ = train_in_process(cfg, on_report=again.append)  # the rerun: the checkpoint holds epoch 1
     assert [m["epoch"] for m in again] == [1] and again[0]["val_auc_abnormal"] == first[0]["val_auc_abnormal"]
     assert result.checkpoint is not None
+
+
+def test_a_changed_cache_stops_a_resumed_sweep_and_a_rerun_train(ray_cluster, tmp_path, capsys):
+    """``tune`` resumed into its SWEEP directory and ``train`` rerun into its run directory, after the
+    cache was prepared again with one label changed, then after one file changed on disk (so its
+    image is decoded again): each is refused before it trains, exit 2, one line naming the change
+    and the directory; the run and the sweep are left as they were. With the original files and
+    labels prepared again, the fingerprint is the recorded one (it is the content that counts)."""
+    import csv
+    import os
+
+    from xray_dist import fingerprint
+    from xray_dist.cli import main
+    from xray_dist.synth import synthesize
+
+    syn = synthesize(tmp_path / "data", patients=8, images_per_patient=2, size=64, seed=7)
+    cache, run, sweep = tmp_path / "cache", tmp_path / "run", tmp_path / "sweep"
+
+    def prepare(labels: Path) -> None:
+        assert main(["prepare", str(syn.out), "--labels", str(labels), "--out", str(cache), "--image-size", "32",
+                     "--seed", "1"]) == 0
+
+    prepare(syn.labels_csv)
+    train = ["train", "--cache", str(cache), "--out", str(run), "--weights", "none", "--batch-size", "8",
+             "--cpus-per-worker", "0.5", "--unfreeze-blocks", "0"]
+    tune = ["tune", "--cache", str(cache), "--out", str(sweep), "--epochs", "1", "--weights", "none", "--combos",
+            "0:2:0", "--lr", "1e-3,1e-3", "--scheduler", "fifo", "--batch-size", "8", "--cpus-per-worker", "0.5"]
+    assert main([*train, "--epochs", "1"]) == 0
+    assert main(tune) == 0
+    before = {p: p.read_bytes() for p in (run / "history.csv", run / "inputs.json", sweep / "results.csv",
+                                          sweep / "inputs.json")}
+
+    def refused(argv: list[str], what: str, target: Path, change: str) -> None:
+        capsys.readouterr()  # prepare's lines
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert f"changed since the {what} in {target} started from it" in err[0] and change in err[0], err[0]
+
+    # another label for one image (the split may follow the labels; the labels are named in any case)
+    relabelled = tmp_path / "relabelled.csv"
+    rows = list(csv.reader(syn.labels_csv.open()))
+    flip = next(i for i, r in enumerate(rows) if r[1] == "normal")
+    rows[flip][1] = "finding"
+    with relabelled.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    prepare(relabelled)
+    refused([*train, "--epochs", "2"], "run", run, fingerprint.PARTS["labels"])
+    refused(tune, "sweep", sweep, fingerprint.PARTS["labels"])
+
+    prepare(syn.labels_csv)  # as it was: nothing to refuse
+    for target, what in ((run, "run"), (sweep, "sweep")):
+        assert fingerprint.check_unchanged(str(target), str(cache), what)["id"] == json.loads(
+            (target / "inputs.json").read_text())["cache_fingerprint"]["id"]
+
+    # one file rewritten since (same bytes, a new modification time): prepare decodes it again
+    touched = syn.files[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    prepare(syn.labels_csv)
+    refused([*train, "--epochs", "2"], "run", run, fingerprint.PARTS["images"])
+    refused(tune, "sweep", sweep, fingerprint.PARTS["images"])
+    assert {p: p.read_bytes() for p in before} == before  # neither trained nor rewrote anything

@@ -201,6 +201,23 @@ class TestBadLocations:
 
 # ---- end to end on object storage --------------------------------------------------------------------
 
+def files_with(needle: bytes, root: Path) -> tuple[int, list[str]]:
+    """(how many regular files there are under ``root``, those holding ``needle``)."""
+    n, hits = 0, []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            f = Path(dirpath, name)
+            if f.is_symlink() or not f.is_file():
+                continue
+            n += 1
+            try:
+                if needle in f.read_bytes():
+                    hits.append(str(f))
+            except OSError:  # a file Ray removed while the walk went on
+                pass
+    return n, hits
+
+
 def _history(csv_text: str) -> list[dict]:
     import csv
     import io
@@ -211,7 +228,8 @@ def _history(csv_text: str) -> list[dict]:
 @pytest.mark.slow
 def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_dir, tmp_path, monkeypatch, capfd):
     """prepare → train (2 workers on 2 nodes that share no directory) → resume → predict → explain →
-    tune → report → export, with every path an ``s3://`` URI of the moto server."""
+    tune → evaluate → report → export, with every path an ``s3://`` URI of the moto server; the S3
+    secret appears in no object, no printed line and no log file (the commands', Ray's on both nodes)."""
     import json
 
     import tf_keras as keras
@@ -220,6 +238,8 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
     from xray_dist.synth import synthesize
 
     monkeypatch.chdir(tmp_path)
+    logs = Path(os.environ["XRAY_DIST_LOG_DIR"])
+    logs_before = set(logs.glob("*.log"))
     b = "xray-e2e"
     bucket = s3_server.bucket(b)
     syn = synthesize(tmp_path / "synth", patients=24, images_per_patient=2, size=64, seed=5)
@@ -234,7 +254,7 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
 
     data, cache, run = f"{bucket}/data", f"{bucket}/cache", f"{bucket}/runs/r1"
     assert main(["prepare", data, "--labels", f"{data}/labels.csv", "--out", cache, "--image-size", "32",
-                 "--seed", "3"]) == 0
+                 "--seed", "3", "--test-fraction", "0.25"]) == 0
     report = json.loads(s3_server.get(b, "cache/prepare_report.json"))
     assert report["found"] == len(syn.files) + 1 == report["ok"] + len(report["quarantined"])
     assert [q["path"] for q in report["quarantined"]] == ["corrupt.dcm"]
@@ -280,9 +300,18 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
     assert any(k.startswith("sweeps/s1/sweep/") for k in s3_server.keys(b, "sweeps/s1/"))  # Tune's own state
     assert any(k.startswith("cache/features/") and k.endswith("meta.json") for k in s3_server.keys(b, "cache/"))
 
+    # the sweep's best trial scored once on the held-out test patients: cache, sweep and outputs in the bucket
+    assert main(["evaluate", "--model", sweep, "--cache", cache, "--bootstrap", "100"]) == 0
+    ev = json.loads(s3_server.get(b, "sweeps/s1/evaluation/test/metrics.json"))
+    assert ev["split"] == "test" and ev["model"] == best["model"]
+    assert ev["images"] == report["splits"]["test"]["images"] > 0
+    assert {"sweeps/s1/evaluation/test/scores.parquet", "sweeps/s1/evaluation/test/roc.png"} <= set(
+        s3_server.keys(b, "sweeps/s1/evaluation/"))
+    assert json.loads(s3_server.get(b, "sweeps/s1/best.json"))["test"]["auc_abnormal"] == ev["auc_abnormal"]
+
     assert main(["report", sweep, "--out", f"{bucket}/out/report.html"]) == 0
     html = s3_server.get(b, "out/report.html").decode()
-    assert "corrupt.dcm" in html and "Best trial" in html
+    assert "corrupt.dcm" in html and "Best trial" in html and "Held-out test" in html
     assert main(["export", "--model", run, "--out", f"{bucket}/out/export"]) == 0
     exported = s3_server.keys(b, "out/export/")
     assert {"out/export/model_spec.json", "out/export/serving.json"} <= set(exported)
@@ -295,6 +324,18 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
     assert s3_server.secret not in out.out + out.err
     for key in s3_server.keys(b):
         assert s3_server.secret.encode() not in s3_server.get(b, key), key
+    # nor in a log: the commands' own log files (outputs on S3 log to XRAY_DIST_LOG_DIR), Ray's session
+    # logs on the head (/tmp/ray/session_*) and everything under the worker node's Ray directory
+    # this test's commands' files (a log file is opened at its first line: report writes none)
+    written = {f.name.split("-")[0] for f in set(logs.glob("*.log")) - logs_before}
+    assert {"prepare", "train", "predict", "explain", "tune", "evaluate", "export"} <= written, written
+    head_logs = Path(ray_cluster.head_node.get_session_dir_path()) / "logs"
+    assert head_logs.resolve().parent.parent == Path("/tmp/ray").resolve()
+    scanned = {}
+    for root in (logs, head_logs, Path("/tmp/ray/session_latest/logs"), worker_node_temp_dir):
+        scanned[str(root)] = files_with(s3_server.secret.encode(), root)
+    assert all(n for n, _ in scanned.values()), {k: n for k, (n, _) in scanned.items()}  # each place holds files
+    assert [hit for _, hits in scanned.values() for hit in hits] == []
 
 
 @pytest.mark.slow

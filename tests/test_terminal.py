@@ -68,7 +68,7 @@ def test_demo_without_a_tty_is_short_and_quiet_and_the_log_holds_the_rest(tmp_pa
     reader.join(timeout=30)
     text = "".join(lines)
     assert proc.returncode == 0, text[-3000:]
-    assert len(lines) <= 80, f"{len(lines)} lines:\n{text}"
+    assert len(lines) <= 60, f"{len(lines)} lines:\n{text}"
     for pattern in NOISE:
         hits = [line for line in lines if re.search(pattern, line)]
         assert not hits, f"{pattern!r} on the terminal: {hits[:3]}"

@@ -207,6 +207,45 @@ def test_rerun_same_out_resumes_exactly(prepared_binary, uninterrupted, tmp_path
         train(cfg_for(cache, out, **{**RESUMED, "head_width": 16}))
 
 
+def rank0_log(ray_cluster, worker_node_temp_dir, run: Path) -> str:
+    """What the run's rank-0 worker process wrote, read from Ray's log files on whichever node it ran
+    (``workers/rank0.json`` names its pid). The run's own log file gets these lines only as Ray
+    forwards them to the driver, which this test cluster's second node does not do."""
+    pid = json.loads((run / "workers" / "rank0.json").read_text())["pid"]
+    roots = (Path(ray_cluster.head_node.get_session_dir_path()) / "logs", worker_node_temp_dir)
+    files = sorted(f for root in roots for f in root.rglob(f"worker-*-{pid}.*"))
+    assert files, f"no Ray log file of pid {pid}"
+    return "".join(f.read_text(errors="replace") for f in files)
+
+
+def test_a_streamed_split_trains_and_resumes(ray_cluster, worker_node_temp_dir, prepared_binary, tmp_path):
+    """``--worker-cache-mb 0``: the training split does not fit in the worker's memory, so it streams
+    Ray Data's share every epoch. The command trains 1 epoch, then resumes to 2 (epoch 1 not
+    trained again), and the worker's log says which input order each run used and how it resumed."""
+    from xray_dist.cli import main
+
+    _, cache = prepared_binary
+    out = tmp_path / "streamed"
+    argv = ["train", "--cache", str(cache), "--out", str(out), "--batch-size", "8", "--lr", "1e-4", "--weights", "none",
+            "--unfreeze-blocks", "1", "--num-workers", "1", "--cpus-per-worker", "0.5", "--worker-cache-mb", "0"]
+    streamed = "input: Ray Data shard order (streamed: the training split is larger than worker_cache_mb"
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = read_history(out)
+    assert [int(h["epoch"]) for h in first] == [1]
+    text = rank0_log(ray_cluster, worker_node_temp_dir, out)
+    assert text.count(streamed) == 1 and "global-batch order" not in text, text[-3000:]
+    assert main([*argv, "--epochs", "2"]) == 0
+    second = read_history(out)
+    assert [int(h["epoch"]) for h in second] == [1, 2]
+    assert second[0]["epoch_seconds"] == first[0]["epoch_seconds"]  # not retrained
+    text = rank0_log(ray_cluster, worker_node_temp_dir, out)  # the resumed run's worker (a new process)
+    assert text.count(streamed) == 1 and "global-batch order" not in text, text[-3000:]
+    assert ("resuming from the checkpoint after epoch 1 (optimizer and dropout state restored; the data order is "
+            "Ray Data's (the training split is larger than worker_cache_mb)") in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 2 and m["complete"] and m["config"]["worker_cache_mb"] == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,7 +36,9 @@ def cache3(ray_cluster, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache3")
     report = prepare(PrepareConfig(data_dir=str(data), labels=str(syn.labels_csv), out=str(cache),
                                    preprocess=PreprocessSpec(image_size=32), seed=2, test_fraction=0.2))
-    assert [q["path"] for q in report["quarantined"]] == ["images/zz_truncated.dcm"]
+    (quarantined,) = report["quarantined"]
+    assert quarantined["path"] == "images/zz_truncated.dcm" and quarantined["reason"].startswith("truncated: "), \
+        quarantined  # reported as cut off, not as a codec's failure
     return cache
 
 
@@ -131,25 +133,62 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     assert chromium(page, tmp_path / "sweep.png") == "5/5"  # sweep plot + the best run's four pictures
 
 
+def zero_features(cache: Path, weights: str, seed: int, depth: int) -> int:
+    """Give ``cache`` frozen features for ``depth`` that are all zero (the sweep's shared-feature
+    directory for that depth, extracted once and then overwritten in place, same rows and tensor
+    type): every trial at that depth trains and is scored on inputs that carry nothing. Returns
+    the number of rows."""
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    from xray_dist import storage
+    from xray_dist.features import ensure_features
+
+    feats = Path(ensure_features(cache, weights, seed, depth, where="here"))
+    rows = 0
+    for shard in sorted((feats / "shards").glob("*.parquet")):
+        batch = BlockAccessor.for_block(pq.read_table(shard)).to_batch_format("numpy")
+        assert batch["x"].any()  # the real activations, before they are wiped
+        rows += len(batch["path"])
+        storage.write_parquet(BlockAccessor.batch_to_block({"path": batch["path"], "x": np.zeros_like(batch["x"])}),
+                              str(shard))
+    return rows
+
+
 def test_asha_stops_the_trial_built_to_be_weak(prepared_binary, tmp_path):
-    """A deterministic sweep (one trial at a time, exact training): the first trial is sound (all
-    blocks trainable; it separates the binary set's validation patients from its first epoch); the
-    second is built to be weak — a frozen base behind a one-unit ReLU layer, whose unit never
-    fires — so at the first rung it scores below the first and ASHA stops it there, before it trains
-    its remaining epochs. (The weak trial used to be "dropout 0.9" on the three-class set, whose
-    12 validation images left the two trials' early scores to floating-point luck: CI saw the weak
-    trial tie the sound one at both rungs and finish.)"""
+    """A deterministic sweep (one trial at a time): the first trial is sound (all blocks trainable;
+    it separates the binary set's validation patients from its first epoch); the second is weak by
+    construction, whatever its initialisation: it trains its head at unfreeze depth 0 on the
+    sweep's shared frozen features, and those are all zero here (a frozen base that sees nothing).
+    Every validation image then gets the same score, so its AUROC is exactly 0.5 at every epoch,
+    below the sound trial's at the first rung, and ASHA stops it there. (It used to be a one-unit
+    ReLU head "that never fires": whether it fires depends on its random initial weights; before
+    that, "dropout 0.9", which tied the sound trial in CI.)"""
+    import shutil
+
+    from xray_dist.dataset import load_manifest
     from xray_dist.tune import sweep
 
-    _, cache = prepared_binary
+    _, prepared = prepared_binary
+    cache = tmp_path / "cache"  # a copy: the session's cache keeps its real features
+    shutil.copytree(prepared, cache, ignore=shutil.ignore_patterns("features"))
     out = tmp_path / "asha"
-    cfg = SweepConfig(base=base(cache, out, epochs=4, lr=1e-4), out=str(out), combos=((0, 2, 5), (1, 2, 0)),
+    cfg = SweepConfig(base=base(cache, out, epochs=4, lr=1e-4), out=str(out), combos=((0, 2, 5), (8, 2, 0)),
                       lr=(1e-4, 1e-4), scheduler="asha", grace_period=1, max_concurrent=1)
+    assert zero_features(cache, cfg.base.weights, cfg.base.seed, 0) == load_manifest(cache).num_rows
     sweep(cfg)
-    rows = {int(r["head_width"]): r for r in read_results(out)}
-    assert rows[0]["status"] == "completed" and rows[0]["epochs"] == "4", rows[0]
-    assert rows[1]["status"] == "stopped_early", rows[1]
-    assert int(rows[1]["epochs"]) < 4 and float(rows[1]["val_auc_abnormal"]) < float(rows[0]["val_auc_abnormal"])
+    rows = {int(r["unfreeze_blocks"]): r for r in read_results(out)}
+    sound, weak = rows[5], rows[0]
+    assert sound["status"] == "completed" and sound["epochs"] == "4", sound
+    assert float(sound["val_auc_abnormal"]) > 0.5, sound  # it separates something at the first rung already
+    assert weak["shared_features"] == "True", weak  # it trained on the zeroed features
+    assert float(weak["val_auc_abnormal"]) == 0.5, weak  # one score for every image: chance, exactly
+    # stopped by the scheduler at the first rung (grace period 1): one epoch reported, one
+    # checkpoint written, no export — not a failure, not a run that ended on its own
+    assert weak["status"] == "stopped_early" and weak["epochs"] == str(cfg.grace_period) and not weak["error"], weak
+    trial = out / "trials" / weak["trial"]
+    assert not (trial / "metrics.json").exists()
+    assert sorted(p.name for p in (trial / "checkpoints").iterdir()) == ["epoch_0001"]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

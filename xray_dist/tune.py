@@ -317,6 +317,9 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
         search_alg = OptunaSearch()
+    from xray_dist.compat import stop_tune_forwarding_credentials
+
+    stop_tune_forwarding_credentials()  # else Ray's runtime-env agent logs the driver's AWS secret on every node
     trainable = tune.with_resources(tune.with_parameters(_grid_to_params(trial_fn), setup=setup),
                                     trial_resources(cfg))
     path = storage.join(out, SWEEP_NAME)
