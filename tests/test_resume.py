@@ -37,11 +37,28 @@ def test_a_trial_stopped_after_epoch_2_and_resumed_ends_where_the_uninterrupted_
     whole = in_process(cache, tmp_path / "whole", 4, read_h5)
     again = in_process(cache, tmp_path / "again", 4, read_h5)
     same_run(whole, again)  # deterministic: the comparison below means something
+    assert_bitwise(whole, again)  # same cache and seed, same model on CPU: bit for bit
     first = in_process(cache, tmp_path / "cut", 2, read_h5)
     assert [h["epoch"] for h in first[1]] == [1, 2]
     resumed = in_process(cache, tmp_path / "cut", 4, read_h5)  # the same --out: resumes after epoch 2
     assert [h["epoch"] for h in resumed[1]] == [1, 2, 3, 4] and resumed[1][:2] == first[1]  # 1-2 not retrained
     same_run(whole, resumed)
+    assert_bitwise(whole, resumed)
+
+
+def assert_bitwise(a: tuple, b: tuple) -> None:
+    """Two runs' (weights by name, history) equal to the last bit: no tolerance at all (the
+    history's wall-clock fields aside)."""
+    import numpy as np
+
+    (wa, ha), (wb, hb) = a, b
+    clock = {"epoch_seconds", "images_per_s"}
+    assert [{k: v for k, v in h.items() if k not in clock} for h in ha] == \
+        [{k: v for k, v in h.items() if k not in clock} for h in hb]
+    assert sorted(wa) == sorted(wb) and len(wa) > 0
+    for name in wa:
+        assert wa[name].dtype == wb[name].dtype and np.array_equal(wa[name], wb[name]), name
+        assert wa[name].tobytes() == wb[name].tobytes(), name
 
 
 def test_a_trial_cut_between_its_last_checkpoint_and_its_export_reports_its_end(prepared_binary, tmp_path):
