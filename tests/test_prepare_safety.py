@@ -131,6 +131,9 @@ def test_a_default_cache_cannot_be_reversed(ray_cluster, small, tmp_path, monkey
     true = set(small.patients.values())
     assert true <= set(ids)
     assert not list(cache.rglob("*salt*"))
+    salt = (secrets_dir / "salt").read_text().strip()
+    for f in cache.rglob("*"):  # ground truth: the salt's bytes are in no file of the cache, Parquet included
+        assert not f.is_file() or salt.encode() not in f.read_bytes(), f
     assert brute_force(cache, ids) == set()
     # control: with the salt the user keeps (outside the cache) the same search finds every patient,
     # so the search above could have succeeded

@@ -58,6 +58,7 @@ def test_every_shape_trains_the_same_global_batches(ray_cluster):
     ref = seen[(1, 1, 16)]
     assert len(ref) == 2 and all(len(p) == 2 and all(len(step) == 16 for step in p) for p in ref)
     assert ref[0] != ref[1]  # a new permutation each epoch
+    assert all(len(set(p[0]) | set(p[1])) == 32 for p in ref)  # 32 distinct rows an epoch, none twice
     for s in shapes:
         assert seen[s] == ref, s
 

@@ -244,8 +244,9 @@ def _decode_one_by_one(rels: list[str], data_dir: str, spec_dict: dict, salt: st
 
 
 def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], images_dir: str, salt: str,
-                key: str, names: PathNames = PathNames()) -> None:
+                key: str, names: PathNames = PathNames(), earlier: list[str] = ()) -> list[str]:
     """Decode every file once, one Ray task per chunk (1 CPU each), each writing its own Parquet file.
+    ``earlier``: chunks a previous prepare recorded, read before its completion marker was removed.
 
     Plain Ray tasks rather than a Ray Data pipeline: the work is one independent map with nothing
     downstream, and on this project's 2-CPU machines the tasks finished the same decodes 25–30 %
@@ -265,7 +266,7 @@ def _decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], imag
     chunk_files = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
     wanted = set(chunk_files)
     listed = {f.rel for f in storage.list_files(images_dir)}
-    recorded = set(_recorded_chunks(images_dir))
+    recorded = set(_recorded_chunks(images_dir)) | set(earlier)
     for rel in sorted((recorded - wanted) & listed):  # chunks of other inputs, recorded by an earlier prepare
         storage.delete_file(storage.join(images_dir, rel))
     # recorded before any is written: the only files a later prepare may delete (nothing else, ever)
@@ -396,9 +397,11 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     if not reused:
         if old is not None:
             log.info("cache %s was made from other inputs or settings; decoding again", images_dir)
+            recorded = _recorded_chunks(images_dir)  # read while the marker still lists them
             storage.delete_file(marker)  # no longer complete; its recorded chunks go in _decode_all
         log.debug("decoding %d files with Ray tasks", len(rels))
-        chunks = _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key, names)
+        chunks = _decode_all(cfg, rels, {r: stats[r][0] for r in rels}, images_dir, salt, key, names,
+                             recorded if old is not None else [])
         storage.write_json(marker, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict(),
                                     "chunks": chunks})
     else:

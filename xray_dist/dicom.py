@@ -87,7 +87,7 @@ def read_dataset(path: str | Path, data: bytes | None = None, max_pixels: int = 
     except InvalidDicomError as e:
         raise NotDicomError(path, f"not a DICOM Part 10 file ({e})") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, reported with its cause
-        raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: {e}") from None
+        raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: {mask_values(str(e))}") from None
     with named_failures(path, "the DICOM header"):
         _check_whole(ds, path, len(data))
         _check_image(ds, path, max_pixels)
@@ -146,15 +146,15 @@ def _check_image(ds: Dataset, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     declared = rows * cols * max(frames, 1) * samples
+    if frames > 1:
+        raise UnsupportedImageError(
+            path, f"multi-frame image ((0028,0008) Number of Frames = {frames}); one projection per file is expected"
+        )
     if declared > max_pixels:  # before any pixel is decoded: a 1 KB header can claim gigabytes
         nbytes = declared * max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))
         raise ImageTooLargeError(path, f"declares {rows} x {cols} pixels x {frames} frame(s) x {samples} sample(s) "
                                        f"({declared / 1e6:.0f} MP, {nbytes / 2**30:.1f} GiB to decode), more than "
                                        f"--max-pixels {max_pixels}")
-    if frames > 1:
-        raise UnsupportedImageError(
-            path, f"multi-frame image ((0028,0008) Number of Frames = {frames}); one projection per file is expected"
-        )
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi not in _GRAY | _COLOUR:
         raise UnsupportedImageError(path, f"(0028,0004) Photometric Interpretation {pi!r} is not supported")

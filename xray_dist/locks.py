@@ -493,5 +493,11 @@ class TargetLock:
     def __enter__(self) -> "TargetLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        try:  # the command's own error is the one to report; a failed release only logged
+            self.release()
+        except Exception as e:  # noqa: BLE001
+            log.warning("releasing the lock on %s failed: %s", self.target, e)

@@ -64,12 +64,16 @@ def _create_local(path: Path) -> str:
     process made it first, theirs."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     salt = secrets.token_hex(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _checked(path.read_text(), str(path))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(salt)
+    try:  # whole or absent: a process that loses the race reads the winner's complete salt
+        os.link(tmp, path)
+    except FileExistsError:
+        return _checked(path.read_text(), str(path))
+    finally:
+        tmp.unlink(missing_ok=True)
     return salt
 
 

@@ -544,11 +544,23 @@ def staged_output(path: str | Path, replace: tuple[str, ...] = (), marker: str |
             for u in uploaded:  # a later subdirectory failed: no pointer was written, none is used
                 u.discard()
             raise
-        for u in uploaded:
-            u.switch()
+        # the other files, then the switch, then the marker, and only then the old versions go: a
+        # failure at any step leaves the previous model in place (and its marker the old one)
+        held = None
+        if marker and (tmp / marker).is_file():
+            held = Path(tempfile.mkdtemp(prefix="marker_", dir=tmp.parent)) / "marker"
+            os.replace(tmp / marker, held)
+        try:
+            put_dir(tmp, path)
+            for u in uploaded:
+                u.switch()
+            if held is not None:
+                upload_file(held, join(path, marker))
+        finally:
+            if held is not None:
+                shutil.rmtree(held.parent, ignore_errors=True)
         for u in uploaded:
             u.drop_old()
-        put_dir(tmp, path, marker=marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
