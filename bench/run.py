@@ -7,14 +7,14 @@ the raw figures it came from; all come from real runs of both sides in this proc
 synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
 
 - ``input_ratio``: images/s delivered to the model from epoch 2 on — our training input (Parquet
-  cache → Ray Data → worker-memory shard cache → tf.data, :func:`xray_dist.train._train_input`)
+  cache → Ray Data → worker-memory shard cache → tf.data, :func:`xray_dist.training.driver._train_input`)
   vs the naive tf.data pipeline that decodes every file every epoch. Uncompressed files, the
   naive side's best case.
 - ``sweep_ratio``: wall time of a head-only sweep (unfreeze depth 0, several head widths, same
-  epochs, no early stopping on either side): :func:`xray_dist.tune.sweep` on shared frozen
+  epochs, no early stopping on either side): :func:`xray_dist.training.tune.sweep` on shared frozen
   features vs the naive recipe recomputing the base in every epoch of every trial.
 - ``j2k_reduce_ratio``: JPEG 2000 lossless radiographs to model inputs, decoding only the
-  resolution level that covers the model input (:mod:`xray_dist.j2k`) vs full decode then resize;
+  resolution level that covers the model input (:mod:`xray_dist.data.j2k`) vs full decode then resize;
   the model inputs must agree within the stated tolerance.
 - ``prepare_scaling``: ``prepare`` throughput with 2 Ray CPUs vs 1 on the same files (fresh Ray
   each; steady state = the better of two more prepares on the warm worker pool; cold figures and
@@ -87,7 +87,7 @@ def make_data(work: Path, s: dict) -> tuple[Path, Path]:
     """Uncompressed and JPEG 2000 lossless synthetic radiographs with a VOI window, as CRs carry."""
     import pydicom
 
-    from xray_dist.synth import synthesize
+    from xray_dist.data.synth import synthesize
 
     out = {}
     for name, n, enc in (("unc", s["n_unc"], "mono2_u16_explicit"), ("j2k", s["n_j2k"], "j2k_lossless")):
@@ -104,8 +104,8 @@ def make_data(work: Path, s: dict) -> tuple[Path, Path]:
 
 def bench_j2k(j2k_dir: Path, image_size: int) -> dict:
     from xray_dist.config import PreprocessSpec
-    from xray_dist.dicom import load_image, read_dataset
-    from xray_dist.j2k import decode_reduced
+    from xray_dist.data.dicom import load_image, read_dataset
+    from xray_dist.data.j2k import decode_reduced
 
     files = sorted((j2k_dir / "images").glob("*.dcm"))
     fast_spec, full_spec = PreprocessSpec(image_size=image_size), PreprocessSpec(image_size=image_size, j2k_reduce=False)
@@ -130,7 +130,7 @@ def bench_j2k(j2k_dir: Path, image_size: int) -> dict:
 def _fresh_ray(num_cpus: int):
     import ray
 
-    from xray_dist.runtime import init_ray
+    from xray_dist.infra.runtime import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -144,7 +144,7 @@ def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int, copies:
     a few seconds is dominated by its fixed start-up, which hides how decoding scales.
     """
     from xray_dist.config import PrepareConfig, PreprocessSpec
-    from xray_dist.dataset import prepare
+    from xray_dist.data.prepare import prepare
 
     both = work / "data_all"
     both.mkdir(exist_ok=True)
@@ -193,7 +193,7 @@ def bench_s3_prepare(dirs: list[Path], work: Path, image_size: int) -> dict:
     import boto3
 
     from xray_dist.config import PrepareConfig, PreprocessSpec
-    from xray_dist.dataset import prepare
+    from xray_dist.data.prepare import prepare
 
     data = work / "data_s3"
     data.mkdir(exist_ok=True)
@@ -240,9 +240,10 @@ def _bench_model(work: Path, image_size: int) -> Path:
     """A run directory holding an exported binary model (random weights: speed does not depend on them)."""
     import tf_keras as keras
 
-    from xray_dist.classes import ClassScheme
+    from xray_dist.data.classes import ClassScheme
     from xray_dist.config import PreprocessSpec
-    from xray_dist.model import ModelSpec, build_model, save_spec
+    from xray_dist.model.network import ModelSpec, build_model
+    from xray_dist.model.artifacts import save_spec
 
     run = work / "predict_model"
     (run / "model").mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,7 @@ def _bench_model(work: Path, image_size: int) -> Path:
 
 def bench_predict_scaling(dirs: list[Path], work: Path, image_size: int, copies: int) -> dict:
     """``predict --engine ray`` with 1 then 2 Ray CPUs, each in a fresh Ray pinned to that many cores."""
-    from xray_dist.predict import predict_files
+    from xray_dist.inference.predict import predict_files
 
     files = [str(f) for d in dirs for f in sorted((d / "images").glob("*.dcm"))] * copies
     run = _bench_model(work, image_size)
@@ -283,7 +284,7 @@ def bench_predict_scaling(dirs: list[Path], work: Path, image_size: int, copies:
 
 def _decode_one(args) -> int:
     from xray_dist.config import PreprocessSpec
-    from xray_dist.dicom import load_image
+    from xray_dist.data.dicom import load_image
 
     load_image(args[0], PreprocessSpec(image_size=args[1]))
     return 1
@@ -319,10 +320,11 @@ def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
     """Our training input vs the naive pipeline, images/s from epoch 2 on (input alone, no model)."""
     import tensorflow as tf
 
-    from xray_dist.classes import build_scheme
+    from xray_dist.data.classes import build_scheme
     from xray_dist.config import PrepareConfig, PreprocessSpec
-    from xray_dist.dataset import load_manifest, prepare
-    from xray_dist.train import ShardCache, StepPlan, _train_input, split_dataset
+    from xray_dist.data.prepare import prepare
+    from xray_dist.data.cache import load_manifest
+    from xray_dist.training.driver import ShardCache, StepPlan, _train_input, split_dataset
 
     cache = work / "cache_unc"
     t0 = time.perf_counter()
@@ -364,8 +366,8 @@ def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
 
 def bench_sweep(cache: Path, unc_dir: Path, work: Path, s: dict) -> dict:
     from xray_dist.config import SweepConfig, TrainConfig
-    from xray_dist.dataset import load_manifest
-    from xray_dist.tune import sweep
+    from xray_dist.data.cache import load_manifest
+    from xray_dist.training.tune import sweep
 
     lr = 1e-3
     out = work / "sweep_ours"
@@ -410,7 +412,7 @@ def bench_gpu(image_size: int = 224, steps: int = 20, batch: int = 32) -> dict:
     import tensorflow as tf
     import tf_keras as keras
 
-    from xray_dist.model import ModelSpec, build_model, frozen_part
+    from xray_dist.model.network import ModelSpec, build_model, frozen_part
 
     gpus = tf.config.list_physical_devices("GPU")
     card = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "CPU (no GPU)"

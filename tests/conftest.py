@@ -29,7 +29,7 @@ if "XRAY_DIST_SECRETS_DIR" not in os.environ:  # the per-user default salt: the 
 
     os.environ["XRAY_DIST_SECRETS_DIR"] = tempfile.mkdtemp(prefix="xray_dist_secrets_")
 
-from xray_dist.synth import synthesize  # noqa: E402
+from xray_dist.data.synth import synthesize  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -121,7 +121,7 @@ def ray_cluster(s3_server, worker_node_temp_dir):
     cluster.add_node(num_cpus=2, object_store_memory=400 * 1024**2, resources={"node_worker": 1},
                      temp_dir=str(worker_node_temp_dir))
     cluster.wait_for_nodes()
-    from xray_dist.runtime import WORKER_ENV
+    from xray_dist.infra.runtime import WORKER_ENV
 
     # RAY_ADDRESS for Ray's own helpers in workers: the job-submission test runs a second cluster
     ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
@@ -140,7 +140,7 @@ def synth_binary(tmp_path_factory):
 def prepared_binary(ray_cluster, synth_binary, tmp_path_factory):
     """The binary synthetic set prepared at 32 px into a cache (report, cache path)."""
     from xray_dist.config import PrepareConfig, PreprocessSpec
-    from xray_dist.dataset import prepare
+    from xray_dist.data.prepare import prepare
 
     cache = tmp_path_factory.mktemp("cache_binary")
     report = prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv),
@@ -154,7 +154,7 @@ def two_worker_run(ray_cluster, prepared_binary, tmp_path_factory):
     (TrainResult, cache, run directory). Shared by the training tests and the results tests
     (explain, report, export) so the suite trains it once."""
     from xray_dist.config import TrainConfig
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     _, cache = prepared_binary
     out = tmp_path_factory.mktemp("run2w")

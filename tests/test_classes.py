@@ -1,4 +1,4 @@
-"""Multi-label schemes, targets, loss and metrics (xray_dist.classes, xray_dist.metrics,
+"""Multi-label schemes, targets, loss and metrics (xray_dist.data.classes, xray_dist.results.metrics,
 train.masked_weighted_bce) and the label formats' file matching, without Ray."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xray_dist.classes import (
+from xray_dist.data.classes import (
     build_multilabel_scheme,
     build_scheme,
     finding_key,
@@ -14,7 +14,7 @@ from xray_dist.classes import (
     parse_findings,
     positive_weights,
 )
-from xray_dist.metrics import auroc, evaluate_multilabel, metrics_with_intervals
+from xray_dist.results.metrics import auroc, evaluate_multilabel, metrics_with_intervals
 
 
 def test_finding_keys():
@@ -62,7 +62,7 @@ class TestScheme:
         assert positive_weights(s, self.labels) == pytest.approx([3 / 4, 6 / 2, 6 / 1])
 
     def test_round_trip(self):
-        from xray_dist.classes import ClassScheme
+        from xray_dist.data.classes import ClassScheme
 
         s = build_multilabel_scheme(self.labels, 2)
         assert ClassScheme.from_dict(s.to_dict()) == s
@@ -75,7 +75,7 @@ def test_masked_weighted_bce():
     term is multiplied by its positive weight; the "any finding" column is ignored."""
     import tensorflow as tf
 
-    from xray_dist.train import masked_weighted_bce
+    from xray_dist.training.driver import masked_weighted_bce
 
     loss = masked_weighted_bce([3.0, 1.0])
     y = tf.constant([[1.0, -1.0, 1.0], [0.0, 1.0, 1.0]])
@@ -123,14 +123,14 @@ class TestFileMatching:
         p.write_bytes(b"x")
 
     def test_extension_and_leading_folders_but_never_another_patients_file(self, tmp_path):
-        from xray_dist.labels import from_chexpert
+        from xray_dist.data.labels import from_chexpert
 
         self.touch(tmp_path / "train" / "patient00002" / "study1" / "view1_frontal.dcm")
         csv = tmp_path / "train.csv"
         csv.write_text("Path,Frontal/Lateral,AP/PA,Edema\n"
                        "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg,Frontal,PA,1\n"
                        "CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg,Frontal,PA,0\n")
-        from xray_dist.labels import list_entries
+        from xray_dist.data.labels import list_entries
 
         scan = from_chexpert(tmp_path, csv, list_entries(tmp_path), "ignore")
         assert scan.items == [("train/patient00002/study1/view1_frontal.dcm", "normal")]
@@ -140,7 +140,7 @@ class TestFileMatching:
 
     def test_a_bad_cell_names_the_line(self, tmp_path):
         from xray_dist.errors import PrepareError
-        from xray_dist.labels import from_chexpert
+        from xray_dist.data.labels import from_chexpert
 
         csv = tmp_path / "train.csv"
         csv.write_text("Path,Edema\na.jpg,1\nb.jpg,maybe\n")
@@ -148,7 +148,7 @@ class TestFileMatching:
             from_chexpert(tmp_path, csv, [], "ignore")
 
     def test_csv_cells_with_several_findings_are_one_label(self, tmp_path):
-        from xray_dist.labels import from_csv
+        from xray_dist.data.labels import from_csv
 
         self.touch(tmp_path / "a.dcm")
         self.touch(tmp_path / "b.dcm")

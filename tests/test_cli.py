@@ -9,10 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from xray_dist import cli
+from xray_dist.cli import app as cli
 from xray_dist.config import PreprocessSpec
-from xray_dist.dicom import load_image
-from xray_dist.synth import synthesize
+from xray_dist.data.dicom import load_image
+from xray_dist.data.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_synth_gives_every_class_every_encoding(tmp_path):
 
     import pydicom
 
-    from xray_dist.synth import ENCODINGS
+    from xray_dist.data.synth import ENCODINGS
 
     assert cli.main(["synth", str(tmp_path / "d"), "--size", "64"]) == 0
     with open(tmp_path / "d" / "labels.csv") as f:
@@ -143,7 +143,7 @@ def test_tune_flags_take_lists():
     s = cli.sweep_config_from_args(a)
     assert (s.head_widths, s.num_classes, s.unfreeze_blocks, s.lr) == ((0, 64), (2, 4), (0, 2), (1e-4, 1e-2))
     assert s.base.num_workers == 2 and s.out == "/s"
-    from xray_dist.tune import in_process, trial_resources
+    from xray_dist.training.tune import in_process, trial_resources
 
     assert s.trial_runner == "auto" and not in_process(s)  # two workers per trial: Ray Train runs
     assert trial_resources(s) == {"cpu": 0.1}
@@ -202,7 +202,7 @@ def test_an_unreachable_mlflow_server_stops_train_with_one_line(tmp_path, monkey
     naming the URI (not a traceback, not a run that trains untracked)."""
     from xray_dist.config import TrainConfig
     from xray_dist.errors import XrayDistError
-    from xray_dist.tracking import start_train_run
+    from xray_dist.results.tracking import start_train_run
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

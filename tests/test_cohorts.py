@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from xray_dist.config import PrepareConfig, PreprocessSpec
-from xray_dist.dataset import load_manifest, prepare
-from xray_dist.synth import write_image
+from xray_dist.data.prepare import prepare
+from xray_dist.data.cache import load_manifest
+from xray_dist.data.synth import write_image
 
 pytestmark = pytest.mark.slow
 
@@ -166,7 +167,7 @@ def test_chexpert_uncertainty_policies_paths_patients_and_views(chexpert, tmp_pa
 
 def test_chexpert_uncertain_targets_follow_the_policy(chexpert, tmp_path):
     """What training sees: -1 (masked) under ignore, 0 under zeros, 1 under ones."""
-    from xray_dist.classes import build_multilabel_scheme
+    from xray_dist.data.classes import build_multilabel_scheme
 
     data, labels = chexpert
     got = {}
@@ -253,7 +254,7 @@ def test_mimic_join_and_official_split(tmp_path):
 
 def test_cli_flags_reach_prepare(nih, tmp_path, capsys):
     """--labels-format and --views through the command line; the summary says what was excluded."""
-    from xray_dist import cli
+    from xray_dist.cli import app as cli
 
     data, labels = nih
     rc = cli.main(["prepare", str(data), "--labels", str(labels), "--labels-format", "nih", "--views", "pa",

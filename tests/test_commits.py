@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xray_dist import storage
+from xray_dist.infra import storage
 from xray_dist.errors import StorageError
 
 
@@ -36,9 +36,10 @@ def two_models(tmp_path_factory):
     ``{"a": (dir, digest, threshold), "b": ...}``. No training: the loader only needs the files."""
     import tf_keras as keras
 
-    from xray_dist.classes import ClassScheme
+    from xray_dist.data.classes import ClassScheme
     from xray_dist.config import PreprocessSpec
-    from xray_dist.model import FULL_WEIGHTS, ModelSpec, build_model, save_spec
+    from xray_dist.model.network import ModelSpec, build_model
+    from xray_dist.model.artifacts import FULL_WEIGHTS, save_spec
 
     out = {}
     for tag, seed, threshold in (("a", 1, 0.25), ("b", 2, 0.75)):
@@ -85,7 +86,7 @@ def objects(s3, bucket: str) -> list[str]:
 def export_run(run: str, model: Path, tag: str) -> None:
     """What ``train`` does at its end: the run's outputs staged, ``model/`` and ``tensorboard/``
     replaced whole, ``metrics.json`` last."""
-    from xray_dist.train import MODEL_DIR
+    from xray_dist.training.driver import MODEL_DIR
 
     with storage.staged_output(run, replace=(MODEL_DIR, "tensorboard"), marker="metrics.json") as out:
         shutil.copytree(model, out / MODEL_DIR)
@@ -96,7 +97,7 @@ def export_run(run: str, model: Path, tag: str) -> None:
 
 def loaded(run: str) -> tuple[str, float]:
     """(weights digest, threshold) of the model the loader finds in ``run``."""
-    from xray_dist.predict import load_run_model
+    from xray_dist.model.artifacts import load_run_model
 
     lm = load_run_model(run)
     return weights_digest(lm.model), lm.threshold
@@ -169,8 +170,8 @@ def test_an_export_reexported_to_object_storage_serves_the_previous_model_until_
         s3_server, two_models, tmp_path):
     import tensorflow as tf
 
-    from xray_dist.export import export_model
-    from xray_dist.predict import load_run_model, predict_arrays
+    from xray_dist.inference.export import export_model
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
 
     runs = {}
     for tag in ("a", "b"):
@@ -227,7 +228,7 @@ class TestPointerLocally:
 
 HOLD = """
 import sys, time
-from xray_dist.locks import TargetLock
+from xray_dist.infra.locks import TargetLock
 with TargetLock(sys.argv[1], "xray-dist tune"):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes it
@@ -235,7 +236,7 @@ with TargetLock(sys.argv[1], "xray-dist tune"):
 
 
 def test_evaluate_refuses_a_sweep_another_process_holds_and_leaves_best_json_as_it_was(tmp_path, capsys):
-    from xray_dist import cli
+    from xray_dist.cli import app as cli
 
     sweep = tmp_path / "sweep"
     (sweep / "trials" / "t0").mkdir(parents=True)

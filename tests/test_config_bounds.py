@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xray_dist import cli, config
+from xray_dist.cli import app as cli
+
+from xray_dist import config
 from xray_dist.config import (BOUNDS, COMBO_FIELDS, ELEMENT_BOUNDS, ConfigError, PrepareConfig, PreprocessSpec,
                               SweepConfig, TrainConfig)
 from xray_dist.errors import XrayDistError

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from xray_dist import cli
+from xray_dist.cli import app as cli
 
 #: pydicom's broken files, and the kind of failure each is
 CORRUPT = {
@@ -98,7 +98,7 @@ def test_preview_of_a_broken_file_is_one_line_naming_it(name, tmp_path):
 
 
 def test_the_log_gets_what_the_terminal_does_not(tmp_path, capfd):
-    from xray_dist import console
+    from xray_dist.infra import console
 
     log = tmp_path / "x.log"
     console.setup(console.NORMAL, log)
@@ -108,9 +108,9 @@ def test_the_log_gets_what_the_terminal_does_not(tmp_path, capfd):
 
         logging.getLogger("pydicom").warning("pydicom says something about a tag")
         logging.getLogger("ray.data").info("ray internal detail")
-        logging.getLogger("xray_dist.train").info("a stage line")
+        logging.getLogger("xray_dist.training.driver").info("a stage line")
         warnings.warn("a library warning", UserWarning)
-        logging.getLogger("xray_dist.train").debug("detail for the log")
+        logging.getLogger("xray_dist.training.driver").debug("detail for the log")
         # pydicom quotes the value it objects to, here and in a worker: the log keeps the warning only
         logging.getLogger("pydicom").warning("Invalid value for VR PN: 'Doe^Jane'")
         console._route_worker_lines({"pid": 7, "lines": ["pydicom/valuerep.py:440: UserWarning: Invalid value for "
@@ -127,7 +127,7 @@ def test_the_log_gets_what_the_terminal_does_not(tmp_path, capfd):
 
 
 def test_progress_lines_without_a_terminal(capfd):
-    from xray_dist import console
+    from xray_dist.infra import console
 
     console.setup(console.NORMAL, None)
     try:

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from xray_dist import cli
-from xray_dist.dataset import load_manifest, load_split_arrays
+from xray_dist.cli import app as cli
+from xray_dist.data.cache import load_manifest, load_split_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_no_patient_in_two_splits_and_classes_in_val(prepared_binary):
 
 def test_cached_pixels_equal_reader(prepared_binary, synth_binary):
     from xray_dist.config import PreprocessSpec
-    from xray_dist.dicom import load_image
+    from xray_dist.data.dicom import load_image
 
     _, cache = prepared_binary
     n = 0
@@ -184,7 +184,7 @@ def test_interrupted_prepare_decodes_only_what_is_missing(ray_cluster, synth_bin
 
 
 def test_decode_chunks_largest_first_every_file_once():
-    from xray_dist.dataset import decode_chunks
+    from xray_dist.data.prepare import decode_chunks
 
     rels = [f"f{i:03d}" for i in range(300)]
     sizes = {r: (i * 37) % 101 for i, r in enumerate(rels)}
@@ -224,7 +224,7 @@ class Worker:  # like a Train worker holding most of a small node
 
 w = Worker.remote()
 ray.get(w.ping.remote())
-from xray_dist.dataset import read_cache_parquet
+from xray_dist.data.cache import read_cache_parquet
 ds = read_cache_parquet(sys.argv[1], ["path", "image"], 0.1)
 rows = sum(len(b["path"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
 print("ROWS", rows)

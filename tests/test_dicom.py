@@ -1,4 +1,4 @@
-"""xray_dist.dicom: one class per pipeline step / policy, files written by the tests or shipped
+"""xray_dist.data.dicom: one class per pipeline step / policy, files written by the tests or shipped
 by pydicom-data (real CR radiographs RG1 chest and RG3 extremity)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from xray_dist import dicom
+from xray_dist.data import dicom
 from xray_dist.config import PreprocessSpec
 from xray_dist.errors import (
     CorruptPixelDataError,
@@ -115,14 +115,14 @@ class TestTransferSyntaxes:
 
 
 class TestJ2KReduce:
-    """Reduced-resolution JPEG 2000 decode (xray_dist.j2k): taken where valid, and the model input
+    """Reduced-resolution JPEG 2000 decode (xray_dist.data.j2k): taken where valid, and the model input
     it gives matches the full decode's. Stated tolerance, on real radiographs: mean absolute
     difference <= 0.7 grey levels (of 255) and 99th percentile <= 5."""
 
     @pytest.mark.parametrize("stem", ["RG1_J2KR", "RG3_J2KR", "RG1_J2KI", "RG3_J2KI"])
     @pytest.mark.parametrize("size", [64, 224])
     def test_real_radiographs_within_tolerance(self, stem, size):
-        from xray_dist.j2k import decode_reduced
+        from xray_dist.data.j2k import decode_reduced
 
         ds = dicom.read_dataset(shipped(f"{stem}.dcm"))
         reduced = decode_reduced(ds, size)
@@ -136,7 +136,7 @@ class TestJ2KReduce:
     def test_exact_stored_values_after_pillows_scaling(self):
         """At reduction 1 the decoder's 16-bit scaling is undone exactly: averaging pydicom's full
         decode over 2x2 blocks lands within the 5/3 wavelet's rounding of the reduced values."""
-        from xray_dist.j2k import decode_reduced
+        from xray_dist.data.j2k import decode_reduced
 
         ds = dicom.read_dataset(shipped("RG3_J2KR.dcm"))  # 10 bits stored, 1760 px
         reduced = decode_reduced(ds, 440).astype(float)  # covered twice over: one level down, 880 px
@@ -146,7 +146,7 @@ class TestJ2KReduce:
         assert abs(reduced.mean() - block.mean()) < 1.0  # same scale: no 64x Pillow scaling left
 
     def test_reduce_factor(self):
-        from xray_dist.j2k import reduce_factor
+        from xray_dist.data.j2k import reduce_factor
 
         assert reduce_factor(2048, 2048, 224, 5) == 3  # 256 px covers 224
         assert reduce_factor(1955, 1841, 224, 5) == 3
@@ -154,7 +154,7 @@ class TestJ2KReduce:
         assert reduce_factor(200, 200, 224, 5) == 0
 
     def test_not_taken_where_invalid(self, tmp_path):
-        from xray_dist.j2k import decode_reduced
+        from xray_dist.data.j2k import decode_reduced
 
         assert decode_reduced(dicom.read_dataset(shipped("RG1_UNCR.dcm")), 64) is None  # not JPEG 2000
         ds = dicom.read_dataset(shipped("RG3_J2KR.dcm"))
@@ -310,7 +310,7 @@ class TestRejected:
             "from pydicom.uid import JPEG2000Lossless\n"
             "d = get_decoder(JPEG2000Lossless)\n"
             "for name in list(d.available_plugins):\n    d.remove_plugin(name)\n"
-            "from xray_dist.dicom import read_dataset\n"
+            "from xray_dist.data.dicom import read_dataset\n"
             "from xray_dist.errors import MissingCodecError\n"
             f"try:\n    read_dataset({shipped('RG3_J2KR.dcm')!r})\n"
             "except MissingCodecError as e:\n    print('MISSING', e)\n"

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xray_dist.config import PrepareConfig, PreprocessSpec, TrainConfig
-from xray_dist.metrics import auroc, sens_spec
+from xray_dist.results.metrics import auroc, sens_spec
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ AUROC_FLOOR = 0.9
 @pytest.fixture(scope="module")
 def held_out(ray_cluster, synth_binary, tmp_path_factory):
     """A cache with train/val/test patient splits and a run trained on it: (cache, run)."""
-    from xray_dist.dataset import prepare
-    from xray_dist.train import train
+    from xray_dist.data.prepare import prepare
+    from xray_dist.training.driver import train
 
     cache = tmp_path_factory.mktemp("cache_test_split")
     report = prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv),
@@ -38,7 +38,7 @@ def held_out(ray_cluster, synth_binary, tmp_path_factory):
 
 
 def test_test_numbers_come_from_test_patients_only_with_the_stored_threshold(held_out, capsys):
-    from xray_dist import cli
+    from xray_dist.cli import app as cli
 
     cache, run = held_out
     assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--bootstrap", "200"]) == 0
@@ -70,7 +70,7 @@ def test_test_numbers_come_from_test_patients_only_with_the_stored_threshold(hel
 
 
 def mann_whitney_auroc(y: list[bool], score: list[float]) -> float:
-    """AUROC by its definition, written here apart from xray_dist.metrics: the share of
+    """AUROC by its definition, written here apart from xray_dist.results.metrics: the share of
     (positive, negative) pairs the score orders correctly, a tie counting half (Mann–Whitney U
     over n_pos × n_neg)."""
     pos = [s for s, t in zip(score, y) if t]
@@ -86,8 +86,8 @@ def test_evaluate_agrees_with_predict_on_the_test_files_and_with_an_independent_
     set's own labels, and that AUROC is a real one (the run separates the test patients)."""
     import csv
 
-    from xray_dist import cli
-    from xray_dist.evaluate import evaluate_model
+    from xray_dist.cli import app as cli
+    from xray_dist.results.evaluate import evaluate_model
 
     cache, run = held_out
     ev = evaluate_model(str(run), str(cache), out=str(tmp_path / "ev"), n_boot=50)
@@ -110,8 +110,8 @@ def test_evaluate_agrees_with_predict_on_the_test_files_and_with_an_independent_
 
 
 def test_validation_scores_carry_patient_keys_and_the_report_puts_test_first(held_out, tmp_path):
-    from xray_dist.evaluate import evaluate_model
-    from xray_dist.report import write_report
+    from xray_dist.results.evaluate import evaluate_model
+    from xray_dist.results.report import write_report
 
     cache, run = held_out
     evaluate_model(str(run), str(cache), n_boot=100)
@@ -125,7 +125,7 @@ def test_validation_scores_carry_patient_keys_and_the_report_puts_test_first(hel
 
 
 def test_val_is_marked_optimistic(held_out, tmp_path):
-    from xray_dist.evaluate import evaluate_model
+    from xray_dist.results.evaluate import evaluate_model
 
     cache, run = held_out
     m = evaluate_model(str(run), str(cache), split="val", out=str(tmp_path / "v"), n_boot=100)
@@ -133,8 +133,8 @@ def test_val_is_marked_optimistic(held_out, tmp_path):
 
 
 def test_refusals(held_out, two_worker_run, synth_binary, tmp_path, capsys):
-    from xray_dist import cli
-    from xray_dist.dataset import prepare
+    from xray_dist.cli import app as cli
+    from xray_dist.data.prepare import prepare
 
     cache, run = held_out
 

@@ -8,7 +8,7 @@ import csv
 import numpy as np
 import pytest
 
-from xray_dist.dataset import load_manifest
+from xray_dist.data.cache import load_manifest
 from xray_dist.errors import ModelSpecError
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ def val_files(cache, synth):
 
 
 def test_explain_writes_heatmaps_and_agrees_with_predict(two_worker_run, synth_binary, tmp_path):
-    from xray_dist import cli
+    from xray_dist.cli import app as cli
 
     _, cache, run = two_worker_run
     files, _ = val_files(cache, synth_binary)
@@ -48,7 +48,7 @@ def test_explain_writes_heatmaps_and_agrees_with_predict(two_worker_run, synth_b
 
 
 def test_chosen_class_and_unknown_class(two_worker_run, synth_binary, tmp_path):
-    from xray_dist.explain import explain_files
+    from xray_dist.inference.explain import explain_files
 
     _, cache, run = two_worker_run
     files, _ = val_files(cache, synth_binary)
@@ -70,10 +70,10 @@ def brightness_model(num_outputs: int, head_width: int, size: int = 64):
     on a (size/16)² grid and the explained class's score grows with the mean of it. The right
     heatmap is therefore the brightness map: a learned model cannot promise that (at 32 px its
     block5 map is 2×2 and, trained from scratch, its maps vary between runs)."""
-    from xray_dist.classes import ClassScheme
+    from xray_dist.data.classes import ClassScheme
     from xray_dist.config import PreprocessSpec
-    from xray_dist.model import _BGR_MEAN, ModelSpec, build_model
-    from xray_dist.predict import LoadedModel
+    from xray_dist.model.network import _BGR_MEAN, ModelSpec, build_model
+    from xray_dist.model.artifacts import LoadedModel
 
     model = build_model(ModelSpec(image_size=size, num_outputs=num_outputs, head_width=head_width), weights="none")
     base = model.get_layer("vgg16")
@@ -102,8 +102,8 @@ def test_heatmap_is_faithful_to_the_model(num_outputs, head_width):
     square, the map peaks on the square (not on its mirror or transpose), and, the occlusion check
     of the Grad-CAM paper's sanity tests, flattening the quarter of pixels the map rates highest
     lowers the explained class's probability while flattening the lowest quarter leaves it."""
-    from xray_dist.explain import gradcam
-    from xray_dist.predict import predict_arrays
+    from xray_dist.inference.explain import gradcam
+    from xray_dist.model.artifacts import predict_arrays
 
     lm = brightness_model(num_outputs, head_width)
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from xray_dist.dataset import load_split_arrays
+from xray_dist.data.cache import load_split_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ assert not any(k.startswith("xray_dist") for k in sys.modules), "SavedModel need
 
 LOAD_KERAS = """
 import sys, numpy as np, tf_keras as keras
-import xray_dist.model  # registers the two custom layers
+import xray_dist.model.network  # registers the two custom layers
 m = keras.models.load_model(sys.argv[1])
 np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))
 """
@@ -32,8 +32,8 @@ np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "keras"])
 def test_export_reloads_in_a_fresh_process_with_predicts_numbers(two_worker_run, tmp_path, fmt):
-    from xray_dist import cli
-    from xray_dist.predict import load_run_model, predict_arrays
+    from xray_dist.cli import app as cli
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
 
     _, cache, run = two_worker_run
     _, images = load_split_arrays(cache, "val")
@@ -68,7 +68,7 @@ def test_export_reloads_in_a_fresh_process_with_predicts_numbers(two_worker_run,
 
 def test_export_rejects_unknown_format_and_non_runs(two_worker_run, tmp_path):
     from xray_dist.errors import ModelSpecError
-    from xray_dist.export import export_model
+    from xray_dist.inference.export import export_model
 
     _, _, run = two_worker_run
     with pytest.raises(ModelSpecError, match="onnx"):

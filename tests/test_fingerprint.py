@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from xray_dist import fingerprint
+from xray_dist.data import fingerprint
 
 
 def manifest(splits=("train", "val", "train"), labels=("normal", "finding", "normal")):
@@ -41,7 +41,7 @@ class TestChanges:
 def test_resume_on_a_re_split_cache_is_refused(ray_cluster, synth_binary, tmp_path, capsys):
     """Train, prepare the same cache with another seed (patients move between splits), rerun the
     same train command: it stops before training, naming the split as what changed."""
-    from xray_dist.cli import main
+    from xray_dist.cli.app import main
 
     cache, run = tmp_path / "cache", tmp_path / "run"
     prepare = ["prepare", str(synth_binary.out), "--labels", str(synth_binary.labels_csv), "--out", str(cache),
@@ -71,9 +71,10 @@ def test_top_only_model_is_rebuilt_on_the_weights_it_was_trained_on(tmp_path):
     import numpy as np
     import tf_keras as keras
 
-    from xray_dist import storage
+    from xray_dist.infra import storage
     from xray_dist.errors import ModelSpecError
-    from xray_dist.model import ModelSpec, build_top_model, full_model_from_top, save_spec
+    from xray_dist.model.network import ModelSpec, build_top_model
+    from xray_dist.model.artifacts import full_model_from_top, save_spec
 
     base = tmp_path / "vgg16_notop.h5"
     keras.utils.set_random_seed(1)

@@ -1,4 +1,4 @@
-"""xray_dist.inprocess: the session that lets one-worker sweep trials train in their own process.
+"""xray_dist.training.inprocess: the session that lets one-worker sweep trials train in their own process.
 
 The whole path (a sweep whose trials train in their Tune processes, and the same run as Ray Train
 gives) is exercised in tests/test_tune.py; here, what it keeps on disk and resumes from."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from xray_dist.config import TrainConfig
-from xray_dist.inprocess import InProcessSession, can_run_in_process
+from xray_dist.training.inprocess import InProcessSession, can_run_in_process
 
 
 def report_epochs(session: InProcessSession, tmp: Path, scores) -> None:
@@ -38,7 +38,7 @@ def test_keeps_the_best_and_the_latest_and_reports_every_epoch(tmp_path):
     result = s.result()
     assert result.error is None
     assert [m["epoch"] for _, m in result.best_checkpoints] == [2, 5]
-    from xray_dist.train import _best_checkpoint
+    from xray_dist.training.driver import _best_checkpoint
 
     with _best_checkpoint(result, "val_auc_abnormal").as_directory() as d:  # what export_run picks
         assert (Path(d) / "weights.h5").read_bytes() == bytes([2])
@@ -78,9 +78,9 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
 
     import numpy as np
 
-    from xray_dist.classes import ClassScheme
-    from xray_dist.inprocess import LocalSplit, in_process_inputs
-    from xray_dist.train import run_inputs, run_setup
+    from xray_dist.data.classes import ClassScheme
+    from xray_dist.training.inprocess import LocalSplit, in_process_inputs
+    from xray_dist.training.driver import run_inputs, run_setup
 
     _, cache = prepared_binary
     cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "run"), weights="none")
@@ -115,7 +115,8 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
     dropped = list(split.iter_batches(batch_size=5, drop_last=True))
     assert all(len(b["x"]) == 5 for b in dropped) and len(dropped) == loop_local["n_train"] // 5
     from xray_dist.errors import CacheError
-    from xray_dist.train import split_labels, split_source
+    from xray_dist.training.driver import split_source
+    from xray_dist.data.cache import split_labels
 
     scheme = ClassScheme.from_dict(loop_local["scheme"])
     source, column = split_source(cache, None)

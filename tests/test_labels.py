@@ -1,4 +1,4 @@
-"""xray_dist.labels and xray_dist.splits: label sources, unsafe rows, patient-level splits."""
+"""xray_dist.data.labels and xray_dist.data.splits: label sources, unsafe rows, patient-level splits."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from xray_dist.errors import PrepareError
-from xray_dist.labels import from_csv, from_folders
-from xray_dist.splits import patient_labels, split_patients
+from xray_dist.data.labels import from_csv, from_folders
+from xray_dist.data.splits import patient_labels, split_patients
 
 
 def touch(path):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from xray_dist.labels import from_csv, from_folders, from_nih, list_entries, scan_labels
+from xray_dist.data.labels import from_csv, from_folders, from_nih, list_entries, scan_labels
 
 
 def touch(path, data: bytes = b"x"):
@@ -121,8 +121,8 @@ class TestBadBytes:
 
 @pytest.mark.slow
 def test_prepare_uses_every_row_but_the_bad_ones_and_lists_them_by_line(ray_cluster, synth_binary, tmp_path):
-    from xray_dist import cli
-    from xray_dist.dataset import load_manifest
+    from xray_dist.cli import app as cli
+    from xray_dist.data.cache import load_manifest
 
     rows = sorted(synth_binary.labels.items())
     bad = {5: rows[3][0], 12: rows[10][0]}  # line -> the file its row names (the header is line 1)
@@ -149,8 +149,8 @@ def test_prepare_uses_every_row_but_the_bad_ones_and_lists_them_by_line(ray_clus
 
 @pytest.mark.slow
 def test_prepare_folder_per_class_never_reads_a_link_out(ray_cluster, synth_binary, tmp_path):
-    from xray_dist import cli
-    from xray_dist.dataset import load_manifest
+    from xray_dist.cli import app as cli
+    from xray_dist.data.cache import load_manifest
 
     data = tmp_path / "data"
     chosen = sorted(synth_binary.labels.items())[:24]

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from xray_dist import cli, console, redaction
+from xray_dist.cli import app as cli
+
+from xray_dist.infra import console, redaction
 
 PATIENT = "SMITH_JOHN_MRN7654321"  # a folder named after a patient, as PACS exports often are
 NEEDLES = ("SMITH", "JOHN", "7654321")
@@ -124,7 +126,7 @@ def test_pydicom_values_are_masked_on_the_terminal_and_in_the_log(tmp_path, capf
 def test_a_worker_process_masks_pydicom_warnings_at_the_source():
     """Ray keeps each worker's stderr in its session's files: a worker that ran
     console.mask_pydicom_warnings (Ray's worker_process_setup_hook) prints the warning masked."""
-    code = ("from xray_dist.console import mask_pydicom_warnings as m; m(); m()\n"
+    code = ("from xray_dist.infra.console import mask_pydicom_warnings as m; m(); m()\n"
             "from pydicom import config\nfrom pydicom.valuerep import validate_value\n"
             "validate_value('UI', '1.2.840.SMITH.JOHN.7654321', config.WARN)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -139,7 +141,7 @@ def test_a_sweeps_pickled_mlflow_callback_holds_no_credentials(monkeypatch):
     restored callback gets the credentials back from MLFLOW_TRACKING_URI (or the flag)."""
     import ray.cloudpickle as pickle
 
-    from xray_dist import tracking
+    from xray_dist.results import tracking
 
     uri = "http://xray:s3cr3tpw@127.0.0.1:9/?token=t0k3n"
     callback = tracking.sweep_callback(uri, "/sweeps/s1")
@@ -268,7 +270,7 @@ def test_mlflow_credentials_are_used_and_never_written(mlflow_server, ray_cluste
     from mlflow.tracking import MlflowClient
 
     from xray_dist.config import TrainConfig
-    from xray_dist.tracking import RUN_FILE, start_train_run
+    from xray_dist.results.tracking import RUN_FILE, start_train_run
 
     _, cache = prepared_binary
     password = "s3cr3tpw" + secrets.token_hex(4)

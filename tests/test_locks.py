@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_dist import locks, storage
+from xray_dist.infra import locks, storage
 from xray_dist.errors import LockedError
 
 
@@ -55,7 +55,7 @@ class TestTargetLock:
         stale = {"host": socket.gethostname(), "pid": dead_pid(), "command": "xray-dist prepare", "token": "old",
                  "since": "2026-01-01T00:00:00+00:00", "heartbeat": time.time()}
         storage.write_json(storage.join(target, locks.LOCK), stale)
-        with caplog.at_level(logging.WARNING, logger="xray_dist.locks"):
+        with caplog.at_level(logging.WARNING, logger="xray_dist.infra.locks"):
             with locks.TargetLock(target, "xray-dist prepare") as lock:
                 assert json.loads(storage.read_text(lock.path))["token"] == lock.me["token"]
         assert any("taking over" in r.getMessage() and "is gone" in r.getMessage() for r in caplog.records)
@@ -83,7 +83,7 @@ class TestTargetLock:
                 locks.TargetLock(target, "xray-dist train").acquire()
         assert time.time() - written < locks.STALE_S  # refused while young, not because time ran out
         time.sleep(written + locks.STALE_S + 1.2 - time.time())  # S3's Last-Modified is in whole seconds
-        with caplog.at_level(logging.WARNING, logger="xray_dist.locks"):
+        with caplog.at_level(logging.WARNING, logger="xray_dist.infra.locks"):
             with locks.TargetLock(target, "xray-dist train") as lock:
                 assert json.loads(storage.read_text(lock.path))["token"] == lock.me["token"]
         assert any("taking over" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
@@ -110,7 +110,7 @@ def test_two_prepares_and_two_trains_on_one_target(ray_cluster, synth_binary, tm
     """The second command fails at once naming the first; the first finishes, its outputs whole."""
     import pyarrow.parquet as pq
 
-    from xray_dist.cli import main
+    from xray_dist.cli.app import main
 
     cache = tmp_path / "cache"
     prepare = ["prepare", str(synth_binary.out), "--labels", str(synth_binary.labels_csv), "--out", str(cache),
@@ -256,7 +256,7 @@ class TestRaces:
 # ---- a holder paused past the stale limit -----------------------------------------------------------
 HOLDER = r"""
 import sys, time
-from xray_dist import locks
+from xray_dist.infra import locks
 target, mode, ticks = sys.argv[1:4]
 with locks.TargetLock(target, "xray-dist train") as lock:
     print("HELD", lock.me["token"], flush=True)

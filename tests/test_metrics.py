@@ -1,4 +1,4 @@
-"""xray_dist.metrics and xray_dist.classes."""
+"""xray_dist.results.metrics and xray_dist.data.classes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from xray_dist.classes import build_scheme
-from xray_dist.metrics import auroc, evaluate, sens_spec, youden_threshold
+from xray_dist.data.classes import build_scheme
+from xray_dist.results.metrics import auroc, evaluate, sens_spec, youden_threshold
 
 
 def brute_auroc(y, s):
@@ -78,7 +78,7 @@ class TestScheme:
 
 class TestBootstrapCI:
     def test_interval_holds_the_point_and_narrows_with_more_data(self):
-        from xray_dist.metrics import bootstrap_ci
+        from xray_dist.results.metrics import bootstrap_ci
 
         rng = np.random.default_rng(1)
 
@@ -96,7 +96,7 @@ class TestBootstrapCI:
     def test_coverage_is_near_nominal(self):
         """Over 100 experiments the 95 % interval covers the true AUROC of N(1,1) vs N(0,1),
         Phi(1/sqrt 2) = 0.7602, about 95 times (percentile bootstrap runs a little under)."""
-        from xray_dist.metrics import bootstrap_ci
+        from xray_dist.results.metrics import bootstrap_ci
 
         rng = np.random.default_rng(7)
         y = np.repeat([0, 1], 60)
@@ -108,7 +108,7 @@ class TestBootstrapCI:
         assert 85 <= hits <= 99  # 100 of 100 would mean intervals too wide to say anything
 
     def test_strata_keep_a_rare_class_and_seed_repeats(self):
-        from xray_dist.metrics import bootstrap_ci
+        from xray_dist.results.metrics import bootstrap_ci
 
         y = np.array([1] + [0] * 29)
         s = np.linspace(0, 1, 30)
@@ -120,7 +120,7 @@ class TestBootstrapCI:
 
 class TestReliability:
     def test_hand_computed_ece(self):
-        from xray_dist.metrics import reliability
+        from xray_dist.results.metrics import reliability
 
         r = reliability([0, 1, 1, 1], [0.05, 0.05, 0.95, 0.85], bins=10)
         # bin 0: conf 0.05, freq 0.5 (2 images); bin 8: conf 0.85, freq 1; bin 9: conf 0.95, freq 1
@@ -128,7 +128,7 @@ class TestReliability:
         assert r["count"].sum() == 4 and r["count"][0] == 2
 
     def test_calibrated_beats_overconfident(self):
-        from xray_dist.metrics import reliability
+        from xray_dist.results.metrics import reliability
 
         rng = np.random.default_rng(0)
         p = rng.random(20000)
@@ -138,7 +138,7 @@ class TestReliability:
 
 
 def test_confusion_matrix():
-    from xray_dist.metrics import confusion_matrix
+    from xray_dist.results.metrics import confusion_matrix
 
     m = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
     np.testing.assert_array_equal(m, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
@@ -151,7 +151,7 @@ def test_patient_level_intervals_cover_the_true_auroc_and_image_level_ones_do_no
     image-level bootstrap, which counts a patient's 4 images as 4 independent witnesses, clearly less."""
     from math import erf, sqrt
 
-    from xray_dist.metrics import bootstrap_ci, cluster_bootstrap_ci
+    from xray_dist.results.metrics import bootstrap_ci, cluster_bootstrap_ci
 
     mu, su, se, patients, per = 1.0, 1.0, 0.5, 60, 4
     true = 0.5 * (1 + erf(mu / sqrt(2 * (su**2 + se**2)) / sqrt(2)))
@@ -173,7 +173,7 @@ def test_patient_level_intervals_cover_the_true_auroc_and_image_level_ones_do_no
 
 
 def test_a_cluster_bootstrap_draws_whole_patients():
-    from xray_dist.metrics import cluster_bootstrap_ci
+    from xray_dist.results.metrics import cluster_bootstrap_ci
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""xray_dist.model: head sized to the task, unfreeze depth, in-model preprocessing, weights loading."""
+"""xray_dist.model.network: head sized to the task, unfreeze depth, in-model preprocessing, weights loading."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import tf_keras  # noqa: E402 - pinned: if it cannot be imported, these tests must fail, not skip
 
 from xray_dist.errors import ModelSpecError  # noqa: E402
-from xray_dist.model import ModelSpec, VGGInput, build_model, load_weights_checked, trainable_parameters  # noqa: E402
+from xray_dist.model.network import ModelSpec, VGGInput, build_model, trainable_parameters
+from xray_dist.model.artifacts import load_weights_checked# noqa: E402
 
 
 def conv_trainable(model) -> dict[int, bool]:
@@ -88,7 +89,7 @@ class TestWeights:
         # A fresh process with an empty Keras cache and no way out (an unroutable proxy).
         env = dict(os.environ, KERAS_HOME=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
                    HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
-        code = ("from xray_dist.model import build_model, ModelSpec\n"
+        code = ("from xray_dist.model.network import build_model, ModelSpec\n"
                 "try:\n    build_model(ModelSpec(32, 1), weights='imagenet')\n"
                 "except Exception as e:\n    print(type(e).__name__, e)\n")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -109,7 +110,7 @@ class TestTopModel:
 
     @pytest.mark.parametrize("weights", ["none", "file"])
     def test_starts_from_the_full_models_weights(self, weights, tmp_path):
-        from xray_dist.model import build_top_model
+        from xray_dist.model.network import build_top_model
 
         if weights == "file":
             src = tf_keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))

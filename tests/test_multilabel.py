@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xray_dist.config import PrepareConfig, PreprocessSpec, SweepConfig, TrainConfig
-from xray_dist.metrics import auroc
+from xray_dist.results.metrics import auroc
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,8 @@ FINDINGS = ("Effusion", "Nodule")
 def ml_cohort(ray_cluster, tmp_path_factory):
     """48 patients × 2 images (none / Effusion / Nodule / both, every encoding in each), a
     train/val/test split at 32 px: (synth result, cache)."""
-    from xray_dist.dataset import prepare
-    from xray_dist.synth import synthesize_multilabel
+    from xray_dist.data.prepare import prepare
+    from xray_dist.data.synth import synthesize_multilabel
 
     syn = synthesize_multilabel(tmp_path_factory.mktemp("ml_synth"), patients=48, images_per_patient=2,
                                 findings=FINDINGS, size=96, seed=2)
@@ -42,8 +42,8 @@ def ml_cohort(ray_cluster, tmp_path_factory):
 def ranked_findings(cache) -> list[str]:
     """The findings by frequency in the training split (ties alphabetical): the model's outputs.
     The split depends on the cache's random salt, so the order is read, not assumed."""
-    from xray_dist.classes import finding_counts
-    from xray_dist.dataset import load_manifest
+    from xray_dist.data.classes import finding_counts
+    from xray_dist.data.cache import load_manifest
 
     m = load_manifest(cache).to_pylist()
     counts = finding_counts(r["label"] for r in m if r["split"] == "train")
@@ -53,7 +53,7 @@ def ranked_findings(cache) -> list[str]:
 @pytest.fixture(scope="module")
 def ml_run(ml_cohort, tmp_path_factory):
     """A multi-label run (task chosen automatically from the labels), 4 epochs, all blocks trainable."""
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     _, cache = ml_cohort
     out = tmp_path_factory.mktemp("ml_run")
@@ -90,8 +90,8 @@ def test_cooccurring_findings_are_learned_per_finding(ml_cohort, ml_run):
 
 
 def test_predict_explain_evaluate_report(ml_cohort, ml_run, tmp_path, capsys, chromium):
-    from xray_dist import cli
-    from xray_dist.dataset import load_manifest
+    from xray_dist.cli import app as cli
+    from xray_dist.data.cache import load_manifest
 
     syn, cache = ml_cohort
     _, run = ml_run
@@ -162,9 +162,9 @@ def test_predict_explain_evaluate_report(ml_cohort, ml_run, tmp_path, capsys, ch
 def test_export_serves_each_finding(ml_cohort, ml_run, tmp_path):
     """The serving model gives each finding's probability, as predict does (apart from the report
     test, so that it runs wherever Chromium is missing)."""
-    from xray_dist import cli
-    from xray_dist.dataset import load_split_arrays
-    from xray_dist.predict import load_run_model, predict_arrays
+    from xray_dist.cli import app as cli
+    from xray_dist.data.cache import load_split_arrays
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
 
     _, cache = ml_cohort
     _, run = ml_run
@@ -173,7 +173,7 @@ def test_export_serves_each_finding(ml_cohort, ml_run, tmp_path):
     assert serving["output"]["findings"] == ranked_findings(cache) and set(serving["thresholds"]) == {"effusion", "nodule"}
     _, images = load_split_arrays(cache, "test")
     np.save(tmp_path / "x.npy", images)
-    script = ("import sys, numpy as np, tf_keras as keras\nimport xray_dist.model\n"
+    script = ("import sys, numpy as np, tf_keras as keras\nimport xray_dist.model.network\n"
               "m = keras.models.load_model(sys.argv[1])\nnp.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "served" / "model.keras"), str(tmp_path / "x.npy"),
                     str(tmp_path / "y.npy")], check=True, timeout=300)
@@ -185,7 +185,7 @@ def test_export_serves_each_finding(ml_cohort, ml_run, tmp_path):
 def test_sweep_over_the_number_of_findings(ml_cohort, tmp_path):
     """K = 1 (the most frequent finding; ties alphabetical) and K = 2 in one sweep: both complete,
     ranked by val_auc_abnormal (any finding vs none), which compares across K."""
-    from xray_dist.tune import sweep
+    from xray_dist.training.tune import sweep
 
     _, cache = ml_cohort
     out = tmp_path / "sweep"

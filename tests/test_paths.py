@@ -1,4 +1,4 @@
-"""How outputs name input files (xray_dist.paths): relative by default, salted keys with
+"""How outputs name input files (xray_dist.data.paths): relative by default, salted keys with
 --redact-paths — and with it, no input path in anything xray-dist writes or logs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_dist.paths import REDACT, RELATIVE, PathNames, named_inputs
+from xray_dist.data.paths import REDACT, RELATIVE, PathNames, named_inputs
 
 
 class TestNames:
@@ -51,7 +51,7 @@ class TestNames:
     def test_salt_from_the_environment_or_a_file(self, tmp_path, monkeypatch):
         import os
 
-        from xray_dist.salt import SaltError, resolve
+        from xray_dist.data.salt import SaltError, resolve
 
         monkeypatch.delenv("XRAY_DIST_SALT", raising=False)
         monkeypatch.setenv("XRAY_DIST_SECRETS_DIR", str(tmp_path / "user"))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from xray_dist import dicom
+from xray_dist.data import dicom
 
 
 class TestKeySource:
@@ -29,9 +29,9 @@ class TestKeySource:
 
 def test_a_class_only_outside_train_is_a_clear_error(tmp_path):
     """Validation holds a label that training never saw: a CacheError naming the class, not a KeyError."""
-    from xray_dist.classes import build_scheme
+    from xray_dist.data.classes import build_scheme
     from xray_dist.errors import CacheError
-    from xray_dist.train import split_labels
+    from xray_dist.data.cache import split_labels
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "_COMPLETE.json").write_text("{}")
@@ -52,7 +52,7 @@ def test_prepare_reports_grouping_warns_on_placeholders_and_takes_csv_patients(r
     labels' patients make the keys, and files sharing a CSV patient share a key."""
     import logging
 
-    from xray_dist.cli import main
+    from xray_dist.cli.app import main
 
     data = tmp_path / "data"
     shutil.copytree(synth_binary.out, data)
@@ -113,7 +113,7 @@ class TestSplitFile:
     @staticmethod
     def prepare(synth_binary, out, *split_files, **kw):
         from xray_dist.config import PrepareConfig, PreprocessSpec
-        from xray_dist.dataset import prepare
+        from xray_dist.data.prepare import prepare
 
         report = prepare(PrepareConfig(data_dir=str(synth_binary.out), labels=str(synth_binary.labels_csv),
                                        out=str(out), preprocess=PreprocessSpec(image_size=32),
@@ -164,7 +164,7 @@ class TestSplitFile:
     @pytest.mark.slow
     def test_a_patient_put_in_two_splits_is_refused_with_their_files_named(self, ray_cluster, synth_binary, tmp_path,
                                                                         capsys):
-        from xray_dist import cli
+        from xray_dist.cli import app as cli
 
         rel_a, rel_b = sorted(r for r, pid in synth_binary.patients.items()
                               if pid == self.patients(synth_binary)[3])[:2]
@@ -179,7 +179,7 @@ class TestSplitFile:
 
 def test_split_files_are_read_strictly(tmp_path):
     from xray_dist.errors import PrepareError
-    from xray_dist.splits import read_split_files
+    from xray_dist.data.splits import read_split_files
 
     (tmp_path / "train_val_list.txt").write_text("a.png\nb.png\n")
     (tmp_path / "test_list.txt").write_text("c.png\n")

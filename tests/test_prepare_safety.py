@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from xray_dist import dicom, fingerprint, storage
-from xray_dist.cli import main
-from xray_dist.synth import synthesize
+from xray_dist.data import dicom, fingerprint
+
+from xray_dist.infra import storage
+from xray_dist.cli.app import main
+from xray_dist.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
 
@@ -246,7 +248,7 @@ def test_a_header_bomb_is_refused_from_its_header_in_little_memory(small, tmp_pa
     assert bomb.stat().st_size < 16_000
     # the process's own peak: VmHWM of its address space (ru_maxrss would also count the pages it
     # shared with this test process between fork and exec: a pytest that loaded TensorFlow is GBs)
-    code = ("import sys; from xray_dist.dicom import load_image; from xray_dist.config import PreprocessSpec\n"
+    code = ("import sys; from xray_dist.data.dicom import load_image; from xray_dist.config import PreprocessSpec\n"
             "try:\n    load_image(sys.argv[1], PreprocessSpec(image_size=32, max_pixels=int(sys.argv[2])))\n"
             "except Exception as e:\n    print(type(e).__name__, getattr(e, 'kind', ''), e)\n"
             "print('PEAK', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n")
@@ -289,7 +291,7 @@ def test_hostile_and_cut_off_files_are_quarantined_with_their_reasons(ray_cluste
 def test_a_killed_decode_task_quarantines_its_file_and_prepare_goes_on(ray_cluster, small, tmp_path, monkeypatch):
     """A decode process killed by SIGKILL (what an out-of-memory killer does; injected for one
     file): that file is quarantined with the reason, every other file of its chunk is used."""
-    from xray_dist.dataset import FAULT_KILL_ENV
+    from xray_dist.data.prepare import FAULT_KILL_ENV
 
     victim = sorted(small.labels)[5]
     monkeypatch.setenv(FAULT_KILL_ENV, victim)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_run_report_renders_with_its_numbers(two_worker_run, synth_binary, tmp_path, chromium):
     from PIL import Image
 
-    from xray_dist import cli
+    from xray_dist.cli import app as cli
 
     _, cache, run = two_worker_run
     page = tmp_path / "report.html"
@@ -49,7 +49,7 @@ def test_run_report_renders_with_its_numbers(two_worker_run, synth_binary, tmp_p
 
 
 def test_dataset_section_lists_every_unused_file(tmp_path):
-    from xray_dist.report import _dataset_section
+    from xray_dist.results.report import _dataset_section
 
     (tmp_path / "prepare_report.json").write_text(json.dumps({
         "found": 5, "ok": 2, "classes": {"normal": 1, "finding": 1},

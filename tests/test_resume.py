@@ -21,7 +21,7 @@ def in_process(cache, out, epochs: int, read_h5) -> tuple:
     """(final weights, history) of a one-worker run in this process, as a sweep trial trains."""
     import json
 
-    from xray_dist.inprocess import train_in_process
+    from xray_dist.training.inprocess import train_in_process
 
     # a hidden layer, so dropout draws random numbers; two trainable blocks; 8 steps an epoch
     cfg = TrainConfig(cache=str(cache), out=str(out), epochs=epochs, batch_size=4, lr=1e-4, weights="none",
@@ -65,7 +65,7 @@ def test_a_trial_cut_between_its_last_checkpoint_and_its_export_reports_its_end(
     """A sweep trial killed after its last epoch's checkpoint but before its export is run again
     by Tune: it has nothing left to train, and must still report its last epoch (Tune fails a trial
     whose result lacks the sweep's metric — seen once in CI)."""
-    from xray_dist.inprocess import train_in_process
+    from xray_dist.training.inprocess import train_in_process
 
     cfg = TrainConfig(cache=str(prepared_binary[1]), out=str(tmp_path / "t"), epochs=1, batch_size=8, lr=1e-4,
                       weights="none", unfreeze_blocks=1)
@@ -86,9 +86,9 @@ def test_a_changed_cache_stops_a_resumed_sweep_and_a_rerun_train(ray_cluster, tm
     import csv
     import os
 
-    from xray_dist import fingerprint
-    from xray_dist.cli import main
-    from xray_dist.synth import synthesize
+    from xray_dist.data import fingerprint
+    from xray_dist.cli.app import main
+    from xray_dist.data.synth import synthesize
 
     syn = synthesize(tmp_path / "data", patients=8, images_per_patient=2, size=64, seed=7)
     cache, run, sweep = tmp_path / "cache", tmp_path / "run", tmp_path / "sweep"

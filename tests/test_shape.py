@@ -37,7 +37,7 @@ def global_batches(world: int, local: int, batch: int, n: int = 45, passes: int 
     rank's replicas in the order tf.distribute deals its batches to them)."""
     import ray
 
-    from xray_dist.train import ShardCache, StepPlan
+    from xray_dist.training.driver import ShardCache, StepPlan
 
     plan = StepPlan.make(n, world, world * local, batch)
     out = [[[] for _ in range(plan.steps)] for _ in range(passes)]
@@ -79,7 +79,7 @@ def test_three_shapes_train_the_same_model_and_workers_stay_bitwise_equal(ray_cl
     AUROC reaches 1 in the first epoch, so the validation loss is compared too); the two workers'
     weights are bitwise equal (each rank compares its digest with rank 0's after every epoch and
     a difference fails the run; the record holds the last epoch's)."""
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     _, cache = prepared_binary
     runs = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_dist import storage
+from xray_dist.infra import storage
 from xray_dist.errors import StorageError
 
 
@@ -141,9 +141,9 @@ class TestCommandsOnS3:
         import numpy as np
         from PIL import Image
 
-        from xray_dist.cli import main
+        from xray_dist.cli.app import main
         from xray_dist.config import PreprocessSpec
-        from xray_dist.dicom import load_image
+        from xray_dist.data.dicom import load_image
 
         monkeypatch.chdir(tmp_path)
         root = s3_server.bucket("synth-preview")
@@ -178,7 +178,7 @@ class TestBadLocations:
         assert not scheme_dirs(tmp_path) and not (tmp_path / "cache").exists()
 
     def test_missing_bucket_and_unknown_scheme(self, tmp_path, s3_server, monkeypatch):
-        from xray_dist.cli import main
+        from xray_dist.cli.app import main
 
         monkeypatch.chdir(tmp_path)
         if True:
@@ -189,7 +189,7 @@ class TestBadLocations:
         assert not scheme_dirs(tmp_path) and not any(tmp_path.iterdir())
 
     def test_error_lines_name_the_uri(self, tmp_path, s3_server, capsys):
-        from xray_dist.cli import main
+        from xray_dist.cli.app import main
 
         assert main(["train", "--cache", "s3://nonexistent-cache/c", "--out", str(tmp_path / "r"),
                      "--weights", "none"]) == 2
@@ -234,8 +234,8 @@ def test_every_path_on_object_storage(ray_cluster, s3_server, worker_node_temp_d
 
     import tf_keras as keras
 
-    from xray_dist.cli import main
-    from xray_dist.synth import synthesize
+    from xray_dist.cli.app import main
+    from xray_dist.data.synth import synthesize
 
     monkeypatch.chdir(tmp_path)
     logs = Path(os.environ["XRAY_DIST_LOG_DIR"])
@@ -346,7 +346,7 @@ def test_worker_killed_with_checkpoints_in_object_storage(two_worker_run, s3_ser
     from test_train import assert_restarted, kill_this_runs_worker
 
     from xray_dist.config import TrainConfig
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     done, _, done_dir = two_worker_run
     b = "xray-kill"

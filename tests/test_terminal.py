@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from xray_dist import cli
+from xray_dist.cli import app as cli
 
 pytestmark = pytest.mark.slow
 

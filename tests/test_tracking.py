@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from xray_dist import cli
+from xray_dist.cli import app as cli
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from xray_dist.config import TrainConfig
-from xray_dist.dataset import load_manifest
-from xray_dist.metrics import auroc
+from xray_dist.data.cache import load_manifest
+from xray_dist.results.metrics import auroc
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_nothing_identifying_in_run_outputs(two_worker_run, synth_binary):
 
 
 def test_predict_agrees_with_validation(two_worker_run, synth_binary, tmp_path):
-    from xray_dist import cli
+    from xray_dist.cli import app as cli
 
     _, cache, out = two_worker_run
     manifest = load_manifest(cache).to_pandas()
@@ -103,7 +103,7 @@ def test_predict_agrees_with_validation(two_worker_run, synth_binary, tmp_path):
 
 
 def test_multi_device_worker_on_logical_cpus(ray_cluster, prepared_binary, tmp_path):
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     _, cache = prepared_binary
     res = train(cfg_for(cache, tmp_path / "run", epochs=1, cpu_replicas=2, batch_size=4, head_width=8))  # dropout too
@@ -153,7 +153,7 @@ RESUMED = dict(epochs=4, head_width=8, dropout=0.5)
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, prepared_binary, tmp_path_factory):
     """The run the resume tests' runs would have been without their interruption."""
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     out = tmp_path_factory.mktemp("uninterrupted")
     train(cfg_for(prepared_binary[1], out, **RESUMED))
@@ -167,7 +167,7 @@ def run_state(run, read_h5) -> tuple:
 
 def test_worker_killed_mid_run_resumes_exactly_and_counts_each_epoch_once(prepared_binary, uninterrupted, tmp_path,
                                                                           same_run, read_h5):
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     _, cache = prepared_binary
     out = tmp_path / "run"
@@ -192,7 +192,7 @@ def test_worker_killed_mid_run_resumes_exactly_and_counts_each_epoch_once(prepar
 
 def test_rerun_same_out_resumes_exactly(prepared_binary, uninterrupted, tmp_path, same_run, read_h5):
     from xray_dist.errors import XrayDistError
-    from xray_dist.train import train
+    from xray_dist.training.driver import train
 
     _, cache = prepared_binary
     out = tmp_path / "run"
@@ -222,7 +222,7 @@ def test_a_streamed_split_trains_and_resumes(ray_cluster, worker_node_temp_dir, 
     """``--worker-cache-mb 0``: the training split does not fit in the worker's memory, so it streams
     Ray Data's share every epoch. The command trains 1 epoch, then resumes to 2 (epoch 1 not
     trained again), and the worker's log says which input order each run used and how it resumed."""
-    from xray_dist.cli import main
+    from xray_dist.cli.app import main
 
     _, cache = prepared_binary
     out = tmp_path / "streamed"
@@ -352,7 +352,7 @@ class TestShardCache:
         return [[int(v) for x, _, _ in p for v in x[:, 0, 0]] for p in passes]
 
     def test_later_epochs_come_from_memory_reshuffled(self, ray_cluster):
-        from xray_dist.train import ShardCache
+        from xray_dist.training.driver import ShardCache
 
         c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=1 << 20)
         first = [b for b in c.batches()]
@@ -372,7 +372,7 @@ class TestShardCache:
             np.testing.assert_array_equal(y, x[:, 0, 0] % 2)
 
     def test_rows_of_the_partial_batch_are_kept_for_later_epochs(self, ray_cluster):
-        from xray_dist.train import ShardCache
+        from xray_dist.training.driver import ShardCache
 
         c = ShardCache(self.shard(44), batch_size=8, per_pass=5, shuffle_buffer=0, seed=3, limit_bytes=1 << 20)
         first = list(c.batches())
@@ -384,7 +384,7 @@ class TestShardCache:
         assert seen == set(range(44))  # every row trains in some epoch
 
     def test_too_big_streams_every_epoch(self, ray_cluster):
-        from xray_dist.train import ShardCache
+        from xray_dist.training.driver import ShardCache
 
         c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=100)
         assert len(list(c.batches())) == 4 and c.rows is None
@@ -394,7 +394,7 @@ class TestShardCache:
         """Every worker holds the whole split: each epoch's batches depend on (seed, epoch), not on
         the order the rows arrived in; the ranks take disjoint equal parts of one permutation; a
         cache resumed after epoch 2 gives the uninterrupted run's epochs 3 and 4."""
-        from xray_dist.train import ShardCache
+        from xray_dist.training.driver import ShardCache
 
         def run(rank, reverse=False, start=0, passes=4):
             c = ShardCache(self.shard(42, reverse), batch_size=4, per_pass=5, shuffle_buffer=8, seed=7,
@@ -420,7 +420,7 @@ def test_equal_steps_on_every_worker_from_uneven_shards(ray_cluster):
     that ran out."""
     import ray
 
-    from xray_dist.train import ShardCache, StepPlan
+    from xray_dist.training.driver import ShardCache, StepPlan
 
     items = [{"path": f"p{i:03d}", "x": np.full((2, 2), i, np.uint8), "label": i % 2, "weight": 1.0}
              for i in range(41)]
@@ -451,14 +451,14 @@ def test_ray_engine_predicts_what_the_local_engine_does(two_worker_run, synth_bi
     same rows in the same order, same probabilities, same errors; decoding is not fused into the actors."""
     import logging
 
-    from xray_dist.predict import predict_files
+    from xray_dist.inference.predict import predict_files
 
     _, _, run = two_worker_run
     files = [str(synth_binary.out / rel) for rel in sorted(synth_binary.labels)[:12]]
     (tmp_path / "bad.dcm").write_bytes(b"not a dicom file")
     files.insert(5, str(tmp_path / "bad.dcm"))
     local = predict_files(run, files, tmp_path / "local.csv", engine="local")
-    with caplog.at_level(logging.DEBUG, logger="xray_dist.predict"):
+    with caplog.at_level(logging.DEBUG, logger="xray_dist.inference.predict"):
         distributed = predict_files(run, files, tmp_path / "ray.csv", engine="ray")
     names = [Path(f).name for f in files]  # absolute paths given: outputs name the files, not the directories
     assert [r["path"] for r in distributed] == [r["path"] for r in local] == names
@@ -477,9 +477,9 @@ def test_a_failed_export_leaves_the_previous_outputs_whole(ray_cluster, prepared
     """The disk fills up half-way through exporting a resumed run (after the new weights, metrics
     and history are written, at the ROC plot): the run directory still holds the previous export,
     complete and loadable, and nothing of the half-written one."""
-    from xray_dist import plots
-    from xray_dist.predict import load_run_model
-    from xray_dist.train import train
+    from xray_dist.results import plots
+    from xray_dist.model.artifacts import load_run_model
+    from xray_dist.training.driver import train
 
     _, cache = prepared_binary
     out = tmp_path / "run"
@@ -510,10 +510,12 @@ def test_real_jpeg2000_radiographs_through_prepare_and_predict(two_worker_run, t
     from pydicom.data import get_testdata_file
 
     from xray_dist.config import PrepareConfig
-    from xray_dist.dataset import _tensor_column_to_numpy, images_dataset, load_spec, prepare
-    from xray_dist.dicom import load_image, read_dataset
-    from xray_dist.j2k import decode_reduced
-    from xray_dist.predict import load_run_model, predict_arrays, predict_files
+    from xray_dist.data.prepare import prepare
+    from xray_dist.data.cache import tensor_column_to_numpy as _tensor_column_to_numpy, images_dataset, load_spec
+    from xray_dist.data.dicom import load_image, read_dataset
+    from xray_dist.data.j2k import decode_reduced
+    from xray_dist.inference.predict import predict_files
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
 
     _, train_cache, run = two_worker_run
     data = tmp_path / "rg"

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cache3(ray_cluster, tmp_path_factory):
     """Three labels (normal + two findings), 32 px."""
-    from xray_dist.dataset import prepare
-    from xray_dist.synth import synthesize
+    from xray_dist.data.prepare import prepare
+    from xray_dist.data.synth import synthesize
 
     data = tmp_path_factory.mktemp("synth3")
     syn = synthesize(data, patients=36, images_per_patient=2, classes=("normal", "nodule", "effusion"), size=64,
@@ -55,7 +55,7 @@ def read_results(out) -> list[dict]:
 
 
 def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, monkeypatch, chromium):
-    from xray_dist.tune import sweep
+    from xray_dist.training.tune import sweep
 
     out = tmp_path / "sweep"
     # the cache given relative to the driver's working directory, as users type it: trials run in
@@ -81,7 +81,7 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     assert all(r["status"] in ("completed", "stopped_early") for r in ok)
     assert any(r["status"] == "completed" for r in ok)
     assert all(r["shared_features"] == "True" for r in ok)  # depths 0 and 1 both freeze something
-    from xray_dist.features import FEATURES_DIR, read_meta
+    from xray_dist.training.features import FEATURES_DIR, read_meta
 
     depths = {read_meta(d)["unfreeze_blocks"] for d in (cache3 / FEATURES_DIR).iterdir() if (d / "meta.json").is_file()}
     assert 2 not in depths  # the default unfreeze_blocks include 2, but no combo trains at depth 2
@@ -90,15 +90,15 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     completed = [r for r in ok if r["status"] == "completed"]
     assert max(float(r["val_auc_abnormal"]) for r in completed) == pytest.approx(best["metrics"]["val_auc_abnormal"])
     assert (out / "sweep.png").is_file()
-    from xray_dist.predict import load_run_model
+    from xray_dist.model.artifacts import load_run_model
 
     lm = load_run_model(best["model"])  # the best model is a full model that predict accepts
     assert lm.scheme.num_classes == best["config"]["num_classes"]
     assert (Path(best["model"]) / "model" / "weights.h5").is_file()
     # the other trials exported their trained top only (no 58 MB VGG16 per trial at 224 px): loading
     # one rebuilds the full model on its frozen base, which scores images as the trial scored features
-    from xray_dist.dataset import load_split_arrays
-    from xray_dist.predict import predict_arrays
+    from xray_dist.data.cache import load_split_arrays
+    from xray_dist.model.artifacts import predict_arrays
 
     _, val_images = load_split_arrays(cache3, "val")
     others = [r for r in completed if r["model"] != best["model"]]
@@ -112,11 +112,11 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     params = {int(r["unfreeze_blocks"]): int(r["trainable_parameters"]) for r in ok if r["trainable_parameters"]}
     assert params[1] > params[0]
     # the sweep's HTML report: every trial in the table, the best trial's run below it
-    from xray_dist.report import write_report
+    from xray_dist.results.report import write_report
 
     # the best trial evaluated once on the held-out test patients: best.json shows it beside its
     # (biased, best-of-N) validation score, and the report puts it first
-    from xray_dist.evaluate import evaluate_model
+    from xray_dist.results.evaluate import evaluate_model
 
     assert "biased upward" in best["validation_bias"]
     ev = evaluate_model(str(out), str(cache3), n_boot=100)
@@ -141,8 +141,8 @@ def zero_features(cache: Path, weights: str, seed: int, depth: int) -> int:
     import pyarrow.parquet as pq
     from ray.data.block import BlockAccessor
 
-    from xray_dist import storage
-    from xray_dist.features import ensure_features
+    from xray_dist.infra import storage
+    from xray_dist.training.features import ensure_features
 
     feats = Path(ensure_features(cache, weights, seed, depth, where="here"))
     rows = 0
@@ -166,8 +166,8 @@ def test_asha_stops_the_trial_built_to_be_weak(prepared_binary, tmp_path):
     that, "dropout 0.9", which tied the sound trial in CI.)"""
     import shutil
 
-    from xray_dist.dataset import load_manifest
-    from xray_dist.tune import sweep
+    from xray_dist.data.cache import load_manifest
+    from xray_dist.training.tune import sweep
 
     _, prepared = prepared_binary
     cache = tmp_path / "cache"  # a copy: the session's cache keeps its real features
@@ -195,8 +195,8 @@ def test_asha_stops_the_trial_built_to_be_weak(prepared_binary, tmp_path):
 def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path, where, s3_server):
     """The sweep's driver killed after one trial finished; the same command resumes from the
     sweep's directory (on local disk, or in a bucket: Tune's state, trials and checkpoints there)."""
-    from xray_dist import storage
-    from xray_dist.tune import sweep
+    from xray_dist.infra import storage
+    from xray_dist.training.tune import sweep
 
     out = str(tmp_path / "sweep") if where == "local" else f"{s3_server.bucket('resume-sweep')}/sweep"
     args = [sys.executable, "-m", "xray_dist.cli", "tune", "--cache", str(cache3), "--out", out,
@@ -235,7 +235,7 @@ def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path, where, s3_serv
 
 def test_optuna_search(cache3, tmp_path):
     """``--search optuna``: Optuna proposes every trial from the three dimensions and the lr range."""
-    from xray_dist.tune import sweep
+    from xray_dist.training.tune import sweep
 
     out = tmp_path / "optuna"
     cfg = SweepConfig(base=base(cache3, out, epochs=1), out=str(out), search="optuna", num_samples=3,
@@ -260,14 +260,14 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
 
     import tf_keras as keras
 
-    from xray_dist.dataset import load_manifest, load_split_arrays
-    from xray_dist.features import ensure_features
-    from xray_dist.model import frozen_part
-    from xray_dist.train import train
+    from xray_dist.data.cache import load_manifest, load_split_arrays
+    from xray_dist.training.features import ensure_features
+    from xray_dist.model.network import frozen_part
+    from xray_dist.training.driver import train
 
     import shutil
 
-    from xray_dist.dataset import read_cache_parquet
+    from xray_dist.data.cache import read_cache_parquet
 
     paths, images = load_split_arrays(cache3, "val")
     keras.utils.set_random_seed(0)
@@ -285,7 +285,7 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
         if where == "ray":
             shutil.rmtree(feats)
     assert rows["ray"] == rows["here"] == load_manifest(cache3).num_rows  # every usable image, no other
-    from xray_dist.features import _single_cpu_node
+    from xray_dist.training.features import _single_cpu_node
 
     assert not _single_cpu_node()  # this two-node cluster: "auto" (the sweeps above) took the actor pool
 
@@ -305,7 +305,7 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     # the weights moved: a run that learned nothing would match trivially
     assert plain.history[-1]["loss"] != pytest.approx(plain.history[0]["loss"], rel=1e-3)
     # the same training loop run in this process (as one-worker sweep trials run), on features
-    from xray_dist.inprocess import train_in_process
+    from xray_dist.training.inprocess import train_in_process
 
     seen = []
     local_cfg = dataclasses.replace(cfg, out=str(tmp_path / "inprocess"), features=str(feats))
@@ -324,8 +324,8 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     assert [m["epoch"] for m in reports] == [1]
     assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["epoch_0001"]
     # the exported model of the cached run is a full model: predict on images reproduces its validation AUROC
-    from xray_dist.metrics import auroc
-    from xray_dist.predict import load_run_model, predict_arrays
+    from xray_dist.results.metrics import auroc
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
 
     lm = load_run_model(tmp_path / "cached")
     m = load_manifest(cache3).to_pandas().set_index("path")
@@ -339,7 +339,7 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     # block 5 holds 7.1 M of VGG16's 14.7 M weights: the top is about half the full file at depth 1
     assert (top_only / "top_weights.h5").stat().st_size < 0.6 * (tmp_path / "cached" / "model" / "weights.h5").stat().st_size
     np.testing.assert_allclose(predict_arrays(load_run_model(top_only), images), probs, atol=1e-6)
-    from xray_dist.model import materialize_full_model
+    from xray_dist.model.artifacts import materialize_full_model
 
     materialize_full_model(top_only)
     np.testing.assert_allclose(predict_arrays(load_run_model(top_only), images), probs, atol=1e-6)
@@ -350,7 +350,7 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
     export), while a weak trial at the epoch-3 rung is still stopped."""
     from ray.tune.schedulers import TrialScheduler
 
-    from xray_dist.tune import _FinishingASHA
+    from xray_dist.training.tune import _FinishingASHA
 
     class Trial:
         def __init__(self, i):
@@ -376,7 +376,7 @@ class TestConcurrencyOnAutoscalingClusters:
 
     @pytest.mark.parametrize("head_cpus", [0.0, 1.0])
     def test_an_empty_autoscaling_cluster_is_not_one_trial_at_a_time(self, head_cpus):
-        from xray_dist.tune import concurrency_choice
+        from xray_dist.training.tune import concurrency_choice
 
         cfg = self.sweep_cfg(gpus_per_worker=1)
         n, why = concurrency_choice(cfg, {"CPU": head_cpus}, trials=6, max_resources={"GPU": 16, "CPU": 192})
@@ -385,7 +385,7 @@ class TestConcurrencyOnAutoscalingClusters:
         assert n == 16
 
     def test_fixed_clusters_count_what_is_there(self):
-        from xray_dist.tune import concurrency_choice
+        from xray_dist.training.tune import concurrency_choice
 
         cfg = self.sweep_cfg(cpus_per_worker=1.0)
         n, why = concurrency_choice(cfg, {"CPU": 4}, trials=10, max_resources=None)
@@ -399,7 +399,7 @@ class TestConcurrencyOnAutoscalingClusters:
 def test_sweep_with_no_completed_trial_fails_and_a_changed_sweep_is_not_resumed(cache3, tmp_path, capsys):
     """Every trial failing exits non-zero and removes an older best.json; resuming the sweep with
     another search space or other base settings is refused, naming the differences."""
-    from xray_dist.cli import main
+    from xray_dist.cli.app import main
 
     out = tmp_path / "sweep"
     out.mkdir()

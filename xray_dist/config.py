@@ -65,11 +65,14 @@ import yaml
 
 from xray_dist.errors import XrayDistError
 
-#: Bumped whenever the pixel pipeline in :mod:`xray_dist.dicom` changes what it produces, so an
+#: Bumped whenever the pixel pipeline in :mod:`xray_dist.data.dicom` changes what it produces, so an
 #: old cache can never be mistaken for a new one.
 PIPELINE_VERSION = 2
 #: Default :attr:`PreprocessSpec.max_pixels` (see there).
 DEFAULT_MAX_PIXELS = 60_000_000
+
+#: The labels formats prepare reads (:mod:`xray_dist.data.labels`).
+LABELS_FORMATS = ("csv", "nih", "chexpert", "rsna", "mimic")
 
 
 class ConfigError(XrayDistError, ValueError):
@@ -246,7 +249,7 @@ class PreprocessSpec:
             text such as names in its pixels and is refused (quarantined by ``prepare``);
             ``"keep"`` uses it (specs written before the field existed keep, as they did).
         j2k_reduce: decode JPEG 2000 only to the resolution level that covers ``image_size``
-            (:mod:`xray_dist.j2k`); specs written before it existed (pipeline 1) never reduce.
+            (:mod:`xray_dist.data.j2k`); specs written before it existed (pipeline 1) never reduce.
         max_pixels: the most pixels (Rows × Columns × frames × samples per pixel, read from the
             header before anything is decoded) a file may declare; larger files are refused
             (``too_large``). The default, 60 million, is above the largest real radiographs
@@ -305,11 +308,11 @@ class PrepareConfig:
     path_column: str = "path"
     label_column: str = "label"
     patient_column: str | None = None  # the labels CSV's patient column (default: DICOM Patient ID)
-    salt_file: str | None = None  # where the patient-key salt lives (default: xray_dist.salt, never the cache)
-    paths: str = "relative"  # how the cache and report name files: "relative" or "redact" (xray_dist.paths)
+    salt_file: str | None = None  # where the patient-key salt lives (default: xray_dist.data.salt, never the cache)
+    paths: str = "relative"  # how the cache and report name files: "relative" or "redact" (xray_dist.data.paths)
     path_map: str | None = None  # with "redact": where to write key -> path (never inside the cache)
-    split_files: tuple[str, ...] = ()  # official splits (xray_dist.splits.read_split_files) instead of drawn ones
-    labels_format: str = "csv"  # csv | nih | chexpert | rsna | mimic (xray_dist.labels)
+    split_files: tuple[str, ...] = ()  # official splits (xray_dist.data.splits.read_split_files) instead of drawn ones
+    labels_format: str = "csv"  # csv | nih | chexpert | rsna | mimic (xray_dist.data.labels)
     uncertain: str = "ignore"  # chexpert/mimic -1 entries: ignore (masked) | zeros | ones
     metadata: str | None = None  # mimic: mimic-cxr-2.0.0-metadata.csv (dicom_id -> study_id, ViewPosition)
     views: tuple[str, ...] = ()  # keep only these views (View Position: PA, AP, LL, ...); () keeps all
@@ -325,10 +328,8 @@ class PrepareConfig:
         if self.split_files and self.test_fraction:
             raise ValueError("test_fraction and split_files both choose test patients; give one (the split file's "
                              "test list, or --test-fraction)")
-        from xray_dist.labels import FORMATS
-
-        if self.labels_format not in FORMATS:
-            raise ValueError(f"labels_format must be one of {', '.join(FORMATS)}. "
+        if self.labels_format not in LABELS_FORMATS:
+            raise ValueError(f"labels_format must be one of {', '.join(LABELS_FORMATS)}. "
                              f"Received: labels_format={self.labels_format!r}")
         if self.labels_format != "csv" and not self.labels:
             raise ValueError(f"labels_format={self.labels_format!r} reads a labels file: give labels (--labels)")
@@ -353,7 +354,7 @@ class PrepareConfig:
 
 def storage_outside(path: str, base: str) -> bool:
     """Whether ``path`` lies outside the directory (or prefix) ``base``."""
-    from xray_dist import storage
+    from xray_dist.infra import storage
 
     p, b = storage.absolute(path).rstrip("/"), storage.absolute(base).rstrip("/")
     return not (p == b or p.startswith(b + "/"))
@@ -369,7 +370,7 @@ def load_yaml_overrides(path: str | None) -> dict[str, Any]:
     """Read a ``--config`` YAML file of flag values (keys spelled like the flags, ``-`` or ``_``)."""
     if not path:
         return {}
-    from xray_dist import storage
+    from xray_dist.infra import storage
 
     try:
         data = yaml.safe_load(storage.read_text(path)) or {}
@@ -447,7 +448,7 @@ class TrainConfig:
             ``batch_size * replicas`` (replicas = workers × devices per worker).
         head_width: hidden Dense units before the logits (0 = no hidden layer).
         num_classes: class scheme size K (None = every label): classes, or for a multi-label
-            task the K most frequent findings; see :mod:`xray_dist.classes`.
+            task the K most frequent findings; see :mod:`xray_dist.data.classes`.
         task: ``multiclass`` (one label per image), ``multilabel`` (K sigmoid outputs, one per
             finding) or ``auto`` (multi-label when the cache's labels hold several findings).
         negative_class: the label that counts as negative for ``val_auc_abnormal``.
@@ -465,7 +466,7 @@ class TrainConfig:
             fits, every worker holds all of it (read once) and each replica trains its slice of
             every global batch of one seeded permutation per epoch (the same batches for any
             spread of the replicas): the order depends on (seed, epoch) alone, so a resumed run is
-            exact (:class:`xray_dist.train.ShardCache`). Otherwise each worker streams Ray Data's
+            exact (:class:`xray_dist.training.driver.ShardCache`). Otherwise each worker streams Ray Data's
             equal share, kept in memory after the first epoch when that fits; rank 0 keeps the
             validation set when it fits. 0 streams from Ray Data every epoch.
         shuffle_buffer: Ray Data's local shuffle buffer when a worker streams its share (the
@@ -481,7 +482,7 @@ class TrainConfig:
     dropout: float = 0.3
     num_classes: int | None = None
     negative_class: str = "normal"
-    task: str = "auto"  # multiclass | multilabel | auto (the cache decides: xray_dist.train.resolve_task)
+    task: str = "auto"  # multiclass | multilabel | auto (the cache decides: xray_dist.training.driver.resolve_task)
     unfreeze_blocks: int = 0
     weights: str = "imagenet"
     num_workers: int = 1
@@ -526,7 +527,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as written (config.json, metrics.json): a tracking URI's credentials masked."""
-        from xray_dist.redaction import mask_credentials
+        from xray_dist.infra.redaction import mask_credentials
 
         d = dataclasses.asdict(self)
         d["mlflow"] = mask_credentials(d["mlflow"]) if d.get("mlflow") else d.get("mlflow")
@@ -542,7 +543,7 @@ class TrainConfig:
 
 
 def _absolute(path: str) -> str:
-    from xray_dist import storage
+    from xray_dist.infra import storage
 
     return storage.absolute(path)  # a URI stays as it is
 

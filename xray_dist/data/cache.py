@@ -1,0 +1,243 @@
+"""The prepared cache: its layout and every reader. The one module that knows where a cache keeps
+what; every later stage asks it (``evaluate``, ``train``, sweeps, the benchmark), none joins paths
+into a cache itself. ``prepare`` (:mod:`xray_dist.data.prepare`) writes it.
+
+Layout (``CACHE/``)::
+
+    images/*.parquet        one row per input file: path (relative to the data directory, or a
+                            salted key with --redact-paths: :mod:`xray_dist.data.paths`), patient
+                            (salted hash), image (uint8 S×S tensor), error_kind, error — one file
+                            per decode task, never rewritten unless the inputs or the spec change
+    images/_WRITTEN.json    the chunk files prepare is writing, recorded before any is written: the
+                            only files a later prepare ever deletes
+    images/_COMPLETE.json   the key the images were made with and their chunk files (the only
+                            files readers read); written last, so a crashed prepare is never
+                            mistaken for a finished one
+    manifest.parquet        one row per image used: path, split, label, patient
+    preprocess.json         the :class:`~xray_dist.config.PreprocessSpec`
+    prepare_report.json     found / ok / quarantined / missing / unlabeled / classes / splits
+    fingerprint.json        what runs pin (:mod:`xray_dist.data.fingerprint`; recomputed from the
+                            manifest when read)
+
+The cache holds no salt (:mod:`xray_dist.data.salt` keeps it apart).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from xray_dist.config import PreprocessSpec
+from xray_dist.data.classes import ClassScheme
+from xray_dist.errors import CacheError
+from xray_dist.infra import storage
+
+
+IMAGES_DIR = "images"
+
+
+COMPLETE = "_COMPLETE.json"
+
+
+MANIFEST = "manifest.parquet"
+
+
+REPORT = "prepare_report.json"
+
+
+SPEC = "preprocess.json"
+
+
+WRITTEN = "_WRITTEN.json"
+
+
+META_COLUMNS = ["path", "patient", "error_kind", "error"]
+
+
+#: The chunk names of caches written before prepare recorded its writes (used only for those).
+_LEGACY_CHUNK = re.compile(r"chunk-[0-9a-f]{20}\.parquet")
+
+
+def recorded_chunks(images_dir: str) -> list[str]:
+    """The chunk files an earlier prepare recorded writing into ``images_dir`` (its journal, and
+    its completion marker's list); for a cache from before the journal, its marker's chunks by
+    their exact name pattern."""
+    out: set[str] = set()
+    for name in (WRITTEN, COMPLETE):
+        rec = read_marker(storage.join(images_dir, name)) or {}
+        out.update(rec.get("chunks", []))
+    if not out and read_marker(storage.join(images_dir, COMPLETE)) is not None:
+        out = {f.rel for f in storage.list_files(images_dir) if _LEGACY_CHUNK.fullmatch(f.rel)}
+    return sorted(out)
+
+
+def data_files(directory: str | Path) -> list[str]:
+    """The Parquet files a reader reads in ``directory``: those its completion marker lists, else
+    every top-level ``*.parquet`` that is not hidden (a ``.writing_*`` left by a crash is not data)."""
+    rec = read_marker(storage.join(directory, COMPLETE))
+    if rec and rec.get("chunks"):
+        return list(rec["chunks"])
+    return [e.rel for e in storage.list_files(directory)
+            if e.rel.endswith(".parquet") and "/" not in e.rel and not e.rel.startswith(".")]
+
+
+def read_image_meta(cache: str | Path) -> pa.Table:
+    """Path, patient (and what made its key) and error of every decoded input (no pixels read)."""
+    dset = images_dataset(cache)
+    return dset.to_table(columns=[c for c in [*META_COLUMNS, "patient_source", "view"] if c in dset.schema.names])
+
+
+def parquet_dataset(directory: str | Path):
+    """A :mod:`pyarrow.dataset` over the Parquet files of ``directory`` (local or URI; the
+    completion marker and other non-Parquet files are not part of it)."""
+    fs, inner = storage.filesystem(directory)
+    files = [f"{inner}/{rel}" for rel in data_files(directory)]
+    if not files:
+        raise CacheError(f"{directory}: no Parquet files")
+    return pads.dataset(files, format="parquet", filesystem=fs)
+
+
+def images_dataset(cache: str | Path):
+    return parquet_dataset(storage.join(cache, IMAGES_DIR))
+
+
+def read_marker(marker: str) -> dict | None:
+    try:
+        return storage.read_json(marker)
+    except FileNotFoundError:
+        return None
+
+
+def load_spec(cache: str | Path) -> PreprocessSpec:
+    try:
+        return PreprocessSpec.from_dict(storage.read_json(storage.join(cache, SPEC)))
+    except FileNotFoundError:
+        raise CacheError(f"{cache} is not a prepared cache (no {SPEC}); run `xray-dist prepare` first") from None
+
+
+def load_manifest(cache: str | Path) -> pa.Table:
+    p = storage.join(cache, MANIFEST)
+    if not storage.is_file(p) or not storage.is_file(storage.join(cache, IMAGES_DIR, COMPLETE)):
+        raise CacheError(f"{cache} is not a complete prepared cache (no {MANIFEST}); run `xray-dist prepare` first")
+    return pq.read_table(storage.open_input(p))
+
+
+def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: float):
+    """A Ray Dataset over the Parquet files in ``directory`` whose every task asks for ``num_cpus``.
+
+    Ray Data's own ``read_parquet`` schedules helper tasks that each ask for a whole CPU whatever
+    ``num_cpus`` says — V2's ``ListFiles`` operator, V1's file-sampling tasks — so on a small node
+    whose Train workers already hold part of the CPUs, ingestion waits forever (seen on 2-CPU
+    machines in sweeps). The cache's files and row counts are known locally (Parquet footers), so a
+    minimal datasource does without them: one read task per file, nothing else.
+    """
+    import ray
+
+    return ray.data.read_datasource(_CacheParquetSource(directory, columns), num_cpus=num_cpus)
+
+
+def _cache_parquet_source_class():
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class CacheParquetSource(Datasource):
+        def __init__(self, directory: str | Path, columns: list[str]):
+            super().__init__()
+            self.directory = str(directory)  # local path or URI: each read task opens it itself
+            self.files = data_files(directory)
+            if not self.files:
+                raise CacheError(f"{directory}: no Parquet files")
+            self.columns = list(columns)
+            fs, inner = storage.filesystem(directory)
+            self.meta = [pq.ParquetFile(f"{inner}/{f}", filesystem=fs).metadata for f in self.files]
+
+        def estimate_inmemory_data_size(self) -> int:
+            return int(sum(m.serialized_size + sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
+                           for m in self.meta))
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            tasks = []
+            for f, m in zip(self.files, self.meta):
+                size = sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
+
+                def read(path=storage.join(self.directory, f), columns=self.columns):
+                    fs, inner = storage.filesystem(path)  # built in the task's process, from its environment
+                    yield pq.read_table(inner, columns=columns, filesystem=fs)
+
+                tasks.append(ReadTask(read, BlockMetadata(num_rows=m.num_rows, size_bytes=size, exec_stats=None,
+                                                          input_files=(f,)), per_task_row_limit=per_task_row_limit))
+            return tasks
+
+    return CacheParquetSource
+
+
+def _CacheParquetSource(directory, columns):  # noqa: N802 - the class needs Ray imported, so it is built lazily
+    return _cache_parquet_source_class()(directory, columns)
+
+
+def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndarray]:
+    """Paths and images of one split, in manifest order, read with pyarrow (for driver-side work)."""
+    manifest = load_manifest(cache)
+    paths = [p for p, s in zip(manifest.column("path").to_pylist(), manifest.column("split").to_pylist()) if s == split]
+    dset = images_dataset(cache)
+    table = dset.to_table(columns=["path", "image"], filter=pc.field("path").isin(paths))
+    spec = load_spec(cache)
+    index = {p: i for i, p in enumerate(table.column("path").to_pylist())}
+    flat = table.column("image").combine_chunks()
+    images = tensor_column_to_numpy(flat, spec.image_size)
+    order = [index[p] for p in paths]
+    return paths, images[order]
+
+
+def tensor_column_to_numpy(col: pa.Array, size: int) -> np.ndarray:
+    """A Ray tensor-extension (or plain binary/list) column → ``(n, size, size)`` uint8."""
+    storage = col.storage if isinstance(col, pa.ExtensionArray) else col
+    if pa.types.is_binary(storage.type) or pa.types.is_large_binary(storage.type):
+        return np.stack([np.frombuffer(b.as_py(), dtype=np.uint8) for b in storage]).reshape(-1, size, size)
+    values = storage.flatten()
+    while not pa.types.is_integer(values.type):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).astype(np.uint8).reshape(-1, size, size)
+
+
+def read_report_summary(cache: str | Path) -> dict:
+    """Counts from the prepare report (no paths), for run metrics and reports."""
+    try:
+        r = storage.read_json(storage.join(cache, REPORT))
+    except FileNotFoundError:
+        return {}
+    return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]),
+            "excluded": len(r.get("excluded", [])), "task": r.get("task", "multiclass"), "classes": r["classes"],
+            "splits": r["splits"], "image_size": r["image_size"],
+            **({"split_fingerprint": r["split_fingerprint"], "split_settings": r.get("split_settings", {})}
+               if r.get("split_fingerprint") else {})}
+
+
+def manifest_labels(cache: str | Path, split: str | None = None) -> list[tuple[str, str]]:
+    """``(path, label)`` of the manifest's images (of one split, or all)."""
+    m = load_manifest(cache)
+    return [(p, lab) for p, s, lab in zip(m.column("path").to_pylist(), m.column("split").to_pylist(),
+                                          m.column("label").to_pylist()) if split is None or s == split]
+
+
+def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict:
+    """Path → training target (:meth:`ClassScheme.target`) of every image in ``split`` (a
+    :class:`CacheError` when there is none)."""
+    rows = manifest_labels(cache, split)
+    unseen = Counter(lab for _, lab in rows if not scheme.knows(lab))
+    if unseen:
+        lab, n = unseen.most_common(1)[0]
+        raise CacheError(f"{cache}: class {lab!r} has {n} images in the {split!r} split but none in 'train', so the "
+                         "model has no output for it; prepare again with another --seed or fractions, or leave the "
+                         "class out of the labels")
+    label_of = {p: scheme.target(lab) for p, lab in rows}
+    if not label_of:
+        raise CacheError(f"{cache}: the {split!r} split is empty; prepare with more patients or another fraction")
+    return label_of

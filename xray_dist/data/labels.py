@@ -1,0 +1,430 @@
+"""Label sources: a labels file in one of the public cohorts' formats, or a folder per class.
+
+Whatever the source, the result is a :class:`LabelScan`: the labelled files to read (each with
+its manifest label: one class, or findings joined by ``|``, :mod:`xray_dist.data.classes`), the
+label rows that name no usable file (``missing``, with the reason), the files nobody labelled
+(``unlabeled``), and — where the format has them — each file's patient and view. Nothing is
+read from a path outside the data directory: a label row whose path escapes it, and a listed file
+that is a symlink leading out of it (whatever the source, folders included), are listed in
+``missing`` with the reason. A labels row holding a NUL byte or text that is not UTF-8 is listed
+there too, by its line number, and the other rows are used.
+
+Formats (``--labels-format``):
+
+``csv``       a path (or a file name or stem) column and a label column; a label cell may hold
+              several findings, ``Effusion|Infiltration`` (a multi-label task), ``?Edema`` marks an
+              uncertain one; ``--patient-column`` names the patients.
+``nih``       NIH ChestX-ray14 ``Data_Entry_2017.csv``: ``Image Index`` matches the DICOM file of the
+              same stem (``00000001_000.png`` → ``…/00000001_000.dcm``), ``Finding Labels`` split on
+              ``|`` with ``No Finding`` the negative, ``Patient ID`` the patient, ``View Position``.
+``chexpert``  CheXpert's ``train.csv``/``valid.csv``: ``Path`` matched without its extension (and
+              without leading folders the data directory does not have), one column per finding
+              holding 1 / 0 / -1 (uncertain) / blank (not mentioned: absent, as in the CheXpert
+              paper's labeller), ``Frontal/Lateral`` and ``AP/PA`` for the view, the patient from
+              the path's ``patientNNNNN``.
+``rsna``      RSNA Pneumonia ``stage_2_train_labels.csv``: a row per box, several per
+              ``patientId`` (the DICOM file's stem); Target 1 → ``pneumonia``, 0 → ``normal``.
+``mimic``     MIMIC-CXR-JPG's ``mimic-cxr-2.0.0-chexpert.csv`` (labels per ``subject_id``,
+              ``study_id``, values as CheXpert's), joined to the DICOM files (stem = ``dicom_id``)
+              through ``--metadata mimic-cxr-2.0.0-metadata.csv`` (``dicom_id``, ``study_id``,
+              ``ViewPosition``); ``subject_id`` is the patient. Its official split CSV is read by
+              ``--split-file``.
+
+Uncertain entries (-1) follow ``--uncertain``: ``ignore`` keeps them as uncertain (masked out of
+that finding's loss and metrics for that image), ``zeros`` reads them as absent, ``ones`` as present.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from xray_dist.config import LABELS_FORMATS
+from xray_dist.infra import storage
+from xray_dist.data.classes import SEPARATOR, join_findings, parse_findings
+from xray_dist.errors import PrepareError
+
+# Files in the data directory that are never images and never reported as unlabeled.
+_IGNORED_SUFFIXES = {".csv", ".json", ".txt", ".md", ".yaml", ".yml"}
+
+FORMATS = LABELS_FORMATS
+#: Formats whose labels are findings (a multi-label task, whatever one image shows).
+MULTILABEL_FORMATS = ("nih", "chexpert", "mimic")
+#: The label the cohort formats give an image without findings.
+NEGATIVE = "normal"
+_CHEXPERT_NOT_FINDINGS = {"Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"}
+_MIMIC_NOT_FINDINGS = {"subject_id", "study_id", "No Finding"}
+
+
+@dataclass
+class LabelScan:
+    items: list[tuple[str, str]] = field(default_factory=list)  # (path relative to data dir, label)
+    missing: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
+    unlabeled: list[str] = field(default_factory=list)  # relative paths
+    patients: dict[str, str] = field(default_factory=dict)  # relative path -> patient (from the labels)
+    views: dict[str, str] = field(default_factory=dict)  # relative path -> view (from the labels)
+    multilabel: bool = False  # the format's labels are findings
+
+
+@dataclass
+class LabelRow:
+    """One row of a labels file: ``ref`` names a file (path, file name or stem)."""
+
+    ref: str
+    label: str
+    patient: str = ""
+    view: str = ""
+    why: str = ""  # why ``label`` is empty, when the format knows
+
+
+def list_files(data_dir: str | PurePosixPath) -> list[str]:
+    """Every regular, non-hidden file under ``data_dir`` (local or URI; relative POSIX paths, sorted)."""
+    return [e.rel for e in list_entries(data_dir)]
+
+
+def list_entries(data_dir) -> list[storage.FileEntry]:
+    """:func:`list_files` with each file's size and modification time (one listing of the store)."""
+    out = []
+    for e in storage.list_files(data_dir):
+        parts = e.rel.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue
+        if PurePosixPath(e.rel).suffix.lower() not in _IGNORED_SUFFIXES:
+            out.append(e)
+    return out
+
+
+#: Text that is not UTF-8, as decoded with ``surrogateescape`` (one lone surrogate per undecodable byte).
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _row_fault(row: dict) -> str | None:
+    """Why a CSV row's cells cannot be trusted (None: they can): a NUL byte, or bytes that are not
+    UTF-8. Either would reach a path or a label as garbage (``embedded null byte`` from the OS)."""
+    for v in row.values():
+        for cell in (v if isinstance(v, list) else [v]):
+            if not cell:
+                continue
+            if "\0" in cell:
+                return "a NUL byte in a cell"
+            bad = _UNDECODABLE.search(cell)
+            if bad:
+                return f"a cell that is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})"
+    return None
+
+
+def _printable(cell: str) -> str:
+    """A cell as a report can name it: NUL and undecodable bytes written as escapes (``\\x00``)."""
+    return cell.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\0", "\\x00")
+
+
+def _read_csv(path, what: str, needed: list[tuple[str, str]],
+              ref: str | None = None) -> tuple[list[str], list[tuple[int, dict]], list[dict]]:
+    """Columns, rows (each with the line it ends on) and bad rows of a CSV.
+
+    A missing file or column is a :class:`PrepareError` naming it. A row holding a NUL byte or text
+    that is not UTF-8 is one bad row, not a failed file: it comes back in the third list as a
+    ``missing`` entry (``path``: its ``ref`` cell — the file it names — escaped; ``reason``: its line
+    number and fault, never its contents) and the other rows are used.
+    """
+    try:
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise PrepareError(f"{what} not found: {path}") from None
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape").lstrip("\ufeff"), newline=""))
+    cols = reader.fieldnames or []
+    for col, hint in needed:
+        if col not in cols:
+            raise PrepareError(f"{path}: no column {col!r} ({hint}); columns are {cols}")
+    rows, bad = [], []
+    for row in reader:
+        fault = _row_fault(row)
+        if fault:
+            cell = row.get(ref) if ref else ""
+            bad.append({"path": _printable((cell if isinstance(cell, str) else "").strip()),
+                        "reason": f"line {reader.line_num} of the {what}: {fault}; row not used"})
+        else:
+            rows.append((reader.line_num, row))
+    return cols, rows, bad
+
+
+class _Files:
+    """The data directory's files, found by a label row's reference: the relative path itself; the
+    path without its extension, with leading folders dropped one by one (CheXpert's
+    ``CheXpert-v1.0-small/train/…/view1_frontal.jpg`` for ``train/…/view1_frontal.dcm``); or a
+    unique stem (NIH's ``00000001_000.png``, RSNA's ``patientId``, MIMIC's ``dicom_id``)."""
+
+    def __init__(self, data_dir, entries: list[storage.FileEntry]):
+        self.data_dir = data_dir
+        self.all = [e.rel for e in entries]
+        self.listed = set(self.all)
+        self.by_base: dict[str, list[str]] = {}
+        self.by_stem: dict[str, list[str]] = {}
+        for rel in self.all:
+            p = PurePosixPath(rel)
+            self.by_base.setdefault(str(p.with_suffix("")), []).append(rel)
+            self.by_stem.setdefault(p.stem, []).append(rel)
+        self.local = not storage.is_uri(data_dir)
+        self.tops = {rel.split("/", 1)[0] for rel in self.all}
+        self._inside = _Inside(data_dir) if self.local else None
+
+    def find(self, value: str) -> tuple[str | None, str]:
+        """``(relative path, "")`` or ``(None, reason)``."""
+        found = storage.inside(self.data_dir, value)
+        if found is None:
+            return None, "path escapes the data directory; not read"
+        # a listed file, or (locally) any file the path reaches, hidden or not, as before
+        if found in self.listed or (self.local and storage.is_file(storage.join(self.data_dir, found))):
+            return found, ""
+        parts = PurePosixPath(found).with_suffix("").parts
+        for i in range(len(parts) - 1):  # leading folders the data directory lacks are dropped, no more
+            hits = self.by_base.get("/".join(parts[i:]), [])
+            if len(hits) == 1:
+                return hits[0], ""
+            if parts[i] in self.tops:
+                break
+        if len(parts) > 1:
+            return None, "file not found"
+        hits = self.by_stem.get(parts[0], [])
+        if len(hits) == 1:
+            return hits[0], ""
+        if hits:
+            return None, f"file stem matches {len(hits)} files"
+        return None, "file not found"
+
+    def leads_out(self, rel: str) -> bool:
+        """Whether the file at ``rel`` (as listed) is reached through a symlink leading out of the
+        data directory (:class:`_Inside`)."""
+        return self._inside.leads_out(rel) if self._inside is not None else False
+
+
+#: Why a file reached through a symlink leading out of the data directory is not read.
+OUTSIDE = "symlink leading outside the data directory; not read"
+
+
+class _Inside:
+    """For a local data directory: whether a listed file is reached through a symlink leading out
+    of it (:func:`storage.inside`, the rule a label row's path follows), asked once per folder and,
+    for the file itself, only when it is a link."""
+
+    def __init__(self, data_dir):
+        self.data_dir, self.root = data_dir, storage.absolute(data_dir)
+        self.folders: dict[str, bool] = {}
+
+    def leads_out(self, rel: str) -> bool:
+        folder = rel.rpartition("/")[0]
+        if folder not in self.folders:
+            self.folders[folder] = storage.inside(self.data_dir, folder or ".") is None
+        if self.folders[folder]:
+            return True
+        return os.path.islink(os.path.join(self.root, rel)) and storage.inside(self.data_dir, rel) is None
+
+
+def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], label_name: str) -> LabelScan:
+    """Label rows → a :class:`LabelScan`. Repeated rows for one file (RSNA has one per box) are
+    merged when they agree and reported as ``missing`` when their labels conflict."""
+    files = _Files(data_dir, entries)
+    scan = LabelScan()
+    chosen: dict[str, str] = {}
+    conflicts: set[str] = set()
+    refused: set[str] = set()
+    for row in rows:
+        if not row.ref:
+            scan.missing.append({"path": row.ref, "reason": "empty file cell"})
+            continue
+        rel, why = files.find(row.ref)
+        if rel is None:
+            scan.missing.append({"path": row.ref, "reason": why})
+            continue
+        if files.leads_out(rel):  # found by its name or stem: the same rule as for a path given whole
+            if rel not in refused:
+                scan.missing.append({"path": rel, "reason": OUTSIDE})
+            refused.add(rel)
+            continue
+        if not row.label:
+            scan.missing.append({"path": rel, "reason": row.why or f"empty {label_name!r} cell"})
+            continue
+        if rel in chosen and chosen[rel] != row.label:
+            conflicts.add(rel)
+        chosen.setdefault(rel, row.label)
+        if row.patient:
+            scan.patients.setdefault(rel, row.patient)
+        if row.view:
+            scan.views.setdefault(rel, row.view.strip().upper())
+    for rel in sorted(conflicts):
+        scan.missing.append({"path": rel, "reason": "conflicting labels in the CSV; not used"})
+        del chosen[rel]
+    scan.items = sorted(chosen.items())
+    labelled = set(chosen) | conflicts | refused
+    scan.unlabeled = [rel for rel in files.all if rel not in labelled]
+    return scan
+
+
+def _canonical(label: str) -> str:
+    """A csv label cell: several findings sorted (and deduplicated) so one set is one label."""
+    if SEPARATOR not in label and not label.startswith("?"):
+        return label
+    present, uncertain = parse_findings(label, negative="\0")
+    return join_findings(present, uncertain)
+
+
+def from_csv(data_dir, csv_path, path_column: str = "path", label_column: str = "label",
+             entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
+    """Labels from a CSV (``--labels-format csv``).
+
+    ``path_column`` holds a path relative to ``data_dir``, a file name or, RSNA style, a file stem
+    (``0004cfab-...`` for ``stage_2_train_images/0004cfab-....dcm``).
+    """
+    needed = [(path_column, "set --path-column"), (label_column, "set --label-column")]
+    needed += [(patient_column, "set --patient-column")] if patient_column else []
+    _, rows, bad = _read_csv(csv_path, "labels CSV", needed, ref=path_column)
+    label_rows = [LabelRow(ref=(r.get(path_column) or "").strip(), label=_canonical((r.get(label_column) or "").strip()),
+                           patient=(r.get(patient_column) or "").strip() if patient_column else "") for _, r in rows]
+    scan = _resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, label_column)
+    scan.missing[:0] = bad
+    scan.multilabel = any(SEPARATOR in lab or lab.startswith("?") for _, lab in scan.items)
+    return scan
+
+
+def from_nih(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
+    _, rows, bad = _read_csv(csv_path, "NIH labels CSV (Data_Entry_2017.csv)",
+                             [("Image Index", "NIH format"), ("Finding Labels", "NIH format")], ref="Image Index")
+    out = []
+    for _, r in rows:
+        cell = (r.get("Finding Labels") or "").strip()
+        findings = [f.strip() for f in cell.split("|") if f.strip() and f.strip() != "No Finding"]
+        label = join_findings(findings, negative=NEGATIVE) if cell else ""
+        out.append(LabelRow(ref=(r.get("Image Index") or "").strip(), label=label,
+                            patient=(r.get("Patient ID") or "").strip(), view=(r.get("View Position") or "").strip()))
+    scan = _resolve(data_dir, entries, out, "Finding Labels")
+    scan.missing[:0] = bad
+    scan.multilabel = True
+    return scan
+
+
+def _finding_cells(row: dict, findings: list[str], uncertain: str) -> str:
+    """CheXpert-style cells (1, 0, -1, blank) → a manifest label, the uncertain ones by policy."""
+    present, unsure = [], []
+    for f in findings:
+        v = (row.get(f) or "").strip()
+        try:
+            x = float(v) if v else 0.0  # blank: not mentioned in the report, read as absent
+        except ValueError:
+            raise PrepareError(f"column {f!r} holds {v!r}; expected 1, 0, -1 or blank") from None
+        if x == 1:
+            present.append(f)
+        elif x == -1:
+            if uncertain == "ones":
+                present.append(f)
+            elif uncertain == "ignore":
+                unsure.append(f)
+        elif x != 0:
+            raise PrepareError(f"column {f!r} holds {v!r}; expected 1, 0, -1 or blank")
+    return join_findings(present, unsure, negative=NEGATIVE)
+
+
+def from_chexpert(data_dir, csv_path, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
+    cols, rows, bad = _read_csv(csv_path, "CheXpert labels CSV", [("Path", "CheXpert format")], ref="Path")
+    findings = [c for c in cols if c not in _CHEXPERT_NOT_FINDINGS]
+    if not findings:
+        raise PrepareError(f"{csv_path}: no finding columns besides {sorted(_CHEXPERT_NOT_FINDINGS & set(cols))}")
+    out = []
+    for i, r in rows:
+        path = (r.get("Path") or "").strip()
+        try:
+            label = _finding_cells(r, findings, uncertain)
+        except PrepareError as e:
+            raise PrepareError(f"{csv_path}, line {i}: {e}") from None
+        side = (r.get("Frontal/Lateral") or "").strip().lower()
+        view = "LATERAL" if side == "lateral" else (r.get("AP/PA") or "").strip()
+        m = re.search(r"(patient\d+)", path)
+        out.append(LabelRow(ref=path, label=label, patient=m.group(1) if m else "", view=view))
+    scan = _resolve(data_dir, entries, out, "Path")
+    scan.missing[:0] = bad
+    scan.multilabel = True
+    return scan
+
+
+def from_rsna(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
+    _, rows, bad = _read_csv(csv_path, "RSNA labels CSV (stage_2_train_labels.csv)",
+                             [("patientId", "RSNA format"), ("Target", "RSNA format")], ref="patientId")
+    out = []
+    for _, r in rows:
+        pid, target = (r.get("patientId") or "").strip(), (r.get("Target") or "").strip()
+        label = {"1": "pneumonia", "0": NEGATIVE}.get(target, "")
+        out.append(LabelRow(ref=pid, label=label, patient=pid))
+    scan = _resolve(data_dir, entries, out, "Target")
+    scan.missing[:0] = bad
+    return scan
+
+
+def from_mimic(data_dir, csv_path, metadata: str, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
+    cols, rows, bad = _read_csv(csv_path, "MIMIC-CXR labels CSV (mimic-cxr-2.0.0-chexpert.csv)",
+                                [("subject_id", "MIMIC format"), ("study_id", "MIMIC format")])
+    findings = [c for c in cols if c not in _MIMIC_NOT_FINDINGS]
+    label_of: dict[str, str] = {}
+    for i, r in rows:
+        try:
+            label_of[(r.get("study_id") or "").strip()] = _finding_cells(r, findings, uncertain)
+        except PrepareError as e:
+            raise PrepareError(f"{csv_path}, line {i}: {e}") from None
+    _, meta, bad_meta = _read_csv(metadata, "MIMIC-CXR metadata CSV (--metadata)",
+                                  [("dicom_id", "MIMIC metadata"), ("study_id", "MIMIC metadata")], ref="dicom_id")
+    out = []
+    for _, r in meta:
+        study = (r.get("study_id") or "").strip()
+        out.append(LabelRow(ref=(r.get("dicom_id") or "").strip(), label=label_of.get(study, ""),
+                            patient=(r.get("subject_id") or "").strip(), view=(r.get("ViewPosition") or "").strip(),
+                            why=f"study {study}: no row in the labels CSV"))
+    scan = _resolve(data_dir, entries, out, "study_id")
+    scan.missing[:0] = bad + bad_meta
+    scan.multilabel = True
+    return scan
+
+
+def from_folders(data_dir, entries: list[storage.FileEntry] | None = None) -> LabelScan:
+    """Labels from a folder-per-class layout, ``DATA/<class>/**/<file>``; top-level files are unlabeled.
+    A file reached through a symlink leading out of ``data_dir`` is ``missing``, never read (the rule
+    a labels CSV's paths follow)."""
+    scan = LabelScan()
+    inside = None if storage.is_uri(data_dir) else _Inside(data_dir)
+    for e in entries if entries is not None else list_entries(data_dir):
+        rel = e.rel
+        parts = rel.split("/")
+        if len(parts) < 2:
+            scan.unlabeled.append(rel)
+        elif inside is not None and inside.leads_out(rel):
+            scan.missing.append({"path": rel, "reason": OUTSIDE})
+        else:
+            scan.items.append((rel, parts[0]))
+    return scan
+
+
+def scan_labels(data_dir, labels_csv: str | None, path_column: str = "path", label_column: str = "label",
+                entries: list[storage.FileEntry] | None = None, patient_column: str | None = None,
+                labels_format: str = "csv", uncertain: str = "ignore", metadata: str | None = None) -> LabelScan:
+    """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it)."""
+    if entries is None:
+        if not storage.is_dir(data_dir):
+            raise PrepareError(f"data directory not found: {data_dir}")
+        entries = list_entries(data_dir)
+    if patient_column and not labels_csv:
+        raise PrepareError("--patient-column needs --labels: it names a column of the labels CSV")
+    if patient_column and labels_format != "csv":
+        raise PrepareError(f"--patient-column is for --labels-format csv; the {labels_format} format has its own "
+                           "patient column")
+    if labels_format == "nih":
+        return from_nih(data_dir, labels_csv, entries)
+    if labels_format == "chexpert":
+        return from_chexpert(data_dir, labels_csv, entries, uncertain)
+    if labels_format == "rsna":
+        return from_rsna(data_dir, labels_csv, entries)
+    if labels_format == "mimic":
+        return from_mimic(data_dir, labels_csv, metadata, entries, uncertain)
+    if labels_csv:
+        return from_csv(data_dir, labels_csv, path_column, label_column, entries, patient_column)
+    return from_folders(data_dir, entries)

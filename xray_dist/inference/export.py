@@ -1,0 +1,98 @@
+"""``export``: a trained run → a serving model that needs no xray-dist code to run.
+
+The serving model takes the cached-format image — ``(n, S, S)`` uint8 grayscale, exactly what
+:func:`xray_dist.data.dicom.load_image` returns under the run's preprocessing spec — and returns
+``(n, K)`` class probabilities (the one-unit sigmoid head expanded to ``[1 - p, p]``). The
+preprocessing into VGG16's input space lives inside the model (:class:`xray_dist.model.network.VGGInput`).
+
+Formats:
+
+- ``savedmodel`` (default): ``DIR/savedmodel/`` with the ``serving_default`` signature
+  ``image (uint8 [None, S, S]) → probabilities (float32 [None, K])``; loads with plain TensorFlow
+  (``tf.saved_model.load``) and serves with TensorFlow Serving.
+- ``keras``: ``DIR/model.keras`` (tf-keras format); loading needs ``xray_dist`` importable for its
+  two custom layers.
+
+Beside it: ``model_spec.json`` (architecture, class scheme, preprocessing spec, threshold) and
+``serving.json`` (what the signature takes and returns, in words a serving engineer can act on).
+
+Exporting again over an object-store ``DIR`` never leaves it without a model: the new
+``savedmodel/`` is uploaded beside the old one as ``savedmodel.v<id>/`` and made current by one PUT
+of ``DIR/savedmodel.current`` (``{"current": "savedmodel.v<id>"}``); the command prints the
+directory that holds the model now. A local ``DIR`` gets the new directory by a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from xray_dist.infra import storage
+from xray_dist.errors import ModelSpecError
+from xray_dist.model.artifacts import load_run_model
+
+FORMATS = ("savedmodel", "keras")
+
+
+def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> Path:
+    """Write the serving model of ``run`` into ``out`` (local or URI); returns the model's path."""
+    if fmt not in FORMATS:
+        raise ModelSpecError(f"--format must be one of {FORMATS}. Received: format={fmt!r}")
+    storage.check_location(out)
+    lm = load_run_model(run)
+    dest = out
+    # savedmodel/ is replaced whole: renamed in locally; on object storage uploaded beside the old one
+    # and switched to by its pointer (storage.staged_output), so a failed re-export leaves the old one
+    with storage.staged_output(dest, replace=("savedmodel",)) as out:
+        path = _write(lm, fmt, out)
+    if storage.is_uri(dest):
+        return storage.current_dir(storage.join(dest, path.name))  # savedmodel.v<id> after a re-export
+    return Path(storage.absolute(dest)) / path.name
+
+
+def _write(lm, fmt: str, out: Path) -> Path:
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from xray_dist.model.network import ClassProbabilities
+
+    spec = lm.spec
+    size = lm.preprocess.image_size
+    image = keras.Input((size, size), dtype="uint8", name="image")
+    probabilities = ClassProbabilities(multilabel=lm.scheme.multilabel, name="probabilities")
+    serving = keras.Model(image, probabilities(lm.model(image, training=False)),
+                          name="xray_vgg16_serving")
+    if fmt == "savedmodel":
+        path = out / "savedmodel"
+        if path.exists():
+            shutil.rmtree(path)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.uint8, name="image")])
+        def serve(image):
+            return {"probabilities": serving(image, training=False)}
+
+        module = tf.Module()
+        module.model = serving
+        module.serve = serve
+        tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+    else:
+        path = out / "model.keras"
+        serving.save(str(path))
+    (out / "model_spec.json").write_text(json.dumps(spec, indent=2))
+    (out / "serving.json").write_text(json.dumps({
+        "format": fmt,
+        "model": path.name,
+        "input": {"name": "image", "dtype": "uint8", "shape": [None, size, size],
+                  "meaning": "grayscale radiograph after the preprocessing spec (0 = black), as in the cache"},
+        "output": {"name": "probabilities", "dtype": "float32", "shape": [None, lm.scheme.num_classes],
+                   **({"findings": list(lm.scheme.names), "keys": lm.scheme.keys,
+                       "meaning": "each finding's probability (independent sigmoids; several can be present)"}
+                      if lm.scheme.multilabel else {"classes": list(lm.scheme.names)})},
+        "abnormal_score": ("max(probabilities, axis=1) (any finding: the most probable one)" if lm.scheme.multilabel
+                           else f"1 - probabilities[:, 0] (class 0 is {lm.scheme.names[0]!r})"),
+        "threshold": lm.threshold,
+        **({"thresholds": lm.thresholds} if lm.scheme.multilabel else {}),
+        "preprocess": spec["preprocess"],
+    }, indent=2))
+    return path

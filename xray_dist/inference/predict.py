@@ -1,0 +1,232 @@
+"""``predict``: DICOM files → class probabilities with a trained run's exported model.
+
+The run's ``model/model_spec.json`` carries the architecture, the class scheme and the
+preprocessing spec, so files are read exactly as the cache was made. A file that cannot be read
+gets a row with its error; the others go on.
+
+Two engines write the same CSV (one row per input file, in input order):
+
+- ``local``: this process reads and scores every file (a handful of files, a laptop);
+- ``ray``: Ray Data batch inference — files are decoded in CPU tasks, the model runs in a pool of
+  actors (one GPU each where the cluster has GPUs, else a share of the CPUs with as many
+  TensorFlow threads), so a bucket prefix or a large directory is spread over the cluster.
+  ``auto`` (the default) takes it for object-store inputs and for 256 files or more.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from xray_dist.infra import storage
+from xray_dist.data.classes import ClassScheme
+from xray_dist.config import PreprocessSpec
+from xray_dist.errors import DicomReadError
+from xray_dist.model.artifacts import load_run_model, model_dir_of, predict_arrays, read_spec
+from xray_dist.data.paths import PathNames, named_inputs, write_path_map
+
+log = logging.getLogger(__name__)
+
+
+_NOT_IMAGES = {".csv", ".json", ".txt", ".png", ".npy", ".html", ".md", ".yaml", ".yml"}
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """``(files, rels)``: files as given, directories and object-store prefixes as their files
+    (recursively, sorted, hidden ones and known non-image files skipped); each file's path relative
+    to the input it came from — its file name when given by itself — which outputs name it by
+    (:mod:`xray_dist.data.paths`)."""
+
+    def files_of(item: str) -> list[str] | None:
+        storage.check_location(item)
+        if not storage.is_dir(item):
+            return None
+        return [e.rel for e in storage.list_files(item) if not any(s.startswith(".") for s in e.rel.split("/"))
+                and PurePosixPath(e.rel).suffix.lower() not in _NOT_IMAGES]
+
+    return named_inputs([i if storage.is_uri(i) else str(Path(i)) for i in inputs], files_of)
+
+
+def prediction_columns(scheme: ClassScheme) -> list[str]:
+    return ["prediction", *[f"p_{k}" for k in scheme.keys], "abnormal_score", "abnormal_at_threshold"]
+
+
+def prediction_row(scheme: ClassScheme, p: np.ndarray, threshold: float, thresholds: dict[str, float]) -> dict:
+    """One image's columns: the prediction (the argmax class; multi-label: the findings at or above
+    their thresholds, joined by ``|``, or the negative class), each output's probability, the
+    abnormal score (:meth:`ClassScheme.abnormal_score`) and whether it reaches the model's threshold."""
+    if scheme.multilabel:
+        from xray_dist.data.classes import join_findings
+
+        found = [n for n, k, v in zip(scheme.names, scheme.keys, p) if v >= thresholds.get(k, 0.5)]
+        prediction = join_findings(found, negative=scheme.negative)  # as the labels write it: sorted
+    else:
+        prediction = scheme.names[int(np.argmax(p))]
+    abnormal = float(scheme.abnormal_score(p[None, :])[0])
+    return {"prediction": prediction, **{f"p_{k}": float(v) for k, v in zip(scheme.keys, p)},
+            "abnormal_score": abnormal, "abnormal_at_threshold": bool(abnormal >= threshold)}
+
+
+def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: str,
+                names: PathNames = PathNames()) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
+    """Every file read as the model sees it: per file its error (``kind: reason``, empty when read;
+    the file named as ``names`` names it) and the ``(index, image)`` of each readable one. A bad
+    file is logged (one line) and the rest go on, whatever the failure."""
+    from xray_dist.infra.console import Progress
+    from xray_dist.data.dicom import load_image
+
+    errors: list[str] = []
+    good: list[tuple[int, np.ndarray]] = []
+    with Progress(len(files), f"{what}: read") as bar:
+        for i, (f, rel) in enumerate(zip(files, rels)):
+            try:
+                good.append((i, load_image(f, spec)))
+                errors.append("")
+            except Exception as e:  # noqa: BLE001 - DicomReadError, or anything else: a row with its reason
+                errors.append(names.scrub(file_error(e), f, rel))
+                log.warning("%s: %s: %s", what, names.name(rel), errors[-1])
+            bar.update()
+    return errors, good
+
+
+def file_error(e: BaseException) -> str:
+    """One file's failure as its CSV cell: ``kind: reason``."""
+    if isinstance(e, DicomReadError):
+        return f"{e.kind}: {e.reason}"
+    return f"unexpected: {type(e).__name__}: {e}"
+
+
+#: ``--engine auto`` uses Ray Data from this many files on (and for any object-store input).
+RAY_MIN_FILES = 256
+
+
+def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32,
+                  engine: str = "auto", address: str | None = None, num_cpus: int | None = None,
+                  names: PathNames = PathNames(), path_map: str | None = None) -> list[dict]:
+    """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows.
+    ``path`` names each file as ``names`` says (relative to its input, or a salted key)."""
+    if engine not in ("auto", "local", "ray"):
+        raise ValueError(f"engine must be auto, local or ray. Received: engine={engine!r}")
+    storage.check_location(out_csv)
+    files, rels = expand_inputs(inputs)
+    if path_map:
+        write_path_map(path_map, files, rels, names)
+    if engine == "auto":
+        engine = "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local"
+    if engine == "ray":
+        scheme, spec, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus)
+    else:
+        lm = load_run_model(run)
+        scheme, spec = lm.scheme, lm.spec
+        errors, good = load_inputs(files, rels, lm.preprocess, "predict", names)
+        probs = np.full((len(files), scheme.num_classes), np.nan)
+        if good:
+            probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
+    threshold = float(spec.get("threshold", 0.5))
+    thresholds = {k: float(v) for k, v in spec.get("thresholds", {}).items()}
+    rows = [{"path": names.name(rel), "prediction": "", "error": err} for rel, err in zip(rels, errors)]
+    for i, row in enumerate(rows):
+        if not row["error"]:
+            row.update(prediction_row(scheme, probs[i], threshold, thresholds))
+    fields = ["path", *prediction_columns(scheme), "error"]
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(out_csv, buf.getvalue())  # whole or absent
+    return rows
+
+
+# ---- Ray Data batch inference ------------------------------------------------------------------------
+
+def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames()) -> dict:
+    """CPU task: each file read as the model sees it (zeros and the reason for an unreadable one)."""
+    from xray_dist.data.dicom import load_image
+
+    spec = PreprocessSpec.from_dict(spec_dict)
+    n = len(batch["path"])
+    images = np.zeros((n, spec.image_size, spec.image_size), dtype=np.uint8)
+    errors = []
+    for i, (path, rel) in enumerate(zip(batch["path"], batch["rel"])):
+        try:
+            images[i] = load_image(str(path), spec)
+            errors.append("")
+        except Exception as e:  # noqa: BLE001 - whatever failed, this file's row says so and the rest go on
+            errors.append(names.scrub(file_error(e), str(path), str(rel)))
+    return {"index": np.asarray(batch["index"]), "image": images, "error": np.asarray(errors, dtype=object)}
+
+
+class _Scorer:
+    """Ray Data actor: the run's model, loaded once per actor (from local disk or the object store)."""
+
+    def __init__(self, run: str, threads: int):
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        for g in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(g, True)
+        self.lm = load_run_model(run)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        probs = np.full((len(ok), self.lm.scheme.num_classes), np.nan)
+        if ok.any():
+            probs[ok] = predict_arrays(self.lm, np.asarray(batch["image"])[ok])
+        return {"index": np.asarray(batch["index"]), "probs": probs, "error": batch["error"]}
+
+
+def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names: PathNames, batch_size: int,
+                      address: str | None, num_cpus: int | None) -> tuple[ClassScheme, dict, list[str], np.ndarray]:
+    import ray as _ray
+
+    from xray_dist.infra.runtime import init_ray
+
+    run = storage.absolute(run)
+    with storage.local_copy(model_dir_of(run)) as d:
+        spec = read_spec(d)
+    scheme = ClassScheme.from_dict(spec["classes"])
+    init_ray(address, num_cpus)
+    res = _ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    if gpus:
+        pool = {"num_gpus": 1, "num_cpus": 1, "concurrency": (1, gpus)}
+        threads = 0
+    else:
+        # a half CPU per actor and per decode task: with C CPUs, C actors and C decode tasks run at
+        # once, the actor's TensorFlow on one thread
+        pool = {"num_cpus": 0.5, "concurrency": (1, cpus)}  # grows with the input, up to one per CPU
+        threads = 1
+    log.info("predict: Ray Data batch inference over %d files (up to %d model actors%s)", len(files),
+             pool["concurrency"][1],
+             ", one GPU each" if gpus else "")
+    ds = _ray.data.from_items([{"index": i, "path": f, "rel": r} for i, (f, r) in enumerate(zip(files, rels))],
+                              override_num_blocks=max(1, min(len(files), cpus * 4)))
+    ds.context.enable_progress_bars = False
+    # Decoding stays in its own CPU tasks, apart from the model actors: Ray Data fuses a task map
+    # into the next actor map when their remote arguments are equal, which would decode inside the
+    # (GPU) actors. max_retries differs from the actors' arguments, so the two never fuse, and a
+    # decode task lost with its node (an autoscaling cluster scaling down) is retried.
+    ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"], "names": names}, batch_size=16,
+                        batch_format="numpy", num_cpus=0.5, max_retries=3)
+    ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads}, batch_size=batch_size,
+                        batch_format="numpy", **pool)
+    errors = [""] * len(files)
+    probs = np.full((len(files), scheme.num_classes), np.nan)
+    from xray_dist.infra.console import Progress
+
+    with Progress(len(files), "predict") as bar:
+        for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            for i, p, e in zip(b["index"], b["probs"], b["error"]):
+                probs[int(i)] = p
+                errors[int(i)] = str(e)
+                if e:
+                    log.warning("predict: %s: %s", names.name(rels[int(i)]), e)
+            bar.update(len(b["index"]))
+    log.debug("predict: Ray Data plan and stats:\n%s", ds.stats())
+    return scheme, spec, errors, probs

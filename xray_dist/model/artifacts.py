@@ -1,0 +1,160 @@
+"""A trained model's directory (``RUN/model/``), the artifact ``predict``, ``explain``, ``evaluate``,
+``export`` and ``report`` read: its files, its spec, loading it (a full model, or a sweep trial's
+trained top rebuilt on its frozen base), and predicting on arrays. No other module joins paths
+into a model directory.
+
+Layout (``RUN/model/``, or ``model.v<id>/`` behind a ``model.current`` pointer after a re-export to
+object storage: :func:`xray_dist.infra.storage.current_dir`)::
+
+    weights.h5          the full model's weights (:data:`FULL_WEIGHTS`)
+    top_weights.h5      a features-trained trial's top only (:data:`TOP_WEIGHTS`), with
+                        ``model_spec.json``'s ``"top"`` entry naming the base it sits on
+    model_spec.json     architecture, class scheme, preprocessing spec, thresholds
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tf_keras as keras
+
+from xray_dist.config import PreprocessSpec
+from xray_dist.data.classes import ClassScheme
+from xray_dist.errors import ModelSpecError
+from xray_dist.infra import storage
+from xray_dist.model.network import ModelSpec, build_model, build_top_model, transfer_top_weights
+
+SPEC_FILE = "model_spec.json"
+
+
+def _h5_logits_shape(path: Path) -> tuple | None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "logits" not in root:
+            return None
+        found = []
+        root["logits"].visititems(lambda n, o: found.append(o.shape) if n.endswith("kernel:0") else None)
+        return tuple(found[0]) if found else None
+
+
+def load_weights_checked(model: keras.Model, path: str | Path) -> None:
+    """Load full-model weights; a file whose logits differ fails naming both shapes."""
+    path = Path(path)
+    want = tuple(model.get_layer("logits").kernel.shape)
+    have = _h5_logits_shape(path)
+    if have is not None and have != want:
+        raise ModelSpecError(f"{path}: its logits kernel has shape {have}, but this model's logits need {want} "
+                             "(a different number of classes or head width)")
+    try:
+        model.load_weights(str(path))
+    except ValueError as e:
+        raise ModelSpecError(f"{path}: does not fit this model: {e}") from None
+
+
+#: A features-trained model directory may hold only its trained top (the head: kilobytes at unfreeze
+#: depth 0; with block 5 at depth 1, 28 of VGG16's 59 MB) and ``model_spec.json``'s ``"top"`` entry
+#: naming the frozen base it sits on; :func:`full_model_from_top` rebuilds the full model from the two.
+FULL_WEIGHTS = "weights.h5"
+
+
+TOP_WEIGHTS = "top_weights.h5"
+
+
+def full_model_from_top(model_dir: str | Path) -> keras.Model:
+    """The full model of a directory holding only :data:`TOP_WEIGHTS`: the same frozen base as its
+    features came from (the ``"top"`` entry: base weights and seed), with the trained top copied in."""
+    model_dir = Path(model_dir)
+    saved = read_spec(model_dir)
+    if "top" not in saved or not (model_dir / TOP_WEIGHTS).is_file():
+        raise ModelSpecError(f"{model_dir}: neither {FULL_WEIGHTS} nor {TOP_WEIGHTS} with its base; "
+                             "is it a finished `xray-dist train` run or sweep trial?")
+    spec, top_info = ModelSpec.from_dict(saved["model"]), saved["top"]
+    pinned = top_info.get("weights_sha256")
+    if pinned:
+        try:
+            now = storage.content_sha256(top_info["weights"])
+        except FileNotFoundError:
+            now = None
+        if now != pinned:
+            raise ModelSpecError(
+                f"{model_dir}: its frozen base is {top_info['weights']}, whose content "
+                + ("is gone" if now is None else f"changed since the trial was trained (sha256 {pinned[:12]}… then, "
+                                                 f"{now[:12]}… now)")
+                + "; rebuilding on it would give another model. Restore that file, or retrain")
+    top = build_top_model(spec, tuple(top_info["features_shape"]))
+    top.load_weights(str(model_dir / TOP_WEIGHTS))
+    keras.utils.set_random_seed(int(top_info["seed"]))  # weights="none": the base the features came from
+    full = build_model(spec, top_info["weights"])
+    transfer_top_weights(top, full)
+    return full
+
+
+def materialize_full_model(model_dir: str | Path) -> Path:
+    """Write :data:`FULL_WEIGHTS` for a top-only model directory (no-op when it is there already)."""
+    dest = Path(model_dir) / FULL_WEIGHTS
+    if not dest.is_file():
+        tmp = dest.with_name(".writing_" + FULL_WEIGHTS)
+        full_model_from_top(model_dir).save_weights(str(tmp))
+        tmp.rename(dest)
+    return dest
+
+
+def save_spec(directory: str | Path, spec: ModelSpec, extra: dict) -> None:
+    (Path(directory) / "model_spec.json").write_text(json.dumps({"model": spec.to_dict(), **extra}, indent=2))
+
+
+def read_spec(directory: str | Path) -> dict:
+    p = Path(directory) / "model_spec.json"
+    if not p.is_file():
+        raise ModelSpecError(f"{directory}: no model_spec.json; is it a run or model directory from xray-dist train?")
+    return json.loads(p.read_text())
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    scheme: ClassScheme
+    preprocess: PreprocessSpec
+    threshold: float
+    spec: dict = field(default_factory=dict)  # the model directory's model_spec.json
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Multi-label: each finding's threshold (by key), chosen on validation."""
+        return {k: float(v) for k, v in self.spec.get("thresholds", {}).items()}
+
+
+def model_dir_of(run: str | Path) -> str:
+    """The ``model/`` directory of a run (local path or URI), or ``run`` itself when it is one."""
+    sub = storage.current_dir(storage.join(run, "model"))  # model.v<id>/ after a re-export to object storage
+    model_dir = sub if storage.is_file(storage.join(sub, "model_spec.json")) else storage.current_dir(
+        storage.absolute(run))
+    if not any(storage.is_file(storage.join(model_dir, w)) for w in (FULL_WEIGHTS, TOP_WEIGHTS)):
+        raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
+                             "run?")
+    return model_dir
+
+
+def load_run_model(run: str | Path) -> LoadedModel:
+    """The exported model of a run directory (or of its ``model/`` directory), local or a URI."""
+    storage.check_location(run)
+    with storage.local_copy(model_dir_of(run)) as model_dir:
+        spec = read_spec(model_dir)
+        if (model_dir / FULL_WEIGHTS).is_file():
+            model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
+            load_weights_checked(model, model_dir / FULL_WEIGHTS)
+        else:  # a sweep trial's compact export: rebuilt on its base
+            model = full_model_from_top(model_dir)
+    return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
+                       float(spec.get("threshold", 0.5)), spec)
+
+
+def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """``(n, K)`` probabilities: of each class, or (multi-label) of each finding."""
+    outs = [np.asarray(lm.model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)]
+    return lm.scheme.probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))

@@ -1,0 +1,184 @@
+"""``evaluate``: the numbers to report — a trained model scored once on a split that took part in
+no choice (``test`` by default), with patient-level confidence intervals.
+
+Every choice of a run or sweep is made on validation: the best epoch, the best trial, the
+threshold (Youden's J). Their validation scores are therefore optimistic. ``evaluate`` scores the
+held-out split with the threshold stored with the model, and resamples *patients* for its 95 %
+intervals (:func:`xray_dist.results.metrics.cluster_bootstrap_ci`).
+
+Refused (exit 2): the train split; a split with no images; a cache whose splits or labels differ
+from those the model was trained with (its fingerprint, ``RUN/inputs.json`` or
+``SWEEP/inputs.json``); a cache decoded with other preprocessing than the model's; a sweep that
+another command (``tune``, another ``evaluate``) holds — a sweep is evaluated under its lock, since
+its ``best.json`` is rewritten. ``--split val`` is allowed and marked optimistic.
+
+Writes ``OUT/metrics.json`` (every metric as ``{"value", "ci95"}``), ``OUT/scores.parquet`` (one
+row per image: the cache's name for it, patient key, label, probabilities), ``OUT/roc.png`` and
+``OUT/reliability.png``. ``OUT`` defaults to ``MODEL/evaluation/<split>``, where ``report`` finds
+it; evaluating a sweep evaluates its best trial and adds the test score to ``best.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from xray_dist.data import fingerprint
+
+from xray_dist.infra import storage
+from xray_dist.errors import CacheError, XrayDistError
+
+log = logging.getLogger(__name__)
+
+EVALUATION = "evaluation"
+
+
+def resolve_target(model: str) -> tuple[str, str | None]:
+    """``(run, sweep)``: the run to score, and the sweep it is the best trial of (None for a run)."""
+    model = storage.absolute(model)
+    if storage.is_file(storage.join(model, "best.json")):
+        return storage.read_json(storage.join(model, "best.json"))["model"], model
+    if storage.is_file(storage.join(model, "results.csv")):
+        raise XrayDistError(f"{model}: this sweep has no best.json (no trial completed); nothing to evaluate")
+    return model, None
+
+
+def check_cache(target: str, cache: str) -> dict:
+    """The cache's fingerprint, after checking it is the one ``target`` (run or sweep) was made from."""
+    fp = fingerprint.of_cache(cache)
+    try:
+        recorded = storage.read_json(storage.join(target, fingerprint.INPUTS))["cache_fingerprint"]
+    except FileNotFoundError:
+        raise CacheError(f"{target} records no cache fingerprint (inputs.json), so the splits it was trained with "
+                         "cannot be checked; evaluate needs a run or sweep made by this version") from None
+    diff = fingerprint.changes(recorded, fp)
+    if diff:
+        raise CacheError(f"--cache {cache} is not the cache {target} was trained with: " + "; ".join(diff)
+                         + ". Its test images may have been training or validation images; evaluate on the cache "
+                           "the model was trained with")
+    return fp
+
+
+def evaluate_model(model: str, cache: str, split: str = "test", out: str | None = None, n_boot: int = 1000,
+                   batch_size: int = 32) -> dict:
+    """Score ``split`` of ``cache`` with ``model`` (a run, or a sweep's best trial); returns metrics.json.
+
+    A sweep is evaluated under its lock (:class:`~xray_dist.infra.locks.TargetLock`): while ``tune`` or
+    another ``evaluate`` holds it, this one stops at once with :class:`~xray_dist.errors.LockedError`
+    and ``best.json`` is left as it was."""
+    if split == "train":
+        raise XrayDistError("--split train: the model was fitted on it; evaluate a split that took part in no choice "
+                            "(test), or val (optimistic: the epoch, trial and threshold were chosen on it)")
+    if split not in ("test", "val"):
+        raise XrayDistError(f"--split {split!r}: expected test or val")
+    for where in (model, cache, *([out] if out else [])):
+        storage.check_location(where)
+    run, sweep = resolve_target(model)
+    if sweep is None:
+        return _evaluate(run, None, cache, split, out, n_boot, batch_size)
+    from xray_dist.infra.locks import TargetLock
+
+    # the sweep's best.json (and, by default, its evaluation/) are rewritten: one writer per sweep, as tune
+    with TargetLock(sweep, "xray-dist evaluate"):
+        run, sweep = resolve_target(model)  # its best trial as it stands under the lock
+        return _evaluate(run, sweep, cache, split, out, n_boot, batch_size)
+
+
+def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | None, n_boot: int,
+              batch_size: int) -> dict:
+    """:func:`evaluate_model`'s work on ``run`` (a sweep's best trial: under the sweep's lock)."""
+    from xray_dist.data.cache import load_manifest, load_spec, load_split_arrays
+    from xray_dist.results.metrics import metrics_with_intervals
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
+    from xray_dist.data.cache import split_labels
+
+    cache = storage.absolute(cache)
+    if split not in load_manifest(cache).column("split").to_pylist():
+        raise CacheError(f"--cache {cache}: the {split!r} split has no images; prepare with --test-fraction or "
+                         "--split-file to hold patients out")
+    fp = check_cache(sweep or run, cache)
+    lm = load_run_model(run)
+    if load_spec(cache).to_dict() != lm.preprocess.to_dict():
+        raise CacheError(f"--cache {cache} was decoded with other preprocessing than the model's "
+                         f"({load_spec(cache).to_dict()} vs {lm.preprocess.to_dict()})")
+    label_of = split_labels(cache, split, lm.scheme)  # an empty split, or a class the model lacks: CacheError
+    paths, images = load_split_arrays(cache, split)
+    m = load_manifest(cache)
+    patient_of = dict(zip(m.column("path").to_pylist(), m.column("patient").to_pylist()))
+    labels = np.array([label_of[p] for p in paths], dtype=int)  # multi-label: target rows (classes module)
+    patients = np.array([patient_of[p] for p in paths])
+    probs = predict_arrays(lm, images, batch_size)
+    names = list(lm.scheme.names)
+    values, method = metrics_with_intervals(labels, probs, names, lm.threshold, patients, n_boot,
+                                            multilabel=lm.scheme.multilabel, thresholds=lm.thresholds)
+    metrics = {
+        "split": split, "optimistic": split == "val",
+        "images": int(len(labels)), "patients": int(len(set(patients.tolist()))),
+        "threshold": lm.threshold, "threshold_chosen_on": "validation (Youden's J)",
+        "interval_method": method,
+        **{k: {"value": v[0], "ci95": [v[1], v[2]]} for k, v in values.items()},
+        "classes": names, "model": run, "sweep": sweep, "cache_fingerprint": fp["id"],
+        "task": "multilabel" if lm.scheme.multilabel else "multiclass",
+    }
+    if lm.scheme.multilabel:
+        metrics["thresholds"] = lm.thresholds
+        metrics["keys"] = lm.scheme.keys
+        metrics["abnormal_score"] = "any finding vs none, scored by the largest finding probability"
+    if split == "val":
+        metrics["note"] = ("validation chose the epoch, the trial and the threshold: these numbers are optimistic; "
+                           "report a held-out test split")
+    out = out or storage.join(sweep or run, EVALUATION, split)
+    label_text = dict(zip(m.column("path").to_pylist(), m.column("label").to_pylist()))
+    with storage.staged_output(out, marker="metrics.json") as local:
+        _write(local, metrics, paths, patients, labels, probs, lm.scheme, [label_text[p] for p in paths])
+    if sweep and split == "test":
+        best = storage.read_json(storage.join(sweep, "best.json"))
+        best["test"] = {k: metrics[k] for k in ("auc_abnormal", "sensitivity", "specificity", "images", "patients",
+                                                "interval_method")}
+        storage.write_json(storage.join(sweep, "best.json"), best, indent=2)
+    log.debug("evaluate: %s split, %d images of %d patients: AUROC abnormal %.3f [%.3f, %.3f]", split,
+             metrics["images"], metrics["patients"], *values["auc_abnormal"])
+    return {**metrics, "out": out}
+
+
+def _write(out: Path, metrics: dict, paths, patients, labels, probs, scheme, label_text: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xray_dist.results.metrics import reliability
+    from xray_dist.results.plots import plot_calibration, plot_roc
+
+    names = list(scheme.names)
+    table = pa.table({"path": list(paths), "patient": patients.tolist(),
+                      "label": label_text if scheme.multilabel else [names[i] for i in labels],
+                      **{f"p_{k}": probs[:, i] for i, k in enumerate(scheme.keys)}})
+    pq.write_table(table, out / "scores.parquet")
+    split = metrics["split"]
+    intervals = {"abnormal": metrics["auc_abnormal"]["ci95"]}
+    intervals.update({k: metrics[f"auc_{k}"]["ci95"] for k in scheme.keys if f"auc_{k}" in metrics})
+    plot_roc(labels, probs, names, out / "roc.png", intervals, multilabel=scheme.multilabel)
+    if scheme.multilabel:
+        known = labels[:, : len(names)] >= 0
+        curve = {f"findings (each image x finding), {split}": reliability(labels[:, : len(names)][known] == 1,
+                                                                          probs[known])}
+    else:
+        curve = {f"abnormal (1 - p({names[0]})), {split}": reliability(labels != 0, 1.0 - probs[:, 0])}
+    plot_calibration(curve, out / "reliability.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_nan_to_none))
+
+
+def _nan_to_none(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def read_evaluation(target: str, split: str = "test") -> dict | None:
+    """``TARGET/evaluation/<split>/metrics.json`` when ``evaluate`` has written it."""
+    try:
+        return storage.read_json(storage.join(target, EVALUATION, split, "metrics.json"))
+    except FileNotFoundError:
+        return None

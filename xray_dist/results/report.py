@@ -1,0 +1,339 @@
+"""``report``: one self-contained HTML file for a training run or a sweep.
+
+For a run (a directory written by ``xray-dist train``, or a sweep trial): model and dataset
+summary, the held-out test numbers first when ``xray-dist evaluate`` has written them, validation
+metrics (labelled as used for selection) with patient-level bootstrap 95 % confidence intervals
+(AUROC abnormal vs negative and per class, sensitivity/specificity at the run's threshold; the
+method is named on the page), training curves, ROC curves,
+confusion matrix, calibration (expected calibration error and a reliability diagram). For a sweep
+(``results.csv`` + ``best.json``): the results table, the metric against each dimension, then the
+best trial's run report.
+
+Everything comes from what the run already wrote (``metrics.json``, ``history.csv``,
+``val_scores.npz``, ``model/model_spec.json``) and the cache's ``prepare_report.json``; no DICOM
+header is read, so no identifying value can reach the page. Images are embedded as PNG data URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from xray_dist.infra import storage
+from xray_dist.data.classes import ClassScheme
+from xray_dist.errors import XrayDistError
+from xray_dist.results.metrics import confusion_matrix, metrics_with_intervals, reliability
+
+N_BOOT = 1000
+
+
+def _png(draw: Callable[[io.BytesIO], None], alt: str) -> str:
+    buf = io.BytesIO()
+    draw(buf)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.2e}" if v != 0 and abs(v) < 0.01 else f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _ci(point: float, lo: float, hi: float) -> str:
+    if math.isnan(point):
+        return "n/a"
+    if math.isnan(lo):
+        return f"{point:.3f} (interval undefined)"
+    return f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _held_out_section(ev: dict) -> str:
+    """The held-out test numbers (``xray-dist evaluate``): shown first, they are the ones to report."""
+    def cell(k):
+        m = ev.get(k)
+        return _ci(m["value"], *[float("nan") if v is None else v for v in m["ci95"]]) if m else "n/a"
+
+    names = ev.get("classes", [])
+    if ev.get("task") == "multilabel":
+        keys, thr = ev.get("keys", []), ev.get("thresholds", {})
+        rows = [["AUROC any finding vs none (largest finding probability)", cell("auc_abnormal")]]
+        for n, k in zip(names, keys):
+            rows += [[f"AUROC {n}", cell(f"auc_{k}")],
+                     [f"{n}: sensitivity / specificity at {thr.get(k, 0.5):.3f}",
+                      f"{cell(f'sensitivity_{k}')} / {cell(f'specificity_{k}')}"]]
+        rows += [[f"any finding: sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
+                 [f"any finding: specificity at {ev['threshold']:.3f}", cell("specificity")],
+                 ["accuracy (image x finding, at each finding's threshold)", cell("accuracy")],
+                 ["expected calibration error (image x finding)", cell("ece")]]
+    else:
+        rows = [[f"AUROC abnormal vs {names[0] if names else 'negative'}", cell("auc_abnormal")]]
+        rows += [[f"AUROC {n} vs rest", cell(f"auc_{n}")] for n in names[1:] if f"auc_{n}" in ev]
+        rows += [[f"sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
+                 [f"specificity at {ev['threshold']:.3f}", cell("specificity")],
+                 ["accuracy (argmax)", cell("accuracy")], ["expected calibration error", cell("ece")]]
+    title = "Held-out test" if ev["split"] == "test" else f"Evaluation on {ev['split']} (optimistic)"
+    return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
+            f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
+            f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics"))
+
+
+def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10,
+                       multilabel: bool = False) -> dict[str, dict]:
+    """Reliability of the abnormal score; for K > 2 also of the top-label confidence; multi-label:
+    of every known image × finding probability."""
+    if multilabel:
+        known = labels[:, : len(names)] >= 0
+        return {"findings (image x finding)": reliability(labels[:, : len(names)][known] == 1, probs[known], bins)}
+    curves = {f"abnormal (1 - p({names[0]}))": reliability(labels != 0, 1.0 - probs[:, 0], bins)}
+    if len(names) > 2:
+        top = np.argmax(probs, axis=1)
+        curves["top-label confidence"] = reliability(top == labels, probs.max(axis=1), bins)
+    return curves
+
+
+def _read(run: str, name: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.join(run, name))
+    except (FileNotFoundError, IsADirectoryError):
+        raise XrayDistError(f"{run}: no {name}; is it a finished `xray-dist train` run or sweep trial?") from None
+
+
+def _run_section(run: str, n_boot: int, file_lists: bool = True) -> str:
+    from xray_dist.results.plots import plot_calibration, plot_confusion, plot_history, plot_roc
+
+    raw = {name: _read(run, name) for name in ("metrics.json", "history.csv", "val_scores.npz")}
+    metrics = json.loads(raw["metrics.json"])
+    try:
+        spec = storage.read_json(storage.join(storage.current_dir(storage.join(run, "model")), "model_spec.json"))
+    except FileNotFoundError:
+        spec = {}
+    reader = csv.DictReader(io.StringIO(raw["history.csv"].decode("utf-8"), newline=""))
+    history = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in reader]
+    for h in history:
+        h["epoch"] = int(h["epoch"])
+    scores = np.load(io.BytesIO(raw["val_scores.npz"]))
+    probs, labels = scores["probs"], scores["labels"].astype(int)
+    patients = scores["patients"] if "patients" in scores.files and all(scores["patients"]) else None
+    names = list(metrics["classes"])
+    scheme = ClassScheme.from_dict(spec["classes"]) if "classes" in spec else ClassScheme(tuple(names))
+    ml = scheme.multilabel
+    thresholds = {k: float(v) for k, v in spec.get("thresholds", {}).items()}
+    threshold = float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5)))
+    ci, method = metrics_with_intervals(labels, probs, names, threshold, patients, n_boot, multilabel=ml,
+                                        thresholds=thresholds)
+    intervals = {"abnormal": ci["auc_abnormal"][1:]}
+    intervals.update({k: ci[f"auc_{k}"][1:] for k in (scheme.keys if ml else names[1:]) if f"auc_{k}" in ci})
+    cal = calibration_curves(labels, probs, names, multilabel=ml)
+    cm = None if ml else confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
+    cfg = metrics.get("config", {})
+    model = spec.get("model", {})
+
+    parts = [f"<h2>Run <code>{html.escape(storage.name(run))}</code></h2>"]
+    parts.append(_table(["setting", "value"], [
+        ["findings (one sigmoid output each)" if ml else "classes", ", ".join(names)],
+        ["image size", model.get("image_size", cfg.get("image_size"))],
+        ["head width", model.get("head_width", cfg.get("head_width"))],
+        ["unfreeze depth (VGG blocks trainable)", model.get("unfreeze_blocks", cfg.get("unfreeze_blocks"))],
+        ["base weights", cfg.get("weights")],
+        ["learning rate", cfg.get("lr")],
+        ["epochs run / best epoch", f"{metrics.get('epochs')} / {metrics.get('best_epoch')}"],
+        ["trainable parameters", metrics.get("trainable_parameters")],
+        ["workers", cfg.get("num_workers")],
+        ["wall time (s)", metrics.get("wall_seconds")],
+    ], "kv"))
+    truth = scheme.abnormal_truth(labels)
+    n_abn, n_neg = int((truth == 1).sum()), int((truth == 0).sum())
+    n_pat = f" of {len(set(patients.tolist()))} patients" if patients is not None else ""
+    negative = scheme.negative if ml else names[0]
+    score_text = "the largest finding probability" if ml else f"1 − p({negative})"
+    parts.append(f"<h3>Validation metrics (used for selection)</h3><p>{len(labels)} validation images{n_pat} "
+                 f"({n_abn} abnormal, {n_neg} {html.escape(negative)}). Intervals: "
+                 f"{html.escape(method)}. These images chose the best epoch (and, in a sweep, the trial) and the "
+                 f"threshold {threshold:.3f} on the abnormal score ({html.escape(score_text)}, Youden's J)"
+                 + (", and each finding's threshold" if ml else "") + ", so "
+                 "every number here is optimistic; report the held-out test numbers (`xray-dist evaluate`).</p>")
+    if ml:
+        rows = [["AUROC any finding vs none", _ci(*ci["auc_abnormal"])]]
+        for n, k in zip(names, scheme.keys):
+            rows += [[f"AUROC {n}", _ci(*ci[f"auc_{k}"])],
+                     [f"{n}: sensitivity / specificity at {thresholds.get(k, 0.5):.3f}",
+                      f"{_ci(*ci[f'sensitivity_{k}'])} / {_ci(*ci[f'specificity_{k}'])}"]]
+        rows += [["mean AUROC over findings", _fmt(metrics.get("val_auc"))],
+                 [f"any finding: sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
+                 [f"any finding: specificity at {threshold:.3f}", _ci(*ci["specificity"])],
+                 ["accuracy (image x finding)", _ci(*ci["accuracy"])]]
+    else:
+        rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auc_abnormal"])]]
+        rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auc_{n}"])] for n in names[1:] if f"auc_{n}" in ci]
+        rows += [["macro AUROC", _fmt(metrics.get("val_auc"))],
+                 [f"sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
+                 [f"specificity at {threshold:.3f}", _ci(*ci["specificity"])],
+                 ["accuracy (argmax)", _ci(*ci["accuracy"])]]
+    rows += [[f"expected calibration error, {k}", _fmt(v["ece"])] for k, v in cal.items()]
+    parts.append(_table(["metric", "value [95 % CI]"], rows, "metrics"))
+    if any(v[1] == v[2] for v in ci.values()):
+        parts.append(f"<p><em>A zero-width interval comes from a perfect score on these {len(labels)} images, "
+                     "which every resample repeats; it is not certainty. Validate on more patients.</em></p>")
+    if history:  # wide: full width
+        parts.append(_png(lambda b: plot_history(history, b), "Training curves"))
+    parts.append('<div class="figs">')
+    parts.append(_png(lambda b: plot_roc(labels, probs, names, b, intervals, multilabel=ml), "ROC curves (validation)"))
+    if cm is not None:  # multi-label outputs are not exclusive: no confusion matrix
+        parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
+    parts.append(_png(lambda b: plot_calibration(cal, b), "Reliability diagram (validation)"))
+    parts.append("</div>")
+    parts.append(_dataset_section(cfg.get("cache"), metrics.get("dataset", {}), file_lists))
+    return "\n".join(parts)
+
+
+def _dataset_section(cache: str | None, summary: dict, file_lists: bool = True) -> str:
+    report = {}
+    if cache:
+        try:
+            report = storage.read_json(storage.join(cache, "prepare_report.json"))
+        except (FileNotFoundError, XrayDistError):  # the cache moved, or its store is out of reach
+            report = {}
+    src = report or summary
+    if not src:
+        return "<h3>Dataset</h3><p>No prepare report found (the cache has moved?).</p>"
+    parts = ["<h3>Dataset</h3>"]
+    def count(key):
+        return len(src[key]) if isinstance(src.get(key), list) else src.get(key, 0)
+
+    parts.append(_table(["", "count"], [["files found", src.get("found")], ["used", src.get("ok")],
+                                        ["quarantined", count("quarantined")], ["excluded by view", count("excluded")]],
+                        "kv"))
+    splits = src.get("splits", {})
+    parts.append(_table(["split", "images", "patients"],
+                        [[k, v.get("images"), v.get("patients")] for k, v in splits.items()]))
+    if src.get("split_fingerprint"):  # salt-free: two people compare their splits by this value
+        seed = (src.get("split_settings") or {}).get("seed")
+        parts.append(f"<p>Split fingerprint <code>{src['split_fingerprint']}</code>"
+                     + (f" (seed {seed})" if seed is not None else "") + ": the same files, labels, split settings "
+                     "and seed give the same value on any machine.</p>")
+    parts.append(_table(["finding" if src.get("task") == "multilabel" else "label", "images"],
+                        [[k, v] for k, v in sorted(src.get("classes", {}).items())]))
+    for key, what in (("quarantined", "Quarantined files (unreadable; not used)"),
+                      ("excluded", "Files of other views (--views; not used)"),
+                      ("unlabeled", "Files without a label (not used)"),
+                      ("missing", "Labelled paths with no file")):
+        listed = report.get(key, []) if report and file_lists else []
+        if not listed:
+            continue
+        shown = listed[:200]
+        parts.append(f"<h4>{what}: {len(listed)}</h4>")
+        parts.append(_table(["file", "reason"], [[q.get("path"), q.get("reason", "")] if isinstance(q, dict)
+                                                 else [q, ""] for q in shown]))
+        if len(listed) > len(shown):
+            parts.append(f"<p>… and {len(listed) - len(shown)} more in prepare_report.json.</p>")
+    return "\n".join(parts)
+
+
+def _sweep_section(sweep: str) -> tuple[str, str | None]:
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep, "results.csv")), newline="")))
+    try:
+        best = storage.read_json(storage.join(sweep, "best.json"))
+    except FileNotFoundError:
+        best = None
+    cols = ["head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal", "val_auc",
+            "sensitivity", "specificity", "trainable_parameters", "wall_seconds"]
+    cols = [c for c in cols if rows and c in rows[0]]
+
+    def cell(r, c):
+        v = r.get(c, "")
+        try:
+            return float(v) if c in ("lr", "val_auc_abnormal", "val_auc", "sensitivity", "specificity") else v
+        except ValueError:
+            return v
+
+    order = sorted(rows, key=lambda r: -float(r["val_auc_abnormal"]) if r.get("val_auc_abnormal") not in ("", None)
+                   and not math.isnan(float(r["val_auc_abnormal"])) else math.inf)
+    parts = [f"<h2>Sweep <code>{html.escape(storage.name(sweep))}</code></h2>",
+             f"<p>{len(rows)} trials; {sum(r['status'] == 'completed' for r in rows)} completed, "
+             f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early, "
+             f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by val_auc_abnormal.</p>",
+             _table(cols, [[cell(r, c) for c in cols] for r in order], "results")]
+    png = storage.join(sweep, "sweep.png")
+    if storage.is_file(png):
+        data = base64.b64encode(storage.read_bytes(png)).decode("ascii")
+        parts.append(f'<figure><img alt="metric against each dimension" src="data:image/png;base64,{data}">'
+                     "<figcaption>val_auc_abnormal against each searched dimension</figcaption></figure>")
+    best_run = None
+    if best:
+        parts.append("<h3>Best trial</h3>" + _table(["setting", "value"],
+                                                     [[k, v] for k, v in best["config"].items()], "kv"))
+        val = best.get("metrics", {}).get("val_auc_abnormal")
+        test = best.get("test", {}).get("auc_abnormal")
+        parts.append(f"<p>Validation AUROC abnormal {_fmt(val)}: the best of {len(rows)} trials on the same "
+                     "validation images, so biased upward"
+                     + (f"; held-out test AUROC abnormal {_ci(test['value'], *test['ci95'])}</p>" if test else
+                        "; no held-out test score yet (`xray-dist evaluate --model SWEEP --cache CACHE`).</p>"))
+        best_run = best["model"]
+    return "\n".join(parts), best_run
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f2f2f2}table.results td{font-variant-numeric:tabular-nums}
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:1 1 45%;max-width:48%}figure{margin:.5em 0}img{max-width:100%}
+figcaption{font-size:.85em;color:#555}code{background:#f5f5f5;padding:0 .2em}
+"""
+
+# Marks the page once every embedded image has decoded (a browser test reads it back).
+SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+});
+"""
+
+
+def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shareable: bool = False) -> Path:
+    """Write the HTML report for a run or sweep directory ``target`` (local or URI) to ``out``.
+
+    ``shareable``: for places beyond this disk (an experiment tracker): no file names (the
+    dataset's lists of unused files, the run's own path), which can carry a patient's name."""
+    for where in (target, out):
+        storage.check_location(where)
+    target = storage.absolute(target)
+    from xray_dist.results.evaluate import read_evaluation
+
+    if storage.is_file(storage.join(target, "results.csv")):
+        body, best_run = _sweep_section(target)
+        if best_run is not None and storage.is_file(storage.join(best_run, "metrics.json")):
+            body += "\n" + _run_section(best_run, n_boot, not shareable)
+        title = f"xray-dist sweep report: {storage.name(target)}"
+    elif storage.is_file(storage.join(target, "metrics.json")):
+        body = _run_section(target, n_boot, not shareable)
+        title = f"xray-dist run report: {storage.name(target)}"
+    else:
+        raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
+    held_out = read_evaluation(target)
+    if held_out:  # the numbers to report come first; validation (used for selection) beneath
+        body = _held_out_section(held_out) + "\n" + body
+    source = "" if shareable else f" from <code>{html.escape(str(target))}</code>"
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by xray-dist{source}.</p>{body}</body></html>")
+    storage.write_text(out, page)  # whole or absent
+    return out if storage.is_uri(out) else Path(out)
