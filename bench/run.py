@@ -7,7 +7,7 @@ the raw figures it came from; all come from real runs of both sides in this proc
 synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
 
 - ``input_ratio``: images/s delivered to the model from epoch 2 on — our training input (Parquet
-  cache → Ray Data → worker-memory shard cache → tf.data, :func:`xray_dist.training.driver._train_input`)
+  cache → Ray Data → worker-memory shard cache → tf.data, :func:`xray_dist.training.pipeline.train_input`)
   vs the naive tf.data pipeline that decodes every file every epoch. Uncompressed files, the
   naive side's best case.
 - ``sweep_ratio``: wall time of a head-only sweep (unfreeze depth 0, several head widths, same
@@ -324,7 +324,7 @@ def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
     from xray_dist.config import PrepareConfig, PreprocessSpec
     from xray_dist.data.prepare import prepare
     from xray_dist.data.cache import load_manifest
-    from xray_dist.training.driver import ShardCache, StepPlan, _train_input, split_dataset
+    from xray_dist.training.pipeline import BatchOrder, ShardCache, StepPlan, split_dataset, train_input as _train_input
 
     cache = work / "cache_unc"
     t0 = time.perf_counter()
@@ -337,8 +337,8 @@ def bench_input(unc_dir: Path, work: Path, s: dict) -> tuple[dict, Path]:
     ds, n_train = split_dataset(cache, "train", scheme, {0: 1.0, 1: 1.0})
     plan = StepPlan.make(n_train, 1, 1, s["batch"])
     spec = tf.TensorSpec((None, s["image_size"], s["image_size"]), tf.uint8)
-    rows = ShardCache(ds.iterator(), plan.per_replica_batch, plan.steps, 256, 0, 2048 * 2**20,
-                      whole=True)  # the split fits: what a Train worker gets (make_loop_config)
+    rows = ShardCache(ds.iterator(), BatchOrder(plan.per_replica_batch, plan.steps, 256, 0, 2048 * 2**20,
+                                                whole=True))  # the split fits: what a Train worker gets (make_loop_config)
     it = iter(_train_input(tf.distribute.get_strategy(), rows, spec))
     ours = []
     for _ in range(s["input_epochs"]):

@@ -14,7 +14,7 @@ from xray_dist.data.classes import (
     parse_findings,
     positive_weights,
 )
-from xray_dist.results.metrics import auroc, evaluate_multilabel, metrics_with_intervals
+from xray_dist.results.metrics import Resampling, auroc, evaluate_multilabel, metrics_with_intervals
 
 
 def test_finding_keys():
@@ -75,7 +75,7 @@ def test_masked_weighted_bce():
     term is multiplied by its positive weight; the "any finding" column is ignored."""
     import tensorflow as tf
 
-    from xray_dist.training.driver import masked_weighted_bce
+    from xray_dist.training.worker import masked_weighted_bce
 
     loss = masked_weighted_bce([3.0, 1.0])
     y = tf.constant([[1.0, -1.0, 1.0], [0.0, 1.0, 1.0]])
@@ -106,8 +106,8 @@ def test_multilabel_metrics_leave_uncertain_entries_out():
     assert m["val_auc_mean"] == pytest.approx(np.mean(list(m["val_auc_per_class"].values())))
     assert set(m["val_thresholds"]) == {"effusion", "pleural_effusion"}
     values, method = metrics_with_intervals(targets, probs, ["Effusion", "Pleural Effusion"], 0.5,
-                                            np.repeat(np.arange(n // 2), 2), n_boot=100, multilabel=True,
-                                            thresholds=m["val_thresholds"])
+                                            Resampling(np.repeat(np.arange(n // 2), 2), n_boot=100),
+                                            multilabel=True, thresholds=m["val_thresholds"])
     assert "patient-level" in method
     assert values["auc_pleural_effusion"][0] == pytest.approx(m["val_auc_per_class"]["pleural_effusion"])
     assert {"sensitivity_effusion", "specificity_pleural_effusion", "accuracy", "ece"} <= set(values)

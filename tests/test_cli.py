@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from xray_dist.cli import app as cli
+from xray_dist.cli import train as cli_train
 from xray_dist.config import PreprocessSpec
 from xray_dist.data.dicom import load_image
 from xray_dist.data.synth import synthesize
@@ -62,7 +63,7 @@ def test_train_flags_override_yaml_config(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump({"cache": "/c", "out": "/o", "epochs": 7, "head-width": 64, "lr": 0.01}))
     a = cli.build_parser().parse_args(["train", "--config", str(conf), "--epochs", "3"])
-    cfg = cli.train_config_from_args(a)
+    cfg = cli_train.train_config_from_args(a)
     assert (cfg.epochs, cfg.head_width, cfg.lr, cfg.cache) == (3, 64, 0.01, "/c")
     assert cfg.batch_size == 16  # the TrainConfig default, defined once
 
@@ -71,10 +72,10 @@ def test_train_config_errors_name_the_field(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump({"cache": "/c", "out": "/o", "unfreeze_blocks": 9}))
     with pytest.raises(ValueError, match="unfreeze_blocks=9"):
-        cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+        cli_train.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
     conf.write_text(yaml.safe_dump({"cache": "/c", "out": "/o", "wieghts": "none"}))
     with pytest.raises(ValueError, match="wieghts"):
-        cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+        cli_train.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
 
 
 class TestStrictConfiguration:
@@ -94,10 +95,10 @@ class TestStrictConfiguration:
     def test_yaml_numbers_written_the_short_way_are_numbers(self, tmp_path):
         conf = tmp_path / "c.yaml"
         conf.write_text("cache: /c\nout: /o\nlr: 1e-4\nepochs: '3'\ndropout: 0\n")  # YAML reads 1e-4 as a string
-        cfg = cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+        cfg = cli_train.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
         assert (cfg.lr, cfg.epochs, cfg.dropout) == (1e-4, 3, 0.0)
         assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
-        s = cli.sweep_config_from_args(cli.build_parser().parse_args(
+        s = cli_train.sweep_config_from_args(cli.build_parser().parse_args(
             ["tune", "--config", str(conf), "--grace-period", "2"]))
         assert s.base.lr == 1e-4 and s.lr == (1e-4, 1e-4) and s.grace_period == 2
 
@@ -140,25 +141,25 @@ def test_tune_flags_take_lists():
     a = cli.build_parser().parse_args(["tune", "--cache", "/c", "--out", "/s", "--head-widths", "0,64",
                                        "--num-classes", "2,4", "--unfreeze-blocks", "0,2", "--lr", "1e-4,1e-2",
                                        "--workers-per-trial", "2"])
-    s = cli.sweep_config_from_args(a)
+    s = cli_train.sweep_config_from_args(a)
     assert (s.head_widths, s.num_classes, s.unfreeze_blocks, s.lr) == ((0, 64), (2, 4), (0, 2), (1e-4, 1e-2))
     assert s.base.num_workers == 2 and s.out == "/s"
     from xray_dist.training.tune import in_process, trial_resources
 
     assert s.trial_runner == "auto" and not in_process(s)  # two workers per trial: Ray Train runs
     assert trial_resources(s) == {"cpu": 0.1}
-    one = cli.sweep_config_from_args(cli.build_parser().parse_args(
+    one = cli_train.sweep_config_from_args(cli.build_parser().parse_args(
         ["tune", "--cache", "/c", "--out", "/s", "--gpus-per-worker", "1"]))
     assert in_process(one) and trial_resources(one) == {"cpu": 1.0, "gpu": 1}  # the trial process trains
-    forced = cli.sweep_config_from_args(cli.build_parser().parse_args(
+    forced = cli_train.sweep_config_from_args(cli.build_parser().parse_args(
         ["tune", "--cache", "/c", "--out", "/s", "--trial-runner", "train"]))
     assert not in_process(forced)
-    bad = cli.sweep_config_from_args(cli.build_parser().parse_args(
+    bad = cli_train.sweep_config_from_args(cli.build_parser().parse_args(
         ["tune", "--cache", "/c", "--out", "/s", "--trial-runner", "inprocess", "--workers-per-trial", "2"]))
     with pytest.raises(ValueError, match="one worker per trial"):
         in_process(bad)
     with pytest.raises(ValueError, match="combos"):  # explicit trials only make sense as a grid
-        cli.sweep_config_from_args(cli.build_parser().parse_args(
+        cli_train.sweep_config_from_args(cli.build_parser().parse_args(
             ["tune", "--cache", "/c", "--out", "/s", "--combos", "0:2:0", "--search", "optuna"]))
 
 

@@ -15,7 +15,7 @@ import pytest
 from xray_dist.config import PrepareConfig, PreprocessSpec
 from xray_dist.data.prepare import prepare
 from xray_dist.data.cache import load_manifest
-from xray_dist.data.synth import write_image
+from xray_dist.data.synth import Radiograph, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def nih(tmp_path_factory):
     for p, fs in findings.items():
         for i in range(2):
             view = "AP" if (p, i) == (6, 1) else "PA"
-            write_image(data / "images_001" / "images" / f"{p:08d}_{i:03d}.dcm", "ANONYMOUS",
-                        tuple(index[f] for f in fs), 2, SIZE, rng, view=view)
+            write_image(data / "images_001" / "images" / f"{p:08d}_{i:03d}.dcm",
+                        Radiograph("ANONYMOUS", tuple(index[f] for f in fs), 2, view=view), SIZE, rng)
             rows.append([f"{p:08d}_{i:03d}.png", "|".join(fs) or "No Finding", i, str(p), 50, "M", view])
     rows.append(["99999999_000.png", "Effusion", 0, "99", 40, "F", "PA"])  # listed, no file
     labels = write_csv(root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
@@ -137,8 +137,8 @@ def chexpert(tmp_path_factory):
     rows = []
     for p, s, v, side, appa, none, edema, eff in spec:
         shown = tuple(i for i, cell in ((1, edema), (2, eff)) if cell == "1.0")
-        write_image(data / "train" / f"patient{p:05d}" / f"study{s}" / f"{v}.dcm", f"CXP{p}", shown, 2, SIZE, rng,
-                    view=None)  # CheXpert's view comes from its CSV
+        write_image(data / "train" / f"patient{p:05d}" / f"study{s}" / f"{v}.dcm",
+                    Radiograph(f"CXP{p}", shown, 2, view=None), SIZE, rng)  # CheXpert's view comes from its CSV
         rows.append([f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/{v}.jpg", "Female", 60, side, appa, none,
                      edema, eff])
     labels = write_csv(root / "train.csv", CHEX_HEADER, rows)
@@ -192,7 +192,7 @@ def test_rsna_repeated_rows_and_header_views(tmp_path):
     ids = [f"{i:04x}cfab-14fd-4e49-80ba-63a80b6bd{i:03d}" for i in range(6)]
     views = ["PA", "PA", "PA", "PA", "AP", None]
     for pid, view, target in zip(ids, views, [1, 0, 1, 0, 1, 0]):
-        write_image(data / f"{pid}.dcm", pid, (1,) if target else (), 1, SIZE, rng, view=view)
+        write_image(data / f"{pid}.dcm", Radiograph(pid, (1,) if target else (), 1, view=view), SIZE, rng)
     rows = []
     for pid, target in zip(ids, [1, 0, 1, 0, 1, 0]):
         rows += [[pid, 10, 20, 30, 40, 1]] * 2 if target else [[pid, "", "", "", "", 0]]
@@ -227,7 +227,7 @@ def test_mimic_join_and_official_split(tmp_path):
             dicom_id = f"{n:02d}{k}e1b8a-2c1d3f4e-5a6b7c8d-9e0f1a2b"
             shown = () if cells is None else tuple(i + 1 for i, c in enumerate(cells) if c == "1.0")
             write_image(data / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}.dcm",
-                        "ANONYMOUS", shown, 2, SIZE, rng, view=None)
+                        Radiograph("ANONYMOUS", shown, 2, view=None), SIZE, rng)
             meta.append([dicom_id, subject, study, "CHEST (PA AND LAT)", view])
             split_rows.append([dicom_id, study, subject, split_of[subject]])
         if cells is not None:

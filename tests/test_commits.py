@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xray_dist.infra import storage
+from xray_dist.infra import files, storage  # files: where put_dir looks up write_bytes (patched below)
 from xray_dist.errors import StorageError
 
 
@@ -58,10 +58,10 @@ def two_models(tmp_path_factory):
 
 @contextlib.contextmanager
 def failing_put(n: int, under: str, s3=None, bucket: str = ""):
-    """``storage.write_bytes`` — the PUT of ``put_dir``'s upload loop — raising on its ``n``-th call
+    """``files.write_bytes`` — the PUT of ``put_dir``'s upload loop — raising on its ``n``-th call
     for a path containing ``under``; yields the list of those calls, each with the bucket's keys at
     that moment."""
-    real = storage.write_bytes
+    real = files.write_bytes
     calls: list[tuple[str, list[str]]] = []
 
     def write_bytes(path, data):
@@ -71,11 +71,11 @@ def failing_put(n: int, under: str, s3=None, bucket: str = ""):
                 raise StorageError(f"{path}: writing failed: connection reset (injected)")
         return real(path, data)
 
-    storage.write_bytes = write_bytes
+    files.write_bytes = write_bytes
     try:
         yield calls
     finally:
-        storage.write_bytes = real
+        files.write_bytes = real
 
 
 def objects(s3, bucket: str) -> list[str]:
@@ -86,7 +86,7 @@ def objects(s3, bucket: str) -> list[str]:
 def export_run(run: str, model: Path, tag: str) -> None:
     """What ``train`` does at its end: the run's outputs staged, ``model/`` and ``tensorboard/``
     replaced whole, ``metrics.json`` last."""
-    from xray_dist.training.driver import MODEL_DIR
+    from xray_dist.model.artifacts import MODEL_DIR
 
     with storage.staged_output(run, replace=(MODEL_DIR, "tensorboard"), marker="metrics.json") as out:
         shutil.copytree(model, out / MODEL_DIR)
@@ -155,8 +155,8 @@ def test_an_upload_that_is_not_whole_is_never_switched_to(s3_server, two_models,
     b = "commits-check"
     run = f"{s3_server.bucket(b)}/runs/r"
     export_run(run, model_a, "a")
-    real = storage.write_bytes
-    monkeypatch.setattr(storage, "write_bytes",
+    real = files.write_bytes
+    monkeypatch.setattr(files, "write_bytes",
                         lambda p, d: None if str(p).endswith("/weights.h5") and "/model.v" in str(p) else real(p, d))
     with pytest.raises(StorageError, match=r"not whole \(1 of 2 files absent\)"):
         export_run(run, model_b, "b")

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from xray_dist.cli import app as cli
+from xray_dist.cli import train as cli_train
+from xray_dist.cli.common import CLI_ONLY
 
 from xray_dist import config
 from xray_dist.config import (BOUNDS, COMBO_FIELDS, ELEMENT_BOUNDS, ConfigError, PrepareConfig, PreprocessSpec,
@@ -111,7 +113,7 @@ def test_every_numeric_field_was_found_and_every_bound_is_used():
 
 def test_docstring_table_is_what_is_enforced():
     rows = {}
-    for line in config.__doc__.splitlines():
+    for line in config.bounds.__doc__.splitlines():
         m = re.match(r"^(\w+)\s+([\[(]-?\d+, \d+[\])])\s+(.+)$", line)
         if m:
             rows[m[1]] = (m[2], m[3].strip())
@@ -259,7 +261,7 @@ def test_every_flag_is_a_valid_config_key(tmp_path, cmd):
     """The other way round: every flag the parser has may be written in the file (none refused as unknown)."""
     sub = __import__("argparse").ArgumentParser().add_subparsers()
     cli.COMMANDS[cmd][0](sub)
-    dests = {a.dest for a in sub.choices[cmd]._actions} - cli._CLI_ONLY - {"help"}
+    dests = {a.dest for a in sub.choices[cmd]._actions} - CLI_ONLY - {"help"}
     assert {"epochs", "lr", "seed", "num_workers"} <= dests and len(dests) >= 20
     config.check_keys(dests, dests, "x", cmd)  # does not raise
     with pytest.raises(ConfigError):
@@ -323,11 +325,11 @@ def test_values_inside_the_bounds_still_load(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("cache: /c\nout: /o\nlr: 1\nepochs: 10000\nseed: 4294967295\nnum-workers: 1024\n"
                     "cpus_per_worker: 0.5\ndropout: 0\n")
-    cfg = cli.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
+    cfg = cli_train.train_config_from_args(cli.build_parser().parse_args(["train", "--config", str(conf)]))
     assert (cfg.lr, cfg.epochs, cfg.seed, cfg.num_workers, cfg.cpus_per_worker) == (1.0, 10000, 2**32 - 1, 1024, 0.5)
     conf.write_text("cache: /c\nout: /o\nhead_widths: [0, 65536]\nunfreeze_blocks: 0,5\nlr: [1.0e-6, 1]\n"
                     "combos: ['65536:1000:5', '0:1:0']\nepochs: 3\ngrace_period: 3\n")
-    s = cli.sweep_config_from_args(cli.build_parser().parse_args(["tune", "--config", str(conf)]))
+    s = cli_train.sweep_config_from_args(cli.build_parser().parse_args(["tune", "--config", str(conf)]))
     assert (s.head_widths, s.unfreeze_blocks, s.lr, s.combos, s.grace_period) == \
         ((0, 65536), (0, 5), (1e-6, 1.0), ((65536, 1000, 5), (0, 1, 0)), 3)
 

@@ -98,7 +98,7 @@ def test_preview_of_a_broken_file_is_one_line_naming_it(name, tmp_path):
 
 
 def test_the_log_gets_what_the_terminal_does_not(tmp_path, capfd):
-    from xray_dist.infra import console
+    from xray_dist.infra import console, worker_output
 
     log = tmp_path / "x.log"
     console.setup(console.NORMAL, log)
@@ -113,8 +113,8 @@ def test_the_log_gets_what_the_terminal_does_not(tmp_path, capfd):
         logging.getLogger("xray_dist.training.driver").debug("detail for the log")
         # pydicom quotes the value it objects to, here and in a worker: the log keeps the warning only
         logging.getLogger("pydicom").warning("Invalid value for VR PN: 'Doe^Jane'")
-        console._route_worker_lines({"pid": 7, "lines": ["pydicom/valuerep.py:440: UserWarning: Invalid value for "
-                                                         "VR DA: '19451231 Doe'"]})
+        worker_output._route_worker_lines({"pid": 7, "lines": ["pydicom/valuerep.py:440: UserWarning: Invalid value "
+                                                               "for VR DA: '19451231 Doe'"]})
     finally:
         console.finish()
     err = capfd.readouterr().err
@@ -139,3 +139,30 @@ def test_progress_lines_without_a_terminal(capfd):
     lines = capfd.readouterr().err.strip().splitlines()
     assert lines and all(re.match(r"predict: \d+/120 files", line) for line in lines)
     assert lines[-1].startswith("predict: 120/120") and "\r" not in "".join(lines)
+
+
+@pytest.mark.slow
+def test_a_workers_last_line_reaches_the_log_not_the_terminal(ray_cluster, tmp_path, capfd):
+    """Ray delivers a worker's line a moment after it is printed. A command that ends right after
+    its tasks (prepare's decode, a one-line predict) must still route their last lines to its log
+    file, not leave them to Ray's printer on the terminal once the command has finished."""
+    import ray
+
+    from xray_dist.infra import console, runtime
+
+    def shout(i: int, word: str) -> int:
+        print(f"worker line {word} {i}", file=sys.stderr, flush=True)
+        return i
+
+    word = os.urandom(6).hex()
+    log = tmp_path / "x.log"
+    console.setup(console.NORMAL, log)
+    try:
+        runtime.init_ray()  # joins the test's Ray: the router stands in for Ray's printer
+        task = ray.remote(num_cpus=0.1)(shout)
+        assert ray.get([task.remote(i, word) for i in range(4)]) == list(range(4))
+    finally:
+        console.finish()  # at once: the lines are still on their way
+    terminal = "".join(capfd.readouterr())
+    assert word not in terminal
+    assert sorted(line.rsplit(" ", 1)[1] for line in log.read_text().splitlines() if word in line) == list("0123")

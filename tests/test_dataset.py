@@ -184,7 +184,7 @@ def test_interrupted_prepare_decodes_only_what_is_missing(ray_cluster, synth_bin
 
 
 def test_decode_chunks_largest_first_every_file_once():
-    from xray_dist.data.prepare import decode_chunks
+    from xray_dist.data.decode import decode_chunks
 
     rels = [f"f{i:03d}" for i in range(300)]
     sizes = {r: (i * 37) % 101 for i, r in enumerate(rels)}

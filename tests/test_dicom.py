@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from xray_dist.data import dicom
+from xray_dist.data import dicom, patients
 from xray_dist.config import PreprocessSpec
 from xray_dist.errors import (
     CorruptPixelDataError,
@@ -221,6 +221,75 @@ class TestVOI:
         ds = pydicom.dcmread(write_gray(tmp_path / "m.dcm", stored, bits=16))
         np.testing.assert_allclose(dicom.voi_unit_range(stored.astype(float), ds, "m"), [[0, 0.25], [0.5, 1]])
 
+    @pytest.mark.parametrize("function, width", [("LINEAR", 11), ("LINEAR", 1), ("LINEAR_EXACT", 20),
+                                                 ("SIGMOID", 20)])
+    def test_same_window_as_pydicom(self, tmp_path, function, width):
+        # pydicom's apply_windowing is the reference: its output range is the stored bit depth's
+        # (0..4095 for 12 unsigned bits), ours is [0, 1]
+        from pydicom.pixels import apply_windowing
+
+        stored = np.arange(0, 101, dtype=np.uint16).reshape(1, -1)
+        ds = pydicom.dcmread(write_gray(tmp_path / "w.dcm", stored, bits=12, WindowCenter=50, WindowWidth=width,
+                                        VOILUTFunction=function))
+        ours = dicom.voi_unit_range(dicom.modality_values(ds.pixel_array, ds), ds, "w.dcm")
+        theirs = apply_windowing(ds.pixel_array.astype(float), ds) / 4095
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
+        assert 0 < ours.mean() < 1
+
+    def test_unknown_voi_lut_function_is_refused_as_pydicom_does(self, tmp_path):
+        from pydicom.pixels import apply_windowing
+
+        stored = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (100, 1))
+        p = write_gray(tmp_path / "foo.dcm", stored, bits=16, WindowCenter=500, WindowWidth=1001, VOILUTFunction="FOO")
+        ds = pydicom.dcmread(p)
+        with pytest.raises(ValueError, match="VOI LUT Function"):  # pydicom refuses it too
+            apply_windowing(ds.pixel_array, ds)
+        with pytest.raises(UnsupportedImageError) as e:  # never read as LINEAR
+            dicom.load_image(p, SPEC)
+        assert e.value.path == p and e.value.kind == "unsupported_image"
+        assert e.value.reason == "(0028,1056) VOI LUT Function 'FOO' is not LINEAR, LINEAR_EXACT or SIGMOID"
+        with pytest.raises(ValueError, match=r"\(0028,1056\) VOI LUT Function 'FOO'"):
+            dicom.apply_window(stored.astype(float), 500, 1001, "FOO")
+
+    def test_sigmoid_width_zero_is_refused_not_nan(self, tmp_path):
+        from pydicom.pixels import apply_windowing
+
+        stored = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (100, 1))
+        p = write_gray(tmp_path / "sig0.dcm", stored, bits=16, WindowCenter=500, WindowWidth=0, VOILUTFunction="SIGMOID")
+        ds = pydicom.dcmread(p)
+        with pytest.raises(ValueError, match="greater than 0"):  # pydicom refuses it too
+            apply_windowing(ds.pixel_array, ds)
+        with pytest.raises(CorruptPixelDataError) as e:  # the formula would give NaN at the center (0 / 0)
+            dicom.load_image(p, SPEC)
+        assert e.value.path == p and e.value.kind == "corrupt_pixel_data"
+        assert e.value.reason.startswith("(0028,1050) Window Center / (0028,1051) Window Width unusable: SIGMOID "
+                                         "window width must be > 0, got 0.0"), e.value.reason
+        for width in (0, -5):
+            with pytest.raises(ValueError, match="SIGMOID window width must be > 0"):
+                dicom.apply_window(stored.astype(float), 500, width, "SIGMOID")
+
+    def test_bad_windows_are_quarantined_by_prepares_decoder(self, tmp_path):
+        """What prepare's decode tasks make of them: a row with the kind and the reason (the path
+        scrubbed to the file's name), black pixels, and the good file beside them unchanged."""
+        from xray_dist.data.decode import decode_batch
+
+        stored = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (100, 1))
+        rels = ["a/foo.dcm", "a/sig0.dcm", "a/ok.dcm"]
+        (tmp_path / "a").mkdir()
+        write_gray(tmp_path / rels[0], stored, bits=16, WindowCenter=500, WindowWidth=1001, VOILUTFunction="FOO")
+        write_gray(tmp_path / rels[1], stored, bits=16, WindowCenter=500, WindowWidth=0, VOILUTFunction="SIGMOID")
+        write_gray(tmp_path / rels[2], stored, bits=16, WindowCenter=500, WindowWidth=1001, VOILUTFunction="SIGMOID")
+        full = [str(tmp_path / r) for r in rels]
+        rows = decode_batch({"path": np.asarray(rels, dtype=object), "rel": np.asarray(rels, dtype=object),
+                             "abspath": np.asarray(full, dtype=object)}, SPEC.to_dict(), "s" * 32)
+        assert list(rows["error_kind"]) == ["unsupported_image", "corrupt_pixel_data", ""]
+        assert rows["error"][0] == "(0028,1056) VOI LUT Function 'FOO' is not LINEAR, LINEAR_EXACT or SIGMOID"
+        assert "(0028,1051) Window Width unusable: SIGMOID window width must be > 0" in rows["error"][1]
+        assert not any(str(tmp_path) in e for e in rows["error"])
+        assert rows["image"][:2].max() == 0
+        np.testing.assert_array_equal(rows["image"][2], dicom.load_image(full[2], SPEC))
+        assert rows["image"][2].std() > 10
+
 
 class TestPhotometric:
     def test_monochrome1_equals_inverted_monochrome2(self, tmp_path):
@@ -324,13 +393,13 @@ class TestPatientKey:
     def test_salted_and_falls_back_to_study(self, tmp_path):
         p = write_gray(tmp_path / "a.dcm", np.ones((4, 4), np.uint16), bits=12)
         ds = pydicom.dcmread(p)
-        k1, k2 = dicom.patient_key(ds, "salt1", "a"), dicom.patient_key(ds, "salt2", "a")
+        k1, k2 = patients.patient_key(ds, "salt1", "a"), patients.patient_key(ds, "salt2", "a")
         assert k1 != k2 and "P1" not in k1
         ds.PatientID = ""
         ds.StudyInstanceUID = "1.2.3"
-        k3 = dicom.patient_key(ds, "salt1", "a")
+        k3 = patients.patient_key(ds, "salt1", "a")
         ds.StudyInstanceUID = "1.2.4"
-        assert k3 != dicom.patient_key(ds, "salt1", "a")
+        assert k3 != patients.patient_key(ds, "salt1", "a")
 
 
 class TestBurnedInAnnotation:

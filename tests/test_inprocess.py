@@ -38,9 +38,9 @@ def test_keeps_the_best_and_the_latest_and_reports_every_epoch(tmp_path):
     result = s.result()
     assert result.error is None
     assert [m["epoch"] for _, m in result.best_checkpoints] == [2, 5]
-    from xray_dist.training.driver import _best_checkpoint
+    from xray_dist.training.export import best_checkpoint
 
-    with _best_checkpoint(result, "val_auc_abnormal").as_directory() as d:  # what export_run picks
+    with best_checkpoint(result, "val_auc_abnormal").as_directory() as d:  # what export_run picks
         assert (Path(d) / "weights.h5").read_bytes() == bytes([2])
 
 
@@ -115,7 +115,7 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
     dropped = list(split.iter_batches(batch_size=5, drop_last=True))
     assert all(len(b["x"]) == 5 for b in dropped) and len(dropped) == loop_local["n_train"] // 5
     from xray_dist.errors import CacheError
-    from xray_dist.training.driver import split_source
+    from xray_dist.training.pipeline import split_source
     from xray_dist.data.cache import split_labels
 
     scheme = ClassScheme.from_dict(loop_local["scheme"])

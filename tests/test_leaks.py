@@ -22,7 +22,7 @@ import pytest
 
 from xray_dist.cli import app as cli
 
-from xray_dist.infra import console, redaction
+from xray_dist.infra import console, redaction, worker_output
 
 PATIENT = "SMITH_JOHN_MRN7654321"  # a folder named after a patient, as PACS exports often are
 NEEDLES = ("SMITH", "JOHN", "7654321")
@@ -110,7 +110,7 @@ def test_pydicom_values_are_masked_on_the_terminal_and_in_the_log(tmp_path, capf
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             validate_value("UI", uid, config.WARN)  # pydicom's logger and a UserWarning
-        console._route_worker_lines({"pid": 7, "lines": [
+        worker_output._route_worker_lines({"pid": 7, "lines": [
             f"/x/pydicom/valuerep.py:440: UserWarning: Invalid value for VR UI: '{uid}'. Please see"]})
         print("(pid=8) /x/pydicom/valuerep.py:440: UserWarning: Invalid value for VR PN: 'SMITH^JOHN'",
               file=sys.stderr)
@@ -125,8 +125,8 @@ def test_pydicom_values_are_masked_on_the_terminal_and_in_the_log(tmp_path, capf
 
 def test_a_worker_process_masks_pydicom_warnings_at_the_source():
     """Ray keeps each worker's stderr in its session's files: a worker that ran
-    console.mask_pydicom_warnings (Ray's worker_process_setup_hook) prints the warning masked."""
-    code = ("from xray_dist.infra.console import mask_pydicom_warnings as m; m(); m()\n"
+    worker_output.mask_pydicom_warnings (Ray's worker_process_setup_hook) prints the warning masked."""
+    code = ("from xray_dist.infra.worker_output import mask_pydicom_warnings as m; m(); m()\n"
             "from pydicom import config\nfrom pydicom.valuerep import validate_value\n"
             "validate_value('UI', '1.2.840.SMITH.JOHN.7654321', config.WARN)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

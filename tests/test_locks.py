@@ -151,19 +151,20 @@ def _crashed_holder(pid: int) -> dict:
 def _racer(me: int, target: str, tries: int, delay_first_put: float, start, decided, done, results) -> None:
     """One command, ``tries`` times: acquire when the barrier opens, report, release when told."""
     logging.disable(logging.WARNING)  # the takeover warnings: one per try
-    from xray_dist import locks as child_locks
+    from xray_dist.infra import locks as child_locks
+    from xray_dist.infra import s3lock
     from xray_dist.errors import LockedError as Locked
 
     state = {"puts": 0}
     if target.startswith("s3://"):
-        child_locks._s3_client()  # made before the race, as a command makes it before its lock
+        s3lock.client()  # made before the race, as a command makes it before its lock
     if delay_first_put:
         def slow_first_put(request, **_):  # an SDK retry's back-off before this writer's first PUT lands
             state["puts"] += 1
             if state["puts"] == 1:
                 time.sleep(delay_first_put)
 
-        child_locks._s3_client().meta.events.register("before-send.s3.PutObject", slow_first_put)
+        s3lock.client().meta.events.register("before-send.s3.PutObject", slow_first_put)
     for t in range(tries):
         state["puts"] = 0
         lock = child_locks.TargetLock(target, f"racer {me}")

@@ -12,19 +12,19 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from xray_dist.data import dicom
+from xray_dist.data.patients import BY_FILE, BY_PATIENT_ID, BY_STUDY_UID, hash_patient, patient_key_and_source
 
 
 class TestKeySource:
     def test_patient_id_then_study_then_file(self, synth_binary):
         ds = pydicom.dcmread(synth_binary.files[0])
-        key, source = dicom.patient_key_and_source(ds, "s", "f")
-        assert source == dicom.BY_PATIENT_ID and key == dicom.hash_patient("s", "pid:" + ds.PatientID)
+        key, source = patient_key_and_source(ds, "s", "f")
+        assert source == BY_PATIENT_ID and key == hash_patient("s", "pid:" + ds.PatientID)
         ds.PatientID = ""
-        assert dicom.patient_key_and_source(ds, "s", "f") == (dicom.hash_patient("s", "study:" + ds.StudyInstanceUID),
-                                                              dicom.BY_STUDY_UID)
+        assert patient_key_and_source(ds, "s", "f") == (hash_patient("s", "study:" + ds.StudyInstanceUID),
+                                                        BY_STUDY_UID)
         ds.StudyInstanceUID = ""
-        assert dicom.patient_key_and_source(ds, "s", "f") == (dicom.hash_patient("s", "file:f"), dicom.BY_FILE)
+        assert patient_key_and_source(ds, "s", "f") == (hash_patient("s", "file:f"), BY_FILE)
 
 
 def test_a_class_only_outside_train_is_a_clear_error(tmp_path):
@@ -104,7 +104,7 @@ def test_prepare_reports_grouping_warns_on_placeholders_and_takes_csv_patients(r
     assert len(salt) >= 32 and oct(salt_file.stat().st_mode & 0o777) == "0o600"
     assert not (tmp_path / "c3" / ".salt").exists()
     m3 = {r["path"]: r["patient"] for r in pq.read_table(tmp_path / "c3" / "manifest.parquet").to_pylist()}
-    assert m3 == {rel: dicom.hash_patient(salt, "labels:" + true[rel]) for rel in files}
+    assert m3 == {rel: hash_patient(salt, "labels:" + true[rel]) for rel in files}
 
 
 class TestSplitFile:

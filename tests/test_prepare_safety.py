@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from xray_dist.data import dicom, fingerprint
+from xray_dist.data import fingerprint
+from xray_dist.data.patients import hash_patient
 
 from xray_dist.infra import storage
 from xray_dist.cli.app import main
@@ -120,7 +121,7 @@ def brute_force(cache: Path, ids: list[str]) -> set[str]:
             text = f.read_bytes().decode("utf-8", "replace")
             candidates |= {text, text.strip(), *text.replace('"', " ").replace(",", " ").split()}
     return {i for salt in candidates for i in ids
-            for kind in ("pid:", "labels:", "study:") if dicom.hash_patient(salt, kind + i) in keys}
+            for kind in ("pid:", "labels:", "study:") if hash_patient(salt, kind + i) in keys}
 
 
 def test_a_default_cache_cannot_be_reversed(ray_cluster, small, tmp_path, monkeypatch):
@@ -143,7 +144,7 @@ def test_a_default_cache_cannot_be_reversed(ray_cluster, small, tmp_path, monkey
     assert oct(salt_file.stat().st_mode & 0o777) == "0o600" and oct(secrets_dir.stat().st_mode & 0o777) == "0o700"
     keys = {r["patient"] for r in manifest(cache)}
     salt = salt_file.read_text().strip()
-    assert {i for i in ids if dicom.hash_patient(salt, "pid:" + i) in keys} == true
+    assert {i for i in ids if hash_patient(salt, "pid:" + i) in keys} == true
     # and a cache that keeps its salt (the old layout) is reversed by that search: what the fix prevents
     (cache / ".salt").write_text(salt)
     assert brute_force(cache, ids) == true
@@ -291,7 +292,7 @@ def test_hostile_and_cut_off_files_are_quarantined_with_their_reasons(ray_cluste
 def test_a_killed_decode_task_quarantines_its_file_and_prepare_goes_on(ray_cluster, small, tmp_path, monkeypatch):
     """A decode process killed by SIGKILL (what an out-of-memory killer does; injected for one
     file): that file is quarantined with the reason, every other file of its chunk is used."""
-    from xray_dist.data.prepare import FAULT_KILL_ENV
+    from xray_dist.data.decode import FAULT_KILL_ENV
 
     victim = sorted(small.labels)[5]
     monkeypatch.setenv(FAULT_KILL_ENV, victim)

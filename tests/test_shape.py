@@ -37,13 +37,14 @@ def global_batches(world: int, local: int, batch: int, n: int = 45, passes: int 
     rank's replicas in the order tf.distribute deals its batches to them)."""
     import ray
 
-    from xray_dist.training.driver import ShardCache, StepPlan
+    from xray_dist.training.pipeline import BatchOrder, ShardCache, StepPlan
 
     plan = StepPlan.make(n, world, world * local, batch)
     out = [[[] for _ in range(plan.steps)] for _ in range(passes)]
     for r in range(world):
-        c = ShardCache(ray.data.from_items(rows(n)).iterator(), plan.per_replica_batch, plan.steps * plan.local_replicas,
-                       0, 11, 0, whole=True, rank=r, world=world, local_replicas=plan.local_replicas)
+        c = ShardCache(ray.data.from_items(rows(n)).iterator(),
+                       BatchOrder(plan.per_replica_batch, plan.steps * plan.local_replicas, 0, 11, 0, whole=True,
+                                  rank=r, world=world, local_replicas=plan.local_replicas))
         for p in range(passes):
             for i, (x, _, _) in enumerate(c.batches()):
                 out[p][i // plan.local_replicas].extend(int(v) for v in x[:, 0, 0])

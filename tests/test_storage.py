@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xray_dist.infra import storage
+from xray_dist.infra import files, storage
 from xray_dist.errors import StorageError
 
 
@@ -87,12 +87,12 @@ class TestS3:
             (src / name).write_text(name)
         dest = s3_server.bucket("putdir") + "/epoch_0001"
         order = []
-        real = storage.write_bytes
+        real = files.write_bytes  # put_dir looks it up in files
         try:
-            storage.write_bytes = lambda p, d: (order.append(storage.name(p)), real(p, d))
+            files.write_bytes = lambda p, d: (order.append(storage.name(p)), real(p, d))
             storage.put_dir(src, dest, marker="state.json")
         finally:
-            storage.write_bytes = real
+            files.write_bytes = real
         assert order[-1] == "state.json" and sorted(order) == ["state.json", "weights.h5", "z.npz"]
         with storage.local_copy(dest) as d:
             assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) == \

@@ -80,3 +80,28 @@ def test_each_sweep_trial_is_a_run(mlflow_server, prepared_binary, tmp_path, mon
     for r in runs:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_auc_abnormal")] == [1, 2]
         assert str(tmp_path) not in json.dumps(r.data.params) + json.dumps(r.data.tags)
+
+
+def test_a_train_run_whose_workers_fail_is_marked_failed(mlflow_server, prepared_binary, tmp_path, monkeypatch,
+                                                          capsys):
+    """Workers that fail for good — a weights file that is not VGG16's, so the worker raises while
+    building its model, and ``--max-failures 0`` starts no other — end the command with that error,
+    and the run's MLflow run is marked FAILED on the server instead of being left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, cache = prepared_binary
+    bad = tmp_path / "not_vgg16.h5"
+    bad.write_bytes(b"not an HDF5 file")  # exists, so the driver starts the run; only a worker opens it
+    out = tmp_path / "failing"
+    code = cli.main(["train", "--cache", str(cache), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                     "--weights", str(bad), "--unfreeze-blocks", "1", "--cpus-per-worker", "0.5",
+                     "--max-failures", "0", "--mlflow", mlflow_server])
+    assert code != 0
+    assert "not VGG16 no-top weights" in capsys.readouterr().err  # the worker's failure, not another one
+    rid = json.loads((out / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(rid)
+    assert run.info.status == "FAILED"
+    assert client.get_metric_history(rid, "val_auc_abnormal") == []  # no epoch was trained
+    assert not (out / "metrics.json").exists()  # nothing was exported

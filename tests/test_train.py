@@ -352,9 +352,10 @@ class TestShardCache:
         return [[int(v) for x, _, _ in p for v in x[:, 0, 0]] for p in passes]
 
     def test_later_epochs_come_from_memory_reshuffled(self, ray_cluster):
-        from xray_dist.training.driver import ShardCache
+        from xray_dist.training.pipeline import BatchOrder, ShardCache
 
-        c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=1 << 20)
+        order = BatchOrder(batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=1 << 20)
+        c = ShardCache(self.shard(), order)
         first = [b for b in c.batches()]
         assert len(first) == 4 and all(len(x) == 8 for x, _, _ in first)
         assert c.rows is not None and len(c.rows[0]) == 40  # the whole pass is kept, the drained rest too
@@ -372,9 +373,10 @@ class TestShardCache:
             np.testing.assert_array_equal(y, x[:, 0, 0] % 2)
 
     def test_rows_of_the_partial_batch_are_kept_for_later_epochs(self, ray_cluster):
-        from xray_dist.training.driver import ShardCache
+        from xray_dist.training.pipeline import BatchOrder, ShardCache
 
-        c = ShardCache(self.shard(44), batch_size=8, per_pass=5, shuffle_buffer=0, seed=3, limit_bytes=1 << 20)
+        order = BatchOrder(batch_size=8, per_pass=5, shuffle_buffer=0, seed=3, limit_bytes=1 << 20)
+        c = ShardCache(self.shard(44), order)
         first = list(c.batches())
         assert len(first) == 5 and all(len(x) == 8 for x, _, _ in first)  # 4 rows wait in the partial batch
         assert len(c.rows[0]) == 44
@@ -384,9 +386,9 @@ class TestShardCache:
         assert seen == set(range(44))  # every row trains in some epoch
 
     def test_too_big_streams_every_epoch(self, ray_cluster):
-        from xray_dist.training.driver import ShardCache
+        from xray_dist.training.pipeline import BatchOrder, ShardCache
 
-        c = ShardCache(self.shard(), batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=100)
+        c = ShardCache(self.shard(), BatchOrder(batch_size=8, per_pass=4, shuffle_buffer=0, seed=1, limit_bytes=100))
         assert len(list(c.batches())) == 4 and c.rows is None
         assert len(list(c.batches())) == 4  # read from Ray Data again
 
@@ -394,11 +396,12 @@ class TestShardCache:
         """Every worker holds the whole split: each epoch's batches depend on (seed, epoch), not on
         the order the rows arrived in; the ranks take disjoint equal parts of one permutation; a
         cache resumed after epoch 2 gives the uninterrupted run's epochs 3 and 4."""
-        from xray_dist.training.driver import ShardCache
+        from xray_dist.training.pipeline import BatchOrder, ShardCache
 
         def run(rank, reverse=False, start=0, passes=4):
-            c = ShardCache(self.shard(42, reverse), batch_size=4, per_pass=5, shuffle_buffer=8, seed=7,
-                           limit_bytes=0, whole=True, rank=rank, world=2, start_epoch=start)
+            c = ShardCache(self.shard(42, reverse), BatchOrder(batch_size=4, per_pass=5, shuffle_buffer=8, seed=7,
+                                                               limit_bytes=0, whole=True, rank=rank, world=2),
+                           start_epoch=start)
             return self.ids([list(c.batches()) for _ in range(passes)])
 
         r0, r1 = run(0), run(1)
@@ -408,8 +411,8 @@ class TestShardCache:
             assert len(r0[e]) == len(r1[e]) == 20 and not set(r0[e]) & set(r1[e])  # equal, disjoint parts
         assert len({tuple(p) for p in r0}) == 4  # a new order every epoch
         assert set().union(*r0, *r1) == set(range(42))  # over the epochs every row trains
-        c = ShardCache(self.shard(42), batch_size=4, per_pass=5, shuffle_buffer=8, seed=8, limit_bytes=0, whole=True,
-                       rank=0, world=2)
+        c = ShardCache(self.shard(42), BatchOrder(batch_size=4, per_pass=5, shuffle_buffer=8, seed=8, limit_bytes=0,
+                                                  whole=True, rank=0, world=2))
         assert self.ids([list(c.batches())]) != r0[:1]  # another seed, another order
 
 
@@ -420,7 +423,7 @@ def test_equal_steps_on_every_worker_from_uneven_shards(ray_cluster):
     that ran out."""
     import ray
 
-    from xray_dist.training.driver import ShardCache, StepPlan
+    from xray_dist.training.pipeline import BatchOrder, ShardCache, StepPlan
 
     items = [{"path": f"p{i:03d}", "x": np.full((2, 2), i, np.uint8), "label": i % 2, "weight": 1.0}
              for i in range(41)]
@@ -428,13 +431,14 @@ def test_equal_steps_on_every_worker_from_uneven_shards(ray_cluster):
     assert plan.steps == 41 // 3 // 4 == 3 and plan.local_replicas == 1
     whole = {}
     for r in range(3):
-        c = ShardCache(ray.data.from_items(items).iterator(), 4, plan.steps, 0, 1, 0, whole=True, rank=r, world=3)
+        order = BatchOrder(4, plan.steps, 0, 1, 0, whole=True, rank=r, world=3)
+        c = ShardCache(ray.data.from_items(items).iterator(), order)
         whole[r] = [[len(b[0]) for b in c.batches()] for _ in range(2)]
     shards = ray.data.from_items(items, override_num_blocks=5).streaming_split(3, equal=True)
     counts: dict[int, list[int]] = {}
 
     def consume(r):
-        c = ShardCache(shards[r], 4, plan.steps, 0, 1, limit_bytes=0)  # streamed every epoch
+        c = ShardCache(shards[r], BatchOrder(4, plan.steps, 0, 1, limit_bytes=0))  # streamed every epoch
         counts[r] = [sum(1 for _ in c.batches()) for _ in range(2)]
 
     threads = [threading.Thread(target=consume, args=(r,)) for r in range(3)]
@@ -543,3 +547,22 @@ def test_real_jpeg2000_radiographs_through_prepare_and_predict(two_worker_run, t
     rows = predict_files(run, [str(data)], tmp_path / "p.csv", engine="local")
     expected = predict_arrays(lm, np.stack([cached[r["path"]] for r in rows]))
     np.testing.assert_allclose([[float(r["p_normal"]), float(r["p_finding"])] for r in rows], expected, atol=1e-6)
+
+
+def test_a_nan_metric_is_written_to_metrics_json_as_null(tmp_path):
+    """metrics.json is standard JSON: a metric that is NaN (an AUC with a class absent from
+    validation) or infinite is written as null, never as the bare ``NaN`` token that strict readers
+    (browsers, jq) refuse — the old ``json.dumps(default=...)`` hook never saw floats."""
+    from xray_dist.training.export import write_metrics
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    metrics = {"val_auc": float("nan"), "best": {"val_auc_pneumonia": np.float64("nan"), "loss": 0.5},
+               "final": {"specificity": float("inf")}, "epochs": np.int64(3), "classes": ["normal", "pneumonia"]}
+    with pytest.raises(ValueError, match="NaN"):  # what the plain json module writes for the same metrics
+        json.loads(json.dumps(metrics, default=str), parse_constant=refuse)
+    write_metrics(tmp_path, metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse) == {
+        "val_auc": None, "best": {"val_auc_pneumonia": None, "loss": 0.5}, "final": {"specificity": None},
+        "epochs": 3, "classes": ["normal", "pneumonia"]}

@@ -90,3 +90,16 @@ class StorageError(XrayDistError):
 
 class LockedError(XrayDistError):
     """Another command is writing the same target (cache, run, sweep) right now."""
+
+
+class ConfigError(XrayDistError, ValueError):
+    """A configuration key or value that cannot be used; ``key`` names it, the message says what is
+    allowed. A ``ValueError`` too, so callers that caught bad values before keep working."""
+
+    def __init__(self, key: str, message: str):
+        self.key = str(key)
+        self.message = " ".join(str(message).split())  # one line
+        super().__init__(self.message)
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.message))

@@ -4,7 +4,7 @@ synth → prepare (train / validation / held-out test patients) → train (2 wor
 cluster; here 1 worker mirrored over 2 logical CPU devices, so the multi-device path runs too) →
 evaluate on the test patients (patient-level 95 % interval) → predict on the validation files →
 Grad-CAM on a few of them → a serving export → a tiny sweep (two head widths on shared frozen
-features) → the HTML report of the run and the sweep.
+features) → the HTML report of the run and the sweep. One function per step, each printing its lines.
 """
 
 from __future__ import annotations
@@ -12,67 +12,117 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from xray_dist.cli.common import command
+from xray_dist.cli.prepare import format_prepare_summary
+from xray_dist.config import PrepareConfig, PreprocessSpec, SweepConfig, TrainConfig
+from xray_dist.data.cache import load_manifest
+from xray_dist.data.prepare import prepare
+from xray_dist.data.synth import synthesize
+from xray_dist.inference.explain import explain_files
+from xray_dist.inference.export import export_model
+from xray_dist.inference.predict import predict_files
+from xray_dist.infra import console, storage
+from xray_dist.infra.runtime import init_ray
+from xray_dist.results.evaluate import evaluate_model
+from xray_dist.results.report import write_report
+from xray_dist.training.driver import train
+from xray_dist.training.tune import sweep
+
+#: What the demo's last lines point at, under its directory.
+_LOOK_AT = ("cache/prepare_report.json", "run/metrics.json", "run/evaluation/test/metrics.json",
+            "run/training_curves.png", "run/roc.png", "run/tensorboard", "predictions.csv", "explain",
+            "export/serving.json", "sweep/results.csv", "sweep/best.json", "sweep/sweep.png", "sweep_report.html")
+
+
+def add_demo(sub) -> None:
+    p = command(sub, "demo", "local single-node test mode: synth -> prepare -> train -> evaluate -> ... -> report",
+                "The whole flow on this machine's CPUs in about two minutes, on synthetic DICOM files.")
+    p.add_argument("--out", default="xray-dist-demo", help="directory for everything the demo writes")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for embedded local Ray (default: all)")
+
+
+def cmd_demo(a) -> int:
+    if storage.is_uri(a.out):
+        raise ValueError(f"--out {a.out}: the demo is the local single-node test mode; give it a local directory")
+    run_demo(a.out, num_cpus=a.num_cpus)
+    return 0
+
 
 def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
-    from xray_dist.cli.app import format_prepare_summary
-    from xray_dist.config import PrepareConfig, PreprocessSpec, TrainConfig
-    from xray_dist.data.prepare import prepare
-    from xray_dist.data.cache import load_manifest
-    from xray_dist.inference.predict import predict_files
-    from xray_dist.infra.runtime import init_ray
-    from xray_dist.data.synth import synthesize
-    from xray_dist.training.driver import train
-
+    """Every step of the demo into ``out``; what each step returned, by step."""
     out = Path(out).resolve()
     t0 = time.time()
     init_ray(None, num_cpus)
+    labels_csv = _synth(out)
+    report = _prepare(out, labels_csv)
+    res = _train(out)
+    ev = _evaluate(out)
+    manifest = load_manifest(out / "cache").to_pandas()
+    val = manifest[manifest.split == "val"]
+    rows = _predict(out, val, res.metrics["best"]["threshold"])
+    _explain_and_export(out, val)
+    summary = _tune(out)
+    _report(out)
+    _closing_lines(out, t0)
+    return {"prepare": report, "train": res.metrics, "test": ev, "predictions": rows, "sweep": summary,
+            "report": out / "report.html"}
+
+
+def _synth(out: Path) -> Path:
     print(f"[demo 1/9] synth: synthetic chest radiographs -> {out / 'data'}")
     syn = synthesize(out / "data", patients=48, images_per_patient=2, size=128, seed=7)
     print(f"           {len(syn.files)} DICOM files in 8 encodings")
+    return syn.labels_csv
 
+
+def _prepare(out: Path, labels_csv: Path) -> dict:
     print(f"[demo 2/9] prepare: decode once in parallel Ray tasks -> {out / 'cache'}")
-    report = prepare(PrepareConfig(data_dir=str(out / "data"), labels=str(syn.labels_csv), out=str(out / "cache"),
+    report = prepare(PrepareConfig(data_dir=str(out / "data"), labels=str(labels_csv), out=str(out / "cache"),
                                    preprocess=PreprocessSpec(image_size=32), val_fraction=0.2, test_fraction=0.2))
     print(format_prepare_summary(report, str(out / "cache")))
+    return report
 
+
+def _train(out: Path):
     print(f"[demo 3/9] train: VGG16 (random init, all blocks trainable) with Ray Train -> {out / 'run'}")
     res = train(TrainConfig(cache=str(out / "cache"), out=str(out / "run"), epochs=3, batch_size=8, lr=1e-4,
                             weights="none", unfreeze_blocks=5, cpu_replicas=2))
     m = res.metrics
     print(f"           val_auc_abnormal {m['val_auc_abnormal']:.3f}, sensitivity {m['sensitivity']:.2f}, "
           f"specificity {m['specificity']:.2f} (best of {m['epochs']} epochs)")
+    return res
 
-    from xray_dist.results.evaluate import evaluate_model
 
+def _evaluate(out: Path) -> dict:
     print(f"[demo 4/9] evaluate: the held-out test patients, once -> {out / 'run' / 'evaluation' / 'test'}")
     ev = evaluate_model(str(out / "run"), str(out / "cache"))
     lo, hi = ev["auc_abnormal"]["ci95"]
     print(f"           test AUROC abnormal {ev['auc_abnormal']['value']:.3f} (95 % CI {lo:.3f}-{hi:.3f}, "
           f"{ev['patients']} patients, {ev['images']} images; patient-level bootstrap)")
+    return ev
 
+
+def _predict(out: Path, val, threshold: float) -> list[dict]:
     print(f"[demo 5/9] predict: the validation files -> {out / 'predictions.csv'}")
-    manifest = load_manifest(out / "cache").to_pandas()
-    val = manifest[manifest.split == "val"]
     rows = predict_files(out / "run", [str(out / "data" / p) for p in val.path], out / "predictions.csv")
     # rows come in input order; the decision is the model's stored threshold on the abnormal score
     correct = sum(r["abnormal_at_threshold"] == (label != "normal") for r, label in zip(rows, val.label))
     print(f"           {correct}/{len(rows)} validation files on the right side of the threshold "
-          f"{res.metrics['best']['threshold']:.3f} (abnormal vs normal)")
+          f"{threshold:.3f} (abnormal vs normal)")
+    return rows
 
-    from xray_dist.inference.explain import explain_files
-    from xray_dist.inference.export import export_model
 
+def _explain_and_export(out: Path, val) -> None:
     print(f"[demo 6/9] explain: Grad-CAM for 4 validation files -> {out / 'explain'}")
     cams = explain_files(out / "run", [str(out / "data" / p) for p in val.path[:4]], out / "explain")
     print(f"           {sum(not r['error'] for r in cams)} heatmaps (PNG + .npy)")
     print(f"[demo 7/9] export: SavedModel (uint8 image in, class probabilities out) -> {out / 'export'}")
     export_model(out / "run", out / "export", "savedmodel")
 
+
+def _tune(out: Path) -> dict:
     print(f"[demo 8/9] tune: a tiny sweep (head width 0 vs 16, block 5 trainable on shared frozen features) "
           f"-> {out / 'sweep'}")
-    from xray_dist.config import SweepConfig
-    from xray_dist.training.tune import sweep
-
     summary = sweep(SweepConfig(base=TrainConfig(cache=str(out / "cache"), out=str(out / "sweep"), epochs=2,
                                                  batch_size=8, lr=1e-3, weights="none"),
                                 out=str(out / "sweep"), combos=((0, 2, 1), (16, 2, 1)), lr=(1e-3, 1e-3),
@@ -80,21 +130,19 @@ def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
     best = summary.get("best", {})
     print(f"           {summary['completed']} trials completed; best {best.get('config')} "
           f"val_auc_abnormal {best.get('metrics', {}).get('val_auc_abnormal', float('nan')):.3f}")
+    return summary
 
-    from xray_dist.results.report import write_report
 
+def _report(out: Path) -> None:
     print(f"[demo 9/9] report: HTML for the run and the sweep -> {out / 'report.html'}, {out / 'sweep_report.html'}")
     write_report(out / "run", out / "report.html")
     write_report(out / "sweep", out / "sweep_report.html")
 
+
+def _closing_lines(out: Path, t0: float) -> None:
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:")
-    for name in ("cache/prepare_report.json", "run/metrics.json", "run/evaluation/test/metrics.json", "run/training_curves.png", "run/roc.png",
-                 "run/tensorboard", "predictions.csv", "explain", "export/serving.json", "sweep/results.csv",
-                 "sweep/best.json", "sweep/sweep.png", "sweep_report.html"):
+    for name in _LOOK_AT:
         print(f"  {out / name}")
     print(f"report: {out / 'report.html'}")
-    from xray_dist.infra import console
-
     if console.log_file():
         print(f"log (Ray, TensorFlow and per-worker detail): {console.log_file()}")
-    return {"prepare": report, "train": m, "test": ev, "predictions": rows, "sweep": summary, "report": out / "report.html"}

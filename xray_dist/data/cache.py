@@ -1,13 +1,16 @@
-"""The prepared cache: its layout and every reader. The one module that knows where a cache keeps
-what; every later stage asks it (``evaluate``, ``train``, sweeps, the benchmark), none joins paths
+"""The prepared cache: its layout and every reader.
+
+The one module that knows where a cache keeps what (:class:`CacheLayout` joins every path into
+it); every later stage asks it (``evaluate``, ``train``, sweeps, the benchmark), none joins paths
 into a cache itself. ``prepare`` (:mod:`xray_dist.data.prepare`) writes it.
 
 Layout (``CACHE/``)::
 
     images/*.parquet        one row per input file: path (relative to the data directory, or a
                             salted key with --redact-paths: :mod:`xray_dist.data.paths`), patient
-                            (salted hash), image (uint8 S×S tensor), error_kind, error — one file
-                            per decode task, never rewritten unless the inputs or the spec change
+                            (salted key, :mod:`xray_dist.data.patients`) and what made it, view,
+                            image (uint8 S×S tensor), error_kind, error — one file per decode task,
+                            never rewritten unless the inputs or the spec change
     images/_WRITTEN.json    the chunk files prepare is writing, recorded before any is written: the
                             only files a later prepare ever deletes
     images/_COMPLETE.json   the key the images were made with and their chunk files (the only
@@ -18,14 +21,18 @@ Layout (``CACHE/``)::
     prepare_report.json     found / ok / quarantined / missing / unlabeled / classes / splits
     fingerprint.json        what runs pin (:mod:`xray_dist.data.fingerprint`; recomputed from the
                             manifest when read)
+    features/<key>/         frozen-backbone activations a sweep computed from these images
+                            (written by :mod:`xray_dist.training.features`, not by prepare)
 
-The cache holds no salt (:mod:`xray_dist.data.salt` keeps it apart).
+The cache holds no salt (:mod:`xray_dist.data.salt` keeps it apart); caches made before salts left
+them hold ``.salt``, which that module reads (never writes).
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,30 +46,80 @@ from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import CacheError
 from xray_dist.infra import storage
 
+# ---- layout ----------------------------------------------------------------------------------------
 
-IMAGES_DIR = "images"
-
-
-COMPLETE = "_COMPLETE.json"
-
-
-MANIFEST = "manifest.parquet"
-
-
-REPORT = "prepare_report.json"
-
-
-SPEC = "preprocess.json"
-
-
-WRITTEN = "_WRITTEN.json"
-
-
+#: The decoded images' folder, its journal and its completion marker (see the module's docstring).
+IMAGES_DIR, WRITTEN, COMPLETE = "images", "_WRITTEN.json", "_COMPLETE.json"
+#: The files beside it.
+MANIFEST, SPEC, REPORT, FINGERPRINT = "manifest.parquet", "preprocess.json", "prepare_report.json", "fingerprint.json"
+#: The sweeps' frozen-activation caches (one folder per key; :mod:`xray_dist.training.features`).
+FEATURES_DIR = "features"
+#: The salt file of caches made before salts left them (read by :mod:`xray_dist.data.salt`, never written).
+LEGACY_SALT = ".salt"
+#: Files (relative to the cache) that only a cache holds: a folder with none of them is not one.
+OWN_FILES = frozenset({SPEC, f"{IMAGES_DIR}/{COMPLETE}", f"{IMAGES_DIR}/{WRITTEN}"})
+#: The columns of an image row besides the pixels.
 META_COLUMNS = ["path", "patient", "error_kind", "error"]
-
-
 #: The chunk names of caches written before prepare recorded its writes (used only for those).
 _LEGACY_CHUNK = re.compile(r"chunk-[0-9a-f]{20}\.parquet")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where the cache at ``root`` (a local path or URI) keeps each file: the one place that joins
+    paths into a cache."""
+
+    root: str
+
+    @property
+    def images(self) -> str:
+        return storage.join(self.root, IMAGES_DIR)
+
+    @property
+    def complete(self) -> str:
+        return storage.join(self.root, IMAGES_DIR, COMPLETE)
+
+    @property
+    def written(self) -> str:
+        return storage.join(self.root, IMAGES_DIR, WRITTEN)
+
+    def chunk(self, name: str) -> str:
+        """The decoded-images file ``name`` (a name :func:`recorded_chunks` or prepare gives)."""
+        return storage.join(self.root, IMAGES_DIR, name)
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.root, MANIFEST)
+
+    @property
+    def spec(self) -> str:
+        return storage.join(self.root, SPEC)
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.root, REPORT)
+
+    @property
+    def fingerprint(self) -> str:
+        return storage.join(self.root, FINGERPRINT)
+
+    def features(self, key: str) -> str:
+        """The frozen-activation cache of ``key`` (:mod:`xray_dist.training.features` writes it)."""
+        return storage.join(self.root, FEATURES_DIR, key)
+
+    @property
+    def legacy_salt(self) -> str:
+        return storage.join(self.root, LEGACY_SALT)
+
+
+# ---- readers ---------------------------------------------------------------------------------------
+
+def read_marker(marker: str) -> dict | None:
+    """A JSON record (completion marker, journal), or None when there is none."""
+    try:
+        return storage.read_json(marker)
+    except FileNotFoundError:
+        return None
 
 
 def recorded_chunks(images_dir: str) -> list[str]:
@@ -79,13 +136,24 @@ def recorded_chunks(images_dir: str) -> list[str]:
 
 
 def data_files(directory: str | Path) -> list[str]:
-    """The Parquet files a reader reads in ``directory``: those its completion marker lists, else
-    every top-level ``*.parquet`` that is not hidden (a ``.writing_*`` left by a crash is not data)."""
+    """The Parquet files a reader reads in ``directory`` (the decoded images, or another folder of
+    Parquet chunks with a completion marker): those its completion marker lists, else every
+    top-level ``*.parquet`` that is not hidden (a ``.writing_*`` left by a crash is not data)."""
     rec = read_marker(storage.join(directory, COMPLETE))
     if rec and rec.get("chunks"):
         return list(rec["chunks"])
     return [e.rel for e in storage.list_files(directory)
             if e.rel.endswith(".parquet") and "/" not in e.rel and not e.rel.startswith(".")]
+
+
+def images_key(cache: str | Path) -> str:
+    """The key the decoded images were made with (their completion marker's): the data location,
+    every file's path, size and modification time, the spec, the salt."""
+    rec = read_marker(CacheLayout(str(cache)).complete)
+    if rec is None:
+        raise CacheError(f"{cache} is not a complete prepared cache (no {IMAGES_DIR}/{COMPLETE}); run `xray-dist "
+                         "prepare` first")
+    return rec["key"]
 
 
 def read_image_meta(cache: str | Path) -> pa.Table:
@@ -105,28 +173,24 @@ def parquet_dataset(directory: str | Path):
 
 
 def images_dataset(cache: str | Path):
-    return parquet_dataset(storage.join(cache, IMAGES_DIR))
-
-
-def read_marker(marker: str) -> dict | None:
-    try:
-        return storage.read_json(marker)
-    except FileNotFoundError:
-        return None
+    """A :mod:`pyarrow.dataset` over the decoded images (every row, pixels included, read lazily)."""
+    return parquet_dataset(CacheLayout(str(cache)).images)
 
 
 def load_spec(cache: str | Path) -> PreprocessSpec:
+    """The :class:`~xray_dist.config.PreprocessSpec` the images were decoded with."""
     try:
-        return PreprocessSpec.from_dict(storage.read_json(storage.join(cache, SPEC)))
+        return PreprocessSpec.from_dict(storage.read_json(CacheLayout(str(cache)).spec))
     except FileNotFoundError:
         raise CacheError(f"{cache} is not a prepared cache (no {SPEC}); run `xray-dist prepare` first") from None
 
 
 def load_manifest(cache: str | Path) -> pa.Table:
-    p = storage.join(cache, MANIFEST)
-    if not storage.is_file(p) or not storage.is_file(storage.join(cache, IMAGES_DIR, COMPLETE)):
+    """The manifest (path, split, label, patient of every image used) of a complete cache."""
+    layout = CacheLayout(str(cache))
+    if not storage.is_file(layout.manifest) or not storage.is_file(layout.complete):
         raise CacheError(f"{cache} is not a complete prepared cache (no {MANIFEST}); run `xray-dist prepare` first")
-    return pq.read_table(storage.open_input(p))
+    return pq.read_table(storage.open_input(layout.manifest))
 
 
 def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: float):
@@ -138,13 +202,14 @@ def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: floa
     machines in sweeps). The cache's files and row counts are known locally (Parquet footers), so a
     minimal datasource does without them: one read task per file, nothing else.
     """
-    import ray
+    import ray  # Ray: read where a Ray Dataset is wanted (training, sweeps), never by the CLI's import
 
     return ray.data.read_datasource(_CacheParquetSource(directory, columns), num_cpus=num_cpus)
 
 
 def _cache_parquet_source_class():
-    from ray.data.block import BlockMetadata
+    """The datasource of :func:`read_cache_parquet` (a subclass of Ray's, so built once Ray is imported)."""
+    from ray.data.block import BlockMetadata  # Ray: see read_cache_parquet
     from ray.data.datasource import Datasource, ReadTask
 
     class CacheParquetSource(Datasource):
@@ -198,20 +263,27 @@ def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndar
 
 def tensor_column_to_numpy(col: pa.Array, size: int) -> np.ndarray:
     """A Ray tensor-extension (or plain binary/list) column → ``(n, size, size)`` uint8."""
-    storage = col.storage if isinstance(col, pa.ExtensionArray) else col
-    if pa.types.is_binary(storage.type) or pa.types.is_large_binary(storage.type):
-        return np.stack([np.frombuffer(b.as_py(), dtype=np.uint8) for b in storage]).reshape(-1, size, size)
-    values = storage.flatten()
+    raw = col.storage if isinstance(col, pa.ExtensionArray) else col
+    if pa.types.is_binary(raw.type) or pa.types.is_large_binary(raw.type):
+        return np.stack([np.frombuffer(b.as_py(), dtype=np.uint8) for b in raw]).reshape(-1, size, size)
+    values = raw.flatten()
     while not pa.types.is_integer(values.type):
         values = values.flatten()
     return values.to_numpy(zero_copy_only=False).astype(np.uint8).reshape(-1, size, size)
 
 
+def read_report(cache: str | Path) -> dict:
+    """The prepare report, whole (``{}`` when the cache has none)."""
+    try:
+        return storage.read_json(CacheLayout(str(cache)).report)
+    except FileNotFoundError:
+        return {}
+
+
 def read_report_summary(cache: str | Path) -> dict:
     """Counts from the prepare report (no paths), for run metrics and reports."""
-    try:
-        r = storage.read_json(storage.join(cache, REPORT))
-    except FileNotFoundError:
+    r = read_report(cache)
+    if not r:
         return {}
     return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]),
             "excluded": len(r.get("excluded", [])), "task": r.get("task", "multiclass"), "classes": r["classes"],

@@ -110,7 +110,8 @@ class ClassScheme:
 
     def probabilities(self, raw: np.ndarray) -> np.ndarray:
         """Model outputs → ``(n, K)``: class probabilities (one sigmoid unit ``p`` becomes
-        ``[1 - p, p]``), or each finding's probability."""
+        ``[1 - p, p]``), or each finding's probability. (The same rule on TensorFlow tensors, inside
+        a model: :func:`xray_dist.model.network.two_class_probabilities`.)"""
         raw = np.asarray(raw, dtype=np.float64)
         if self.multilabel:
             return raw.reshape(len(raw), -1)
@@ -120,20 +121,33 @@ class ClassScheme:
         return raw
 
     def abnormal_score(self, probs: np.ndarray) -> np.ndarray:
-        """The score of "abnormal": ``1 - p(negative)`` for classes; for findings the largest
-        finding probability (the image is as abnormal as its most likely finding; a max, not a
-        noisy-OR, because the findings co-occur rather than arise independently)."""
-        probs = np.asarray(probs, dtype=np.float64)
-        if self.multilabel:
-            return probs.max(axis=1) if probs.shape[1] else np.zeros(len(probs))
-        return 1.0 - probs[:, 0]
+        """The score of "abnormal" per image (:func:`abnormal_score`)."""
+        return abnormal_score(probs, self.multilabel)
 
     def abnormal_truth(self, labels: np.ndarray) -> np.ndarray:
-        """1 abnormal, 0 negative, -1 unknown (multi-label: only uncertain findings), per image."""
-        labels = np.asarray(labels)
-        if self.multilabel:
-            return labels[:, -1].astype(int)
-        return (labels.astype(int).ravel() != 0).astype(int)
+        """1 abnormal, 0 negative, -1 unknown, per image (:func:`abnormal_truth`)."""
+        return abnormal_truth(labels, self.multilabel)
+
+
+def abnormal_score(probs: np.ndarray, multilabel: bool) -> np.ndarray:
+    """The score of "abnormal" from ``(n, K)`` probabilities: ``1 - p(negative)`` for classes
+    (class 0 is the negative class); for findings the largest finding probability (the image is as
+    abnormal as its most likely finding; a max, not a noisy-OR, because the findings co-occur
+    rather than arise independently). Every abnormal AUROC, threshold, curve and prediction column
+    scores this."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if multilabel:
+        return probs.max(axis=1) if probs.shape[1] else np.zeros(len(probs))
+    return 1.0 - probs[:, 0]
+
+
+def abnormal_truth(labels: np.ndarray, multilabel: bool) -> np.ndarray:
+    """1 abnormal, 0 negative, -1 unknown, per image: a class index other than 0 (multi-class), or
+    the "any finding" column of the target rows (multi-label: -1 when only uncertain findings)."""
+    labels = np.asarray(labels)
+    if multilabel:
+        return labels[:, -1].astype(int)
+    return (labels.astype(int).ravel() != 0).astype(int)
 
 
 def build_scheme(label_counts: dict[str, int], num_classes: int | None, negative: str = "normal") -> ClassScheme:

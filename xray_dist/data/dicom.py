@@ -32,11 +32,17 @@ Policies for everything that is not a single grayscale frame:
 - more than ``max_pixels`` declared (Rows × Columns × frames × samples per pixel): refused from the
   header before any pixel is decoded, :class:`ImageTooLargeError` (``too_large``).
 - a codec that fails on the pixel data: :class:`CorruptPixelDataError`.
+- a (0028,1056) *VOI LUT Function* other than ``LINEAR``, ``LINEAR_EXACT`` or ``SIGMOID``:
+  :class:`UnsupportedImageError`; a window width that function cannot use (``LINEAR`` under 1,
+  the others 0 or less): :class:`CorruptPixelDataError` — what pydicom's ``apply_windowing``
+  refuses, never read as ``LINEAR`` or turned into NaN pixels.
+
+Patient keys are :mod:`xray_dist.data.patients`'; reading a file for the cache is
+:mod:`xray_dist.data.decode`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,12 +50,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
-from xray_dist.config import PreprocessSpec
-from xray_dist.infra.redaction import mask_values
+from xray_dist.config import DEFAULT_MAX_PIXELS, PreprocessSpec
+from xray_dist.data.j2k import decode_reduced
 from xray_dist.errors import (
     BurnedInAnnotationError,
     CorruptPixelDataError,
@@ -61,7 +69,8 @@ from xray_dist.errors import (
     TruncatedError,
     UnsupportedImageError,
 )
-from xray_dist.config import DEFAULT_MAX_PIXELS
+from xray_dist.infra import storage
+from xray_dist.infra.redaction import mask_values
 
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
@@ -73,8 +82,6 @@ def read_dataset(path: str | Path, data: bytes | None = None, max_pixels: int = 
 
     ``data``: the file's bytes when the caller has fetched them already (``path`` then only names
     the file in errors)."""
-    from xray_dist.infra import storage
-
     path = str(path)
     try:
         if data is None:
@@ -88,7 +95,8 @@ def read_dataset(path: str | Path, data: bytes | None = None, max_pixels: int = 
     except InvalidDicomError as e:
         raise NotDicomError(path, f"not a DICOM Part 10 file ({e})") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, reported with its cause
-        raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: {mask_values(str(e))}") from None
+        raise DicomReadError(path, f"could not parse the DICOM header: {type(e).__name__}: "
+                                   f"{mask_values(str(e))}") from None
     with named_failures(path, "the DICOM header"):
         _check_whole(ds, path, len(data))
         _check_image(ds, path, max_pixels)
@@ -99,8 +107,6 @@ def _check_whole(ds: Dataset, path: str, size: int) -> None:
     """pydicom keeps whatever bytes are left when a file ends inside an element (a shorter value,
     no error): an element whose value is shorter than its declared length was cut off. Elements
     are read raw (``Dataset.elements``), so nothing is decoded to find out."""
-    from pydicom.dataelem import RawDataElement
-
     for elem in ds.elements():
         if (isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.value is not None
                 and len(elem.value) < elem.length):
@@ -160,7 +166,8 @@ def _check_image(ds: Dataset, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise UnsupportedImageError(path, f"transfer syntax {tsuid.name} ({tsuid}) has no pixel decoder")
     if not decoder.is_available:
         hint = _CODEC_PACKAGES.get(str(tsuid), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle")
-        raise MissingCodecError(path, f"no installed decoder for {tsuid.name} ({tsuid}); install it with: pip install {hint}")
+        raise MissingCodecError(path, f"no installed decoder for {tsuid.name} ({tsuid}); install it with: "
+                                      f"pip install {hint}")
 
 
 # Which pylibjpeg plugin decodes each compressed transfer syntax (for MissingCodecError's hint).
@@ -184,8 +191,6 @@ def stored_values(ds: Dataset, path: str | Path, reduce_to: int | None = None) -
     covers a ``reduce_to`` px model input (:mod:`xray_dist.data.j2k`) where that is valid.
     """
     if reduce_to:
-        from xray_dist.data.j2k import decode_reduced
-
         arr = decode_reduced(ds, reduce_to)
         if arr is not None:
             return arr
@@ -203,13 +208,24 @@ def modality_values(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return arr.astype(np.float64)
 
 
+#: The VOI LUT Functions PS3.3 C.11.2.1.3 defines (those pydicom's ``apply_windowing`` knows).
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
 def apply_window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """PS3.3 C.11.2.1.2 window to the output range [0, 1].
 
-    ``LINEAR`` (C.11.2.1.2.1), ``LINEAR_EXACT`` (C.11.2.1.3.2) and ``SIGMOID`` (C.11.2.1.3.1).
+    ``LINEAR`` (C.11.2.1.2.1), ``LINEAR_EXACT`` (C.11.2.1.3.2) and ``SIGMOID`` (C.11.2.1.3.1): the
+    formulas of pydicom's :func:`pydicom.pixels.apply_windowing`, scaled to [0, 1] instead of the
+    stored bit depth's range, and refusing what it refuses (a :class:`ValueError`): another
+    function, a ``LINEAR`` width under 1, a ``LINEAR_EXACT`` or ``SIGMOID`` width of 0 or less.
     """
     function = (function or "LINEAR").upper()
+    if function not in VOI_FUNCTIONS:
+        raise ValueError(f"(0028,1056) VOI LUT Function {function!r} is not LINEAR, LINEAR_EXACT or SIGMOID")
     if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"SIGMOID window width must be > 0, got {width}")
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function == "LINEAR_EXACT":
         if width <= 0:
@@ -223,9 +239,20 @@ def apply_window(x: np.ndarray, center: float, width: float, function: str = "LI
 
 
 def _first(value) -> float:
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    if isinstance(value, (list, tuple, MultiValue)):
         return float(value[0])
     return float(value)
+
+
+def voi_function(ds: Dataset, path: str | Path) -> str:
+    """(0028,1056) *VOI LUT Function*, upper-cased; ``LINEAR`` when absent or empty. A value PS3.3
+    does not define is this file's :class:`UnsupportedImageError`, never read as ``LINEAR``."""
+    fn = ds.get("VOILUTFunction", "LINEAR")
+    fn = str((fn[0] if isinstance(fn, MultiValue) else fn) or "LINEAR").strip().upper()
+    if fn not in VOI_FUNCTIONS:
+        raise UnsupportedImageError(str(path), f"(0028,1056) VOI LUT Function {fn!r} is not LINEAR, LINEAR_EXACT "
+                                               "or SIGMOID")
+    return fn
 
 
 def voi_unit_range(x: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
@@ -240,11 +267,9 @@ def voi_unit_range(x: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
             raise CorruptPixelDataError(str(path), f"(0028,3010) VOI LUT Sequence unusable: {e}") from None
         return np.clip(y / max(2**bits - 1, 1), 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
+        fn = voi_function(ds, path)
         try:
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            fn = ds.get("VOILUTFunction", "LINEAR")
-            fn = fn[0] if isinstance(fn, pydicom.multival.MultiValue) else fn
-            return apply_window(x, center, width, str(fn))
+            return apply_window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
         except (ValueError, TypeError) as e:
             raise CorruptPixelDataError(
                 str(path), f"(0028,1050) Window Center / (0028,1051) Window Width unusable: {e}"
@@ -343,44 +368,3 @@ def load_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     ds = read_dataset(path, max_pixels=spec.max_pixels)
     with named_failures(path, "the image"):
         return to_model_input(ds, spec, path)
-
-
-def hash_patient(salt: str, source: str) -> str:
-    """The salted patient key of an identifier (``pid:…``, ``study:…``, ``file:…``, ``labels:…``)."""
-    return hashlib.sha256((salt + "\x00" + source).encode()).hexdigest()[:20]
-
-
-def patient_key(ds: Dataset, salt: str, fallback: str) -> str:
-    """Salted SHA-256 of (0010,0020) Patient ID; (0020,000D) Study Instance UID when it is empty.
-
-    When both are empty the file is its own patient (``fallback`` is hashed instead). The raw
-    identifier never leaves this function.
-    """
-    return patient_key_and_source(ds, salt, fallback)[0]
-
-
-#: What a patient key was made from (reported by ``prepare``; never the identifier itself).
-BY_PATIENT_ID, BY_STUDY_UID, BY_FILE, BY_LABELS = "patient_id", "study_uid", "file", "labels"
-
-
-def patient_key_and_source(ds: Dataset, salt: str, fallback: str) -> tuple[str, str]:
-    """:func:`patient_key` and which of :data:`BY_PATIENT_ID`, :data:`BY_STUDY_UID`, :data:`BY_FILE` made it."""
-    pid = str(ds.get("PatientID", "") or "").strip()
-    if pid:
-        return hash_patient(salt, "pid:" + pid), BY_PATIENT_ID
-    study = str(ds.get("StudyInstanceUID", "") or "").strip()
-    if study:
-        return hash_patient(salt, "study:" + study), BY_STUDY_UID
-    return hash_patient(salt, "file:" + fallback), BY_FILE
-
-
-def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
-                   data: bytes | None = None) -> tuple[np.ndarray, str, str, str]:
-    """Read once: the model input, the salted patient key, what the key was made from, and the
-    view — (0018,5101) View Position, upper-cased, empty when absent (``data``: see
-    :func:`read_dataset`)."""
-    ds = read_dataset(path, data, spec.max_pixels)
-    with named_failures(path, "the image"):
-        key, source = patient_key_and_source(ds, salt, fallback=str(path))
-        view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
-        return to_model_input(ds, spec, path), key, source, view

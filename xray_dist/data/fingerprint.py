@@ -1,12 +1,14 @@
 """Pinned inputs: a prepared cache's fingerprint, recorded by what was made from it.
 
-``prepare`` writes ``CACHE/fingerprint.json`` (a record for people; readers recompute it): a hash of each part of what a run depends on —
-the decoded images (the images key: every file's path, size and modification time, the
-preprocessing spec and the salt), the preprocessing spec, the split of every image, the label of
-every image — and one ``id`` over all of them. A run or sweep records the fingerprint of the cache
-it started from (``RUN/inputs.json``); resuming it against a cache whose fingerprint differs is
-refused, naming what changed, since the run would otherwise go on training on what used to be
-validation patients, or on other labels or pixels, without a word.
+``prepare`` writes ``CACHE/fingerprint.json`` (a record for people; readers recompute it): a hash
+of each part of what a run depends on — the decoded images (the images key: every file's path,
+size and modification time, the preprocessing spec and the salt), the preprocessing spec, the
+split of every image, the label of every image — and one ``id`` over all of them. A run or sweep
+records the fingerprint of the cache it started from (``RUN/inputs.json``); resuming it against a
+cache whose fingerprint differs is refused, naming what changed, since the run would otherwise go
+on training on what used to be validation patients, or on other labels or pixels, without a word.
+
+The cache is read through :mod:`xray_dist.data.cache`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-from xray_dist.infra import storage
+from xray_dist.data.cache import CacheLayout, images_key, load_manifest, load_spec
 from xray_dist.errors import CacheError
+from xray_dist.infra import storage
 
-FINGERPRINT = "fingerprint.json"
+#: A run's or sweep's record of the cache it was made from (``TARGET/inputs.json``).
 INPUTS = "inputs.json"
 
 #: The parts of a fingerprint, in the order a change is reported, with what a change to each means.
@@ -54,18 +57,16 @@ def compute(manifest, spec: dict, images_key: str) -> dict:
 
 
 def write(cache: str, fp: dict) -> None:
-    storage.write_json(storage.join(cache, FINGERPRINT), fp, indent=2)
+    """Write ``CACHE/fingerprint.json`` (prepare, after the manifest)."""
+    storage.write_json(CacheLayout(cache).fingerprint, fp, indent=2)
 
 
 def of_cache(cache: str) -> dict:
     """The cache's fingerprint, computed from what the cache holds now (its manifest, spec and
     images key), never taken from ``fingerprint.json`` alone: a prepare that crashed between writing
     a new manifest and its fingerprint would otherwise pass a re-split cache as the old one."""
-    from xray_dist.data.cache import COMPLETE, IMAGES_DIR, load_manifest, load_spec
-
     manifest = load_manifest(cache)
-    images_key = storage.read_json(storage.join(cache, IMAGES_DIR, COMPLETE))["key"]
-    return compute(manifest, load_spec(cache).to_dict(), images_key)
+    return compute(manifest, load_spec(cache).to_dict(), images_key(cache))
 
 
 def changes(old: dict, new: dict) -> list[str]:
@@ -80,15 +81,22 @@ def record(target: str, cache: str, fp: dict) -> None:
     storage.write_json(storage.join(target, INPUTS), {"cache": cache, "cache_fingerprint": fp}, indent=2)
 
 
+def recorded(target: str) -> dict | None:
+    """The fingerprint ``TARGET/inputs.json`` recorded (None when the run or sweep has none)."""
+    try:
+        return storage.read_json(storage.join(target, INPUTS))["cache_fingerprint"]
+    except FileNotFoundError:
+        return None
+
+
 def check_unchanged(target: str, cache: str, what: str) -> dict:
     """The cache's fingerprint, after checking it is the one ``target`` (a run or sweep being
     resumed) recorded; a changed cache is a :class:`CacheError` naming every change."""
     fp = of_cache(cache)
-    try:
-        recorded = storage.read_json(storage.join(target, INPUTS))["cache_fingerprint"]
-    except FileNotFoundError:
+    old = recorded(target)
+    if old is None:
         return fp
-    diff = changes(recorded, fp)
+    diff = changes(old, fp)
     if diff:
         raise CacheError(f"--cache {cache} changed since the {what} in {target} started from it: "
                          + "; ".join(diff) + ". Resuming would mix the two; use a new --out, or prepare the "

@@ -36,7 +36,9 @@ import io
 import logging
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ OVERSAMPLE = 2
 
 
 def codestream(ds: Dataset) -> bytes:
-    from pydicom.encaps import generate_frames
-
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
@@ -84,8 +84,6 @@ def fast_path_applies(ds: Dataset) -> bool:
 def decode_reduced(ds: Dataset, image_size: int) -> np.ndarray | None:
     """Stored values at the lowest resolution that covers ``OVERSAMPLE × image_size``; None where the
     fast path does not apply or would not save anything (then decode in full)."""
-    from PIL import Image
-
     if not fast_path_applies(ds):
         return None
     rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsStored)

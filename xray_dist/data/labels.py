@@ -52,8 +52,6 @@ from xray_dist.errors import PrepareError
 _IGNORED_SUFFIXES = {".csv", ".json", ".txt", ".md", ".yaml", ".yml"}
 
 FORMATS = LABELS_FORMATS
-#: Formats whose labels are findings (a multi-label task, whatever one image shows).
-MULTILABEL_FORMATS = ("nih", "chexpert", "mimic")
 #: The label the cohort formats give an image without findings.
 NEGATIVE = "normal"
 _CHEXPERT_NOT_FINDINGS = {"Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"}
@@ -81,13 +79,9 @@ class LabelRow:
     why: str = ""  # why ``label`` is empty, when the format knows
 
 
-def list_files(data_dir: str | PurePosixPath) -> list[str]:
-    """Every regular, non-hidden file under ``data_dir`` (local or URI; relative POSIX paths, sorted)."""
-    return [e.rel for e in list_entries(data_dir)]
-
-
 def list_entries(data_dir) -> list[storage.FileEntry]:
-    """:func:`list_files` with each file's size and modification time (one listing of the store)."""
+    """Every regular, non-hidden file under ``data_dir`` that may be an image (local or URI; paths
+    relative to it, POSIX, sorted), with its size and modification time (one listing of the store)."""
     out = []
     for e in storage.list_files(data_dir):
         parts = e.rel.split("/")
@@ -282,7 +276,8 @@ def from_csv(data_dir, csv_path, path_column: str = "path", label_column: str = 
     needed = [(path_column, "set --path-column"), (label_column, "set --label-column")]
     needed += [(patient_column, "set --patient-column")] if patient_column else []
     _, rows, bad = _read_csv(csv_path, "labels CSV", needed, ref=path_column)
-    label_rows = [LabelRow(ref=(r.get(path_column) or "").strip(), label=_canonical((r.get(label_column) or "").strip()),
+    label_rows = [LabelRow(ref=(r.get(path_column) or "").strip(),
+                           label=_canonical((r.get(label_column) or "").strip()),
                            patient=(r.get(patient_column) or "").strip() if patient_column else "") for _, r in rows]
     scan = _resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, label_column)
     scan.missing[:0] = bad

@@ -6,14 +6,14 @@ explain outputs, its log lines — never holds an input's absolute path:
 
 - ``relative`` (the default): a file is named by its path relative to the input it was found
   under — the data directory for ``prepare``, the directory or prefix given to ``predict`` /
-  ``explain`` (a file given by itself: as given when relative, else its file name). Predicting over a prepared data directory
-  therefore names files as the cache does.
+  ``explain`` (a file given by itself: as given when relative, else its file name). Predicting
+  over a prepared data directory therefore names files as the cache does.
 - ``redact`` (``--redact-paths``): a file is named ``f_`` + a salted hash of that relative path,
   and the data directory and labels file are not recorded. The salt is the patient-key salt
-  (:mod:`xray_dist.data.salt`: ``XRAY_DIST_SALT``, else ``--salt-file``, else the per-user secret): the same file gets the same
-  key in the cache, in ``predict`` and in ``explain`` outputs, and keys cannot be reversed without
-  it. ``--path-map FILE`` writes key → path to a file of the user's choosing, never beside the
-  outputs.
+  (:mod:`xray_dist.data.salt`: ``XRAY_DIST_SALT``, else ``--salt-file``, else the per-user
+  secret): the same file gets the same key in the cache, in ``predict`` and in ``explain``
+  outputs, and keys cannot be reversed without it. ``--path-map FILE`` writes key → path to a
+  file of the user's choosing, never beside the outputs.
 
 Error messages from decoders can quote a path (an ``OSError`` does); :meth:`PathNames.scrub`
 replaces it with the file's name before a reason is stored or logged.
@@ -21,7 +21,9 @@ replaces it with the file's name before a reason is stored or logged.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -87,9 +89,6 @@ def named_inputs(inputs: list[str], files_of) -> tuple[list[str], list[str]]:
 
 def write_path_map(path: str, files: list[str], rels: list[str], names: PathNames) -> None:
     """``key,path`` for every input (only where the user asked, with ``--path-map``)."""
-    import csv
-    import io
-
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["key", "path"])

@@ -27,15 +27,14 @@ import os
 import secrets
 from pathlib import Path
 
-from xray_dist.infra import storage
+from xray_dist.data.cache import CacheLayout
 from xray_dist.errors import XrayDistError
+from xray_dist.infra import storage
 
 log = logging.getLogger(__name__)
 
 ENV = "XRAY_DIST_SALT"
 SECRETS_DIR_ENV = "XRAY_DIST_SECRETS_DIR"
-#: The salt file of caches made before salts left them (read for compatibility, never written).
-LEGACY_CACHE_SALT = ".salt"
 #: The shortest salt accepted, in bytes (128 bits).
 MIN_BYTES = 16
 
@@ -107,7 +106,7 @@ def resolve(salt_file: str | None = None, cache: str | None = None, create: bool
             raise SaltError(f"--salt-file {salt_file}: no such file")
         return salt
     if cache:
-        legacy = storage.join(cache, LEGACY_CACHE_SALT)
+        legacy = CacheLayout(cache).legacy_salt  # read for compatibility, never written
         try:
             salt = _checked(storage.read_text(legacy), legacy)
         except FileNotFoundError:

@@ -4,7 +4,9 @@ with no patient ever on two sides."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -72,9 +74,6 @@ def split_fingerprint(rel_splits: list[tuple[str, str]]) -> str:
     """A salt-free fingerprint of a split: a hash over every image's relative path and split, so
     two people can compare their splits without comparing manifests (the same files, labels,
     settings and seed give the same value on any machine)."""
-    import hashlib
-    import json
-
     h = hashlib.sha256()
     for rel, split in sorted(rel_splits):
         h.update(json.dumps([rel, split]).encode() + b"\n")
@@ -130,7 +129,8 @@ def read_split_files(paths: list[str]) -> SplitFile:
 
     def put(table: dict, key: str, split: str, where: str) -> None:
         if split not in SPLITS:
-            raise PrepareError(f"--split-file {where}: split {split!r} for {key!r}; expected one of {', '.join(SPLITS)}")
+            raise PrepareError(f"--split-file {where}: split {split!r} for {key!r}; expected one of "
+                               f"{', '.join(SPLITS)}")
         if table.setdefault(key, split) != split:
             raise PrepareError(f"--split-file {where}: {key!r} is given two splits ({table[key]} and {split})")
 

@@ -6,8 +6,10 @@ none). Each class's files rotate through the encodings the reader must get right
 and the demo exercise MONOCHROME1/2, 8- and 16-bit, signed values with rescale, windowing, big
 endian, RLE and JPEG 2000 (lossless and lossy) — and the rotation is per class, so with 8 images or
 more per class every class has every encoding and no class can be told apart by how its files are
-encoded (a decode bug then makes the task harder, never easier). Patient names, IDs and birth dates are filled in on purpose so that
-tests can prove none of them leaks into anything xray-dist writes.
+encoded (a decode bug then makes the task harder, never easier). Patient names, IDs and birth
+dates are filled in on purpose so that tests can prove none of them leaks into anything xray-dist
+writes. :func:`write_image` writes one file as a :class:`Radiograph` describes it (tests build the
+public cohorts' layouts from it).
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def synthesize(
     if len(classes) < 2:
         raise ValueError(f"synth needs at least 2 classes. Received: classes={classes!r}")
     if patients < len(classes):
-        raise ValueError(f"synth needs at least one patient per class. Received: patients={patients}, classes={classes}")
+        raise ValueError(f"synth needs at least one patient per class. Received: patients={patients}, "
+                         f"classes={classes}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -169,7 +172,8 @@ def synthesize(
             enc = encodings[per_class[cls_idx] % len(encodings)]
             per_class[cls_idx] += 1
             rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
-            files.append(write_image(out / rel, patient_id, (cls_idx,), len(classes) - 1, size, rng, enc, "PA", p, i))
+            image = Radiograph(patient_id, (cls_idx,), len(classes) - 1, enc, "PA", p, i)
+            files.append(write_image(out / rel, image, size, rng))
             labels[rel] = classes[cls_idx]
             pids[rel] = patient_id
     return SynthResult(out=out, labels_csv=_write_labels(out, labels), files=files, labels=labels, patients=pids)
@@ -185,19 +189,29 @@ def _write_labels(out: Path, labels: dict[str, str]) -> Path:
     return labels_csv
 
 
-def write_image(path: str | Path, patient_id: str, findings: tuple[int, ...], n_findings: int, size: int,
-                rng: np.random.Generator, encoding: str = "mono2_u8", view: str | None = "PA",
-                patient_idx: int = 0, image_idx: int = 0) -> Path:
-    """One synthetic radiograph at ``path`` showing the findings with indices ``findings`` (1-based
-    among ``n_findings``; empty: no finding), with View Position ``view`` (None: the element is left
-    out). Tests build the public cohorts' layouts from it."""
-    img = chest_phantom(size, findings, n_findings + 1, rng)
-    ds = _base_dataset(patient_id, patient_idx, image_idx, rng)
-    if view is None:
+@dataclass(frozen=True)
+class Radiograph:
+    """What one synthetic file shows and how it is stored (:func:`write_image`)."""
+
+    patient_id: str  #: (0010,0020) Patient ID, written in the header as given
+    findings: tuple[int, ...] = ()  #: 1-based indices among ``n_findings``; empty: no finding
+    n_findings: int = 1  #: how many findings the cohort has (their places in the lungs follow from it)
+    encoding: str = "mono2_u8"  #: one of :data:`ENCODINGS`
+    view: str | None = "PA"  #: (0018,5101) View Position; None: the element is left out
+    patient_idx: int = 0  #: numbers the synthetic Patient Name
+    image_idx: int = 0  #: numbers the Instance Number
+
+
+def write_image(path: str | Path, image: Radiograph, size: int, rng: np.random.Generator) -> Path:
+    """One synthetic ``size`` px radiograph at ``path``, as ``image`` describes it. Tests build the
+    public cohorts' layouts from it."""
+    img = chest_phantom(size, image.findings, image.n_findings + 1, rng)
+    ds = _base_dataset(image.patient_id, image.patient_idx, image.image_idx, rng)
+    if image.view is None:
         del ds.ViewPosition
     else:
-        ds.ViewPosition = view
-    ds = encode(ds, img, encoding)
+        ds.ViewPosition = image.view
+    ds = encode(ds, img, image.encoding)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -233,7 +247,8 @@ def synthesize_multilabel(
             enc = encodings[per_combo[combo] % len(encodings)]
             per_combo[combo] += 1
             rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
-            files.append(write_image(out / rel, patient_id, shown, len(findings), size, rng, enc, "PA", p, i))
+            image = Radiograph(patient_id, shown, len(findings), enc, "PA", p, i)
+            files.append(write_image(out / rel, image, size, rng))
             labels[rel] = label
             pids[rel] = patient_id
     return SynthResult(out=out, labels_csv=_write_labels(out, labels), files=files, labels=labels, patients=pids)

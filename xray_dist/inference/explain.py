@@ -16,18 +16,19 @@ lists every input: explained, or the reason it could not be read.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from xray_dist.infra import storage
-from xray_dist.errors import ModelSpecError
 from xray_dist.data.paths import PathNames, write_path_map
+from xray_dist.errors import ModelSpecError
 from xray_dist.inference.predict import expand_inputs, load_inputs
+from xray_dist.infra import storage
 from xray_dist.model.artifacts import LoadedModel, load_run_model
 
 LAST_CONV = "block5_conv3"
+#: ``DIR/explain.csv``: one row per input.
+CSV_FIELDS = ["path", "name", "class", "probability", "predicted", "error"]
 
 
 def resolve_class(lm: LoadedModel, chosen: str | None) -> int | None:
@@ -49,8 +50,11 @@ def resolve_class(lm: LoadedModel, chosen: str | None) -> int | None:
 
 def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Heatmaps ``(n, S, S)`` in [0, 1], the explained class per image and the class probabilities ``(n, K)``."""
+    # TensorFlow: only when explaining (a model is loaded already)
     import tensorflow as tf
     import tf_keras as keras
+
+    from xray_dist.model.network import two_class_probabilities
 
     model = lm.model
     base = model.get_layer("vgg16")
@@ -68,9 +72,8 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
             probs = tf.sigmoid(z)
             scores = z
         elif z.shape[-1] == 1:
-            p1 = tf.sigmoid(z[:, 0])
-            probs = tf.stack([1.0 - p1, p1], axis=1)
-            scores = tf.stack([-z[:, 0], z[:, 0]], axis=1)
+            probs = two_class_probabilities(tf.sigmoid(z))
+            scores = tf.concat([-z, z], axis=-1)  # the logit of each class: -z for the negative one
         else:
             probs = tf.nn.softmax(z, axis=-1)
             scores = z
@@ -117,7 +120,7 @@ def explain_files(run: str | Path, inputs: list[str], out: str | Path, class_nam
 
 def _explain(lm: LoadedModel, chosen: int | None, files: list[str], rels: list[str], path_names: PathNames,
              out: Path, batch_size: int) -> list[dict]:
-    from xray_dist.results.plots import plot_gradcam
+    from xray_dist.results.plots import plot_gradcam  # matplotlib: only when drawing
 
     names = list(lm.scheme.names)
     errors, good = load_inputs(files, rels, lm.preprocess, "explain", path_names)
@@ -137,8 +140,5 @@ def _explain(lm: LoadedModel, chosen: int | None, files: list[str], rels: list[s
             if names[int(t)] != predicted:
                 title += f" (predicted: {predicted}, p = {p.max():.3f})"
             plot_gradcam(img, hm, title, out / f"{row['name']}.png")
-    with open(out / "explain.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "name", "class", "probability", "predicted", "error"])
-        w.writeheader()
-        w.writerows(rows)
+    storage.write_csv(out / "explain.csv", rows, CSV_FIELDS)
     return rows

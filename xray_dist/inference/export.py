@@ -24,13 +24,12 @@ directory that holds the model now. A local ``DIR`` gets the new directory by a 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from xray_dist.infra import storage
 from xray_dist.errors import ModelSpecError
-from xray_dist.model.artifacts import load_run_model
+from xray_dist.infra import storage
+from xray_dist.model.artifacts import SPEC_FILE, LoadedModel, load_run_model
 
 FORMATS = ("savedmodel", "keras")
 
@@ -51,7 +50,8 @@ def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> P
     return Path(storage.absolute(dest)) / path.name
 
 
-def _write(lm, fmt: str, out: Path) -> Path:
+def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
+    # TensorFlow: only when exporting (the model is loaded already)
     import tensorflow as tf
     import tf_keras as keras
 
@@ -79,8 +79,8 @@ def _write(lm, fmt: str, out: Path) -> Path:
     else:
         path = out / "model.keras"
         serving.save(str(path))
-    (out / "model_spec.json").write_text(json.dumps(spec, indent=2))
-    (out / "serving.json").write_text(json.dumps({
+    storage.write_json(out / SPEC_FILE, spec, indent=2)
+    storage.write_json(out / "serving.json", {
         "format": fmt,
         "model": path.name,
         "input": {"name": "image", "dtype": "uint8", "shape": [None, size, size],
@@ -94,5 +94,5 @@ def _write(lm, fmt: str, out: Path) -> Path:
         "threshold": lm.threshold,
         **({"thresholds": lm.thresholds} if lm.scheme.multilabel else {}),
         "preprocess": spec["preprocess"],
-    }, indent=2))
+    }, indent=2)
     return path

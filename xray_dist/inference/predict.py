@@ -15,19 +15,20 @@ Two engines write the same CSV (one row per input file, in input order):
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from xray_dist.infra import storage
-from xray_dist.data.classes import ClassScheme
 from xray_dist.config import PreprocessSpec
-from xray_dist.errors import DicomReadError
-from xray_dist.model.artifacts import load_run_model, model_dir_of, predict_arrays, read_spec
+from xray_dist.data.classes import ClassScheme, join_findings
+from xray_dist.data.dicom import load_image
 from xray_dist.data.paths import PathNames, named_inputs, write_path_map
+from xray_dist.errors import DicomReadError
+from xray_dist.infra import storage
+from xray_dist.infra.console import Progress
+from xray_dist.infra.runtime import init_ray
+from xray_dist.model.artifacts import load_run_model, model_dir_of, predict_arrays, read_spec, spec_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def prediction_row(scheme: ClassScheme, p: np.ndarray, threshold: float, thresho
     their thresholds, joined by ``|``, or the negative class), each output's probability, the
     abnormal score (:meth:`ClassScheme.abnormal_score`) and whether it reaches the model's threshold."""
     if scheme.multilabel:
-        from xray_dist.data.classes import join_findings
-
         found = [n for n, k, v in zip(scheme.names, scheme.keys, p) if v >= thresholds.get(k, 0.5)]
         prediction = join_findings(found, negative=scheme.negative)  # as the labels write it: sorted
     else:
@@ -76,9 +75,6 @@ def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: s
     """Every file read as the model sees it: per file its error (``kind: reason``, empty when read;
     the file named as ``names`` names it) and the ``(index, image)`` of each readable one. A bad
     file is logged (one line) and the rest go on, whatever the failure."""
-    from xray_dist.infra.console import Progress
-    from xray_dist.data.dicom import load_image
-
     errors: list[str] = []
     good: list[tuple[int, np.ndarray]] = []
     with Progress(len(files), f"{what}: read") as bar:
@@ -104,7 +100,7 @@ def file_error(e: BaseException) -> str:
 RAY_MIN_FILES = 256
 
 
-def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 32,
+def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, batch_size: int = 32,
                   engine: str = "auto", address: str | None = None, num_cpus: int | None = None,
                   names: PathNames = PathNames(), path_map: str | None = None) -> list[dict]:
     """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows.
@@ -126,18 +122,12 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch
         probs = np.full((len(files), scheme.num_classes), np.nan)
         if good:
             probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
-    threshold = float(spec.get("threshold", 0.5))
-    thresholds = {k: float(v) for k, v in spec.get("thresholds", {}).items()}
+    threshold, thresholds = spec_thresholds(spec)
     rows = [{"path": names.name(rel), "prediction": "", "error": err} for rel, err in zip(rels, errors)]
     for i, row in enumerate(rows):
         if not row["error"]:
             row.update(prediction_row(scheme, probs[i], threshold, thresholds))
-    fields = ["path", *prediction_columns(scheme), "error"]
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-    storage.write_text(out_csv, buf.getvalue())  # whole or absent
+    storage.write_csv(out_csv, rows, ["path", *prediction_columns(scheme), "error"])  # whole or absent
     return rows
 
 
@@ -145,8 +135,6 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, batch
 
 def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames()) -> dict:
     """CPU task: each file read as the model sees it (zeros and the reason for an unreadable one)."""
-    from xray_dist.data.dicom import load_image
-
     spec = PreprocessSpec.from_dict(spec_dict)
     n = len(batch["path"])
     images = np.zeros((n, spec.image_size, spec.image_size), dtype=np.uint8)
@@ -164,7 +152,7 @@ class _Scorer:
     """Ray Data actor: the run's model, loaded once per actor (from local disk or the object store)."""
 
     def __init__(self, run: str, threads: int):
-        import tensorflow as tf
+        import tensorflow as tf  # TensorFlow: in the model actors only
 
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -183,13 +171,10 @@ class _Scorer:
 
 def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names: PathNames, batch_size: int,
                       address: str | None, num_cpus: int | None) -> tuple[ClassScheme, dict, list[str], np.ndarray]:
-    import ray as _ray
-
-    from xray_dist.infra.runtime import init_ray
+    import ray as _ray  # Ray: only for the ray engine
 
     run = storage.absolute(run)
-    with storage.local_copy(model_dir_of(run)) as d:
-        spec = read_spec(d)
+    spec = read_spec(model_dir_of(run))
     scheme = ClassScheme.from_dict(spec["classes"])
     init_ray(address, num_cpus)
     res = _ray.cluster_resources()
@@ -218,8 +203,6 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
                         batch_format="numpy", **pool)
     errors = [""] * len(files)
     probs = np.full((len(files), scheme.num_classes), np.nan)
-    from xray_dist.infra.console import Progress
-
     with Progress(len(files), "predict") as bar:
         for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
             for i, p, e in zip(b["index"], b["probs"], b["error"]):

@@ -126,6 +126,36 @@ def stdstream_dispatcher():
     return getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
 
 
+#: The name of Ray's own printer among the dispatcher's handlers.
+_RAY_PRINTER = "ray_print_logs"
+
+
+def replace_worker_printer(name: str, handler) -> tuple | None:
+    """Hand the worker output Ray forwards to this driver to ``handler`` (registered as ``name``)
+    instead of Ray's printer. Returns Ray's printer ``(name, function)`` when it was in place (to
+    give to :func:`restore_worker_printer`), else None (also when this Ray has no dispatcher to
+    change: nothing done).
+
+    Reads the dispatcher's ``handlers`` under its ``_lock``, as its own methods do. Public
+    alternative: none that routes (see :func:`stdstream_dispatcher`)."""
+    dispatcher = stdstream_dispatcher()
+    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
+        return None
+    with dispatcher._lock:
+        kept = [(n, h) for n, h in dispatcher.handlers if n == _RAY_PRINTER]
+    dispatcher.remove_handler(_RAY_PRINTER)
+    dispatcher.remove_handler(name)
+    dispatcher.add_handler(name, handler)
+    return kept[0] if kept else None
+
+
+def restore_worker_printer(name: str, printer: tuple) -> None:
+    """Undo :func:`replace_worker_printer`: the handler ``name`` off, Ray's ``printer`` back."""
+    dispatcher = stdstream_dispatcher()
+    dispatcher.remove_handler(name)
+    dispatcher.add_handler(*printer)
+
+
 def in_ray_worker() -> bool:
     """Whether this process is a Ray worker (``ray._private.worker.global_worker.mode``).
     Public alternative: ``ray.get_runtime_context().worker.mode`` reaches the same private object."""

@@ -10,9 +10,9 @@ warnings, errors and the summary.
 
 How: Python logging gets two handlers (terminal, file); Ray's driver-side printer of worker
 output is replaced by a router that writes every worker line to the file and shows on the
-terminal only the lines xray-dist's own code marked (:data:`MARK`: each epoch's line from rank 0,
-for instance); TensorFlow's C++ logging is turned down before TensorFlow loads
-(``TF_CPP_MIN_LOG_LEVEL``, here and in every Ray worker).
+terminal only the lines xray-dist's own code marked (:mod:`xray_dist.infra.worker_output`);
+TensorFlow's C++ logging is turned down before TensorFlow loads (``TF_CPP_MIN_LOG_LEVEL``, here
+and in every Ray worker). Long jobs show :class:`Progress`.
 
 Everything written to the terminal or the log passes :func:`clean` first: pydicom's values
 masked (its warnings quote the element they object to), credentials in URIs masked, and with
@@ -26,19 +26,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from xray_dist.infra import compat
+from xray_dist.infra import redaction, storage
 from xray_dist.infra.redaction import mask_values
 
 LOG_NAME = "xray-dist.log"
-#: Prefix of a worker's line that belongs on the terminal (see :func:`worker_logging`).
-MARK = "[xray-dist] "
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 
-_state: dict = {"verbosity": NORMAL, "log_file": None, "active": False}
+_state: dict = {"verbosity": NORMAL, "log_file": None, "active": False, "at_finish": []}
 
 
 def default_log_dir() -> Path:
@@ -48,8 +47,6 @@ def default_log_dir() -> Path:
 def log_path_for(command: str, out: str | None, in_out: bool) -> Path:
     """The log file of ``command``: inside ``out`` when the command owns that directory (a run, a
     sweep, the demo) and it is local; else a timestamped file in :func:`default_log_dir`."""
-    from xray_dist.infra import storage
-
     if in_out and out and not storage.is_uri(out):
         return Path(out).resolve() / LOG_NAME
     return default_log_dir() / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -70,10 +67,8 @@ def clean(text: str, from_pydicom: bool = False) -> str:
     """What may be shown or logged of ``text``: pydicom's values masked (all of ``text`` when it
     is a pydicom record), then :func:`xray_dist.infra.redaction.scrub` (credentials in URIs; with
     ``--redact-paths`` the inputs' locations)."""
-    from xray_dist.infra import redaction
-
     if from_pydicom:
-            text = mask_values(text)
+        text = mask_values(text)
     return redaction.scrub(_mask_dicom(text))
 
 
@@ -185,7 +180,7 @@ class _LogFileHandler(logging.Handler):
             super().close()
 
 
-class _StderrHandler(logging.StreamHandler):
+class StderrHandler(logging.StreamHandler):
     """A handler writing to whatever ``sys.stderr`` is when a record comes (not the stream of the
     moment it was made: a test's captured stream, or a stream a library swapped in, may be gone)."""
 
@@ -212,7 +207,7 @@ def setup(verbosity: int = NORMAL, log_file: Path | None = None) -> Path | None:
     root = _remove_handlers()
     root.setLevel(logging.DEBUG)
     _clean_streams()
-    term = _StderrHandler()
+    term = StderrHandler()
     term.setFormatter(_CleanFormatter("%(message)s" if verbosity < VERBOSE else
                                       "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     term.addFilter(_TerminalFilter(verbosity))
@@ -267,134 +262,41 @@ def adopt_ray_loggers() -> None:
     """Ray's loggers write through this process's handlers (file; terminal from ERROR, or all
     with -v) instead of their own stderr handler. Called after ``import ray`` (which configures
     them) and again after ``ray.init``."""
-    import ray  # noqa: F401 - importing Ray sets up the handlers replaced here
+    import ray  # Ray: heavy, and loaded already where this runs; importing it sets up the handlers replaced here
 
-    for name in ("ray", "ray.data", "ray.tune", "ray.train", "ray.air"):
+    for name in (ray.__name__, "ray.data", "ray.tune", "ray.train", "ray.air"):
         lg = logging.getLogger(name)
         lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
                        or getattr(h, "_xray_dist", False)]
         lg.propagate = True
 
 
-def route_worker_output() -> None:
-    """After ``ray.init``: the worker output Ray forwards to this driver is routed by
-    :func:`_route_worker_lines` (file, and the marked lines to the terminal)."""
-    adopt_ray_loggers()
-    dispatcher = compat.stdstream_dispatcher()
-    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
-        return
-    if _state["verbosity"] >= VERBOSE:
-        return  # everything on the terminal, as Ray prints it
-    with dispatcher._lock:
-        kept = [(n, h) for n, h in dispatcher.handlers if n == "ray_print_logs"]
-    if kept:
-        _state["ray_printer"] = kept[0]
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.remove_handler("xray_dist_logs")
-    dispatcher.add_handler("xray_dist_logs", _route_worker_lines)
-
-
 def finish() -> None:
-    """Undo :func:`setup` (the end of a command run inside another program, such as a test):
-    this module's handlers closed and removed, Ray's printer of worker output back."""
-    from xray_dist.infra import redaction
-
+    """Undo :func:`setup` (the end of a command run inside another program, such as a test): what
+    :func:`at_finish` was given undone first, while the log file is still open (the workers' last
+    lines delivered to it, then Ray's printer of worker output back); then this module's handlers
+    closed and removed."""
+    undo, _state["at_finish"] = _state["at_finish"], []
+    for fn in undo:
+        fn()
     _remove_handlers().setLevel(logging.WARNING)
     logging.captureWarnings(False)
     _restore_streams()
     redaction.forget()
-    printer = _state.pop("ray_printer", None)
-    if printer is not None:
-        dispatcher = compat.stdstream_dispatcher()
-        dispatcher.remove_handler("xray_dist_logs")
-        dispatcher.add_handler(*printer)
     _state.update({"active": False, "log_file": None, "verbosity": NORMAL})
 
 
-_worker_log = logging.getLogger("xray_dist.workers")
+def at_finish(fn) -> None:
+    """Call ``fn()`` when :func:`finish` ends the command (a change of another layer's to undo)."""
+    _state["at_finish"].append(fn)
 
 
-def _route_worker_lines(data: dict) -> None:
-    """Ray's worker output: every line to the log file; the marked ones to the terminal too."""
-    who = data.get("actor_name") or data.get("task_name") or "worker"
-    for line in data.get("lines", []):
-        if MARK in line:
-            message = line.split(MARK, 1)[1]
-            if _state["verbosity"] > QUIET or message.startswith(("WARNING", "ERROR")):
-                print(message, file=sys.stderr, flush=True)
-            _file_only(f"({who} pid={data.get('pid')}) {line}")
-        else:
-            _file_only(f"({who} pid={data.get('pid')}) {line}")
-
-
-def _file_only(text: str) -> None:
+def to_log_file(text: str) -> None:
     """``text`` to the log file only (its formatter cleans it: pydicom's values, credentials,
     protected locations)."""
     for h in logging.getLogger().handlers:
         if isinstance(h, _LogFileHandler):
             h.emit(logging.LogRecord("ray.worker", logging.INFO, __file__, 0, text, None, None))
-
-
-def worker_logging(terminal: bool = True) -> None:
-    """In a Ray worker (a Train worker, a Tune trial): xray-dist's INFO lines are printed — with
-    :data:`MARK` when they are for the terminal (the driver's router shows those; a sweep trial's
-    lines go to the log only, Tune's progress lines speak for it); TensorFlow's Python logger and
-    absl are turned down to errors (their per-step collective lines go nowhere). Nothing changes
-    in a driver (a test calling the training loop itself): its logging is :func:`setup`'s."""
-    if not compat.in_ray_worker():
-        return
-    lg = logging.getLogger("xray_dist")
-    for h in [h for h in lg.handlers if getattr(h, "_xray_dist_worker", False)]:
-        lg.removeHandler(h)  # a reused process (Tune's) may switch between trial and run
-    h = _StderrHandler()
-    h.setFormatter(_WorkerFormatter(terminal))
-    h._xray_dist_worker = True
-    lg.addHandler(h)
-    lg.setLevel(logging.INFO)
-    lg.propagate = False
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") >= "2":
-        for name in ("tensorflow", "absl"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            import absl.logging
-
-            absl.logging.set_verbosity(absl.logging.ERROR)
-        except ImportError:
-            pass
-
-
-def mask_pydicom_warnings() -> None:
-    """In a process that reads DICOM files outside :func:`setup` (a Ray worker, whose stderr Ray
-    also keeps in its session's log files): pydicom's warnings are masked before they are printed.
-    Idempotent; meant as Ray's ``worker_process_setup_hook``."""
-    import warnings
-
-    shown = warnings.showwarning
-    if getattr(shown, "_xray_dist", False):
-        return
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if "pydicom" in str(filename) or "for VR " in text:
-            message = clean(text, from_pydicom=True)
-        shown(message, category, filename, lineno, file, line)
-
-    show._xray_dist = True
-    warnings.showwarning = show
-
-
-class _WorkerFormatter(logging.Formatter):
-    """A worker's line: marked for the terminal when ``terminal`` (or a warning or error)."""
-
-    def __init__(self, terminal: bool):
-        super().__init__()
-        self.terminal = terminal
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"{MARK}{record.levelname}: {text}"
-        return f"{MARK}{text}" if self.terminal else f"{record.levelname} {record.name}: {text}"
 
 
 class _LogStream:
@@ -409,7 +311,7 @@ class _LogStream:
         *lines, self.buf = self.buf.split("\n")
         for line in lines:
             if line.strip():
-                _file_only(f"{self.log.name}: {line}")
+                to_log_file(f"{self.log.name}: {line}")
         return len(text)
 
     def flush(self) -> None:
@@ -439,7 +341,7 @@ def output_to_log(logger: str = "ray.tune.output"):
 def say(text: str) -> None:
     """A line for the terminal (stdout), even inside :func:`output_to_log`; quiet mode drops it."""
     if _state["verbosity"] <= QUIET and _state["active"]:
-        _file_only(text)
+        to_log_file(text)
         return
     print(text, file=_state.get("terminal_out") or sys.stdout, flush=True)
 
@@ -451,8 +353,6 @@ def native_stderr_to_log():
     if not _state["active"] or _state["verbosity"] >= VERBOSE:
         yield
         return
-    import tempfile
-
     target = tempfile.TemporaryFile()
     sys.stderr.flush()
     saved = os.dup(2)
@@ -466,7 +366,7 @@ def native_stderr_to_log():
         target.seek(0)
         for line in target.read().decode("utf-8", "replace").splitlines():
             if line.strip():
-                _file_only(f"native stderr: {line}")
+                to_log_file(f"native stderr: {line}")
         target.close()
 
 
@@ -475,7 +375,7 @@ def load_tensorflow() -> None:
     if "tensorflow" in sys.modules:
         return
     with native_stderr_to_log():
-        import tensorflow as tf
+        import tensorflow as tf  # TensorFlow: heavy; this is where a command loads it
 
         tf.config.list_physical_devices("GPU")
 
@@ -491,7 +391,7 @@ class Progress:
         self.t0 = self.last = time.time()
         self.bar = None
         if _state["verbosity"] > QUIET and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
+            from tqdm import tqdm  # optional display: only on a terminal
 
             self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1, file=self.stream)
 

@@ -22,13 +22,11 @@ writes over a lock that is no longer its own:
   inode), the record is rewritten in place through the holder's open descriptor, padded to a fixed
   length, so it can never land on another holder's file. *Release*: rename away, check it is the
   own file, delete (or link back what is not).
-- **s3:// URIs.** Conditional writes through boto3, configured from the same environment as
-  pyarrow (:mod:`xray_dist.infra.storage`): *create* is ``PutObject(IfNoneMatch="*")``, *take over* and
-  *heartbeat* are ``PutObject(IfMatch=<the ETag last seen>)``, *release* is
-  ``DeleteObject(IfMatch=<own ETag>)``. ``412 PreconditionFailed`` or ``409
-  ConditionalRequestConflict`` means another writer won; since the SDK retries a PUT whose answer
-  was lost, a refused PUT is followed by a read that checks whether the object is this holder's
-  own after all (its token).
+- **s3:// URIs.** Conditional writes through boto3 (:mod:`xray_dist.infra.s3lock`): *create* is
+  ``PutObject(IfNoneMatch="*")``, *take over* and *heartbeat* are ``PutObject(IfMatch=<the ETag
+  last seen>)``, *release* is ``DeleteObject(IfMatch=<own ETag>)``; a refused one means another
+  writer won. Since the SDK retries a PUT whose answer was lost, a refused PUT is followed by a
+  read that checks whether the object is this holder's own after all (its token).
 - **Other object stores** (``gs://``, ``abfs://``) offer no conditional write through pyarrow: the
   lock there is written, read back after a pause and kept if it still names its writer, which
   leaves a window for two writers racing inside the pause (a warning says so).
@@ -63,8 +61,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from xray_dist.errors import LockedError, XrayDistError
 from xray_dist.infra import storage
-from xray_dist.errors import LockedError, StorageError, XrayDistError
+from xray_dist.infra.s3lock import S3Object, is_s3, lost_race
 
 log = logging.getLogger(__name__)
 
@@ -159,44 +158,6 @@ def _describe(h: dict | None) -> str:
     return f"{h.get('command', '?')} (pid {h.get('pid')} on {h.get('host')}, since {h.get('since')})"
 
 
-def _lost_race(e: Exception) -> bool:
-    """A conditional S3 write refused because another writer won (or the object is gone)."""
-    from botocore.exceptions import ClientError
-
-    if not isinstance(e, ClientError):
-        return False
-    code = str(e.response.get("Error", {}).get("Code", ""))
-    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404") \
-        or status in (409, 412, 404)
-
-
-_S3_CLIENTS: dict[tuple, object] = {}
-_S3_CLIENTS_LOCK = threading.Lock()
-
-
-def _s3_client():
-    """A boto3 S3 client configured as :mod:`xray_dist.infra.storage` configures pyarrow: the endpoint,
-    region and credentials of the environment, the same short timeouts and few retries."""
-    import boto3  # only for locks on s3:// targets
-    from botocore.config import Config
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    key = (endpoint, region)
-    with _S3_CLIENTS_LOCK:
-        if key not in _S3_CLIENTS:
-            config = Config(connect_timeout=storage._S3_CONNECT_TIMEOUT, read_timeout=storage._S3_REQUEST_TIMEOUT,
-                            retries={"max_attempts": storage._S3_ATTEMPTS, "mode": "standard"})
-            _S3_CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint or None,
-                                                              region_name=region or None, config=config)
-        return _S3_CLIENTS[key]
-
-
-def _s3_scheme(path: str) -> bool:
-    return path.split("://", 1)[0].lower() in ("s3", "s3a")
-
-
 class TargetLock:
     """``with TargetLock(target, "train"):`` — hold the lock on ``target`` for the block."""
 
@@ -210,8 +171,9 @@ class TargetLock:
         self._fd: int | None = None  # local: the own lock file, open
         self._size = 0  # local: the fixed length of the own record
         self._etag: str | None = None  # s3: the ETag of the own lock object
-        self._kind = "s3" if storage.is_uri(self.path) and _s3_scheme(self.path) else \
+        self._kind = "s3" if storage.is_uri(self.path) and is_s3(self.path) else \
             "uri" if storage.is_uri(self.path) else "local"
+        self._object = S3Object(self.path) if self._kind == "s3" else None
 
     # -- local ---------------------------------------------------------------------------------------
     def _record(self) -> bytes:
@@ -300,45 +262,25 @@ class TargetLock:
         return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
     # -- s3 ------------------------------------------------------------------------------------------
-    def _bucket_key(self) -> tuple[str, str]:
-        bucket, _, key = self.path.split("://", 1)[1].partition("/")
-        return bucket, key
-
-    def _s3(self, what: str, call, **kwargs):
-        """One S3 call; a failure other than a lost race is a :class:`StorageError` naming the lock."""
-        bucket, key = self._bucket_key()
-        try:
-            return call(Bucket=bucket, Key=key, **kwargs)
-        except Exception as e:  # noqa: BLE001 - botocore raises ClientError, EndpointConnectionError, ...
-            if _lost_race(e):
-                raise
-            raise StorageError(f"{self.path}: lock {what} failed: {' '.join(str(e).split())[:300]}") from None
-
     def _look_s3(self) -> _Seen | None:
-        try:
-            r = self._s3("read", _s3_client().get_object)
-        except Exception as e:  # noqa: BLE001 - only a lost race gets here
-            if _lost_race(e):
-                return None
-            raise
-        data = r["Body"].read()
-        age = time.time() - r["LastModified"].timestamp() - 1.0  # whole seconds there: never count it older
-        return _Seen(_parse(data), r["ETag"], max(0.0, age))
+        got = self._object.get()
+        if got is None:
+            return None
+        data, etag, modified = got
+        age = time.time() - modified - 1.0  # whole seconds there: never count it older
+        return _Seen(_parse(data), etag, max(0.0, age))
 
     def _put_s3(self, **condition) -> bool:
         """A conditional PUT of the own record: True if it is in place (the own ETag kept)."""
         try:
-            r = self._s3("write", _s3_client().put_object, Body=json.dumps(self.me).encode(),
-                         ContentType="application/json", **condition)
+            self._etag = self._object.put(json.dumps(self.me).encode(), **condition)
         except Exception as e:  # noqa: BLE001 - only a lost race gets here
-            if not _lost_race(e):
+            if not lost_race(e):
                 raise
             now = self._look_s3()  # a retried PUT whose first try landed is refused, yet the lock is ours
             if now is None or now.holder is None or now.holder.get("token") != self.me["token"]:
                 return False
             self._etag = now.ident
-            return True
-        self._etag = r["ETag"]
         return True
 
     # -- object stores without conditional writes ----------------------------------------------------
@@ -479,11 +421,7 @@ class TargetLock:
                     self._fd = None
             elif self._kind == "s3":
                 if self._etag is not None:
-                    try:
-                        self._s3("release", _s3_client().delete_object, IfMatch=self._etag)
-                    except Exception as e:  # noqa: BLE001 - another holder's now: leave it
-                        if not _lost_race(e):
-                            raise
+                    self._object.delete(self._etag)
                     self._etag = None
             else:
                 held = self._look_uri()

@@ -28,6 +28,8 @@ import re
 import threading
 from pathlib import PurePosixPath
 
+from xray_dist.infra import storage
+
 MASK = "***"
 REDACTED = "<redacted>"
 
@@ -68,8 +70,6 @@ def _identifying(name: str) -> bool:
 
 def _forms_of(location: str) -> tuple[set[str], set[str]]:
     """(the location's full forms, the identifying names on its way)."""
-    from xray_dist.infra import storage
-
     given = location.rstrip("/") or location
     if storage.is_uri(location):
         path = given.split("://", 1)[1]

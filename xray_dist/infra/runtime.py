@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+from xray_dist.infra import console, worker_output
+
 log = logging.getLogger(__name__)
 
 #: Environment every Ray worker gets: Keras 2 (tf-keras) for MultiWorkerMirroredStrategy support
@@ -31,15 +33,13 @@ def resolve_address(address: str | None) -> str:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Start or join Ray (idempotent: reuses a connection this process already has)."""
-    import ray
+    import ray  # Ray: heavy; imported when a command starts or joins it
 
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
-        from xray_dist.infra import console
-
         if console.active():  # a command run inside a program that started Ray itself
-            console.route_worker_output()
+            worker_output.route_worker_output()
         return ray
     addr = resolve_address(address)
     env = dict(WORKER_ENV)
@@ -50,8 +50,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         # missing there, and remove a live run's placement group.
         env["RAY_ADDRESS"] = addr
     # every worker masks the values pydicom's warnings quote (a name, a UID) before Ray logs them
-    kwargs = {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "xray_dist.infra.console.mask_pydicom_warnings"},
-              "log_to_driver": True}
+    hook = f"{worker_output.__name__}.{worker_output.mask_pydicom_warnings.__name__}"
+    kwargs = {"runtime_env": {"env_vars": env, "worker_process_setup_hook": hook}, "log_to_driver": True}
     if addr == "local":
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = False
@@ -61,12 +61,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         # removes the live run's placement group (seen: the demo killed while a test cluster ran).
         # An address where nothing listens makes the query fail, which the cleaner tolerates.
         env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
-    from xray_dist.infra import console
-
     if console.active():
         console.adopt_ray_loggers()  # Ray's own start-up lines (token mode, "Started a local Ray instance"): the log
     log.debug("ray.init(address=%r)", addr)
     ray.init(address=addr, **kwargs)
     if console.active():
-        console.route_worker_output()
+        worker_output.route_worker_output()
     return ray

@@ -2,5 +2,6 @@
 a trained model (spec, weights, loading, rebuilding a full model from a trial's top weights, predicting on arrays).
 
 May import: :mod:`xray_dist.data`, :mod:`xray_dist.config`, :mod:`xray_dist.infra`, :mod:`xray_dist.errors`.
-TensorFlow is imported here, so nothing below this layer may import it.
+TensorFlow is imported here (network at its top; artifacts only in the functions that build a model), so nothing
+below this layer may import it.
 """

@@ -4,34 +4,83 @@ trained top rebuilt on its frozen base), and predicting on arrays. No other modu
 into a model directory.
 
 Layout (``RUN/model/``, or ``model.v<id>/`` behind a ``model.current`` pointer after a re-export to
-object storage: :func:`xray_dist.infra.storage.current_dir`)::
+object storage: :func:`run_model_dir`)::
 
     weights.h5          the full model's weights (:data:`FULL_WEIGHTS`)
     top_weights.h5      a features-trained trial's top only (:data:`TOP_WEIGHTS`), with
                         ``model_spec.json``'s ``"top"`` entry naming the base it sits on
-    model_spec.json     architecture, class scheme, preprocessing spec, thresholds
+    model_spec.json     architecture, class scheme, preprocessing spec, thresholds (:data:`SPEC_FILE`)
+
+Reading the layout and the spec needs no TensorFlow; building a model imports
+:mod:`xray_dist.model.network` (and TensorFlow) in the functions that do it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tf_keras as keras
 
 from xray_dist.config import PreprocessSpec
 from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import ModelSpecError
 from xray_dist.infra import storage
-from xray_dist.model.network import ModelSpec, build_model, build_top_model, transfer_top_weights
 
+if TYPE_CHECKING:
+    import tf_keras as keras
+
+    from xray_dist.model.network import ModelSpec
+
+#: A run's model directory: ``RUN/model/``.
+MODEL_DIR = "model"
+#: The full model's weights.
+FULL_WEIGHTS = "weights.h5"
+#: A features-trained model directory may hold only its trained top (the head: kilobytes at unfreeze
+#: depth 0; with block 5 at depth 1, 28 of VGG16's 59 MB) and ``model_spec.json``'s ``"top"`` entry
+#: naming the frozen base it sits on; :func:`full_model_from_top` rebuilds the full model from the two.
+TOP_WEIGHTS = "top_weights.h5"
 SPEC_FILE = "model_spec.json"
 
 
+def save_spec(directory: str | Path, spec: ModelSpec, extra: dict) -> None:
+    """Write ``DIR/model_spec.json``: the architecture (``"model"``) and ``extra`` (class scheme,
+    preprocessing spec, thresholds, a trained top's base)."""
+    storage.write_json(storage.join(directory, SPEC_FILE), {"model": spec.to_dict(), **extra}, indent=2)
+
+
+def read_spec(directory: str | Path) -> dict:
+    """``DIR/model_spec.json`` of a model directory (local or URI)."""
+    try:
+        return storage.read_json(storage.join(directory, SPEC_FILE))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ModelSpecError(f"{directory}: no {SPEC_FILE}; is it a run or model directory from xray-dist "
+                             "train?") from None
+
+
+def spec_thresholds(spec: dict) -> tuple[float, dict[str, float]]:
+    """A model's thresholds from its spec, both chosen on validation: the abnormal score's (0.5 when
+    none was stored), and (multi-label) each finding's, by key."""
+    return float(spec.get("threshold", 0.5)), {k: float(v) for k, v in spec.get("thresholds", {}).items()}
+
+
+def run_model_dir(run: str | Path) -> str:
+    """A run's model directory (``RUN/model/``, or the version its pointer names after a re-export to
+    object storage), whether or not it holds a model."""
+    return storage.current_dir(storage.join(run, MODEL_DIR))
+
+
+def read_run_spec(run: str | Path) -> dict | None:
+    """The ``model_spec.json`` of a run's model directory (local or URI); None when there is none."""
+    try:
+        return storage.read_json(storage.join(run_model_dir(run), SPEC_FILE))
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
 def _h5_logits_shape(path: Path) -> tuple | None:
-    import h5py
+    import h5py  # heavy: only when weights are loaded
 
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
@@ -56,18 +105,14 @@ def load_weights_checked(model: keras.Model, path: str | Path) -> None:
         raise ModelSpecError(f"{path}: does not fit this model: {e}") from None
 
 
-#: A features-trained model directory may hold only its trained top (the head: kilobytes at unfreeze
-#: depth 0; with block 5 at depth 1, 28 of VGG16's 59 MB) and ``model_spec.json``'s ``"top"`` entry
-#: naming the frozen base it sits on; :func:`full_model_from_top` rebuilds the full model from the two.
-FULL_WEIGHTS = "weights.h5"
-
-
-TOP_WEIGHTS = "top_weights.h5"
-
-
 def full_model_from_top(model_dir: str | Path) -> keras.Model:
     """The full model of a directory holding only :data:`TOP_WEIGHTS`: the same frozen base as its
     features came from (the ``"top"`` entry: base weights and seed), with the trained top copied in."""
+    # TensorFlow: only when a model is built (reading a spec or a directory's layout needs none)
+    import tf_keras as keras
+
+    from xray_dist.model.network import ModelSpec, build_model, build_top_model, transfer_top_weights
+
     model_dir = Path(model_dir)
     saved = read_spec(model_dir)
     if "top" not in saved or not (model_dir / TOP_WEIGHTS).is_file():
@@ -104,17 +149,6 @@ def materialize_full_model(model_dir: str | Path) -> Path:
     return dest
 
 
-def save_spec(directory: str | Path, spec: ModelSpec, extra: dict) -> None:
-    (Path(directory) / "model_spec.json").write_text(json.dumps({"model": spec.to_dict(), **extra}, indent=2))
-
-
-def read_spec(directory: str | Path) -> dict:
-    p = Path(directory) / "model_spec.json"
-    if not p.is_file():
-        raise ModelSpecError(f"{directory}: no model_spec.json; is it a run or model directory from xray-dist train?")
-    return json.loads(p.read_text())
-
-
 @dataclass
 class LoadedModel:
     model: object
@@ -126,13 +160,13 @@ class LoadedModel:
     @property
     def thresholds(self) -> dict[str, float]:
         """Multi-label: each finding's threshold (by key), chosen on validation."""
-        return {k: float(v) for k, v in self.spec.get("thresholds", {}).items()}
+        return spec_thresholds(self.spec)[1]
 
 
 def model_dir_of(run: str | Path) -> str:
     """The ``model/`` directory of a run (local path or URI), or ``run`` itself when it is one."""
-    sub = storage.current_dir(storage.join(run, "model"))  # model.v<id>/ after a re-export to object storage
-    model_dir = sub if storage.is_file(storage.join(sub, "model_spec.json")) else storage.current_dir(
+    sub = run_model_dir(run)
+    model_dir = sub if storage.is_file(storage.join(sub, SPEC_FILE)) else storage.current_dir(
         storage.absolute(run))
     if not any(storage.is_file(storage.join(model_dir, w)) for w in (FULL_WEIGHTS, TOP_WEIGHTS)):
         raise ModelSpecError(f"{run}: no exported model (model/{FULL_WEIGHTS}); is it a finished `xray-dist train` "
@@ -142,6 +176,8 @@ def model_dir_of(run: str | Path) -> str:
 
 def load_run_model(run: str | Path) -> LoadedModel:
     """The exported model of a run directory (or of its ``model/`` directory), local or a URI."""
+    from xray_dist.model.network import ModelSpec, build_model  # TensorFlow: only when a model is loaded
+
     storage.check_location(run)
     with storage.local_copy(model_dir_of(run)) as model_dir:
         spec = read_spec(model_dir)
@@ -151,7 +187,7 @@ def load_run_model(run: str | Path) -> LoadedModel:
         else:  # a sweep trial's compact export: rebuilt on its base
             model = full_model_from_top(model_dir)
     return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
-                       float(spec.get("threshold", 0.5)), spec)
+                       spec_thresholds(spec)[0], spec)
 
 
 def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from xray_dist.errors import ModelSpecError
+from xray_dist.infra import storage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ class VGGInput(keras.layers.Layer):
         return x - tf.constant(_BGR_MEAN, dtype=self.compute_dtype)
 
 
+def two_class_probabilities(p):
+    """One sigmoid unit's probability ``p`` (``(n, 1)``) → ``(n, 2)``: ``[1 - p, p]``. The rule of
+    :meth:`xray_dist.data.classes.ClassScheme.probabilities`, on TensorFlow tensors (inside a
+    serving model, and differentiable for Grad-CAM)."""
+    return tf.concat([1.0 - p, p], axis=-1)
+
+
 @keras.utils.register_keras_serializable(package="xray_dist")
 class ClassProbabilities(keras.layers.Layer):
     """Model outputs → ``(n, K)`` class probabilities: one sigmoid unit ``p`` becomes ``[1 - p, p]``
@@ -81,7 +89,7 @@ class ClassProbabilities(keras.layers.Layer):
     def call(self, x):
         x = tf.cast(x, tf.float32)
         if x.shape[-1] == 1 and not self.multilabel:
-            return tf.concat([1.0 - x, x], axis=-1)
+            return two_class_probabilities(x)
         return x
 
 
@@ -100,8 +108,6 @@ def vgg16_base(image_size: int, weights: str) -> keras.Model:
                 f"{IMAGENET_NOTOP} (from {IMAGENET_URL}) in {cached.parent}; on an offline cluster copy it to shared "
                 f"storage and pass --weights /path/to/{IMAGENET_NOTOP}"
             ) from None
-    from xray_dist.infra import storage
-
     if not storage.is_file(weights):
         raise ModelSpecError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path or URI of "
                              f"{IMAGENET_NOTOP})")

@@ -20,28 +20,36 @@ it; evaluating a sweep evaluates its best trial and adds the test score to ``bes
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from xray_dist.data import fingerprint
-
-from xray_dist.infra import storage
+from xray_dist.data.cache import load_manifest, load_spec, load_split_arrays, split_labels
+from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import CacheError, XrayDistError
+from xray_dist.infra import storage
+from xray_dist.infra.locks import TargetLock
+from xray_dist.model.artifacts import LoadedModel, load_run_model, predict_arrays
+from xray_dist.results import runs
+from xray_dist.results.metrics import Resampling, calibration_curves, metrics_with_intervals
 
 log = logging.getLogger(__name__)
 
-EVALUATION = "evaluation"
+#: The file every reader trusts (written last): the metrics with their intervals.
+METRICS = "metrics.json"
 
 
 def resolve_target(model: str) -> tuple[str, str | None]:
     """``(run, sweep)``: the run to score, and the sweep it is the best trial of (None for a run)."""
     model = storage.absolute(model)
-    if storage.is_file(storage.join(model, "best.json")):
-        return storage.read_json(storage.join(model, "best.json"))["model"], model
-    if storage.is_file(storage.join(model, "results.csv")):
+    best = runs.read_best(model)
+    if best is not None:
+        return best["model"], model
+    if runs.is_sweep(model):
         raise XrayDistError(f"{model}: this sweep has no best.json (no trial completed); nothing to evaluate")
     return model, None
 
@@ -49,11 +57,10 @@ def resolve_target(model: str) -> tuple[str, str | None]:
 def check_cache(target: str, cache: str) -> dict:
     """The cache's fingerprint, after checking it is the one ``target`` (run or sweep) was made from."""
     fp = fingerprint.of_cache(cache)
-    try:
-        recorded = storage.read_json(storage.join(target, fingerprint.INPUTS))["cache_fingerprint"]
-    except FileNotFoundError:
+    recorded = fingerprint.recorded(target)
+    if recorded is None:
         raise CacheError(f"{target} records no cache fingerprint (inputs.json), so the splits it was trained with "
-                         "cannot be checked; evaluate needs a run or sweep made by this version") from None
+                         "cannot be checked; evaluate needs a run or sweep made by this version")
     diff = fingerprint.changes(recorded, fp)
     if diff:
         raise CacheError(f"--cache {cache} is not the cache {target} was trained with: " + "; ".join(diff)
@@ -79,23 +86,27 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
     run, sweep = resolve_target(model)
     if sweep is None:
         return _evaluate(run, None, cache, split, out, n_boot, batch_size)
-    from xray_dist.infra.locks import TargetLock
-
     # the sweep's best.json (and, by default, its evaluation/) are rewritten: one writer per sweep, as tune
     with TargetLock(sweep, "xray-dist evaluate"):
         run, sweep = resolve_target(model)  # its best trial as it stands under the lock
         return _evaluate(run, sweep, cache, split, out, n_boot, batch_size)
 
 
-def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | None, n_boot: int,
-              batch_size: int) -> dict:
-    """:func:`evaluate_model`'s work on ``run`` (a sweep's best trial: under the sweep's lock)."""
-    from xray_dist.data.cache import load_manifest, load_spec, load_split_arrays
-    from xray_dist.results.metrics import metrics_with_intervals
-    from xray_dist.model.artifacts import load_run_model, predict_arrays
-    from xray_dist.data.cache import split_labels
+@dataclass(frozen=True)
+class _Split:
+    """One split of the cache as the model scores it: the cache's name for each image, its
+    patient key, its target (class index, or multi-label target row) and its manifest label."""
 
-    cache = storage.absolute(cache)
+    paths: list[str]
+    images: np.ndarray
+    labels: np.ndarray
+    patients: np.ndarray
+    label_text: list[str]
+
+
+def _checked_model(run: str, sweep: str | None, cache: str, split: str) -> tuple[LoadedModel, dict]:
+    """The run's model and the cache's fingerprint, after checking that the cache is the one the
+    model was trained with, decoded the same way, and that ``split`` has images."""
     if split not in load_manifest(cache).column("split").to_pylist():
         raise CacheError(f"--cache {cache}: the {split!r} split has no images; prepare with --test-fraction or "
                          "--split-file to hold patients out")
@@ -104,19 +115,34 @@ def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | No
     if load_spec(cache).to_dict() != lm.preprocess.to_dict():
         raise CacheError(f"--cache {cache} was decoded with other preprocessing than the model's "
                          f"({load_spec(cache).to_dict()} vs {lm.preprocess.to_dict()})")
-    label_of = split_labels(cache, split, lm.scheme)  # an empty split, or a class the model lacks: CacheError
+    return lm, fp
+
+
+def _read_split(cache: str, split: str, scheme: ClassScheme) -> _Split:
+    label_of = split_labels(cache, split, scheme)  # an empty split, or a class the model lacks: CacheError
     paths, images = load_split_arrays(cache, split)
     m = load_manifest(cache)
     patient_of = dict(zip(m.column("path").to_pylist(), m.column("patient").to_pylist()))
-    labels = np.array([label_of[p] for p in paths], dtype=int)  # multi-label: target rows (classes module)
-    patients = np.array([patient_of[p] for p in paths])
-    probs = predict_arrays(lm, images, batch_size)
+    label_text = dict(zip(m.column("path").to_pylist(), m.column("label").to_pylist()))
+    return _Split(paths=list(paths), images=images,
+                  labels=np.array([label_of[p] for p in paths], dtype=int),  # multi-label: target rows
+                  patients=np.array([patient_of[p] for p in paths]), label_text=[label_text[p] for p in paths])
+
+
+def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | None, n_boot: int,
+              batch_size: int) -> dict:
+    """:func:`evaluate_model`'s work on ``run`` (a sweep's best trial: under the sweep's lock)."""
+    cache = storage.absolute(cache)
+    lm, fp = _checked_model(run, sweep, cache, split)
+    data = _read_split(cache, split, lm.scheme)
+    probs = predict_arrays(lm, data.images, batch_size)
     names = list(lm.scheme.names)
-    values, method = metrics_with_intervals(labels, probs, names, lm.threshold, patients, n_boot,
-                                            multilabel=lm.scheme.multilabel, thresholds=lm.thresholds)
+    values, method = metrics_with_intervals(data.labels, probs, names, lm.threshold,
+                                            Resampling(data.patients, n_boot), multilabel=lm.scheme.multilabel,
+                                            thresholds=lm.thresholds)
     metrics = {
         "split": split, "optimistic": split == "val",
-        "images": int(len(labels)), "patients": int(len(set(patients.tolist()))),
+        "images": int(len(data.labels)), "patients": int(len(set(data.patients.tolist()))),
         "threshold": lm.threshold, "threshold_chosen_on": "validation (Youden's J)",
         "interval_method": method,
         **{k: {"value": v[0], "ci95": [v[1], v[2]]} for k, v in values.items()},
@@ -130,55 +156,42 @@ def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | No
     if split == "val":
         metrics["note"] = ("validation chose the epoch, the trial and the threshold: these numbers are optimistic; "
                            "report a held-out test split")
-    out = out or storage.join(sweep or run, EVALUATION, split)
-    label_text = dict(zip(m.column("path").to_pylist(), m.column("label").to_pylist()))
-    with storage.staged_output(out, marker="metrics.json") as local:
-        _write(local, metrics, paths, patients, labels, probs, lm.scheme, [label_text[p] for p in paths])
+    out = out or runs.evaluation_dir(sweep or run, split)
+    with storage.staged_output(out, marker=METRICS) as local:
+        _write(local, metrics, data, probs, lm.scheme)
     if sweep and split == "test":
-        best = storage.read_json(storage.join(sweep, "best.json"))
+        best = runs.read_best(sweep)
         best["test"] = {k: metrics[k] for k in ("auc_abnormal", "sensitivity", "specificity", "images", "patients",
                                                 "interval_method")}
-        storage.write_json(storage.join(sweep, "best.json"), best, indent=2)
+        runs.write_best(sweep, best)
     log.debug("evaluate: %s split, %d images of %d patients: AUROC abnormal %.3f [%.3f, %.3f]", split,
-             metrics["images"], metrics["patients"], *values["auc_abnormal"])
+              metrics["images"], metrics["patients"], *values["auc_abnormal"])
     return {**metrics, "out": out}
 
 
-def _write(out: Path, metrics: dict, paths, patients, labels, probs, scheme, label_text: list[str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from xray_dist.results.metrics import reliability
-    from xray_dist.results.plots import plot_calibration, plot_roc
+def _write(out: Path, metrics: dict, data: _Split, probs: np.ndarray, scheme: ClassScheme) -> None:
+    """``scores.parquet``, ``roc.png``, ``reliability.png``, then :data:`METRICS` (standard JSON: a
+    NaN is written as null)."""
+    from xray_dist.results.plots import plot_calibration, plot_roc  # matplotlib: only when plotting
 
     names = list(scheme.names)
-    table = pa.table({"path": list(paths), "patient": patients.tolist(),
-                      "label": label_text if scheme.multilabel else [names[i] for i in labels],
+    table = pa.table({"path": data.paths, "patient": data.patients.tolist(),
+                      "label": data.label_text if scheme.multilabel else [names[i] for i in data.labels],
                       **{f"p_{k}": probs[:, i] for i, k in enumerate(scheme.keys)}})
-    pq.write_table(table, out / "scores.parquet")
+    storage.write_parquet(table, out / "scores.parquet")
     split = metrics["split"]
     intervals = {"abnormal": metrics["auc_abnormal"]["ci95"]}
     intervals.update({k: metrics[f"auc_{k}"]["ci95"] for k in scheme.keys if f"auc_{k}" in metrics})
-    plot_roc(labels, probs, names, out / "roc.png", intervals, multilabel=scheme.multilabel)
-    if scheme.multilabel:
-        known = labels[:, : len(names)] >= 0
-        curve = {f"findings (each image x finding), {split}": reliability(labels[:, : len(names)][known] == 1,
-                                                                          probs[known])}
-    else:
-        curve = {f"abnormal (1 - p({names[0]})), {split}": reliability(labels != 0, 1.0 - probs[:, 0])}
-    plot_calibration(curve, out / "reliability.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_nan_to_none))
-
-
-def _nan_to_none(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
+    plot_roc(data.labels, probs, names, out / "roc.png", intervals, multilabel=scheme.multilabel)
+    curves = calibration_curves(data.labels, probs, names, multilabel=scheme.multilabel, top_label=False)
+    plot_calibration({f"{name}, {split}": curve for name, curve in curves.items()}, out / "reliability.png")
+    storage.write_json(out / METRICS, metrics, indent=2)
 
 
 def read_evaluation(target: str, split: str = "test") -> dict | None:
-    """``TARGET/evaluation/<split>/metrics.json`` when ``evaluate`` has written it."""
+    """``TARGET/evaluation/<split>/metrics.json`` when ``evaluate`` has written it (standard JSON: a
+    value that was NaN reads back as None)."""
     try:
-        return storage.read_json(storage.join(target, EVALUATION, split, "metrics.json"))
+        return storage.read_json(storage.join(runs.evaluation_dir(target, split), METRICS))
     except FileNotFoundError:
         return None

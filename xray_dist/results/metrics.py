@@ -1,11 +1,16 @@
 """Clinical metrics from probabilities: AUROC (macro one-vs-rest, per class, abnormal vs negative),
 a threshold chosen on validation, sensitivity/specificity at it, bootstrap confidence intervals,
-calibration (reliability bins, expected calibration error) and the confusion matrix.
-Plain numpy, no sklearn."""
+calibration (reliability bins, expected calibration error, the curves the plots and the report
+show) and the confusion matrix. Plain numpy, no sklearn. The abnormal score and its truth are
+:mod:`xray_dist.data.classes`'s (:func:`~xray_dist.data.classes.abnormal_score`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from xray_dist.data.classes import abnormal_score, abnormal_truth, finding_key
 
 
 def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -47,15 +52,6 @@ def sens_spec(y_true: np.ndarray, score: np.ndarray, threshold: float) -> tuple[
     return sens, spec
 
 
-def class_probabilities(raw: np.ndarray) -> np.ndarray:
-    """Model outputs → ``(n, K)`` probabilities (a single sigmoid unit becomes ``[1 - p, p]``)."""
-    raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim == 1 or raw.shape[1] == 1:
-        p = raw.reshape(-1)
-        return np.stack([1.0 - p, p], axis=1)
-    return raw
-
-
 def evaluate(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float | None = None,
              multilabel: bool = False) -> dict:
     """All validation metrics from integer labels and ``(n, K)`` probabilities (multi-label:
@@ -72,8 +68,8 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold:
     k = probs.shape[1]
     per_class = {names[c]: auroc(labels == c, probs[:, c]) for c in range(k)}
     aucs = [v for v in (per_class.values() if k > 2 else [per_class[names[1]]]) if not np.isnan(v)]
-    abnormal = labels != 0
-    score = 1.0 - probs[:, 0]
+    abnormal = abnormal_truth(labels, multilabel=False)
+    score = abnormal_score(probs, multilabel=False)
     thr = youden_threshold(abnormal, score) if threshold is None else threshold
     sens, spec = sens_spec(abnormal, score, thr)
     eps = 1e-7
@@ -115,8 +111,6 @@ def evaluate_multilabel(targets: np.ndarray, probs: np.ndarray, names: list[str]
     for that score at ``threshold``. ``val_loss`` is the unweighted binary cross-entropy of the
     known entries, ``val_accuracy`` the share of known entries right at their finding's threshold.
     """
-    from xray_dist.data.classes import finding_key
-
     targets = np.asarray(targets).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     keys = [finding_key(n) for n in names]
@@ -127,7 +121,7 @@ def evaluate_multilabel(targets: np.ndarray, probs: np.ndarray, names: list[str]
         thr_of[key] = thresholds[key] if thresholds and key in thresholds else _youden_or_half(y, s)
         right += int(np.sum((s >= thr_of[key]) == (y == 1)))
         seen += len(y)
-    y_any, score = _known(targets[:, -1], probs.max(axis=1) if len(names) else np.zeros(len(probs)))
+    y_any, score = _known(abnormal_truth(targets, multilabel=True), abnormal_score(probs, multilabel=True))
     thr = _youden_or_half(y_any, score) if threshold is None else threshold
     sens, spec = sens_spec(y_any, score, thr)
     known = targets[:, : len(names)] >= 0
@@ -207,28 +201,47 @@ IMAGE_METHOD = ("image-level stratified percentile bootstrap: {n} resamples of i
                 "no patient keys, so images of one patient count as independent and the intervals are too narrow)")
 
 
+@dataclass(frozen=True)
+class Resampling:
+    """How :func:`metrics_with_intervals` resamples for its 95 % intervals: whole patients
+    (``patients``: one key per image; :func:`cluster_bootstrap_ci`), or single images when there
+    are no patient keys (:func:`bootstrap_ci`), ``n_boot`` times from ``seed``."""
+
+    patients: np.ndarray | None = None
+    n_boot: int = 1000
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        """The interval method, in words (shown beside the numbers)."""
+        return (PATIENT_METHOD if self.patients is not None else IMAGE_METHOD).format(n=self.n_boot)
+
+    def interval(self, stat, arrays: tuple, patient_strata: np.ndarray, image_strata: np.ndarray):
+        """``(value, lo, hi)`` of ``stat(*arrays)``: patients stratified by ``patient_strata``
+        (a patient's stratum is its largest), or images by ``image_strata``."""
+        if self.patients is not None:
+            return cluster_bootstrap_ci(stat, arrays, self.patients, self.n_boot, seed=self.seed,
+                                        strata=patient_strata)
+        return bootstrap_ci(stat, arrays, self.n_boot, seed=self.seed, strata=image_strata)
+
+
 def metrics_with_intervals(labels: np.ndarray, probs: np.ndarray, names: list[str], threshold: float,
-                           patients: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
-                           multilabel: bool = False, thresholds: dict[str, float] | None = None) -> tuple[dict, str]:
+                           resampling: Resampling = Resampling(), multilabel: bool = False,
+                           thresholds: dict[str, float] | None = None) -> tuple[dict, str]:
     """Point estimates and 95 % intervals, ``{name: (value, lo, hi)}``, of ``auc_abnormal``,
     ``auc_<class>`` (one-vs-rest; the positive class alone for K = 2), ``sensitivity`` and
     ``specificity`` of the abnormal score at ``threshold``, ``accuracy`` (argmax) and ``ece`` (of
-    the abnormal score); and the interval method, in words. With ``patients`` the bootstrap
-    resamples patients (:func:`cluster_bootstrap_ci`), else images. Multi-label:
-    :func:`_multilabel_intervals`."""
+    the abnormal score); and the interval method, in words. ``resampling`` says whether the
+    bootstrap resamples patients or images. Multi-label: :func:`_multilabel_intervals`."""
     if multilabel:
-        return _multilabel_intervals(labels, probs, names, threshold, thresholds or {}, patients, n_boot, seed)
+        return _multilabel_intervals(labels, probs, names, threshold, thresholds or {}, resampling), resampling.method
     labels = np.asarray(labels).astype(int)
-    abnormal = (labels != 0).astype(int)
-    score = 1.0 - probs[:, 0]
-    if patients is not None:
-        def ci(stat, arrays):
-            return cluster_bootstrap_ci(stat, arrays, patients, n_boot, seed=seed, strata=abnormal)
-        method = PATIENT_METHOD.format(n=n_boot)
-    else:
-        def ci(stat, arrays):
-            return bootstrap_ci(stat, arrays, n_boot, seed=seed, strata=labels)
-        method = IMAGE_METHOD.format(n=n_boot)
+    abnormal = abnormal_truth(labels, multilabel=False)
+    score = abnormal_score(probs, multilabel=False)
+
+    def ci(stat, arrays):
+        return resampling.interval(stat, arrays, patient_strata=abnormal, image_strata=labels)
+
     out = {"auc_abnormal": ci(auroc, (abnormal, score))}
     for c in range(1, len(names)) if len(names) > 2 else [1]:
         out[f"auc_{names[c]}"] = ci(auroc, ((labels == c).astype(int), probs[:, c]))
@@ -236,37 +249,28 @@ def metrics_with_intervals(labels: np.ndarray, probs: np.ndarray, names: list[st
     out["specificity"] = ci(lambda y, s: sens_spec(y, s, threshold)[1], (abnormal, score))
     out["accuracy"] = ci(lambda y, p: float(np.mean(np.argmax(p, axis=1) == y)), (labels, probs))
     out["ece"] = ci(lambda y, s: reliability(y, s)["ece"], (abnormal, score))
-    return out, method
+    return out, resampling.method
 
 
 def _multilabel_intervals(targets: np.ndarray, probs: np.ndarray, names: list[str], threshold: float,
-                          thresholds: dict[str, float], patients: np.ndarray | None, n_boot: int,
-                          seed: int) -> tuple[dict, str]:
+                          thresholds: dict[str, float], resampling: Resampling) -> dict:
     """:func:`metrics_with_intervals` for findings (targets as :func:`evaluate_multilabel`'s):
     ``auc_abnormal`` (any finding vs none, largest finding probability), ``auc_<finding>``,
     ``sensitivity``/``specificity`` of the abnormal score at ``threshold``,
     ``sensitivity_<finding>``/``specificity_<finding>`` at each finding's threshold, ``accuracy``
     (known entries right at their thresholds) and ``ece`` (all known image × finding
     probabilities pooled). Uncertain entries (-1) are left out of every number."""
-    from xray_dist.data.classes import finding_key
-
     targets = np.asarray(targets).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     k = len(names)
     keys = [finding_key(n) for n in names]
-    any_ = targets[:, -1]
-    score = probs.max(axis=1) if k else np.zeros(len(probs))
+    score = abnormal_score(probs, multilabel=True)
+    strata = (abnormal_truth(targets, multilabel=True) == 1).astype(int)
     rows = np.arange(len(targets))
-    strata = (any_ == 1).astype(int)
-    if patients is not None:
-        def ci(stat):
-            return cluster_bootstrap_ci(lambda r: stat(r.astype(int)), (rows,), patients, n_boot, seed=seed,
-                                        strata=strata)
-        method = PATIENT_METHOD.format(n=n_boot)
-    else:
-        def ci(stat):
-            return bootstrap_ci(lambda r: stat(r.astype(int)), (rows,), n_boot, seed=seed, strata=strata)
-        method = IMAGE_METHOD.format(n=n_boot)
+
+    def ci(stat):
+        return resampling.interval(lambda r: stat(r.astype(int)), (rows,), patient_strata=strata,
+                                   image_strata=strata)
 
     def on_known(j, fn, col=None):
         def stat(r):
@@ -297,7 +301,7 @@ def _multilabel_intervals(targets: np.ndarray, probs: np.ndarray, names: list[st
 
     out["accuracy"] = ci(accuracy)
     out["ece"] = ci(ece)
-    return out, method
+    return out
 
 
 def reliability(y_true: np.ndarray, prob: np.ndarray, bins: int = 10) -> dict:
@@ -316,6 +320,23 @@ def reliability(y_true: np.ndarray, prob: np.ndarray, bins: int = 10) -> dict:
     filled = count > 0
     ece = float(np.sum(count[filled] * np.abs(freq[filled] - conf[filled])) / max(len(p), 1))
     return {"edges": np.linspace(0, 1, bins + 1), "count": count, "confidence": conf, "frequency": freq, "ece": ece}
+
+
+def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10,
+                       multilabel: bool = False, top_label: bool = True) -> dict[str, dict]:
+    """Reliability curves (:func:`reliability`) by legend name: of the abnormal score
+    (:func:`~xray_dist.data.classes.abnormal_score`); with ``top_label`` and K > 2 also of the
+    top-label confidence; multi-label: of every known image × finding probability (uncertain
+    entries left out)."""
+    if multilabel:
+        known = labels[:, : len(names)] >= 0
+        return {"findings (image x finding)": reliability(labels[:, : len(names)][known] == 1, probs[known], bins)}
+    truth, score = abnormal_truth(labels, multilabel=False), abnormal_score(probs, multilabel=False)
+    curves = {f"abnormal (1 - p({names[0]}))": reliability(truth, score, bins)}
+    if top_label and len(names) > 2:
+        top = np.argmax(probs, axis=1)
+        curves["top-label confidence"] = reliability(top == labels, probs.max(axis=1), bins)
+    return curves
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Pictures of results: training curves, ROC curves, calibration, confusion matrix, sweep plots and
-Grad-CAM overlays (matplotlib, headless)."""
+Grad-CAM overlays (matplotlib, headless). Values read back from JSON may be None where a NaN was
+written (standard JSON has no NaN): they are drawn as gaps and left out of legends."""
 
 from __future__ import annotations
 
@@ -10,21 +11,26 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from xray_dist.data.classes import abnormal_score, abnormal_truth, finding_key  # noqa: E402
 from xray_dist.results.metrics import auroc, roc_curve  # noqa: E402
+
+
+def _num(v) -> float:
+    """A value as a float: None (a NaN written as JSON null) as NaN."""
+    return float("nan") if v is None else float(v)
 
 
 def plot_history(history: list[dict], path: str | Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [h["loss"] for h in history], "o-", label="train loss")
-    a.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
+    a.plot(epochs, [_num(h["loss"]) for h in history], "o-", label="train loss")
+    a.plot(epochs, [_num(h["val_loss"]) for h in history], "o-", label="val loss")
     a.set_xlabel("epoch"); a.set_ylabel("loss"); a.legend(); a.grid(alpha=0.3)
     for key in ("val_auc", "val_auc_abnormal", "sensitivity", "specificity"):
-        b.plot(epochs, [h.get(key, np.nan) for h in history], "o-", label=key)
+        b.plot(epochs, [_num(h.get(key)) for h in history], "o-", label=key)
     b.set_ylim(0, 1.02); b.set_xlabel("epoch"); b.legend(loc="lower right"); b.grid(alpha=0.3)
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (a, b):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Training curves")
@@ -34,9 +40,11 @@ def plot_history(history: list[dict], path: str | Path) -> None:
 
 
 def _ci_text(intervals: dict | None, key: str) -> str:
-    if not intervals or key not in intervals or np.isnan(intervals[key][0]):
+    if not intervals or key not in intervals:
         return ""
-    lo, hi = intervals[key]
+    lo, hi = map(_num, intervals[key])
+    if np.isnan(lo) or np.isnan(hi):
+        return ""
     return f", 95% CI {lo:.2f}-{hi:.2f}"
 
 
@@ -49,19 +57,17 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, names: list[str], path: str 
     ``intervals`` maps ``"abnormal"``, a class name or a finding key to an AUROC confidence interval
     for the legend.
     """
-    from xray_dist.data.classes import finding_key
-
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    truth, score = abnormal_truth(labels, multilabel), abnormal_score(probs, multilabel)
+    known = truth >= 0  # multi-label: an image with only uncertain findings is left out
+    abnormal, score = truth[known] == 1, score[known]
     if multilabel:
-        known = labels[:, -1] >= 0
-        abnormal, score = labels[known, -1] == 1, probs[known].max(axis=1)
         first = "any finding vs none"
         curves = []
         for c, name in enumerate(names):
             k = labels[:, c] >= 0
             curves.append((f"{name}", finding_key(name), labels[k, c] == 1, probs[k, c]))
     else:
-        abnormal, score = labels != 0, 1 - probs[:, 0]
         first = f"abnormal vs {names[0]}"
         curves = [(f"{names[c]} vs rest", names[c], labels == c, probs[:, c]) for c in range(1, len(names))] \
             if len(names) > 2 else []
@@ -132,7 +138,7 @@ def plot_gradcam(image: np.ndarray, heat: np.ndarray, title: str, path: str | Pa
 def plot_sweep(rows: list[dict], path: str | Path, metric: str = "val_auc_abnormal") -> None:
     """The objective against each searched dimension (one dot per trial; failed trials left out)."""
     dims = ["head_width", "num_classes", "unfreeze_blocks", "lr"]
-    ok = [r for r in rows if r["status"] != "failed" and not np.isnan(float(r["val_auc_abnormal"]))]
+    ok = [r for r in rows if r["status"] != "failed" and not np.isnan(_num(r["val_auc_abnormal"]))]
     fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.6), sharey=True)
     rng = np.random.default_rng(0)
     for ax, dim in zip(axes, dims):

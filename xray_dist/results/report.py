@@ -17,34 +17,48 @@ header is read, so no identifying value can reach the page. Images are embedded 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from xray_dist.infra import storage
+from xray_dist.data.cache import REPORT as PREPARE_REPORT, read_report
 from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import XrayDistError
-from xray_dist.results.metrics import confusion_matrix, metrics_with_intervals, reliability
+from xray_dist.infra import storage
+from xray_dist.model.artifacts import read_run_spec, spec_thresholds
+from xray_dist.results import runs
+from xray_dist.results.evaluate import read_evaluation
+from xray_dist.results.metrics import Resampling, calibration_curves, confusion_matrix, metrics_with_intervals
 
 N_BOOT = 1000
+
+
+def _figure(data: bytes, alt: str, caption: str | None = None) -> str:
+    """A PNG embedded as a data URI, with its caption (``alt`` unless given)."""
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return (f'<figure><img alt="{html.escape(alt)}" src="{uri}">'
+            f"<figcaption>{html.escape(alt if caption is None else caption)}</figcaption></figure>")
 
 
 def _png(draw: Callable[[io.BytesIO], None], alt: str) -> str:
     buf = io.BytesIO()
     draw(buf)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    return _figure(buf.getvalue(), alt)
+
+
+def _missing(v) -> bool:
+    """No number: None (a NaN read back from standard JSON) or NaN."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _missing(v):
         return "n/a"
     if isinstance(v, float):
         return f"{v:.2e}" if v != 0 and abs(v) < 0.01 else f"{v:.{digits}f}"
@@ -57,98 +71,92 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _ci(point: float, lo: float, hi: float) -> str:
-    if math.isnan(point):
+def _ci(point, lo, hi) -> str:
+    """A value with its 95 % interval; "n/a" without a value (None or NaN)."""
+    if _missing(point):
         return "n/a"
-    if math.isnan(lo):
+    if _missing(lo) or _missing(hi):
         return f"{point:.3f} (interval undefined)"
     return f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _held_out_section(ev: dict) -> str:
-    """The held-out test numbers (``xray-dist evaluate``): shown first, they are the ones to report."""
-    def cell(k):
-        m = ev.get(k)
-        return _ci(m["value"], *[float("nan") if v is None else v for v in m["ci95"]]) if m else "n/a"
+def metric_rows(values: dict[str, tuple], scheme: ClassScheme, threshold: float, thresholds: dict[str, float],
+                summary: list[list] = (), calibration: list[list] | None = None) -> list[list]:
+    """The rows of a metrics table (held-out test or validation): the abnormal AUROC, each class's
+    (one-vs-rest) or finding's AUROC (with its sensitivity / specificity at its threshold), then
+    ``summary`` (e.g. the mean AUROC), sensitivity and specificity of the abnormal score at
+    ``threshold``, accuracy, and ``calibration`` (default: the bootstrapped ECE).
 
-    names = ev.get("classes", [])
-    if ev.get("task") == "multilabel":
-        keys, thr = ev.get("keys", []), ev.get("thresholds", {})
+    ``values`` maps :func:`~xray_dist.results.metrics.metrics_with_intervals`'s keys to
+    ``(value, lo, hi)``; a key that is absent shows "n/a"."""
+    def cell(k):
+        return _ci(*values[k]) if k in values else "n/a"
+
+    names = list(scheme.names)
+    if scheme.multilabel:
         rows = [["AUROC any finding vs none (largest finding probability)", cell("auc_abnormal")]]
-        for n, k in zip(names, keys):
+        for n, k in zip(names, scheme.keys):
             rows += [[f"AUROC {n}", cell(f"auc_{k}")],
-                     [f"{n}: sensitivity / specificity at {thr.get(k, 0.5):.3f}",
+                     [f"{n}: sensitivity / specificity at {thresholds.get(k, 0.5):.3f}",
                       f"{cell(f'sensitivity_{k}')} / {cell(f'specificity_{k}')}"]]
-        rows += [[f"any finding: sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
-                 [f"any finding: specificity at {ev['threshold']:.3f}", cell("specificity")],
-                 ["accuracy (image x finding, at each finding's threshold)", cell("accuracy")],
-                 ["expected calibration error (image x finding)", cell("ece")]]
+        rows += list(summary)
+        rows += [[f"any finding: sensitivity at {threshold:.3f}", cell("sensitivity")],
+                 [f"any finding: specificity at {threshold:.3f}", cell("specificity")],
+                 ["accuracy (image x finding, at each finding's threshold)", cell("accuracy")]]
+        ece = "expected calibration error (image x finding)"
     else:
         rows = [[f"AUROC abnormal vs {names[0] if names else 'negative'}", cell("auc_abnormal")]]
-        rows += [[f"AUROC {n} vs rest", cell(f"auc_{n}")] for n in names[1:] if f"auc_{n}" in ev]
-        rows += [[f"sensitivity at {ev['threshold']:.3f}", cell("sensitivity")],
-                 [f"specificity at {ev['threshold']:.3f}", cell("specificity")],
-                 ["accuracy (argmax)", cell("accuracy")], ["expected calibration error", cell("ece")]]
+        rows += [[f"AUROC {n} vs rest", cell(f"auc_{n}")] for n in names[1:] if f"auc_{n}" in values]
+        rows += list(summary)
+        rows += [[f"sensitivity at {threshold:.3f}", cell("sensitivity")],
+                 [f"specificity at {threshold:.3f}", cell("specificity")],
+                 ["accuracy (argmax)", cell("accuracy")]]
+        ece = "expected calibration error"
+    return rows + (list(calibration) if calibration is not None else [[ece, cell("ece")]])
+
+
+def _held_out_section(ev: dict) -> str:
+    """The held-out test numbers (``xray-dist evaluate``): shown first, they are the ones to report."""
+    scheme = ClassScheme(tuple(ev.get("classes", [])), multilabel=ev.get("task") == "multilabel")
+    values = {k: (m["value"], *m["ci95"]) for k, m in ev.items() if isinstance(m, dict) and "value" in m}
+    rows = metric_rows(values, scheme, ev["threshold"], ev.get("thresholds", {}))
     title = "Held-out test" if ev["split"] == "test" else f"Evaluation on {ev['split']} (optimistic)"
     return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
             f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
             f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics"))
 
 
-def calibration_curves(labels: np.ndarray, probs: np.ndarray, names: list[str], bins: int = 10,
-                       multilabel: bool = False) -> dict[str, dict]:
-    """Reliability of the abnormal score; for K > 2 also of the top-label confidence; multi-label:
-    of every known image × finding probability."""
-    if multilabel:
-        known = labels[:, : len(names)] >= 0
-        return {"findings (image x finding)": reliability(labels[:, : len(names)][known] == 1, probs[known], bins)}
-    curves = {f"abnormal (1 - p({names[0]}))": reliability(labels != 0, 1.0 - probs[:, 0], bins)}
-    if len(names) > 2:
-        top = np.argmax(probs, axis=1)
-        curves["top-label confidence"] = reliability(top == labels, probs.max(axis=1), bins)
-    return curves
+@dataclass(frozen=True)
+class _Run:
+    """What a run wrote that its report shows (:mod:`xray_dist.results.runs`, its model's spec)."""
+
+    path: str
+    metrics: dict
+    spec: dict
+    history: list[dict]
+    scores: runs.ValScores
+    scheme: ClassScheme
+    threshold: float
+    thresholds: dict[str, float]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.metrics["classes"])
 
 
-def _read(run: str, name: str) -> bytes:
-    try:
-        return storage.read_bytes(storage.join(run, name))
-    except (FileNotFoundError, IsADirectoryError):
-        raise XrayDistError(f"{run}: no {name}; is it a finished `xray-dist train` run or sweep trial?") from None
+def _load_run(run: str) -> _Run:
+    metrics, history, scores = runs.read_metrics(run), runs.read_history(run), runs.read_val_scores(run)
+    spec = read_run_spec(run) or {}
+    scheme = ClassScheme.from_dict(spec["classes"]) if "classes" in spec else ClassScheme(tuple(metrics["classes"]))
+    return _Run(run, metrics, spec, history, scores, scheme,
+                threshold=float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5))),
+                thresholds=spec_thresholds(spec)[1])
 
 
-def _run_section(run: str, n_boot: int, file_lists: bool = True) -> str:
-    from xray_dist.results.plots import plot_calibration, plot_confusion, plot_history, plot_roc
-
-    raw = {name: _read(run, name) for name in ("metrics.json", "history.csv", "val_scores.npz")}
-    metrics = json.loads(raw["metrics.json"])
-    try:
-        spec = storage.read_json(storage.join(storage.current_dir(storage.join(run, "model")), "model_spec.json"))
-    except FileNotFoundError:
-        spec = {}
-    reader = csv.DictReader(io.StringIO(raw["history.csv"].decode("utf-8"), newline=""))
-    history = [{k: float(v) if v not in ("", None) else float("nan") for k, v in r.items()} for r in reader]
-    for h in history:
-        h["epoch"] = int(h["epoch"])
-    scores = np.load(io.BytesIO(raw["val_scores.npz"]))
-    probs, labels = scores["probs"], scores["labels"].astype(int)
-    patients = scores["patients"] if "patients" in scores.files and all(scores["patients"]) else None
-    names = list(metrics["classes"])
-    scheme = ClassScheme.from_dict(spec["classes"]) if "classes" in spec else ClassScheme(tuple(names))
-    ml = scheme.multilabel
-    thresholds = {k: float(v) for k, v in spec.get("thresholds", {}).items()}
-    threshold = float(spec.get("threshold", metrics.get("best", {}).get("threshold", 0.5)))
-    ci, method = metrics_with_intervals(labels, probs, names, threshold, patients, n_boot, multilabel=ml,
-                                        thresholds=thresholds)
-    intervals = {"abnormal": ci["auc_abnormal"][1:]}
-    intervals.update({k: ci[f"auc_{k}"][1:] for k in (scheme.keys if ml else names[1:]) if f"auc_{k}" in ci})
-    cal = calibration_curves(labels, probs, names, multilabel=ml)
-    cm = None if ml else confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
-    cfg = metrics.get("config", {})
-    model = spec.get("model", {})
-
-    parts = [f"<h2>Run <code>{html.escape(storage.name(run))}</code></h2>"]
-    parts.append(_table(["setting", "value"], [
-        ["findings (one sigmoid output each)" if ml else "classes", ", ".join(names)],
+def _settings_table(r: _Run) -> str:
+    cfg, model, metrics = r.metrics.get("config", {}), r.spec.get("model", {}), r.metrics
+    return _table(["setting", "value"], [
+        ["findings (one sigmoid output each)" if r.scheme.multilabel else "classes", ", ".join(r.names)],
         ["image size", model.get("image_size", cfg.get("image_size"))],
         ["head width", model.get("head_width", cfg.get("head_width"))],
         ["unfreeze depth (VGG blocks trainable)", model.get("unfreeze_blocks", cfg.get("unfreeze_blocks"))],
@@ -158,63 +166,79 @@ def _run_section(run: str, n_boot: int, file_lists: bool = True) -> str:
         ["trainable parameters", metrics.get("trainable_parameters")],
         ["workers", cfg.get("num_workers")],
         ["wall time (s)", metrics.get("wall_seconds")],
-    ], "kv"))
-    truth = scheme.abnormal_truth(labels)
+    ], "kv")
+
+
+def _validation_intro(r: _Run, method: str) -> str:
+    """What the validation numbers are, and why they are optimistic."""
+    ml, labels, patients = r.scheme.multilabel, r.scores.labels, r.scores.patients
+    truth = r.scheme.abnormal_truth(labels)
     n_abn, n_neg = int((truth == 1).sum()), int((truth == 0).sum())
     n_pat = f" of {len(set(patients.tolist()))} patients" if patients is not None else ""
-    negative = scheme.negative if ml else names[0]
+    negative = r.scheme.negative if ml else r.names[0]
     score_text = "the largest finding probability" if ml else f"1 − p({negative})"
-    parts.append(f"<h3>Validation metrics (used for selection)</h3><p>{len(labels)} validation images{n_pat} "
-                 f"({n_abn} abnormal, {n_neg} {html.escape(negative)}). Intervals: "
-                 f"{html.escape(method)}. These images chose the best epoch (and, in a sweep, the trial) and the "
-                 f"threshold {threshold:.3f} on the abnormal score ({html.escape(score_text)}, Youden's J)"
-                 + (", and each finding's threshold" if ml else "") + ", so "
-                 "every number here is optimistic; report the held-out test numbers (`xray-dist evaluate`).</p>")
-    if ml:
-        rows = [["AUROC any finding vs none", _ci(*ci["auc_abnormal"])]]
-        for n, k in zip(names, scheme.keys):
-            rows += [[f"AUROC {n}", _ci(*ci[f"auc_{k}"])],
-                     [f"{n}: sensitivity / specificity at {thresholds.get(k, 0.5):.3f}",
-                      f"{_ci(*ci[f'sensitivity_{k}'])} / {_ci(*ci[f'specificity_{k}'])}"]]
-        rows += [["mean AUROC over findings", _fmt(metrics.get("val_auc"))],
-                 [f"any finding: sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
-                 [f"any finding: specificity at {threshold:.3f}", _ci(*ci["specificity"])],
-                 ["accuracy (image x finding)", _ci(*ci["accuracy"])]]
-    else:
-        rows = [["AUROC abnormal vs " + names[0], _ci(*ci["auc_abnormal"])]]
-        rows += [[f"AUROC {n} vs rest", _ci(*ci[f"auc_{n}"])] for n in names[1:] if f"auc_{n}" in ci]
-        rows += [["macro AUROC", _fmt(metrics.get("val_auc"))],
-                 [f"sensitivity at {threshold:.3f}", _ci(*ci["sensitivity"])],
-                 [f"specificity at {threshold:.3f}", _ci(*ci["specificity"])],
-                 ["accuracy (argmax)", _ci(*ci["accuracy"])]]
-    rows += [[f"expected calibration error, {k}", _fmt(v["ece"])] for k, v in cal.items()]
-    parts.append(_table(["metric", "value [95 % CI]"], rows, "metrics"))
-    if any(v[1] == v[2] for v in ci.values()):
-        parts.append(f"<p><em>A zero-width interval comes from a perfect score on these {len(labels)} images, "
-                     "which every resample repeats; it is not certainty. Validate on more patients.</em></p>")
-    if history:  # wide: full width
-        parts.append(_png(lambda b: plot_history(history, b), "Training curves"))
+    return (f"<h3>Validation metrics (used for selection)</h3><p>{len(labels)} validation images{n_pat} "
+            f"({n_abn} abnormal, {n_neg} {html.escape(negative)}). Intervals: "
+            f"{html.escape(method)}. These images chose the best epoch (and, in a sweep, the trial) and the "
+            f"threshold {r.threshold:.3f} on the abnormal score ({html.escape(score_text)}, Youden's J)"
+            + (", and each finding's threshold" if ml else "") + ", so "
+            "every number here is optimistic; report the held-out test numbers (`xray-dist evaluate`).</p>")
+
+
+def _figures(r: _Run, ci: dict, cal: dict) -> list[str]:
+    """Training curves, then ROC curves, the confusion matrix (multi-class) and the reliability diagram."""
+    from xray_dist.results.plots import plot_calibration, plot_confusion, plot_history, plot_roc  # matplotlib
+
+    ml, names, labels, probs = r.scheme.multilabel, r.names, r.scores.labels, r.scores.probs
+    intervals = {"abnormal": ci["auc_abnormal"][1:]}
+    intervals.update({k: ci[f"auc_{k}"][1:] for k in (r.scheme.keys if ml else names[1:]) if f"auc_{k}" in ci})
+    parts = []
+    if r.history:  # wide: full width
+        parts.append(_png(lambda b: plot_history(r.history, b), "Training curves"))
     parts.append('<div class="figs">')
     parts.append(_png(lambda b: plot_roc(labels, probs, names, b, intervals, multilabel=ml), "ROC curves (validation)"))
-    if cm is not None:  # multi-label outputs are not exclusive: no confusion matrix
+    if not ml:  # multi-label outputs are not exclusive: no confusion matrix
+        cm = confusion_matrix(labels, np.argmax(probs, axis=1), len(names))
         parts.append(_png(lambda b: plot_confusion(cm, names, b), "Confusion matrix (validation, argmax)"))
     parts.append(_png(lambda b: plot_calibration(cal, b), "Reliability diagram (validation)"))
     parts.append("</div>")
-    parts.append(_dataset_section(cfg.get("cache"), metrics.get("dataset", {}), file_lists))
+    return parts
+
+
+def _run_section(run: str, n_boot: int, file_lists: bool = True) -> str:
+    """A run's page: settings, validation metrics with intervals, figures, dataset."""
+    r = _load_run(run)
+    s, ml = r.scores, r.scheme.multilabel
+    ci, method = metrics_with_intervals(s.labels, s.probs, r.names, r.threshold, Resampling(s.patients, n_boot),
+                                        multilabel=ml, thresholds=r.thresholds)
+    cal = calibration_curves(s.labels, s.probs, r.names, multilabel=ml)
+    summary = [["mean AUROC over findings" if ml else "macro AUROC", _fmt(r.metrics.get("val_auc"))]]
+    rows = metric_rows(ci, r.scheme, r.threshold, r.thresholds, summary,
+                       calibration=[[f"expected calibration error, {k}", _fmt(v["ece"])] for k, v in cal.items()])
+    parts = [f"<h2>Run <code>{html.escape(storage.name(run))}</code></h2>", _settings_table(r),
+             _validation_intro(r, method), _table(["metric", "value [95 % CI]"], rows, "metrics")]
+    if any(v[1] == v[2] for v in ci.values()):
+        parts.append(f"<p><em>A zero-width interval comes from a perfect score on these {len(s.labels)} images, "
+                     "which every resample repeats; it is not certainty. Validate on more patients.</em></p>")
+    parts += _figures(r, ci, cal)
+    parts.append(_dataset_section(r.metrics.get("config", {}).get("cache"), r.metrics.get("dataset", {}), file_lists))
     return "\n".join(parts)
 
 
 def _dataset_section(cache: str | None, summary: dict, file_lists: bool = True) -> str:
+    """The dataset: counts and splits from the cache's prepare report (else the run's summary of
+    it), and with ``file_lists`` every file that was not used."""
     report = {}
     if cache:
         try:
-            report = storage.read_json(storage.join(cache, "prepare_report.json"))
-        except (FileNotFoundError, XrayDistError):  # the cache moved, or its store is out of reach
+            report = read_report(cache)
+        except XrayDistError:  # the cache's store is out of reach (a moved cache reads as {})
             report = {}
     src = report or summary
     if not src:
         return "<h3>Dataset</h3><p>No prepare report found (the cache has moved?).</p>"
     parts = ["<h3>Dataset</h3>"]
+
     def count(key):
         return len(src[key]) if isinstance(src.get(key), list) else src.get(key, 0)
 
@@ -231,11 +255,19 @@ def _dataset_section(cache: str | None, summary: dict, file_lists: bool = True) 
                      "and seed give the same value on any machine.</p>")
     parts.append(_table(["finding" if src.get("task") == "multilabel" else "label", "images"],
                         [[k, v] for k, v in sorted(src.get("classes", {}).items())]))
+    if file_lists:
+        parts += _unused_files(report)
+    return "\n".join(parts)
+
+
+def _unused_files(report: dict) -> list[str]:
+    """The prepare report's lists of files that were not used, 200 of each at most."""
+    parts = []
     for key, what in (("quarantined", "Quarantined files (unreadable; not used)"),
                       ("excluded", "Files of other views (--views; not used)"),
                       ("unlabeled", "Files without a label (not used)"),
                       ("missing", "Labelled paths with no file")):
-        listed = report.get(key, []) if report and file_lists else []
+        listed = report.get(key, [])
         if not listed:
             continue
         shown = listed[:200]
@@ -243,16 +275,14 @@ def _dataset_section(cache: str | None, summary: dict, file_lists: bool = True) 
         parts.append(_table(["file", "reason"], [[q.get("path"), q.get("reason", "")] if isinstance(q, dict)
                                                  else [q, ""] for q in shown]))
         if len(listed) > len(shown):
-            parts.append(f"<p>… and {len(listed) - len(shown)} more in prepare_report.json.</p>")
-    return "\n".join(parts)
+            parts.append(f"<p>… and {len(listed) - len(shown)} more in {PREPARE_REPORT}.</p>")
+    return parts
 
 
 def _sweep_section(sweep: str) -> tuple[str, str | None]:
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep, "results.csv")), newline="")))
-    try:
-        best = storage.read_json(storage.join(sweep, "best.json"))
-    except FileNotFoundError:
-        best = None
+    """The sweep's results table (best first), its plot and its best trial; and that trial's run."""
+    rows = runs.read_results(sweep)
+    best = runs.read_best(sweep)
     cols = ["head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal", "val_auc",
             "sensitivity", "specificity", "trainable_parameters", "wall_seconds"]
     cols = [c for c in cols if rows and c in rows[0]]
@@ -271,23 +301,21 @@ def _sweep_section(sweep: str) -> tuple[str, str | None]:
              f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early, "
              f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by val_auc_abnormal.</p>",
              _table(cols, [[cell(r, c) for c in cols] for r in order], "results")]
-    png = storage.join(sweep, "sweep.png")
-    if storage.is_file(png):
-        data = base64.b64encode(storage.read_bytes(png)).decode("ascii")
-        parts.append(f'<figure><img alt="metric against each dimension" src="data:image/png;base64,{data}">'
-                     "<figcaption>val_auc_abnormal against each searched dimension</figcaption></figure>")
-    best_run = None
-    if best:
-        parts.append("<h3>Best trial</h3>" + _table(["setting", "value"],
-                                                     [[k, v] for k, v in best["config"].items()], "kv"))
-        val = best.get("metrics", {}).get("val_auc_abnormal")
-        test = best.get("test", {}).get("auc_abnormal")
-        parts.append(f"<p>Validation AUROC abnormal {_fmt(val)}: the best of {len(rows)} trials on the same "
-                     "validation images, so biased upward"
-                     + (f"; held-out test AUROC abnormal {_ci(test['value'], *test['ci95'])}</p>" if test else
-                        "; no held-out test score yet (`xray-dist evaluate --model SWEEP --cache CACHE`).</p>"))
-        best_run = best["model"]
-    return "\n".join(parts), best_run
+    png = runs.read_sweep_plot(sweep)
+    if png is not None:
+        parts.append(_figure(png, "metric against each dimension",
+                             "val_auc_abnormal against each searched dimension"))
+    if not best:
+        return "\n".join(parts), None
+    parts.append("<h3>Best trial</h3>" + _table(["setting", "value"], [[k, v] for k, v in best["config"].items()],
+                                                 "kv"))
+    val = best.get("metrics", {}).get("val_auc_abnormal")
+    test = best.get("test", {}).get("auc_abnormal")
+    parts.append(f"<p>Validation AUROC abnormal {_fmt(val)}: the best of {len(rows)} trials on the same "
+                 "validation images, so biased upward"
+                 + (f"; held-out test AUROC abnormal {_ci(test['value'], *test['ci95'])}</p>" if test else
+                    "; no held-out test score yet (`xray-dist evaluate --model SWEEP --cache CACHE`).</p>"))
+    return "\n".join(parts), best["model"]
 
 
 CSS = """
@@ -316,14 +344,12 @@ def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shar
     for where in (target, out):
         storage.check_location(where)
     target = storage.absolute(target)
-    from xray_dist.results.evaluate import read_evaluation
-
-    if storage.is_file(storage.join(target, "results.csv")):
+    if runs.is_sweep(target):
         body, best_run = _sweep_section(target)
-        if best_run is not None and storage.is_file(storage.join(best_run, "metrics.json")):
+        if best_run is not None and runs.is_run(best_run):
             body += "\n" + _run_section(best_run, n_boot, not shareable)
         title = f"xray-dist sweep report: {storage.name(target)}"
-    elif storage.is_file(storage.join(target, "metrics.json")):
+    elif runs.is_run(target):
         body = _run_section(target, n_boot, not shareable)
         title = f"xray-dist run report: {storage.name(target)}"
     else:

@@ -21,15 +21,20 @@ names; the model's spec has no path.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
-from xray_dist.infra import storage
 from xray_dist.errors import XrayDistError
-from xray_dist.infra.redaction import mask_credentials
+from xray_dist.infra import storage
+from xray_dist.infra.redaction import MASK, mask_credentials
+from xray_dist.model.artifacts import SPEC_FILE, read_spec, run_model_dir
+from xray_dist.results import runs
+from xray_dist.results.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def tracking_uri(flag: str | None) -> str | None:
 
 
 def _client(uri: str):
-    try:
+    try:  # MLflow: an optional extra, imported when tracking is asked for
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise XrayDistError("--mlflow needs the MLflow client: pip install 'xray-dist[mlflow]'") from None
@@ -102,7 +107,7 @@ def _start(client, uri: str, cfg, fingerprint_id: str, dataset: dict) -> dict:
     exp = client.get_experiment_by_name("xray-dist")
     exp_id = exp.experiment_id if exp else client.create_experiment("xray-dist")
     run = client.create_run(exp_id, run_name=storage.name(cfg.out), tags={"xray_dist.kind": "train"})
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # MLflow: optional
 
     params = {**params_of(cfg), "cache_fingerprint": fingerprint_id,
               **{f"images_{k}": str(v.get("images")) for k, v in dataset.get("splits", {}).items()}}
@@ -114,8 +119,6 @@ def _start(client, uri: str, cfg, fingerprint_id: str, dataset: dict) -> dict:
 
 def metric_key(key: str) -> str:
     """A metric name MLflow accepts (``val_auc_<class>`` of a class named ``a|b``, say)."""
-    import re
-
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", key)
 
 
@@ -129,10 +132,7 @@ class EpochLogger:
     def log(self, row: dict) -> None:
         if not self.client:
             return
-        import math
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # MLflow: optional
 
         now = int(time.time() * 1000)
         step = int(row["epoch"])
@@ -151,28 +151,31 @@ def finish_train_run(target: dict | None, run_dir: Path, complete: bool) -> None
     client = _client(target["uri"])
     rid = target["run_id"]
     try:
-        for name in ("history.csv", "training_curves.png", "roc.png"):
-            if (run_dir / name).is_file():
-                client.log_artifact(rid, str(run_dir / name))
+        for name in (runs.HISTORY, runs.CURVES_PNG, runs.ROC_PNG):
+            if Path(runs.path(run_dir, name)).is_file():
+                client.log_artifact(rid, runs.path(run_dir, name))
         with tempfile.TemporaryDirectory() as tmp:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            # the run's settings without its locations (cache, run directory, weights file, Ray address)
-            metrics["config"] = {k: v for k, v in metrics.get("config", {}).items() if k in PARAMS}
-            metrics["config"]["weights"] = weights_kind(str(json.loads((run_dir / "metrics.json").read_text())
-                                                            .get("config", {}).get("weights", "none")))
-            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            client.log_artifact(rid, str(Path(tmp) / "metrics.json"))
-            spec = json.loads((run_dir / "model" / "model_spec.json").read_text())
-            spec.get("top", {}).pop("weights", None)  # a path, when the base came from a file
-            (Path(tmp) / "model_spec.json").write_text(json.dumps(spec, indent=2))
-            client.log_artifact(rid, str(Path(tmp) / "model_spec.json"), "model")
-            from xray_dist.results.report import write_report
-
-            write_report(run_dir, Path(tmp) / "report.html", n_boot=200, shareable=True)
-            client.log_artifact(rid, str(Path(tmp) / "report.html"))
+            _log_shareable(client, rid, run_dir, Path(tmp))
         client.set_terminated(rid, status="FINISHED" if complete else "KILLED")
     except Exception as e:  # noqa: BLE001
         log.warning("MLflow: artifacts of run %s not logged (%s: %s)", rid, type(e).__name__, mask_credentials(str(e)))
+
+
+def _log_shareable(client, rid: str, run_dir: Path, tmp: Path) -> None:
+    """``metrics.json``, the model's spec and the report, without a location or a file name."""
+    metrics = runs.read_metrics(run_dir)
+    config = metrics.get("config", {})
+    # the run's settings without its locations (cache, run directory, weights file, Ray address)
+    metrics["config"] = {k: v for k, v in config.items() if k in PARAMS}
+    metrics["config"]["weights"] = weights_kind(str(config.get("weights", "none")))
+    storage.write_json(tmp / runs.METRICS, metrics, indent=2)
+    client.log_artifact(rid, str(tmp / runs.METRICS))
+    spec = read_spec(run_model_dir(run_dir))
+    spec.get("top", {}).pop("weights", None)  # a path, when the base came from a file
+    storage.write_json(tmp / SPEC_FILE, spec, indent=2)
+    client.log_artifact(rid, str(tmp / SPEC_FILE), "model")
+    write_report(run_dir, tmp / "report.html", n_boot=200, shareable=True)
+    client.log_artifact(rid, str(tmp / "report.html"))
 
 
 def fail_train_run(target: dict | None) -> None:
@@ -203,8 +206,6 @@ _KNOWN: dict[str, str] = {}
 def unmasked(shown: str | None) -> str | None:
     """The URI behind ``shown``: itself when it holds no masked credentials; else the one this
     process was given (``--mlflow``, ``MLFLOW_TRACKING_URI``) that masks to it; else None."""
-    from xray_dist.infra.redaction import MASK
-
     if not shown or MASK not in shown:
         return shown
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -226,7 +227,7 @@ def _sweep_callback_class():
     masked; a restored sweep gets the URI back from :func:`unmasked` when it starts."""
     if "SweepMLflowCallback" in globals():
         return globals()["SweepMLflowCallback"]
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.air.integrations.mlflow import MLflowLoggerCallback  # Ray: only for a tracked sweep
 
     class SweepMLflowCallback(MLflowLoggerCallback):
         def __getstate__(self):

@@ -1,5 +1,17 @@
-"""Fitting models: the input pipeline, the worker loop under MultiWorkerMirroredStrategy, optimizer and RNG state,
-the Ray Train driver and the run's export, the frozen-feature cache, in-process trials, and the Ray Tune sweep.
+"""Fitting models: ``xray-dist train`` and ``xray-dist tune``.
+
+- :mod:`~xray_dist.training.pipeline`: the cache's splits as Ray Datasets, each worker's batches
+  (:class:`~xray_dist.training.pipeline.ShardCache`), the ``tf.data`` input, devices and strategy;
+- :mod:`~xray_dist.training.worker`: the per-worker training loop and its Ray Train session;
+- :mod:`~xray_dist.training.callbacks`: the end of each epoch (weights check, validation,
+  checkpoint, report); :mod:`~xray_dist.training.state`: optimizer and RNG state, weights digest;
+- :mod:`~xray_dist.training.driver`: the Ray Train driver; :mod:`~xray_dist.training.export`:
+  the run's outputs; :mod:`~xray_dist.training.scalars`: TensorBoard; :mod:`~xray_dist.training.resume`:
+  the same-settings rule for a rerun into an existing ``--out``;
+- :mod:`~xray_dist.training.features`: the frozen-feature cache; :mod:`~xray_dist.training.inprocess`:
+  one-worker trials in their own process; :mod:`~xray_dist.training.tune`: the Ray Tune sweep, and
+  :mod:`~xray_dist.training.sweep_results` what it writes; :mod:`~xray_dist.training.backend`:
+  MultiWorkerMirroredStrategy's Ray Train backend without a TensorFlow import.
 
 May import: :mod:`xray_dist.inference`, :mod:`xray_dist.results` and everything below them.
 """

@@ -14,16 +14,20 @@ Layout: ``CACHE/features/<key>/`` with Parquet shards (``path``, ``x`` float32 t
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
-from xray_dist.infra import storage
 from xray_dist.config import stable_hash
+from xray_dist.data.cache import (CacheLayout, images_dataset, images_key, load_spec, read_cache_parquet,
+                                  tensor_column_to_numpy)
+from xray_dist.infra import storage
+from xray_dist.infra.console import Progress
+from xray_dist.infra.locks import TargetLock
 
 log = logging.getLogger(__name__)
-
-FEATURES_DIR = "features"
 
 
 def boundary_layer(unfreeze_blocks: int) -> str | None:
@@ -32,12 +36,9 @@ def boundary_layer(unfreeze_blocks: int) -> str | None:
 
 
 def features_key(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int) -> str:
-    from xray_dist.data.cache import COMPLETE, IMAGES_DIR
-
-    images_key = storage.read_json(storage.join(cache, IMAGES_DIR, COMPLETE))["key"]
     # a weights file counts by its content, wherever it lives and whatever its name
     w = weights if weights in ("imagenet", "none") else "sha256:" + storage.content_sha256(weights)
-    return stable_hash({"images": images_key, "weights": w, "seed": seed if weights == "none" else None,
+    return stable_hash({"images": images_key(cache), "weights": w, "seed": seed if weights == "none" else None,
                         "depth": unfreeze_blocks})
 
 
@@ -45,9 +46,9 @@ class _Extractor:
     """Ray Data actor: the frozen part of VGG16 (built once per actor), images → boundary activations."""
 
     def __init__(self, image_size: int, weights: str, seed: int, unfreeze_blocks: int):
-        import tf_keras as keras
+        import tf_keras as keras  # TensorFlow: in the extracting process only
 
-        from xray_dist.model.network import frozen_part
+        from xray_dist.model.network import frozen_part  # imports TensorFlow
 
         keras.utils.set_random_seed(seed)  # weights="none": the same random base as the uncached model
         self.model = frozen_part(image_size, weights, unfreeze_blocks)
@@ -55,6 +56,33 @@ class _Extractor:
     def __call__(self, batch: dict) -> dict:
         x = np.asarray(self.model(batch["image"], training=False), dtype=np.float32)
         return {"path": batch["path"], "x": x}
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """One feature directory to compute: the frozen base of (``weights``, ``seed``) up to depth
+    ``unfreeze_blocks``'s boundary over ``cache``'s images, into ``out``; ``where`` and
+    ``concurrency`` as :func:`ensure_features` takes them."""
+
+    cache: str
+    out: str
+    weights: str
+    seed: int
+    unfreeze_blocks: int
+    where: str = "auto"
+    concurrency: int = 2
+
+    @property
+    def layer(self) -> str:
+        return boundary_layer(self.unfreeze_blocks)
+
+    @property
+    def shards(self) -> str:
+        return storage.join(self.out, "shards")
+
+    @property
+    def meta_path(self) -> str:
+        return storage.join(self.out, "meta.json")
 
 
 def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int, where: str = "auto",
@@ -65,40 +93,33 @@ def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks:
     ``"ray"`` in a Ray Data pool of ``concurrency`` actors, which spreads a large cache over a
     cluster's nodes but costs each actor a fresh TensorFlow process (~5-10 s on a small machine);
     ``"auto"``: here on a single node without GPUs (a laptop, CI), Ray elsewhere."""
-    layer = boundary_layer(unfreeze_blocks)
-    if layer is None:
+    if boundary_layer(unfreeze_blocks) is None:
         return None
     key = features_key(cache, weights, seed, unfreeze_blocks)
-    out = storage.join(cache, FEATURES_DIR, key)
-    meta_path = storage.join(out, "meta.json")
-    if storage.is_file(meta_path):
-        return out
-    from xray_dist.infra.locks import TargetLock
-
-    with TargetLock(out, "frozen-feature extraction"):  # two sweeps on one cache: one extracts
-        if storage.is_file(meta_path):  # the other finished it while this one waited for nothing
-            return out
-        _extract(cache, out, meta_path, layer, key, weights, seed, unfreeze_blocks, where, concurrency)
-    return out
+    job = Extraction(str(cache), CacheLayout(str(cache)).features(key), weights, seed, unfreeze_blocks, where,
+                     concurrency)
+    if storage.is_file(job.meta_path):
+        return job.out
+    with TargetLock(job.out, "frozen-feature extraction"):  # two sweeps on one cache: one extracts
+        if storage.is_file(job.meta_path):  # the other finished it while this one waited for nothing
+            return job.out
+        _extract(job, key)
+    return job.out
 
 
-def _extract(cache: str, out: str, meta_path: str, layer: str, key: str, weights: str, seed: int,
-             unfreeze_blocks: int, where: str, concurrency: int) -> None:
-    storage.delete_dir(storage.join(out, "shards"))  # an interrupted extraction (nothing when absent)
+def _extract(job: Extraction, key: str) -> None:
+    storage.delete_dir(job.shards)  # an interrupted extraction (nothing when absent)
+    where = job.where
     if where == "auto":
         where, why = extraction_place()
         log.debug("frozen features: extracting %s (%s)", "in this process" if where == "here" else "on the cluster", why)
     if where not in ("here", "ray"):
         raise ValueError(f"where={where!r}: expected 'auto', 'here' or 'ray'")
-    log.debug("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", layer,
-             unfreeze_blocks, "in this process" if where == "here" else f"{concurrency} Ray Data actors")
-    shards = storage.join(out, "shards")
-    if where == "here":
-        shape = _extract_here(cache, shards, weights, seed, unfreeze_blocks)
-    else:
-        shape = _extract_with_ray(cache, shards, weights, seed, unfreeze_blocks, concurrency)
-    storage.write_json(meta_path, {"layer": layer, "shape": shape, "unfreeze_blocks": unfreeze_blocks,
-                                   "weights": weights, "seed": seed, "key": key})  # written last: complete
+    log.debug("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", job.layer,
+              job.unfreeze_blocks, "in this process" if where == "here" else f"{job.concurrency} Ray Data actors")
+    shape = _extract_here(job) if where == "here" else _extract_with_ray(job)
+    storage.write_json(job.meta_path, {"layer": job.layer, "shape": shape, "unfreeze_blocks": job.unfreeze_blocks,
+                                       "weights": job.weights, "seed": job.seed, "key": key})  # written last: complete
 
 
 def extraction_place() -> tuple[str, str]:
@@ -109,7 +130,7 @@ def extraction_place() -> tuple[str, str]:
     ``--num-cpus 0`` — extracts on the cluster (Ray Data asks for the resources, the autoscaler
     starts workers for them), whatever is up at the moment.
     """
-    import ray
+    import ray  # Ray: heavy
 
     if not ray.is_initialized():
         return "here", "no Ray cluster"
@@ -130,56 +151,50 @@ def _single_cpu_node() -> bool:
     return extraction_place()[0] == "here"
 
 
-def _extract_here(cache: str, shards: str, weights: str, seed: int, unfreeze_blocks: int) -> list:
+def _extract_here(job: Extraction) -> list:
     """The frozen base in this process over the cache's readable rows, 256 rows per Parquet shard
     (Ray Data's tensor column type, so readers cannot tell the two ways apart)."""
-    import pyarrow.compute as pc
-    import tf_keras as keras
+    import tf_keras as keras  # TensorFlow: in the extracting process only
     from ray.data.block import BlockAccessor
 
-    from xray_dist.infra.console import Progress
+    from xray_dist.model.network import frozen_part  # imports TensorFlow
 
-    from xray_dist.data.cache import tensor_column_to_numpy as _tensor_column_to_numpy, images_dataset, load_spec
-    from xray_dist.model.network import frozen_part
-
-    size = load_spec(cache).image_size
-    keras.utils.set_random_seed(seed)  # weights="none": the same random base as the uncached model
-    model = frozen_part(size, weights, unfreeze_blocks)
-    storage.makedirs(shards)
-    dset = images_dataset(cache)
+    size = load_spec(job.cache).image_size
+    keras.utils.set_random_seed(job.seed)  # weights="none": the same random base as the uncached model
+    model = frozen_part(size, job.weights, job.unfreeze_blocks)
+    storage.makedirs(job.shards)
+    dset = images_dataset(job.cache)
     ok = pc.field("error").is_null() | (pc.field("error") == "")
-    with Progress(dset.count_rows(filter=ok), f"frozen features (depth {unfreeze_blocks})", unit="image") as bar:
+    with Progress(dset.count_rows(filter=ok), f"frozen features (depth {job.unfreeze_blocks})", unit="image") as bar:
         for i, rb in enumerate(dset.to_batches(columns=["path", "image"], filter=ok, batch_size=256)):
             if rb.num_rows == 0:
                 continue
-            images = _tensor_column_to_numpy(rb.column("image"), size)
+            images = tensor_column_to_numpy(rb.column("image"), size)
             x = []
             for j in range(0, len(images), 32):
                 x.append(np.asarray(model(images[j : j + 32], training=False), dtype=np.float32))
                 bar.update(len(x[-1]))
             block = BlockAccessor.batch_to_block({"path": np.asarray(rb.column("path").to_pylist(), dtype=object),
                                                   "x": np.concatenate(x)})
-            storage.write_parquet(block, storage.join(shards, f"part-{i:05d}.parquet"))
+            storage.write_parquet(block, storage.join(job.shards, f"part-{i:05d}.parquet"))
     shape = list(model.output_shape[1:])
     del model
     keras.backend.clear_session()
     return shape
 
 
-def _extract_with_ray(cache: str, shards: str, weights: str, seed: int, unfreeze_blocks: int,
-                      concurrency: int) -> list:
-    from xray_dist.data.cache import IMAGES_DIR, load_spec, read_cache_parquet
-    from xray_dist.model.network import frozen_part
+def _extract_with_ray(job: Extraction) -> list:
+    from xray_dist.model.network import frozen_part  # imports TensorFlow
 
-    size = load_spec(cache).image_size
-    ds = read_cache_parquet(storage.join(cache, IMAGES_DIR), ["path", "image", "error"], 0.25)
+    size = load_spec(job.cache).image_size
+    ds = read_cache_parquet(CacheLayout(job.cache).images, ["path", "image", "error"], 0.25)
     ds = ds.filter(lambda r: not r["error"]).select_columns(["path", "image"])
-    ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"image_size": size, "weights": weights, "seed": seed,
-                                                           "unfreeze_blocks": unfreeze_blocks},
-                        batch_size=32, batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
-    path, fs = storage.ray_storage(shards)
+    ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"image_size": size, "weights": job.weights,
+                                                           "seed": job.seed, "unfreeze_blocks": job.unfreeze_blocks},
+                        batch_size=32, batch_format="numpy", concurrency=job.concurrency, num_cpus=0.5)
+    path, fs = storage.ray_storage(job.shards)
     ds.write_parquet(path, filesystem=fs)
-    return list(frozen_part(size, "none", unfreeze_blocks).output_shape[1:])
+    return list(frozen_part(size, "none", job.unfreeze_blocks).output_shape[1:])
 
 
 def read_meta(features: str | Path) -> dict:

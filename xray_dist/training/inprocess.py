@@ -1,4 +1,4 @@
-"""One-worker training in the calling process: :func:`xray_dist.training.driver.train_loop` without a Ray
+"""One-worker training in the calling process: :func:`xray_dist.training.worker.train_loop` without a Ray
 Train controller and worker group.
 
 A sweep trial on frozen features trains a few thousand parameters for a few seconds; launched
@@ -31,16 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from xray_dist.infra import storage
+import numpy as np
+import pyarrow.compute as pc
+
 from xray_dist.config import TrainConfig
+from xray_dist.data.cache import parquet_dataset, split_labels
 from xray_dist.errors import CacheError
+from xray_dist.infra import storage
+from xray_dist.training.driver import make_loop_config, run_setup
+from xray_dist.training.pipeline import attach_labels, fits_in_worker, split_dataset, split_source
+from xray_dist.training.worker import train_loop
 
 CHECKPOINTS = "checkpoints"
 
 
 @dataclass
 class LocalResult:
-    """The parts of a Ray Train ``Result`` that :func:`xray_dist.training.driver.export_run` reads."""
+    """The parts of a Ray Train ``Result`` that :func:`xray_dist.training.export.export_run` reads."""
 
     checkpoint: object | None
     best_checkpoints: list = field(default_factory=list)  # [(Checkpoint, metrics)]
@@ -49,16 +56,12 @@ class LocalResult:
 
 class LocalSplit:
     """One split of the cache (images or frozen features) in memory, read with pyarrow: the part of
-    a Ray Data shard's interface that :class:`~xray_dist.training.driver.ShardCache` and
-    :class:`~xray_dist.training.driver.ValidationSet` use (``iter_batches``), with the same rows and columns
-    (``x``, ``label``, ``weight``) as :func:`xray_dist.training.driver.split_dataset`."""
+    a Ray Data shard's interface that :class:`~xray_dist.training.pipeline.ShardCache` and
+    :class:`~xray_dist.training.callbacks.ValidationSet` use (``iter_batches``), with the same rows and
+    columns (``x``, ``label``, ``weight``) as :func:`xray_dist.training.pipeline.split_dataset`."""
 
     def __init__(self, source: str, column: str, label_of: dict[str, int], class_weight: dict[int, float]):
-        import pyarrow.compute as pc
-        from ray.data.block import BlockAccessor
-
-        from xray_dist.data.cache import parquet_dataset
-        from xray_dist.training.driver import attach_labels
+        from ray.data.block import BlockAccessor  # Ray: its tensor columns as arrays
 
         table = parquet_dataset(source).to_table(
             columns=["path", column], filter=pc.field("path").isin(list(label_of)))
@@ -74,8 +77,6 @@ class LocalSplit:
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
                      local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
                      **_ignored):
-        import numpy as np
-
         n = len(self.rows["label"])
         order = (np.random.default_rng(local_shuffle_seed).permutation(n) if local_shuffle_buffer_size
                  else np.arange(n))
@@ -88,9 +89,6 @@ class LocalSplit:
 def in_process_inputs(cfg: TrainConfig) -> tuple:
     """:func:`xray_dist.training.driver.run_inputs` for a run in this process: each split as a
     :class:`LocalSplit` when it fits in ``cfg.worker_cache_mb``, as the Ray Dataset otherwise."""
-    from xray_dist.training.driver import fits_in_worker, make_loop_config, run_setup, split_dataset, split_source
-    from xray_dist.data.cache import split_labels
-
     scheme, spec, class_weight = run_setup(cfg)
     source, column = split_source(cfg.cache, cfg.features)
     datasets, sizes = {}, {}
@@ -106,7 +104,7 @@ def in_process_inputs(cfg: TrainConfig) -> tuple:
 
 
 class InProcessSession:
-    """The :class:`xray_dist.training.driver.RayTrainSession` interface for a one-worker run in this process."""
+    """The :class:`xray_dist.training.worker.RayTrainSession` interface for a one-worker run in this process."""
 
     def __init__(self, datasets: dict, store: str | Path, metric: str,
                  on_report: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
@@ -135,7 +133,7 @@ class InProcessSession:
         return self.datasets[name]
 
     def _checkpoint(self, epoch: int):
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint  # Ray: heavy; a trial process has it loaded already
 
         path, fs = storage.ray_storage(storage.join(self.store, f"epoch_{epoch:04d}"))
         return Checkpoint(path, filesystem=fs) if fs is not None else Checkpoint.from_directory(path)
@@ -174,15 +172,14 @@ def can_run_in_process(cfg: TrainConfig) -> bool:
 
 def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None,
                      should_stop: Callable[[], bool] | None = None):
-    """Run :func:`xray_dist.training.driver.train_loop` here; returns (result, scheme, model spec) like a trainer's fit.
+    """Run :func:`xray_dist.training.worker.train_loop` here; returns (result, scheme, model spec) like a
+    trainer's fit.
 
     ``should_stop`` is polled after every batch; once it is true the loop raises
     :class:`~xray_dist.errors.RunStopped` within a batch, so a stopped sweep trial frees its (reused)
     process at once instead of finishing its epoch.
     """
-    import tf_keras as keras
-
-    from xray_dist.training.driver import train_loop
+    import tf_keras as keras  # TensorFlow: only where a run trains
 
     if not can_run_in_process(cfg):
         raise ValueError(f"in-process training needs num_workers=1 and no cpu_replicas. Received: "

@@ -2,21 +2,20 @@
 
 Train V2 pattern: each trial is a function trainable (:func:`trial_fn`) that builds its
 :class:`~xray_dist.config.TrainConfig` with ``dataclasses.replace`` and runs the training loop of
-``xray-dist train`` (:func:`xray_dist.training.driver.train_loop`), reporting every epoch to Tune so ASHA
+``xray-dist train`` (:func:`xray_dist.training.worker.train_loop`), reporting every epoch to Tune so ASHA
 can stop weak trials early. Trials with several workers launch the very same Ray Train trainer
 (:func:`xray_dist.training.driver.make_trainer`) with ``TuneReportCallback``; one-worker trials (the usual
 sweep) run the loop inside their own Tune process (:mod:`xray_dist.training.inprocess`), which Tune reuses
 from trial to trial (``--trial-runner``).
 
 Trials with unfreeze depth D < 5 train on shared frozen features (:mod:`xray_dist.training.features`),
-computed once per (cache, weights, D) before the trials start.
+computed once per (cache, weights, D) before the trials start. What the sweep writes at the end
+is :mod:`xray_dist.training.sweep_results`'s.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import itertools
 import json
 import logging
@@ -24,16 +23,24 @@ import math
 import time
 from pathlib import Path
 
-
-from xray_dist.infra import compat, console, storage
-
-
-from xray_dist.data import fingerprint
-
-
-from xray_dist.results import tracking
 from xray_dist.config import SweepConfig, TrainConfig
-from xray_dist.errors import RunStopped, XrayDistError
+from xray_dist.data import fingerprint
+from xray_dist.errors import RunStopped
+from xray_dist.infra import compat, console, storage
+from xray_dist.infra.worker_output import worker_logging
+from xray_dist.infra.locks import TargetLock
+from xray_dist.infra.runtime import init_ray
+from xray_dist.model.artifacts import MODEL_DIR
+from xray_dist.results import tracking
+from xray_dist.results.runs import METRICS
+from xray_dist.training.driver import make_trainer
+from xray_dist.training.export import export_run
+from xray_dist.training.features import ensure_features
+from xray_dist.training.inprocess import can_run_in_process, train_in_process
+from xray_dist.training.pipeline import DATA_CPUS
+from xray_dist.training.resume import changed_settings, check_same_settings
+from xray_dist.training.scalars import TENSORBOARD_DIR
+from xray_dist.training.sweep_results import collect_results, params_of, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +67,8 @@ class TrialSetup:
 
 def trial_fn(params: dict, setup: TrialSetup) -> None:
     """One trial: the training loop of ``xray-dist train``, in this process or as a Ray Train run."""
-    import ray.tune
+    import ray.tune  # Ray: heavy (a trial runs in a Tune process)
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from xray_dist.infra.console import worker_logging
-    from xray_dist.training.inprocess import train_in_process
-    from xray_dist.training.driver import export_run, make_trainer
 
     worker_logging(terminal=False)
 
@@ -74,13 +77,15 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
     out = storage.join(setup.sweep_out, "trials", Path(ctx.get_trial_dir()).name)
     cfg = trial_config(setup.base, params, out, setup.features)
     try:
-        done = storage.read_json(storage.join(out, "metrics.json"))
+        done = storage.read_json(storage.join(out, METRICS))
     except FileNotFoundError:
         done = {}
     if done.get("complete"):
         # Tune reruns a trial whose end it had not recorded when the sweep was interrupted: the
         # trial already finished, so report its final epoch again instead of training.
-        ray.tune.report({k: v for k, v in done["final"].items() if isinstance(v, (int, float))})
+        # (metrics.json holds a NaN metric as null: reported as NaN again, as the trial first did)
+        ray.tune.report({k: float("nan") if v is None else v for k, v in done["final"].items()
+                         if v is None or isinstance(v, (int, float))})
         return
     storage.makedirs(out)
     storage.write_json(storage.join(out, "config.json"), cfg.to_dict(), indent=2)
@@ -96,20 +101,18 @@ def trial_fn(params: dict, setup: TrialSetup) -> None:
                                              terminal=False)
         t_trainer = time.time()
         result = trainer.fit()
-    if result.error:
+    if result.error:  # an in-process run that reported no checkpoint (Ray Train's fit() raises itself)
         raise result.error
     t_fit = time.time()
-    with storage.staged_output(out, replace=("model", "tensorboard"), marker="metrics.json") as local_out:
+    with storage.staged_output(out, replace=(MODEL_DIR, TENSORBOARD_DIR), marker=METRICS) as local_out:
         export_run(cfg, result, scheme, spec, local_out, full_model=False)  # the sweep writes its best trial's full model
         # where the trial's time went (start-up vs training vs export), for tuning sweeps
-        (local_out / "timings.json").write_text(json.dumps({"trial_start": t0, "trainer_built": t_trainer,
-                                                            "fit_done": t_fit, "exported": time.time()}, indent=2))
+        storage.write_json(local_out / "timings.json", {"trial_start": t0, "trainer_built": t_trainer,
+                                                        "fit_done": t_fit, "exported": time.time()}, indent=2)
 
 
 def in_process(sweep: SweepConfig) -> bool:
     """Whether trials train inside their own Tune process (:mod:`xray_dist.training.inprocess`)."""
-    from xray_dist.training.inprocess import can_run_in_process
-
     if sweep.trial_runner == "inprocess" and not can_run_in_process(sweep.base):
         raise ValueError("--trial-runner inprocess needs one worker per trial and no cpu_replicas; use "
                          "--trial-runner train for multi-worker trials")
@@ -139,8 +142,6 @@ def concurrency_choice(sweep: SweepConfig, resources: dict, trials: int | None =
     if b.gpus_per_worker:
         need, unit = b.num_workers * b.gpus_per_worker, "GPU"
     else:
-        from xray_dist.training.driver import DATA_CPUS
-
         trial_process = 0 if in_process(sweep) else TRIAL_CPUS
         need = b.num_workers * b.worker_cpus + trial_process + DATA_CPUS  # + room for one Ray Data task
         unit = "CPU"
@@ -160,7 +161,7 @@ def concurrency_choice(sweep: SweepConfig, resources: dict, trials: int | None =
 
 def param_space(sweep: SweepConfig) -> tuple[dict, int]:
     """Tune's param space and num_samples for the search mode."""
-    from ray import tune
+    from ray import tune  # Ray: heavy
 
     lr = tune.loguniform(*sweep.lr) if sweep.lr[0] < sweep.lr[1] else sweep.lr[0]
     if sweep.search == "grid":
@@ -192,7 +193,7 @@ def _SweepProgress(metric: str, epochs: int, every: float = 30.0):  # noqa: N802
             self.done = 0
 
         def _params(self, trial) -> str:
-            c = _params_of(trial.config)
+            c = params_of(trial.config)
             return f"W={c['head_width']} K={c['num_classes']} D={c['unfreeze_blocks']} lr={float(c['lr']):.0e}"
 
         def _line(self, trial, what: str) -> None:
@@ -248,8 +249,6 @@ def _FinishingASHA(**kwargs):  # noqa: N802 - built lazily: Ray Tune is imported
 
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep; write results.csv, best.json and the metric-vs-dimension PNG."""
-    from xray_dist.infra.locks import TargetLock
-
     cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=storage.absolute(cfg.out))
     for where in (cfg.out, cfg.base.cache,
                   *([cfg.base.weights] if cfg.base.weights not in ("imagenet", "none") else [])):
@@ -259,12 +258,7 @@ def sweep(cfg: SweepConfig) -> dict:
 
 
 def _sweep_locked(cfg: SweepConfig) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-
-    from xray_dist.training.features import ensure_features
-    from xray_dist.infra.runtime import init_ray
+    import ray  # Ray: heavy
 
     out = cfg.out
     fp = fingerprint.check_unchanged(out, cfg.base.cache, "sweep")  # a resumed sweep on a re-split cache: refused
@@ -274,27 +268,48 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
     storage.write_json(storage.join(out, SWEEP_CONFIG), _comparable(cfg), indent=2, default=str)
     init_ray(cfg.base.address)
     t0 = time.time()
-    features: dict[str, str] = {}
-    if cfg.shared_features:
-        depths = {c[2] for c in cfg.combos} if cfg.combos else set(cfg.unfreeze_blocks)  # combos: grid only
-        for d in sorted(depths):  # only the depths some trial will train at
-            path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
-            if path is not None:
-                features[str(d)] = path
+    features = _shared_features(cfg)
     t_features = time.time() - t0
     if cfg.shared_features:
         log.debug("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
-                 sorted(features), t_features)
+                  sorted(features), t_features)
     else:
         log.info("shared frozen features off: every trial recomputes the frozen base")
-    space, num_samples = param_space(cfg)
     local = in_process(cfg)
     setup = TrialSetup(base=cfg.base, sweep_out=out, features=features, in_process=local)
     if cfg.max_concurrent:
         max_conc, why = cfg.max_concurrent, "--max-concurrent"
     else:
         max_conc, why = concurrency_choice(cfg, ray.cluster_resources(), planned_trials(cfg),
-                                            compat.autoscaler_max_resources())
+                                           compat.autoscaler_max_resources())
+    tuner = _tuner(cfg, setup, max_conc)
+    log.info("tune: up to %d trials at a time (%s), %s", max_conc, why,
+             "each training in its own Tune process" if local else "each a Ray Train run")
+    with console.output_to_log():  # Tune's own prints (experiment box, paths): the log; ours: the terminal
+        grid = tuner.fit()
+    rows = collect_results(grid, cfg, out)
+    return write_outputs(rows, cfg, out, time.time() - t0, t_features)
+
+
+def _shared_features(cfg: SweepConfig) -> dict[str, str]:
+    """Unfreeze depth (str) → frozen-feature directory, computed now where missing (none when
+    ``shared_features`` is off): only the depths some trial will train at."""
+    features: dict[str, str] = {}
+    if cfg.shared_features:
+        depths = {c[2] for c in cfg.combos} if cfg.combos else set(cfg.unfreeze_blocks)  # combos: grid only
+        for d in sorted(depths):
+            path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
+            if path is not None:
+                features[str(d)] = path
+    return features
+
+
+def _tune_config(cfg: SweepConfig, max_conc: int, num_samples: int, reuse: bool):
+    """Tune's config for a new sweep: the objective, the scheduler (ASHA that lets a trial finish
+    its last epoch, or FIFO) and the search (grid and random: Tune's own; Optuna)."""
+    from ray import tune  # Ray: heavy
+    from ray.tune.schedulers import FIFOScheduler
+
     scheduler = (_FinishingASHA(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
                                 reduction_factor=2, stop_last_trials=False)
                  if cfg.scheduler == "asha" else FIFOScheduler())
@@ -305,40 +320,40 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
         search_alg = OptunaSearch()
+    return tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
+                           search_alg=search_alg, max_concurrent_trials=max_conc, reuse_actors=reuse)
+
+
+def _tuner(cfg: SweepConfig, setup: TrialSetup, max_conc: int):
+    """The Tuner of this sweep: restored from ``SWEEP/sweep`` when an earlier run left one, else new."""
+    from ray import tune  # Ray: heavy
+
+    space, num_samples = param_space(cfg)
+    local = setup.in_process
+    tune_config = _tune_config(cfg, max_conc, num_samples, reuse=local)
     compat.stop_tune_forwarding_credentials()  # else Ray's runtime-env agent logs the driver's AWS secret on every node
     trainable = tune.with_resources(tune.with_parameters(_grid_to_params(trial_fn), setup=setup),
                                     trial_resources(cfg))
-    path = storage.join(out, SWEEP_NAME)
+    path = storage.join(cfg.out, SWEEP_NAME)
     tune_path, tune_fs = storage.ray_storage(path)
-    root_path, root_fs = storage.ray_storage(out)
+    root_path, root_fs = storage.ray_storage(cfg.out)
     if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         log.info("resuming the sweep in %s", path)
-        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=cfg.resume_errored,
-                                   param_space=space, storage_filesystem=tune_fs)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples,
-                                        scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=max_conc,
-                                        reuse_actors=local),
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=root_path, storage_filesystem=root_fs,
-                                      # Tune's own console output (a result box per trial) with -v only;
-                                      # otherwise a line per finished trial and a periodic status line
-                                      verbose=1 if console.verbosity() >= console.VERBOSE else 0,
-                                      callbacks=[c for c in (_SweepProgress(cfg.base.metric, cfg.base.epochs),
-                                                             tracking.sweep_callback(cfg.base.mlflow, out)) if c],
-                                      # in-process trials are retried here; a Ray Train trial retries its
-                                      # own workers with the same --max-failures, so not twice
-                                      failure_config=tune.FailureConfig(
-                                          max_failures=cfg.base.max_failures if local else 0, fail_fast=False)),
-        )
-    log.info("tune: up to %d trials at a time (%s), %s", max_conc, why,
-             "each training in its own Tune process" if local else "each a Ray Train run")
-    with console.output_to_log():  # Tune's own prints (experiment box, paths): the log; ours: the terminal
-        grid = tuner.fit()
-    rows = collect_results(grid, cfg, out)
-    summary = write_outputs(rows, cfg, out, time.time() - t0, t_features)
-    return summary
+        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=cfg.resume_errored,
+                                  param_space=space, storage_filesystem=tune_fs)
+    return tune.Tuner(
+        trainable, param_space=space, tune_config=tune_config,
+        run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=root_path, storage_filesystem=root_fs,
+                                  # Tune's own console output (a result box per trial) with -v only;
+                                  # otherwise a line per finished trial and a periodic status line
+                                  verbose=1 if console.verbosity() >= console.VERBOSE else 0,
+                                  callbacks=[c for c in (_SweepProgress(cfg.base.metric, cfg.base.epochs),
+                                                         tracking.sweep_callback(cfg.base.mlflow, cfg.out)) if c],
+                                  # in-process trials are retried here; a Ray Train trial retries its
+                                  # own workers with the same --max-failures, so not twice
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=cfg.base.max_failures if local else 0, fail_fast=False)),
+    )
 
 
 SWEEP_CONFIG = "sweep_config.json"
@@ -353,25 +368,20 @@ _SEARCHED = {"head_width", "num_classes", "unfreeze_blocks", "lr"}
 def _comparable(cfg: SweepConfig) -> dict:
     d = dataclasses.asdict(cfg)
     base = {k: v for k, v in d.pop("base").items() if k not in _MAY_CHANGE | _SEARCHED}
-    return json.loads(json.dumps({**{k: v for k, v in d.items() if k not in _MAY_CHANGE}, "base": base},
-                                 default=str))
+    return json.loads(storage.dumps_json({**{k: v for k, v in d.items() if k not in _MAY_CHANGE}, "base": base},
+                                         default=str))
 
 
 def _check_same_sweep(cfg: SweepConfig, out: str) -> None:
     """A sweep resumed with another search space or other base settings would mix two
     configurations in one results table: refused, with every difference."""
-    try:
-        old = storage.read_json(storage.join(out, SWEEP_CONFIG))
-    except FileNotFoundError:
-        return
     new = _comparable(cfg)
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted((set(old) | set(new)) - {"base"})
-            if old.get(k) != new.get(k)]
-    diff += [f"{k}: {old['base'].get(k)!r} -> {new['base'].get(k)!r}"
-             for k in sorted(set(old.get("base", {})) | set(new["base"])) if old["base"].get(k) != new["base"].get(k)]
-    if diff:
-        raise XrayDistError(f"--out {out} holds a sweep with other settings ({'; '.join(diff)}); use a new --out, "
-                            "or the same settings to resume it")
+
+    def differences(old: dict) -> list[str]:
+        top = sorted((set(old) | set(new)) - {"base"})
+        return changed_settings(old, new, top) + changed_settings(old.get("base", {}), new["base"])
+
+    check_same_settings(out, SWEEP_CONFIG, "sweep", differences)
 
 
 def planned_trials(cfg: SweepConfig) -> int:
@@ -379,96 +389,3 @@ def planned_trials(cfg: SweepConfig) -> int:
         return cfg.num_samples
     grid = len(cfg.combos) if cfg.combos else len(cfg.head_widths) * len(cfg.num_classes) * len(cfg.unfreeze_blocks)
     return grid * cfg.num_samples
-
-
-def _params_from_trial(trial_dir: str) -> dict:
-    """A trial's parameters from the config it wrote when it started: Tune gives no config for a
-    failed trial of a restored sweep that it does not run again."""
-    try:
-        c = storage.read_json(storage.join(trial_dir, "config.json"))
-    except FileNotFoundError:
-        return {k: "" for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
-    return {k: c.get(k, "") for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
-
-
-def _params_of(config: dict) -> dict:
-    p = dict(config)
-    if "combo" in p:
-        p["head_width"], p["num_classes"], p["unfreeze_blocks"] = p.pop("combo")
-    return {k: p[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")}
-
-
-def collect_results(grid, cfg: SweepConfig, out: str) -> list[dict]:
-    rows = []
-    for r in grid:
-        trial_dir = storage.join(out, "trials", Path(r.path).name)
-        params = _params_of(r.config) if r.config else _params_from_trial(trial_dir)
-        df = r.metrics_dataframe
-        row = {**params, "trial": Path(r.path).name, "status": "", "epochs": 0, "val_auc_abnormal": float("nan"),
-               "val_auc": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
-               "trainable_parameters": "", "wall_seconds": float("nan"), "shared_features": "",
-               "model": "", "error": ""}
-        if df is not None and len(df) and cfg.base.metric in df:
-            best = df.loc[df[cfg.base.metric].astype(float).idxmax()]
-            row.update({"epochs": int(df["epoch"].max()), "val_auc_abnormal": float(best["val_auc_abnormal"]),
-                        "val_auc": float(best["val_auc"]), "sensitivity": float(best["sensitivity"]),
-                        "specificity": float(best["specificity"]),
-                        "trainable_parameters": int(best["trainable_parameters"]),
-                        "wall_seconds": float(df["time_total_s"].max()) if "time_total_s" in df else float("nan")})
-        if r.error:
-            row["status"], row["error"] = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}"
-        elif storage.is_file(storage.join(trial_dir, "metrics.json")):
-            row["status"] = "completed"
-            row["model"] = trial_dir
-        else:
-            row["status"] = "stopped_early"
-        try:
-            row["shared_features"] = bool(storage.read_json(storage.join(trial_dir, "config.json")).get("features"))
-        except FileNotFoundError:
-            pass
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["trial"])
-
-
-FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal",
-          "val_auc", "sensitivity", "specificity", "trainable_parameters", "wall_seconds", "shared_features",
-          "model", "error"]
-
-
-def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, features_seconds: float = 0.0) -> dict:
-    from xray_dist.model.artifacts import FULL_WEIGHTS, TOP_WEIGHTS, materialize_full_model
-    from xray_dist.results.plots import plot_sweep
-
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    storage.write_text(storage.join(out, "results.csv"), buf.getvalue())
-    finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_auc_abnormal"])]
-    summary = {"trials": len(rows), "completed": len(finished),
-               "failed": sum(r["status"] == "failed" for r in rows),
-               "stopped_early": sum(r["status"] == "stopped_early" for r in rows), "seconds": round(seconds, 1),
-               "features_seconds": round(features_seconds, 1)}
-    if finished:
-        best = max(finished, key=lambda r: r["val_auc_abnormal"])
-        model_dir = storage.current_dir(storage.join(best["model"], "model"))  # a retried trial re-exports
-        if storage.is_file(storage.join(model_dir, TOP_WEIGHTS)) and not storage.is_file(
-                storage.join(model_dir, FULL_WEIGHTS)):
-            with storage.local_copy(model_dir) as local:  # trials on frozen features exported their top only
-                storage.upload_file(materialize_full_model(local), storage.join(model_dir, FULL_WEIGHTS))
-        metrics = storage.read_json(storage.join(best["model"], "metrics.json"))
-        best_json = {"config": {k: best[k] for k in ("head_width", "num_classes", "unfreeze_blocks", "lr")},
-                     "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
-                                                         "trainable_parameters", "epochs", "best_epoch")},
-                     "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric,
-                     "validation_bias": f"the best of {len(finished)} trials by validation {cfg.base.metric}: this "
-                                        "validation score chose the trial, so it is biased upward; `xray-dist "
-                                        "evaluate` on a held-out test split gives the number to report"}
-        storage.write_json(storage.join(out, "best.json"), best_json, indent=2)
-        summary["best"] = best_json
-    else:  # no trial completed: an older sweep's best.json must not stay behind as if it were this one's
-        storage.delete_file(storage.join(out, "best.json"))
-    with storage.staged_file(storage.join(out, "sweep.png")) as png:
-        plot_sweep(rows, png, cfg.base.metric)
-    storage.write_json(storage.join(out, "summary.json"), summary, indent=2, default=str)
-    return summary

@@ -1,0 +1,50 @@
+"""The results stage's commands: ``evaluate`` (the held-out numbers to report) and ``report``
+(one HTML page for a run or a sweep)."""
+
+from __future__ import annotations
+
+from xray_dist.cli.common import at_least, command
+from xray_dist.infra import storage
+from xray_dist.results.evaluate import evaluate_model
+from xray_dist.results.report import write_report
+
+
+def add_evaluate(sub) -> None:
+    p = command(sub, "evaluate", "score a held-out split once, with patient-level 95 % intervals",
+                "The numbers to report: the model (a run, or a sweep's best trial) scored once on patients that "
+                "took part in no choice, at the threshold chosen on validation.")
+    p.add_argument("--model", required=True, help="a run directory, or a sweep directory (its best trial)")
+    p.add_argument("--cache", required=True, help="the cache the model was trained with")
+    p.add_argument("--split", default="test", help="test, or val (optimistic: used for selection)")
+    p.add_argument("--out", help="directory to write (default: MODEL/evaluation/SPLIT, where report finds it)")
+    p.add_argument("--bootstrap", type=at_least(100), default=1000, help="patient resamples for the intervals")
+
+
+def cmd_evaluate(a) -> int:
+    m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap)
+
+    def ci(k):
+        v, (lo, hi) = m[k]["value"], m[k]["ci95"]
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    print(f"evaluate: {m['split']} split, {m['images']} images of {m['patients']} patients"
+          + (" (OPTIMISTIC: validation chose the model and threshold)" if m["optimistic"] else ""))
+    print(f"  AUROC abnormal {ci('auc_abnormal')}; at threshold {m['threshold']:.3f}: sensitivity "
+          f"{ci('sensitivity')}, specificity {ci('specificity')}")
+    print(f"  95 % intervals: patient-level bootstrap ({a.bootstrap} resamples) -> {m['out']}")
+    return 0
+
+
+def add_report(sub) -> None:
+    p = command(sub, "report", "one self-contained HTML report for a run or a sweep",
+                "Held-out test numbers first (when evaluate has run), validation metrics with patient-level "
+                "intervals, curves, ROC, calibration and the dataset, in one HTML file.")
+    p.add_argument("target", help="a run directory (xray-dist train) or a sweep directory (xray-dist tune)")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--bootstrap", type=at_least(1), default=1000, help="bootstrap resamples for the intervals")
+
+
+def cmd_report(a) -> int:
+    path = write_report(a.target, a.out, n_boot=a.bootstrap)
+    print(f"report: {storage.absolute(path)}")
+    return 0

@@ -1,0 +1,118 @@
+"""What a finished sweep writes: ``results.csv`` (one row per trial), ``best.json`` (the best
+completed trial, whose full model is written if it trained on frozen features), ``summary.json``
+and ``sweep.png`` (the metric against each searched dimension).
+
+The file names are :mod:`xray_dist.results.runs`', which reads them. A trial's row comes from Tune's result (its reported epochs, its error) and from what the trial
+wrote in ``SWEEP/trials/<trial>/`` (``config.json`` when it started, ``metrics.json`` once
+exported): ``completed``, ``stopped_early`` (the scheduler ended it) or ``failed``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from xray_dist.config import SweepConfig
+from xray_dist.infra import storage
+from xray_dist.model.artifacts import FULL_WEIGHTS, MODEL_DIR, TOP_WEIGHTS, materialize_full_model
+from xray_dist.results.runs import BEST, METRICS, RESULTS, SWEEP_PNG, write_best
+
+#: The searched parameters of a trial.
+PARAMS = ("head_width", "num_classes", "unfreeze_blocks", "lr")
+FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal",
+          "val_auc", "sensitivity", "specificity", "trainable_parameters", "wall_seconds", "shared_features",
+          "model", "error"]
+
+
+def params_of(config: dict) -> dict:
+    """A trial's searched parameters from its Tune config (a grid's ``combo`` unpacked)."""
+    p = dict(config)
+    if "combo" in p:
+        p["head_width"], p["num_classes"], p["unfreeze_blocks"] = p.pop("combo")
+    return {k: p[k] for k in PARAMS}
+
+
+def _params_from_trial(trial_dir: str) -> dict:
+    """A trial's parameters from the config it wrote when it started: Tune gives no config for a
+    failed trial of a restored sweep that it does not run again."""
+    try:
+        c = storage.read_json(storage.join(trial_dir, "config.json"))
+    except FileNotFoundError:
+        return {k: "" for k in PARAMS}
+    return {k: c.get(k, "") for k in PARAMS}
+
+
+def _result_row(r, cfg: SweepConfig, out: str) -> dict:
+    """One trial's row of ``results.csv``."""
+    trial_dir = storage.join(out, "trials", Path(r.path).name)
+    params = params_of(r.config) if r.config else _params_from_trial(trial_dir)
+    df = r.metrics_dataframe
+    row = {**params, "trial": Path(r.path).name, "status": "", "epochs": 0, "val_auc_abnormal": float("nan"),
+           "val_auc": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
+           "trainable_parameters": "", "wall_seconds": float("nan"), "shared_features": "",
+           "model": "", "error": ""}
+    if df is not None and len(df) and cfg.base.metric in df:
+        best = df.loc[df[cfg.base.metric].astype(float).idxmax()]
+        row.update({"epochs": int(df["epoch"].max()), "val_auc_abnormal": float(best["val_auc_abnormal"]),
+                    "val_auc": float(best["val_auc"]), "sensitivity": float(best["sensitivity"]),
+                    "specificity": float(best["specificity"]),
+                    "trainable_parameters": int(best["trainable_parameters"]),
+                    "wall_seconds": float(df["time_total_s"].max()) if "time_total_s" in df else float("nan")})
+    if r.error:
+        row["status"], row["error"] = "failed", f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}"
+    elif storage.is_file(storage.join(trial_dir, METRICS)):
+        row["status"] = "completed"
+        row["model"] = trial_dir
+    else:
+        row["status"] = "stopped_early"
+    try:
+        row["shared_features"] = bool(storage.read_json(storage.join(trial_dir, "config.json")).get("features"))
+    except FileNotFoundError:
+        pass
+    return row
+
+
+def collect_results(grid, cfg: SweepConfig, out: str) -> list[dict]:
+    """Every trial's row, in trial order."""
+    return sorted((_result_row(r, cfg, out) for r in grid), key=lambda r: r["trial"])
+
+
+def _write_best(best: dict, cfg: SweepConfig, out: str, finished: int) -> dict:
+    """``best.json`` for the best completed trial, and its full model when it exported only its top."""
+    model_dir = storage.current_dir(storage.join(best["model"], MODEL_DIR))  # a retried trial re-exports
+    if storage.is_file(storage.join(model_dir, TOP_WEIGHTS)) and not storage.is_file(
+            storage.join(model_dir, FULL_WEIGHTS)):
+        with storage.local_copy(model_dir) as local:  # trials on frozen features exported their top only
+            storage.upload_file(materialize_full_model(local), storage.join(model_dir, FULL_WEIGHTS))
+    metrics = storage.read_json(storage.join(best["model"], METRICS))
+    best_json = {"config": {k: best[k] for k in PARAMS},
+                 "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
+                                                     "trainable_parameters", "epochs", "best_epoch")},
+                 "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric,
+                 "validation_bias": f"the best of {finished} trials by validation {cfg.base.metric}: this "
+                                    "validation score chose the trial, so it is biased upward; `xray-dist "
+                                    "evaluate` on a held-out test split gives the number to report"}
+    write_best(out, best_json)
+    return best_json
+
+
+def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, features_seconds: float = 0.0) -> dict:
+    """``results.csv``, ``best.json`` (removed when no trial completed), ``sweep.png`` and
+    ``summary.json``; returns the summary."""
+    from xray_dist.results.plots import plot_sweep  # imports matplotlib
+
+    storage.write_csv(storage.join(out, RESULTS), rows, FIELDS)
+    finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_auc_abnormal"])]
+    summary = {"trials": len(rows), "completed": len(finished),
+               "failed": sum(r["status"] == "failed" for r in rows),
+               "stopped_early": sum(r["status"] == "stopped_early" for r in rows), "seconds": round(seconds, 1),
+               "features_seconds": round(features_seconds, 1)}
+    if finished:
+        best = max(finished, key=lambda r: r["val_auc_abnormal"])
+        summary["best"] = _write_best(best, cfg, out, len(finished))
+    else:  # no trial completed: an older sweep's best.json must not stay behind as if it were this one's
+        storage.delete_file(storage.join(out, BEST))
+    with storage.staged_file(storage.join(out, SWEEP_PNG)) as png:
+        plot_sweep(rows, png, cfg.base.metric)
+    storage.write_json(storage.join(out, "summary.json"), summary, indent=2, default=str)
+    return summary
