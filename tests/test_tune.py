@@ -81,7 +81,8 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     assert all(r["status"] in ("completed", "stopped_early") for r in ok)
     assert any(r["status"] == "completed" for r in ok)
     assert all(r["shared_features"] == "True" for r in ok)  # depths 0 and 1 both freeze something
-    from xray_dist.training.features import FEATURES_DIR, read_meta
+    from xray_dist.data.cache import FEATURES_DIR
+    from xray_dist.training.features import read_meta
 
     depths = {read_meta(d)["unfreeze_blocks"] for d in (cache3 / FEATURES_DIR).iterdir() if (d / "meta.json").is_file()}
     assert 2 not in depths  # the default unfreeze_blocks include 2, but no combo trains at depth 2
