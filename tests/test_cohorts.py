@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from xray_dist.config import PrepareConfig, PreprocessSpec
@@ -56,6 +57,10 @@ def prep(tmp_path, data, labels, name, **kw) -> dict:
 
 # ---- NIH ChestX-ray14 --------------------------------------------------------------------------------
 
+#: NIH patients whose Patient Age / Patient Gender differ from 50 / M (a 414: NIH's own data-entry errors)
+NIH_AGE_SEX = {3: (95, "F"), 4: (7, "F"), 5: (414, "M")}
+
+
 @pytest.fixture(scope="module")
 def nih(tmp_path_factory):
     """6 patients × 2 images under images_001/images/*.dcm; Data_Entry_2017.csv names them .png.
@@ -73,7 +78,8 @@ def nih(tmp_path_factory):
             view = "AP" if (p, i) == (6, 1) else "PA"
             write_image(data / "images_001" / "images" / f"{p:08d}_{i:03d}.dcm",
                         Radiograph("ANONYMOUS", tuple(index[f] for f in fs), 2, view=view), SIZE, rng)
-            rows.append([f"{p:08d}_{i:03d}.png", "|".join(fs) or "No Finding", i, str(p), 50, "M", view])
+            age, sex = NIH_AGE_SEX.get(p, (50, "M"))  # the headers' own sexes and birth dates are random
+            rows.append([f"{p:08d}_{i:03d}.png", "|".join(fs) or "No Finding", i, str(p), age, sex, view])
     rows.append(["99999999_000.png", "Effusion", 0, "99", 40, "F", "PA"])  # listed, no file
     labels = write_csv(root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
                                                       "Patient Age", "Patient Gender", "View Position"], rows)
@@ -100,6 +106,16 @@ def test_nih_names_findings_patients_and_views(nih, tmp_path):
     assert len(by_patient) == 6 and all(len(v) == 1 for v in by_patient.values())
     assert len({r["patient"] for r in rows.values()}) == 6
     assert not {str(p) for p in range(1, 7)} & {r["patient"] for r in rows.values()}  # hashed, not raw
+    # subgroups: the CSV's Patient Gender and Age win over the headers' (random sexes, birth dates)
+    for path, r in rows.items():
+        age, sex = NIH_AGE_SEX.get(int(path.split("/")[-1][:8]), (50, "M"))
+        # an impossible age in the CSV is no value: the header's stated age stands
+        header_age = int(pydicom.dcmread(data / path).PatientAge[:3])
+        band = {95: "90+", 7: "0-9", 50: "50-59"}.get(age, f"{header_age // 10 * 10}-{header_age // 10 * 10 + 9}")
+        assert (r["sex"], r["age"]) == (sex, band), path
+        assert r["view"] == "PA" and r["site"] == "site-" + r["site"][5:] and len(r["site"]) == 17
+    assert report["subgroups"]["sex"] == {"F": sum(r["sex"] == "F" for r in rows.values()),
+                                          "M": sum(r["sex"] == "M" for r in rows.values())}
 
 
 def test_nih_without_views_keeps_every_image_and_an_official_test_list(nih, tmp_path):
@@ -139,8 +155,8 @@ def chexpert(tmp_path_factory):
         shown = tuple(i for i, cell in ((1, edema), (2, eff)) if cell == "1.0")
         write_image(data / "train" / f"patient{p:05d}" / f"study{s}" / f"{v}.dcm",
                     Radiograph(f"CXP{p}", shown, 2, view=None), SIZE, rng)  # CheXpert's view comes from its CSV
-        rows.append([f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/{v}.jpg", "Female", 60, side, appa, none,
-                     edema, eff])
+        rows.append([f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/{v}.jpg", "Male" if p == 2 else "Female",
+                     60 + p, side, appa, none, edema, eff])
     labels = write_csv(root / "train.csv", CHEX_HEADER, rows)
     return data, labels
 
@@ -158,6 +174,10 @@ def test_chexpert_uncertainty_policies_paths_patients_and_views(chexpert, tmp_pa
     assert rows["train/patient00001/study1/view1_frontal.dcm"]["label"] == uncertain_cell
     assert rows["train/patient00001/study2/view1_frontal.dcm"]["label"] == "Edema|Pleural Effusion"
     assert rows["train/patient00002/study1/view1_frontal.dcm"]["label"] == "normal"
+    # subgroups from the CSV's Sex and Age (patient 2 male, 62; the others female, 61-64), views from AP/PA
+    assert {p: (r["sex"], r["age"], r["view"]) for p, r in rows.items()} == {
+        f"train/patient0000{p}/study{s}/view1_frontal.dcm": ("M" if p == 2 else "F", "60-69", v)
+        for p, s, v in ((1, 1, "PA"), (1, 2, "PA"), (2, 1, "AP"), (3, 1, "PA"), (4, 1, "AP"))}
     four = {"ignore": "Edema|?Pleural Effusion", "zeros": "Edema", "ones": "Edema|Pleural Effusion"}[policy]
     assert rows["train/patient00004/study1/view1_frontal.dcm"]["label"] == four
     assert report["patients_grouped_by"] == {"labels": 5}

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from xray_dist.errors import PrepareError
-from xray_dist.data.labels import from_csv, from_folders
+from xray_dist.data.labels import LabelColumns, from_csv, from_folders
 from xray_dist.data.splits import patient_labels, split_patients
 
 
@@ -40,7 +40,7 @@ class TestCSV:
         touch(data / "stage_2_train_images" / "0a0f91dc.dcm")
         csv = tmp_path / "stage_2_train_labels.csv"
         csv.write_text("patientId,x,Target\n0004cfab,,0\n00313ee0,1,1\n00313ee0,2,1\n0a0f91dc,1,1\n0a0f91dc,,0\n")
-        scan = from_csv(data, csv, path_column="patientId", label_column="Target")
+        scan = from_csv(data, csv, LabelColumns(path="patientId", label="Target"))
         assert scan.items == [("stage_2_train_images/0004cfab.dcm", "0"), ("stage_2_train_images/00313ee0.dcm", "1")]
         assert scan.missing == [{"path": "stage_2_train_images/0a0f91dc.dcm", "reason": "conflicting labels in the CSV; not used"}]
         assert scan.unlabeled == []

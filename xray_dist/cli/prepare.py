@@ -11,7 +11,7 @@ from xray_dist.cli.common import add_path_flags, add_ray_flags, command, default
 from xray_dist.config import LABELS_FORMATS, UNCERTAIN, PrepareConfig, PreprocessSpec
 from xray_dist.data.dicom import load_image
 from xray_dist.data.prepare import prepare
-from xray_dist.data.synth import synthesize
+from xray_dist.data.synth import SITES, synthesize
 from xray_dist.infra import storage
 
 
@@ -39,6 +39,9 @@ def add_prepare(sub) -> None:
     p.add_argument("--patient-column", default=default(PrepareConfig, "patient_column"),
                    help="csv format: the column naming each image's patient (hashed like header IDs; default: "
                         "the DICOM Patient ID, else the Study Instance UID, else the file)")
+    p.add_argument("--site-column", default=default(PrepareConfig, "site_column"),
+                   help="csv format: the column naming each image's site, for `evaluate --by site` (default: a "
+                        "salted key of the DICOM Institution Name, which is never stored)")
     p.add_argument("--out", required=True, help="cache directory (local or object store)")
     p.add_argument("--image-size", type=int, default=default(PreprocessSpec, "image_size"),
                    help="model input size in pixels (square)")
@@ -65,7 +68,8 @@ def add_prepare(sub) -> None:
 def cmd_prepare(a) -> int:
     cfg = PrepareConfig(
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
-        patient_column=a.patient_column, labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata,
+        patient_column=a.patient_column, site_column=a.site_column,
+        labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata,
         views=tuple(v.strip().upper() for v in a.views.split(",") if v.strip()),
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject",
                                   max_pixels=a.max_pixels),
@@ -116,6 +120,11 @@ def add_synth(sub) -> None:
     p.add_argument("--classes", default="normal,finding", help="comma-separated class names; the first has no finding")
     p.add_argument("--size", type=int, default=256, help="image size in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--sites", type=int, choices=range(1, len(SITES) + 1), default=1, metavar=f"1-{len(SITES)}",
+                   help="hospitals the patients come from (each with its own scanner; every site has every class)")
+    p.add_argument("--subtle-site", type=int, default=None, metavar="K",
+                   help="make the finding subtler (30%% of its contrast) in site K (0-based), so that "
+                        "`evaluate --by site` has a gap to find")
 
 
 def cmd_synth(a) -> int:
@@ -123,7 +132,7 @@ def cmd_synth(a) -> int:
     storage.check_location(a.out)
     with storage.staged_output(a.out, marker="labels.csv") as local:  # a URI gets the files when all are written
         r = synthesize(local, patients=a.patients, images_per_patient=a.images_per_patient, classes=classes,
-                       size=a.size, seed=a.seed)
+                       size=a.size, seed=a.seed, sites=a.sites, subtle_site=a.subtle_site)
     out = storage.absolute(a.out)
     print(f"synth: wrote {len(r.files)} DICOM files for {a.patients} patients to {out}; labels in "
           f"{storage.join(out, 'labels.csv')}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from xray_dist.cli.common import at_least, command
 from xray_dist.infra import storage
-from xray_dist.results.evaluate import evaluate_model
+from xray_dist.data.subgroups import ATTRIBUTES
+from xray_dist.results.evaluate import Subgroups, evaluate_model
+from xray_dist.results.subgroups import MIN_PATIENTS
 from xray_dist.results.report import write_report
 
 
@@ -18,19 +20,34 @@ def add_evaluate(sub) -> None:
     p.add_argument("--split", default="test", help="test, or val (optimistic: used for selection)")
     p.add_argument("--out", help="directory to write (default: MODEL/evaluation/SPLIT, where report finds it)")
     p.add_argument("--bootstrap", type=at_least(100), default=1000, help="patient resamples for the intervals")
+    p.add_argument("--by", default="", metavar="ATTRS",
+                   help=f"also break the numbers down by subgroup: some of {','.join(ATTRIBUTES)} "
+                        "(with the largest gap between subgroups and its interval)")
+    p.add_argument("--min-patients", type=at_least(1), default=MIN_PATIENTS,
+                   help="a subgroup with fewer patients is listed without numbers")
+
+
+def _fmt(v, lo, hi) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def cmd_evaluate(a) -> int:
-    m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap)
+    by = tuple(s.strip() for s in a.by.split(",") if s.strip())
+    m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap, subgroups=Subgroups(by, a.min_patients))
 
     def ci(k):
-        v, (lo, hi) = m[k]["value"], m[k]["ci95"]
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+        return _fmt(m[k]["value"], *m[k]["ci95"])
 
     print(f"evaluate: {m['split']} split, {m['images']} images of {m['patients']} patients"
           + (" (OPTIMISTIC: validation chose the model and threshold)" if m["optimistic"] else ""))
     print(f"  AUROC abnormal {ci('auc_abnormal')}; at threshold {m['threshold']:.3f}: sensitivity "
           f"{ci('sensitivity')}, specificity {ci('specificity')}")
+    for attr, res in m.get("subgroups", {}).items():
+        gap = res["gaps"].get("auc_abnormal")
+        small = sum(1 for g in res["groups"] if "skipped" in g)
+        print(f"  by {attr}: {len(res['groups'])} subgroups" + (f" ({small} under --min-patients)" if small else "")
+              + (f"; largest AUROC gap {gap['between'][0]} - {gap['between'][1]}: {_fmt(gap['value'], *gap['ci95'])}"
+                 if gap else ""))
     print(f"  95 % intervals: patient-level bootstrap ({a.bootstrap} resamples) -> {m['out']}")
     return 0
 

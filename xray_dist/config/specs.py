@@ -95,6 +95,7 @@ class PrepareConfig:
     path_column: str = "path"
     label_column: str = "label"
     patient_column: str | None = None  # the labels CSV's patient column (default: DICOM Patient ID)
+    site_column: str | None = None  # the labels CSV's site column (default: a salted key of Institution Name)
     salt_file: str | None = None  # where the patient-key salt lives (default: xray_dist.data.salt, never the cache)
     paths: PathsPolicy = "relative"  # how the cache and report name files (xray_dist.data.paths)
     path_map: str | None = None  # with "redact": where to write key -> path (never inside the cache)

@@ -8,15 +8,17 @@ Layout (``CACHE/``)::
 
     images/*.parquet        one row per input file: path (relative to the data directory, or a
                             salted key with --redact-paths: :mod:`xray_dist.data.paths`), patient
-                            (salted key, :mod:`xray_dist.data.patients`) and what made it, view,
-                            image (uint8 S×S tensor), error_kind, error — one file per decode task,
+                            (salted key, :mod:`xray_dist.data.patients`) and what made it, the
+                            header's subgroup attributes (sex, age band, view, manufacturer,
+                            model, site key), image (uint8 S×S tensor), error_kind, error — one file per decode task,
                             never rewritten unless the inputs or the spec change
     images/_WRITTEN.json    the chunk files prepare is writing, recorded before any is written: the
                             only files a later prepare ever deletes
     images/_COMPLETE.json   the key the images were made with and their chunk files (the only
                             files readers read); written last, so a crashed prepare is never
                             mistaken for a finished one
-    manifest.parquet        one row per image used: path, split, label, patient
+    manifest.parquet        one row per image used: path, split, label, patient, and its subgroup
+                            attributes (the labels' over the header's; ``unknown`` where neither)
     preprocess.json         the :class:`~xray_dist.config.PreprocessSpec`
     prepare_report.json     found / ok / quarantined / missing / unlabeled / classes / splits
     fingerprint.json        what runs pin (:mod:`xray_dist.data.fingerprint`; recomputed from the
@@ -60,6 +62,8 @@ LEGACY_SALT = ".salt"
 OWN_FILES = frozenset({SPEC, f"{IMAGES_DIR}/{COMPLETE}", f"{IMAGES_DIR}/{WRITTEN}"})
 #: The columns of an image row besides the pixels.
 META_COLUMNS = ["path", "patient", "error_kind", "error"]
+#: The subgroup attributes of each decoded row and of the manifest (:mod:`xray_dist.data.subgroups`).
+ATTRIBUTE_COLUMNS = ("sex", "age", "view", "manufacturer", "model", "site")
 #: The chunk names of caches written before prepare recorded its writes (used only for those).
 _LEGACY_CHUNK = re.compile(r"chunk-[0-9a-f]{20}\.parquet")
 
@@ -157,9 +161,11 @@ def images_key(cache: str | Path) -> str:
 
 
 def read_image_meta(cache: str | Path) -> pa.Table:
-    """Path, patient (and what made its key) and error of every decoded input (no pixels read)."""
+    """Path, patient (and what made its key), subgroup attributes and error of every decoded input
+    (no pixels read)."""
     dset = images_dataset(cache)
-    return dset.to_table(columns=[c for c in [*META_COLUMNS, "patient_source", "view"] if c in dset.schema.names])
+    return dset.to_table(columns=[c for c in [*META_COLUMNS, "patient_source", *ATTRIBUTE_COLUMNS]
+                                  if c in dset.schema.names])
 
 
 def parquet_dataset(directory: str | Path):

@@ -18,9 +18,10 @@ from typing import Iterator
 import numpy as np
 
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
-from xray_dist.data.cache import CacheLayout, recorded_chunks
+from xray_dist.data.cache import ATTRIBUTE_COLUMNS, CacheLayout, recorded_chunks
 from xray_dist.data.dicom import named_failures, read_dataset, to_model_input
 from xray_dist.data.paths import PathNames
+from xray_dist.data import subgroups
 from xray_dist.data.patients import patient_key_and_source
 from xray_dist.errors import DicomReadError
 from xray_dist.infra import storage
@@ -38,16 +39,17 @@ PREFETCH = 3
 FAULT_KILL_ENV = "XRAY_DIST_FAULT_KILL_ON"
 
 
+
+
 def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
-                   data: bytes | None = None) -> tuple[np.ndarray, str, str, str]:
+                   data: bytes | None = None) -> tuple[np.ndarray, str, str, dict[str, str]]:
     """Read once: the model input, the salted patient key, what the key was made from, and the
-    view — (0018,5101) View Position, upper-cased, empty when absent (``data``: the file's bytes,
-    when already fetched)."""
+    subgroup attributes the header gives (:func:`xray_dist.data.subgroups.from_header`; the view
+    upper-cased, empty when absent) (``data``: the file's bytes, when already fetched)."""
     ds = read_dataset(path, data, spec.max_pixels)
     with named_failures(path, "the image"):
         key, source = patient_key_and_source(ds, salt, fallback=str(path))
-        view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
-        return to_model_input(ds, spec, path), key, source, view
+        return to_model_input(ds, spec, path), key, source, subgroups.from_header(ds, salt)
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
@@ -59,28 +61,32 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
     s = spec.image_size
     n = len(batch["path"])
     images = np.zeros((n, s, s), dtype=np.uint8)
-    patients, sources, views, kinds, errors = [], [], [], [], []
+    patients, sources, kinds, errors = [], [], [], []
+    attrs: dict[str, list[str]] = {a: [] for a in ATTRIBUTE_COLUMNS}
     rels = batch.get("rel", batch["path"])
     for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], _prefetched(batch["abspath"]))):
         try:
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
-            images[i], key, source, view = read_for_cache(str(full), spec, salt, data)
+            images[i], key, source, found = read_for_cache(str(full), spec, salt, data)
             patients.append(key)
             sources.append(source)
-            views.append(view)
+            for a in ATTRIBUTE_COLUMNS:
+                attrs[a].append(found[a])
             kinds.append("")
             errors.append("")
         except DicomReadError as e:
             patients.append("")
             sources.append("")
-            views.append("")
+            for a in ATTRIBUTE_COLUMNS:
+                attrs[a].append("")
             kinds.append(e.kind)
             errors.append(names.scrub(e.reason, full, rel))
         except Exception as e:  # noqa: BLE001 - an unforeseen failure still quarantines only this file
             patients.append("")
             sources.append("")
-            views.append("")
+            for a in ATTRIBUTE_COLUMNS:
+                attrs[a].append("")
             kinds.append("unexpected")
             errors.append(names.scrub(f"{type(e).__name__}: {e}", full, rel))
             log.warning("unexpected error decoding %s: %s", names.name(rel), errors[-1])
@@ -88,7 +94,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
         "path": np.asarray(batch["path"], dtype=object),
         "patient": np.asarray(patients, dtype=object),
         "patient_source": np.asarray(sources, dtype=object),
-        "view": np.asarray(views, dtype=object),
+        **{a: np.asarray(v, dtype=object) for a, v in attrs.items()},
         "image": images,
         "error_kind": np.asarray(kinds, dtype=object),
         "error": np.asarray(errors, dtype=object),
@@ -156,7 +162,8 @@ def _killed_row(rel: str, spec_dict: dict, names: PathNames, why: str) -> dict:
     """The quarantine row of a file whose decoding process was killed."""
     s = PreprocessSpec.from_dict(spec_dict).image_size
     return {"path": np.asarray([names.name(rel)], dtype=object), "patient": np.asarray([""], dtype=object),
-            "patient_source": np.asarray([""], dtype=object), "view": np.asarray([""], dtype=object),
+            "patient_source": np.asarray([""], dtype=object),
+            **{a: np.asarray([""], dtype=object) for a in ATTRIBUTE_COLUMNS},
             "image": np.zeros((1, s, s), dtype=np.uint8), "error_kind": np.asarray(["killed"], dtype=object),
             "error": np.asarray([why], dtype=object)}
 

@@ -45,6 +45,7 @@ from pathlib import PurePosixPath
 
 from xray_dist.config import LABELS_FORMATS
 from xray_dist.infra import storage
+from xray_dist.data import subgroups
 from xray_dist.data.classes import SEPARATOR, join_findings, parse_findings
 from xray_dist.errors import PrepareError
 
@@ -65,7 +66,19 @@ class LabelScan:
     unlabeled: list[str] = field(default_factory=list)  # relative paths
     patients: dict[str, str] = field(default_factory=dict)  # relative path -> patient (from the labels)
     views: dict[str, str] = field(default_factory=dict)  # relative path -> view (from the labels)
+    attributes: dict[str, dict] = field(default_factory=dict)  # relative path -> subgroup attributes (the labels')
     multilabel: bool = False  # the format's labels are findings
+
+
+@dataclass(frozen=True)
+class LabelColumns:
+    """The columns of a ``--labels-format csv`` file: the file, its label, and optionally its
+    patient (``--patient-column``) and its site (``--site-column``, a subgroup attribute)."""
+
+    path: str = "path"
+    label: str = "label"
+    patient: str | None = None
+    site: str | None = None
 
 
 @dataclass
@@ -77,6 +90,7 @@ class LabelRow:
     patient: str = ""
     view: str = ""
     why: str = ""  # why ``label`` is empty, when the format knows
+    attributes: dict = field(default_factory=dict)  # sex, age (years), site, as the file writes them
 
 
 def list_entries(data_dir) -> list[storage.FileEntry]:
@@ -249,6 +263,8 @@ def _resolve(data_dir, entries: list[storage.FileEntry], rows: list[LabelRow], l
             scan.patients.setdefault(rel, row.patient)
         if row.view:
             scan.views.setdefault(rel, row.view.strip().upper())
+        if row.attributes and subgroups.from_labels(row.attributes):
+            scan.attributes.setdefault(rel, subgroups.from_labels(row.attributes))
     for rel in sorted(conflicts):
         scan.missing.append({"path": rel, "reason": "conflicting labels in the CSV; not used"})
         del chosen[rel]
@@ -266,20 +282,22 @@ def _canonical(label: str) -> str:
     return join_findings(present, uncertain)
 
 
-def from_csv(data_dir, csv_path, path_column: str = "path", label_column: str = "label",
-             entries: list[storage.FileEntry] | None = None, patient_column: str | None = None) -> LabelScan:
+def from_csv(data_dir, csv_path, columns: LabelColumns = LabelColumns(),
+             entries: list[storage.FileEntry] | None = None) -> LabelScan:
     """Labels from a CSV (``--labels-format csv``).
 
-    ``path_column`` holds a path relative to ``data_dir``, a file name or, RSNA style, a file stem
+    ``columns.path`` holds a path relative to ``data_dir``, a file name or, RSNA style, a file stem
     (``0004cfab-...`` for ``stage_2_train_images/0004cfab-....dcm``).
     """
-    needed = [(path_column, "set --path-column"), (label_column, "set --label-column")]
-    needed += [(patient_column, "set --patient-column")] if patient_column else []
-    _, rows, bad = _read_csv(csv_path, "labels CSV", needed, ref=path_column)
-    label_rows = [LabelRow(ref=(r.get(path_column) or "").strip(),
-                           label=_canonical((r.get(label_column) or "").strip()),
-                           patient=(r.get(patient_column) or "").strip() if patient_column else "") for _, r in rows]
-    scan = _resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, label_column)
+    needed = [(columns.path, "set --path-column"), (columns.label, "set --label-column")]
+    needed += [(columns.patient, "set --patient-column")] if columns.patient else []
+    needed += [(columns.site, "set --site-column")] if columns.site else []
+    _, rows, bad = _read_csv(csv_path, "labels CSV", needed, ref=columns.path)
+    label_rows = [LabelRow(ref=(r.get(columns.path) or "").strip(),
+                           label=_canonical((r.get(columns.label) or "").strip()),
+                           patient=(r.get(columns.patient) or "").strip() if columns.patient else "",
+                           attributes={"site": r.get(columns.site) or ""} if columns.site else {}) for _, r in rows]
+    scan = _resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, columns.label)
     scan.missing[:0] = bad
     scan.multilabel = any(SEPARATOR in lab or lab.startswith("?") for _, lab in scan.items)
     return scan
@@ -294,7 +312,8 @@ def from_nih(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:
         findings = [f.strip() for f in cell.split("|") if f.strip() and f.strip() != "No Finding"]
         label = join_findings(findings, negative=NEGATIVE) if cell else ""
         out.append(LabelRow(ref=(r.get("Image Index") or "").strip(), label=label,
-                            patient=(r.get("Patient ID") or "").strip(), view=(r.get("View Position") or "").strip()))
+                            patient=(r.get("Patient ID") or "").strip(), view=(r.get("View Position") or "").strip(),
+                            attributes={"sex": r.get("Patient Gender"), "age": r.get("Patient Age")}))
     scan = _resolve(data_dir, entries, out, "Finding Labels")
     scan.missing[:0] = bad
     scan.multilabel = True
@@ -337,7 +356,8 @@ def from_chexpert(data_dir, csv_path, entries: list[storage.FileEntry], uncertai
         side = (r.get("Frontal/Lateral") or "").strip().lower()
         view = "LATERAL" if side == "lateral" else (r.get("AP/PA") or "").strip()
         m = re.search(r"(patient\d+)", path)
-        out.append(LabelRow(ref=path, label=label, patient=m.group(1) if m else "", view=view))
+        out.append(LabelRow(ref=path, label=label, patient=m.group(1) if m else "", view=view,
+                            attributes={"sex": r.get("Sex"), "age": r.get("Age")}))
     scan = _resolve(data_dir, entries, out, "Path")
     scan.missing[:0] = bad
     scan.multilabel = True
@@ -399,10 +419,12 @@ def from_folders(data_dir, entries: list[storage.FileEntry] | None = None) -> La
     return scan
 
 
-def scan_labels(data_dir, labels_csv: str | None, path_column: str = "path", label_column: str = "label",
-                entries: list[storage.FileEntry] | None = None, patient_column: str | None = None,
-                labels_format: str = "csv", uncertain: str = "ignore", metadata: str | None = None) -> LabelScan:
-    """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it)."""
+def scan_labels(data_dir, labels_csv: str | None, columns: LabelColumns = LabelColumns(), *,
+                entries: list[storage.FileEntry] | None = None, labels_format: str = "csv",
+                uncertain: str = "ignore", metadata: str | None = None) -> LabelScan:
+    """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it;
+    ``columns``: a csv file's columns)."""
+    patient_column = columns.patient
     if entries is None:
         if not storage.is_dir(data_dir):
             raise PrepareError(f"data directory not found: {data_dir}")
@@ -420,6 +442,8 @@ def scan_labels(data_dir, labels_csv: str | None, path_column: str = "path", lab
         return from_rsna(data_dir, labels_csv, entries)
     if labels_format == "mimic":
         return from_mimic(data_dir, labels_csv, metadata, entries, uncertain)
+    if columns.site and (not labels_csv or labels_format != "csv"):
+        raise PrepareError("--site-column is for --labels-format csv: it names a column of the labels CSV")
     if labels_csv:
-        return from_csv(data_dir, labels_csv, path_column, label_column, entries, patient_column)
+        return from_csv(data_dir, labels_csv, columns, entries)
     return from_folders(data_dir, entries)

@@ -24,11 +24,11 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
-from xray_dist.data import fingerprint
+from xray_dist.data import fingerprint, subgroups
 from xray_dist.data.cache import OWN_FILES, CacheLayout, read_image_meta, read_marker, recorded_chunks
 from xray_dist.data.classes import finding_counts, is_multilabel_label, parse_findings
 from xray_dist.data.decode import decode_all
-from xray_dist.data.labels import NEGATIVE, LabelScan, list_entries, scan_labels
+from xray_dist.data.labels import NEGATIVE, LabelColumns, LabelScan, list_entries, scan_labels
 from xray_dist.data.paths import RELATIVE, PathNames, write_path_map
 from xray_dist.data.patients import BY_LABELS, keys_of_raw_id, labels_key
 from xray_dist.data.salt import resolve as resolve_salt
@@ -46,9 +46,10 @@ def _images_key(data_dir: str, rels: list[str], stats: dict[str, tuple[int, int]
     """The decoded images' key: the data location, every file's (path, size, mtime), the spec, the
     salt, how files are named."""
     files = [[rel, *stats[rel]] for rel in rels]
-    # "rows": what each decoded row holds; 2 added the view (caches decoded before are decoded again)
+    # "rows": what each decoded row holds; 2 added the view, 3 the subgroup attributes (caches decoded
+    # before are decoded again)
     return stable_hash({"data_dir": storage.absolute(data_dir), "files": files, "spec": spec.to_dict(),
-                        "salt": stable_hash(salt), "rows": 2, **({"paths": paths} if paths != RELATIVE else {})})
+                        "salt": stable_hash(salt), "rows": 3, **({"paths": paths} if paths != RELATIVE else {})})
 
 
 def _check_cache_dir(cache: str) -> None:
@@ -85,8 +86,10 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if not storage.is_dir(data_dir):
         raise PrepareError(f"data directory not found: {data_dir}")
     entries = list_entries(data_dir)
-    scan = scan_labels(data_dir, cfg.labels, cfg.path_column, cfg.label_column, entries, cfg.patient_column,
-                       cfg.labels_format, cfg.uncertain, cfg.metadata)
+    scan = scan_labels(data_dir, cfg.labels, LabelColumns(cfg.path_column, cfg.label_column, cfg.patient_column,
+                                                          cfg.site_column),
+                       entries=entries, labels_format=cfg.labels_format, uncertain=cfg.uncertain,
+                       metadata=cfg.metadata)
     if not scan.items:
         raise PrepareError(
             f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
@@ -141,6 +144,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     labels = {job.names.name(rel): lab for rel, lab in items}  # by the name the cache's rows carry
     rows = _sort_rows(job, labels, excluded)
     _patients_from_labels(job, rows.ok)
+    _attributes(job, rows.ok)
     multilabel = scan.multilabel or any(is_multilabel_label(labels[m["path"]]) for m in rows.ok)
     rel_of = {job.names.name(r): r for r in rels}
     split_of, split_source = _split(job, rows.ok, labels, multilabel, rel_of)
@@ -149,6 +153,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         "split": [split_of[m["patient"]] for m in rows.ok],
         "label": [labels[m["path"]] for m in rows.ok],
         "patient": [m["patient"] for m in rows.ok],
+        **{a: [m[a] for m in rows.ok] for a in subgroups.ATTRIBUTES},
     })
     storage.write_parquet(manifest, job.layout.manifest)
     fp = fingerprint.compute(manifest, cfg.preprocess.to_dict(), key)
@@ -244,6 +249,17 @@ def _patients_from_labels(job: _Job, ok: list[dict]) -> None:
             m["patient"], m["patient_source"] = labels_key(job.salt, patient_of[m["path"]]), BY_LABELS
 
 
+def _attributes(job: _Job, ok: list[dict]) -> None:
+    """Each used row's subgroup attributes (changed in place): the labels' over the header's, the
+    view as ``--views`` read it, ``unknown`` where neither gives one (a cache decoded before
+    attributes were read has none: all unknown)."""
+    by_name = {job.names.name(rel): a for rel, a in job.scan.attributes.items()}
+    view_of = {job.names.name(rel): v for rel, v in job.scan.views.items()}
+    for m in ok:
+        header = {a: m.get(a) or "" for a in subgroups.ATTRIBUTES}
+        m.update(subgroups.merged(header, by_name.get(m["path"], {}), view_of.get(m["path"])))
+
+
 def _split(job: _Job, ok: list[dict], labels: dict[str, str], multilabel: bool,
            rel_of: dict[str, str]) -> tuple[dict[str, str], dict]:
     """Patient → split (drawn, or from ``--split-file``), and how it was made (for the report)."""
@@ -314,6 +330,7 @@ def _report(job: _Job, rows: _Rows, manifest: pa.Table, multilabel: bool, split_
         "unlabeled": [names.name(rel) for rel in scan.unlabeled],
         "classes": dict(sorted(classes.items())),
         "splits": splits,
+        "subgroups": subgroups.counts(rows.ok),
         "patients_grouped_by": dict(sorted(Counter(m.get("patient_source") or "unknown" for m in rows.ok).items())),
         "image_size": cfg.preprocess.image_size,
         "preprocess": cfg.preprocess.to_dict(),

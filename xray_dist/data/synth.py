@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +54,23 @@ class SynthResult:
     files: list[Path]
     labels: dict[str, str]  # relative path -> class
     patients: dict[str, str]  # relative path -> raw patient ID (for tests only)
+    sites: dict[str, int] = field(default_factory=dict)  # relative path -> site index (:data:`SITES`)
+
+
+#: The synthetic sites: (0008,0080) Institution Name, (0008,0070) Manufacturer, (0008,1090) model.
+SITES = (("Synthetic General Hospital", "Acme Imaging", "CR-1000"),
+         ("Synthetic Valley Clinic", "Zenith Medical", "DR-20"),
+         ("Synthetic Coast Infirmary", "Acme Imaging", "CR-2000"),
+         ("Synthetic Hill Hospital", "Nordlicht", "XR-5"))
+#: The day every synthetic study was taken (the patient's age is counted to it).
+STUDY_DATE = _dt.date(2024, 1, 15)
 
 
 def chest_phantom(size: int, finding: int | tuple[int, ...] | None, n_classes: int,
-                  rng: np.random.Generator) -> np.ndarray:
+                  rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
     """A chest-like image in [0, 1] (higher = denser), with the finding of class index ``finding``
-    (or the findings of several: each at its own place, so they can co-occur)."""
+    (or the findings of several: each at its own place, so they can co-occur), its contrast scaled
+    by ``strength`` (below 1: subtler; the random draws are the same whatever it is)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     jitter = rng.normal(0, 0.015, size=4)
     body = (((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.52) ** 2) < 1.0
@@ -79,12 +90,13 @@ def chest_phantom(size: int, finding: int | tuple[int, ...] | None, n_classes: i
         fy = 0.5 + 0.15 * np.sin(angle) + rng.normal(0, 0.02)
         r = 0.085 + rng.normal(0, 0.008)
         blob = np.exp(-(((xx - fx) ** 2 + (yy - fy) ** 2) / (2 * r**2)))
-        img += 0.45 * blob
+        img += 0.45 * strength * blob
     img += rng.normal(0, 0.02, img.shape)
     return np.clip(img, 0.0, 1.0)
 
 
-def _base_dataset(patient_id: str, patient_idx: int, image_idx: int, rng: np.random.Generator) -> Dataset:
+def _base_dataset(patient_id: str, patient_idx: int, image_idx: int, rng: np.random.Generator,
+                  site: int = 0) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
     sop_uid = generate_uid()
@@ -99,6 +111,9 @@ def _base_dataset(patient_id: str, patient_idx: int, image_idx: int, rng: np.ran
     birth = _dt.date(1940, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365 * 60)))
     ds.PatientBirthDate = birth.strftime("%Y%m%d")
     ds.PatientSex = "F" if rng.random() < 0.5 else "M"
+    ds.StudyDate = STUDY_DATE.strftime("%Y%m%d")
+    ds.PatientAge = f"{(STUDY_DATE - birth).days * 4 // 1461:03d}Y"
+    ds.InstitutionName, ds.Manufacturer, ds.ManufacturerModelName = SITES[site % len(SITES)]
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.InstanceNumber = image_idx + 1
@@ -151,32 +166,47 @@ def synthesize(
     size: int = 256,
     seed: int = 0,
     encodings: tuple[str, ...] = ENCODINGS,
+    sites: int = 1,
+    subtle_site: int | None = None,
+    subtle_strength: float = 0.3,
 ) -> SynthResult:
-    """Write ``patients * images_per_patient`` DICOM files and ``OUT/labels.csv``."""
+    """Write ``patients * images_per_patient`` DICOM files and ``OUT/labels.csv``.
+
+    Patients are spread over ``sites`` of :data:`SITES` independently of their class (every site
+    has every class); in ``subtle_site`` the finding has ``subtle_strength`` of its contrast, so a
+    model finds it less well there (the gap ``evaluate --by site`` should show)."""
     if len(classes) < 2:
         raise ValueError(f"synth needs at least 2 classes. Received: classes={classes!r}")
     if patients < len(classes):
         raise ValueError(f"synth needs at least one patient per class. Received: patients={patients}, "
                          f"classes={classes}")
+    if subtle_site is not None and not 0 <= subtle_site < sites:
+        raise ValueError(f"the subtle site must be one of the {sites} sites (0-{sites - 1}). "
+                         f"Received: subtle_site={subtle_site}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     files: list[Path] = []
     labels: dict[str, str] = {}
     pids: dict[str, str] = {}
+    site_of: dict[str, int] = {}
     per_class = [0] * len(classes)  # each class rotates through the encodings on its own
     for p in range(patients):
         cls_idx = p % len(classes)
+        site = (p // len(classes)) % max(1, sites)  # not the class's: every site has every class
         patient_id = f"SYN{seed:03d}{p:05d}"
         for i in range(images_per_patient):
             enc = encodings[per_class[cls_idx] % len(encodings)]
             per_class[cls_idx] += 1
             rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
-            image = Radiograph(patient_id, (cls_idx,), len(classes) - 1, enc, "PA", p, i)
+            image = Radiograph(patient_id, (cls_idx,), len(classes) - 1, enc, "PA", p, i, site,
+                               subtle_strength if site == subtle_site else 1.0)
             files.append(write_image(out / rel, image, size, rng))
             labels[rel] = classes[cls_idx]
             pids[rel] = patient_id
-    return SynthResult(out=out, labels_csv=_write_labels(out, labels), files=files, labels=labels, patients=pids)
+            site_of[rel] = site
+    return SynthResult(out=out, labels_csv=_write_labels(out, labels), files=files, labels=labels, patients=pids,
+                       sites=site_of)
 
 
 def _write_labels(out: Path, labels: dict[str, str]) -> Path:
@@ -200,13 +230,15 @@ class Radiograph:
     view: str | None = "PA"  #: (0018,5101) View Position; None: the element is left out
     patient_idx: int = 0  #: numbers the synthetic Patient Name
     image_idx: int = 0  #: numbers the Instance Number
+    site: int = 0  #: index into :data:`SITES` (institution, manufacturer, model)
+    strength: float = 1.0  #: the finding's contrast (below 1: subtler)
 
 
 def write_image(path: str | Path, image: Radiograph, size: int, rng: np.random.Generator) -> Path:
     """One synthetic ``size`` px radiograph at ``path``, as ``image`` describes it. Tests build the
     public cohorts' layouts from it."""
-    img = chest_phantom(size, image.findings, image.n_findings + 1, rng)
-    ds = _base_dataset(image.patient_id, image.patient_idx, image.image_idx, rng)
+    img = chest_phantom(size, image.findings, image.n_findings + 1, rng, image.strength)
+    ds = _base_dataset(image.patient_id, image.patient_idx, image.image_idx, rng, image.site)
     if image.view is None:
         del ds.ViewPosition
     else:

@@ -14,7 +14,8 @@ its ``best.json`` is rewritten. ``--split val`` is allowed and marked optimistic
 
 Writes ``OUT/metrics.json`` (every metric as ``{"value", "ci95"}``), ``OUT/scores.parquet`` (one
 row per image: the cache's name for it, patient key, label, probabilities), ``OUT/roc.png`` and
-``OUT/reliability.png``. ``OUT`` defaults to ``MODEL/evaluation/<split>``, where ``report`` finds
+``OUT/reliability.png``; with ``--by``, ``metrics.json``'s ``subgroups``, ``OUT/subgroups.csv`` and the
+forest plot ``OUT/subgroups.png`` (:mod:`xray_dist.results.subgroups`). ``OUT`` defaults to ``MODEL/evaluation/<split>``, where ``report`` finds
 it; evaluating a sweep evaluates its best trial and adds the test score to ``best.json``.
 """
 
@@ -30,17 +31,21 @@ import pyarrow as pa
 from xray_dist.data import fingerprint
 from xray_dist.data.cache import load_manifest, load_spec, load_split_arrays, split_labels
 from xray_dist.data.classes import ClassScheme
+from xray_dist.data.subgroups import ATTRIBUTES, UNKNOWN
 from xray_dist.errors import CacheError, XrayDistError
 from xray_dist.infra import storage
 from xray_dist.infra.locks import TargetLock
 from xray_dist.model.artifacts import LoadedModel, load_run_model, predict_arrays
 from xray_dist.results import runs
 from xray_dist.results.metrics import Resampling, calibration_curves, metrics_with_intervals
+from xray_dist.results.subgroups import CSV_COLUMNS, MIN_PATIENTS, csv_rows, subgroup_metrics
 
 log = logging.getLogger(__name__)
 
 #: The file every reader trusts (written last): the metrics with their intervals.
 METRICS = "metrics.json"
+#: ``--by``'s table: one row per attribute, subgroup and metric.
+SUBGROUPS_CSV = "subgroups.csv"
 
 
 def resolve_target(model: str) -> tuple[str, str | None]:
@@ -69,8 +74,24 @@ def check_cache(target: str, cache: str) -> dict:
     return fp
 
 
+@dataclass(frozen=True)
+class Subgroups:
+    """``evaluate --by``: the attributes to break the numbers down by, and the fewest patients a
+    subgroup needs for its numbers."""
+
+    by: tuple[str, ...] = ()
+    min_patients: int = MIN_PATIENTS
+
+    def __post_init__(self):
+        unknown = [a for a in self.by if a not in ATTRIBUTES]
+        if unknown:
+            raise XrayDistError(f"--by {','.join(unknown)}: expected some of {','.join(ATTRIBUTES)}")
+        if self.min_patients < 1:
+            raise XrayDistError(f"--min-patients {self.min_patients}: expected 1 or more")
+
+
 def evaluate_model(model: str, cache: str, split: str = "test", out: str | None = None, n_boot: int = 1000,
-                   batch_size: int = 32) -> dict:
+                   batch_size: int = 32, subgroups: Subgroups = Subgroups()) -> dict:
     """Score ``split`` of ``cache`` with ``model`` (a run, or a sweep's best trial); returns metrics.json.
 
     A sweep is evaluated under its lock (:class:`~xray_dist.infra.locks.TargetLock`): while ``tune`` or
@@ -84,12 +105,25 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
     for where in (model, cache, *([out] if out else [])):
         storage.check_location(where)
     run, sweep = resolve_target(model)
+    job = _Job(cache, split, out, n_boot, batch_size, subgroups)
     if sweep is None:
-        return _evaluate(run, None, cache, split, out, n_boot, batch_size)
+        return _evaluate(run, None, job)
     # the sweep's best.json (and, by default, its evaluation/) are rewritten: one writer per sweep, as tune
     with TargetLock(sweep, "xray-dist evaluate"):
         run, sweep = resolve_target(model)  # its best trial as it stands under the lock
-        return _evaluate(run, sweep, cache, split, out, n_boot, batch_size)
+        return _evaluate(run, sweep, job)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one ``evaluate`` was asked for."""
+
+    cache: str
+    split: str
+    out: str | None
+    n_boot: int
+    batch_size: int
+    subgroups: Subgroups
 
 
 @dataclass(frozen=True)
@@ -102,6 +136,7 @@ class _Split:
     labels: np.ndarray
     patients: np.ndarray
     label_text: list[str]
+    attributes: dict[str, np.ndarray]  # subgroup attribute -> each image's value ("unknown" where none)
 
 
 def _checked_model(run: str, sweep: str | None, cache: str, split: str) -> tuple[LoadedModel, dict]:
@@ -124,18 +159,23 @@ def _read_split(cache: str, split: str, scheme: ClassScheme) -> _Split:
     m = load_manifest(cache)
     patient_of = dict(zip(m.column("path").to_pylist(), m.column("patient").to_pylist()))
     label_text = dict(zip(m.column("path").to_pylist(), m.column("label").to_pylist()))
+    row_of = {p: i for i, p in enumerate(m.column("path").to_pylist())}
+    attributes = {}
+    for a in ATTRIBUTES:  # a cache prepared before attributes were recorded: all unknown
+        col = m.column(a).to_pylist() if a in m.column_names else [UNKNOWN] * m.num_rows
+        attributes[a] = np.array([col[row_of[p]] or UNKNOWN for p in paths], dtype=object)
     return _Split(paths=list(paths), images=images,
                   labels=np.array([label_of[p] for p in paths], dtype=int),  # multi-label: target rows
-                  patients=np.array([patient_of[p] for p in paths]), label_text=[label_text[p] for p in paths])
+                  patients=np.array([patient_of[p] for p in paths]), label_text=[label_text[p] for p in paths],
+                  attributes=attributes)
 
 
-def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | None, n_boot: int,
-              batch_size: int) -> dict:
+def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
     """:func:`evaluate_model`'s work on ``run`` (a sweep's best trial: under the sweep's lock)."""
-    cache = storage.absolute(cache)
+    cache, split, out, n_boot = storage.absolute(job.cache), job.split, job.out, job.n_boot
     lm, fp = _checked_model(run, sweep, cache, split)
     data = _read_split(cache, split, lm.scheme)
-    probs = predict_arrays(lm, data.images, batch_size)
+    probs = predict_arrays(lm, data.images, job.batch_size)
     names = list(lm.scheme.names)
     values, method = metrics_with_intervals(data.labels, probs, names, lm.threshold,
                                             Resampling(data.patients, n_boot), multilabel=lm.scheme.multilabel,
@@ -153,6 +193,13 @@ def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | No
         metrics["thresholds"] = lm.thresholds
         metrics["keys"] = lm.scheme.keys
         metrics["abnormal_score"] = "any finding vs none, scored by the largest finding probability"
+    if job.subgroups.by:
+        metrics["subgroups"] = subgroup_metrics({a: data.attributes[a] for a in job.subgroups.by}, data.labels, probs,
+                                                data.patients, list(lm.scheme.keys), lm.threshold,
+                                                lm.scheme.multilabel, n_boot, min_patients=job.subgroups.min_patients)
+        metrics["subgroup_method"] = (f"the same {n_boot} patient resamples for every subgroup; a gap is the best "
+                                      "minus the worst subgroup by the point estimate, its interval from those "
+                                      f"resamples; subgroups under {job.subgroups.min_patients} patients: no numbers")
     if split == "val":
         metrics["note"] = ("validation chose the epoch, the trial and the threshold: these numbers are optimistic; "
                            "report a held-out test split")
@@ -172,7 +219,7 @@ def _evaluate(run: str, sweep: str | None, cache: str, split: str, out: str | No
 def _write(out: Path, metrics: dict, data: _Split, probs: np.ndarray, scheme: ClassScheme) -> None:
     """``scores.parquet``, ``roc.png``, ``reliability.png``, then :data:`METRICS` (standard JSON: a
     NaN is written as null)."""
-    from xray_dist.results.plots import plot_calibration, plot_roc  # matplotlib: only when plotting
+    from xray_dist.results.plots import plot_calibration, plot_forest, plot_roc  # matplotlib: only when plotting
 
     names = list(scheme.names)
     table = pa.table({"path": data.paths, "patient": data.patients.tolist(),
@@ -185,6 +232,9 @@ def _write(out: Path, metrics: dict, data: _Split, probs: np.ndarray, scheme: Cl
     plot_roc(data.labels, probs, names, out / "roc.png", intervals, multilabel=scheme.multilabel)
     curves = calibration_curves(data.labels, probs, names, multilabel=scheme.multilabel, top_label=False)
     plot_calibration({f"{name}, {split}": curve for name, curve in curves.items()}, out / "reliability.png")
+    if "subgroups" in metrics:
+        storage.write_csv(out / SUBGROUPS_CSV, csv_rows(metrics["subgroups"]), CSV_COLUMNS)
+        plot_forest(metrics["subgroups"], out / "subgroups.png")
     storage.write_json(out / METRICS, metrics, indent=2)
 
 

@@ -172,6 +172,14 @@ def cluster_bootstrap_ci(stat, arrays: tuple, clusters: np.ndarray, n_boot: int 
     point = float(stat(*arrays))
     if len(arrays[0]) == 0:
         return point, float("nan"), float("nan")
+    vals = [stat(*(a[idx] for a in arrays)) for idx in cluster_resamples(clusters, n_boot, seed, strata)]
+    return (point, *percentile_interval(vals, n_boot, level))
+
+
+def cluster_resamples(clusters: np.ndarray, n_boot: int, seed: int = 0, strata: np.ndarray | None = None):
+    """The row indices of each of ``n_boot`` cluster-bootstrap resamples (:func:`cluster_bootstrap_ci`):
+    whole clusters drawn with replacement, within each stratum (a cluster's stratum is its
+    largest value of ``strata``), every row of a drawn cluster kept."""
     _, which = np.unique(np.asarray(clusters), return_inverse=True)
     order = np.argsort(which, kind="stable")
     bounds = np.searchsorted(which[order], np.arange(which.max() + 2))
@@ -182,17 +190,19 @@ def cluster_bootstrap_ci(stat, arrays: tuple, clusters: np.ndarray, n_boot: int 
     else:
         groups = [np.arange(len(members))]
     rng = np.random.default_rng(seed)
-    vals = []
     for _ in range(n_boot):
         drawn = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-        idx = np.concatenate([members[c] for c in drawn])
-        v = stat(*(a[idx] for a in arrays))
-        if not np.isnan(v):
-            vals.append(v)
+        yield np.concatenate([members[c] for c in drawn])
+
+
+def percentile_interval(values, n_boot: int, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``values`` (NaN ones dropped); NaN when fewer than
+    half of the ``n_boot`` resamples gave a value."""
+    vals = [v for v in values if not np.isnan(v)]
     if len(vals) < n_boot / 2:
-        return point, float("nan"), float("nan")
+        return float("nan"), float("nan")
     lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
-    return point, float(lo), float(hi)
+    return float(lo), float(hi)
 
 
 PATIENT_METHOD = ("patient-level (cluster) percentile bootstrap: {n} resamples of patients, all images of each "

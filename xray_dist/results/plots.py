@@ -161,3 +161,37 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str = "val_auc_abnorm
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_forest(subgroups: dict, path: str | Path, metric: str = "auc_abnormal") -> None:
+    """Forest plot of ``metric`` per subgroup (``evaluate --by``): point and 95 % interval per
+    group, one block per attribute; groups below the minimum of patients are named, with no point."""
+    rows = []  # (label, value, lo, hi)
+    for attr, res in subgroups.items():
+        rows.append((attr, None, None, None))
+        for g in res["groups"]:
+            m = g.get(metric)
+            label = f"  {g['value']} ({g['patients']} patients)"
+            if m is None:
+                rows.append((label + ": too few", None, None, None))
+            else:
+                rows.append((label, _num(m["value"]), _num(m["ci95"][0]), _num(m["ci95"][1])))
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.2))
+    for y, (label, v, lo, hi) in enumerate(rows):
+        if v is not None and not np.isnan(v):
+            if not (np.isnan(lo) or np.isnan(hi)):
+                ax.plot([lo, hi], [y, y], color="tab:blue", lw=2)
+            ax.plot([v], [y], "o", color="tab:blue")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    for t, r in zip(ax.get_yticklabels(), rows):
+        if r[1] is None and not r[0].startswith(" "):
+            t.set_fontweight("bold")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.02)
+    ax.axvline(0.5, color="k", ls="--", lw=0.8)
+    ax.set_xlabel(f"{metric} (95 % patient-level interval)")
+    ax.set_title("Performance by subgroup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -123,7 +123,31 @@ def _held_out_section(ev: dict) -> str:
     title = "Held-out test" if ev["split"] == "test" else f"Evaluation on {ev['split']} (optimistic)"
     return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
             f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
-            f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics"))
+            f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics")
+            + (_subgroup_section(ev) if ev.get("subgroups") else ""))
+
+
+def _subgroup_section(ev: dict) -> str:
+    """``evaluate --by``: a row per subgroup, the largest gap per attribute, and the forest plot."""
+    from xray_dist.results.plots import plot_forest  # matplotlib: only when plotting
+
+    def cell(g, k):
+        return _ci(g[k]["value"], *g[k]["ci95"]) if k in g else g.get("skipped", "")
+
+    rows, gaps = [], []
+    for attr, res in ev["subgroups"].items():
+        for g in res["groups"]:
+            rows.append([attr, g["value"], g["patients"], g["images"], g["prevalence"], cell(g, "auc_abnormal"),
+                         cell(g, "sensitivity"), cell(g, "specificity")])
+        for m, gap in res["gaps"].items():
+            gaps.append(f"<li>{html.escape(attr)}: {html.escape(m)} {html.escape(str(gap['between'][0]))} minus "
+                        f"{html.escape(str(gap['between'][1]))}: {_ci(gap['value'], *gap['ci95'])}</li>")
+    return ("<h3>By subgroup</h3><p>" + html.escape(ev.get("subgroup_method", "")) + ".</p>"
+            + _table(["attribute", "subgroup", "patients", "images", "prevalence", "AUROC abnormal [95 % CI]",
+                      "sensitivity", "specificity"], rows, "metrics")
+            + (f"<p>Largest gaps (an interval that excludes 0 is a gap the data support):</p><ul>{''.join(gaps)}</ul>"
+               if gaps else "")
+            + _png(lambda buf: plot_forest(ev["subgroups"], buf), "AUROC abnormal by subgroup"))
 
 
 @dataclass(frozen=True)
