@@ -155,3 +155,56 @@ def test_refusals(held_out, two_worker_run, synth_binary, tmp_path, capsys):
     err = refused("--model", run, "--cache", moved)
     assert "not the cache" in err and "split" in err
     assert not (run / "evaluation" / "train").exists()
+
+
+def test_external_validation_on_a_hospital_the_model_never_saw(held_out, synth_binary, ray_cluster, tmp_path,
+                                                                capsys):
+    """A second synthetic hospital (other seed, other site, 3 of the training patients' files
+    among its own): every image scored and marked external, the shared patients counted, the
+    report puts internal and external side by side; another image size and the training cache
+    itself are refused."""
+    from xray_dist.cli import app as cli
+    from xray_dist.data.prepare import prepare
+    from xray_dist.data.synth import synthesize
+    from xray_dist.results.report import write_report
+
+    cache, run = held_out
+    other = synthesize(tmp_path / "other", patients=16, images_per_patient=2, size=96, seed=11, sites=3)
+    with open(other.labels_csv, "a") as f:  # 3 patients who were also seen in training
+        shared = sorted({pid for pid in synth_binary.patients.values()})[:3]
+        for rel, pid in synth_binary.patients.items():
+            if pid in shared:
+                shutil.copy(synth_binary.out / rel, other.out / "images" / f"shared_{rel.split('/')[-1]}")
+                f.write(f"images/shared_{rel.split('/')[-1]},{synth_binary.labels[rel]}\n")
+    ext = tmp_path / "ext_cache"
+    prepare(PrepareConfig(data_dir=str(other.out), labels=str(other.labels_csv), out=str(ext),
+                          preprocess=PreprocessSpec(image_size=32)))
+    assert cli.main(["evaluate", "--model", str(run), "--cache", str(ext), "--external", "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    outs = list((run / "evaluation").glob("external-*"))
+    assert len(outs) == 1
+    m = json.loads((outs[0] / "metrics.json").read_text())
+    manifest = pq.read_table(ext / "manifest.parquet").to_pandas()
+    scores = pq.read_table(outs[0] / "scores.parquet").to_pandas()
+    assert m["external"] and m["split"] == "external" and sorted(scores.path) == sorted(manifest.path)  # every image
+    assert m["images"] == 38 and m["patients"] == 19
+    assert m["overlap"]["patients_in_training_cache"] == 3 and "salt" in m["overlap"]["note"]
+    y, p = (scores.label != "normal").to_numpy(), scores.p_finding.to_numpy()
+    pairs = [(a > b) + 0.5 * (a == b) for a in p[y] for b in p[~y]]  # AUROC by its definition
+    assert m["auc_abnormal"]["value"] == pytest.approx(np.mean(pairs))
+    assert "external cache (every image), 38 images of 19 patients" in printed and "training cache: 3" in printed
+    assert m["training_cache_fingerprint"] != m["cache_fingerprint"]
+    assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--bootstrap", "100"]) == 0  # internal
+    page = write_report(run, tmp_path / "r.html", n_boot=100).read_text()
+    assert page.index("Held-out test") < page.index("Internal and external") < page.index("External validation")
+    assert f"external {m['cache_fingerprint'][:8]}" in page and "internal test" in page
+    # refused: another image size (named), and the training cache passed as external
+    big = tmp_path / "ext48"
+    prepare(PrepareConfig(data_dir=str(other.out), labels=str(other.labels_csv), out=str(big),
+                          preprocess=PreprocessSpec(image_size=48)))
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(run), "--cache", str(big), "--external"]) == 2
+    assert "image_size 48 (the model's: 32)" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--external"]) == 2
+    assert "is the cache the model was trained with" in capsys.readouterr().err
+    assert not (big / "evaluation").exists() and len(list((run / "evaluation").glob("external-*"))) == 1

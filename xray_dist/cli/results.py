@@ -16,7 +16,11 @@ def add_evaluate(sub) -> None:
                 "The numbers to report: the model (a run, or a sweep's best trial) scored once on patients that "
                 "took part in no choice, at the threshold chosen on validation.")
     p.add_argument("--model", required=True, help="a run directory, or a sweep directory (its best trial)")
-    p.add_argument("--cache", required=True, help="the cache the model was trained with")
+    p.add_argument("--cache", required=True, help="the cache the model was trained with (or, with --external, "
+                                                   "another one)")
+    p.add_argument("--external", action="store_true",
+                   help="--cache is a cache the model never saw (another hospital): score every image of it, marked "
+                        "external (its preprocessing must be the model's)")
     p.add_argument("--split", default="test", help="test, or val (optimistic: used for selection)")
     p.add_argument("--out", help="directory to write (default: MODEL/evaluation/SPLIT, where report finds it)")
     p.add_argument("--bootstrap", type=at_least(100), default=1000, help="patient resamples for the intervals")
@@ -33,15 +37,21 @@ def _fmt(v, lo, hi) -> str:
 
 def cmd_evaluate(a) -> int:
     by = tuple(s.strip() for s in a.by.split(",") if s.strip())
-    m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap, subgroups=Subgroups(by, a.min_patients))
+    m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap, subgroups=Subgroups(by, a.min_patients),
+                       external=a.external)
 
     def ci(k):
         return _fmt(m[k]["value"], *m[k]["ci95"])
 
-    print(f"evaluate: {m['split']} split, {m['images']} images of {m['patients']} patients"
+    where = "external cache (every image)" if m["external"] else f"{m['split']} split"
+    print(f"evaluate: {where}, {m['images']} images of {m['patients']} patients"
           + (" (OPTIMISTIC: validation chose the model and threshold)" if m["optimistic"] else ""))
     print(f"  AUROC abnormal {ci('auc_abnormal')}; at threshold {m['threshold']:.3f}: sensitivity "
           f"{ci('sensitivity')}, specificity {ci('specificity')}")
+    if m["external"]:
+        n = m["overlap"]["patients_in_training_cache"]
+        print(f"  patient keys also in the training cache: {'not checked' if n is None else n} "
+              "(comparable only with the same salt)")
     for attr, res in m.get("subgroups", {}).items():
         gap = res["gaps"].get("auc_abnormal")
         small = sum(1 for g in res["groups"] if "skipped" in g)

@@ -253,10 +253,12 @@ def _CacheParquetSource(directory, columns):  # noqa: N802 - the class needs Ray
     return _cache_parquet_source_class()(directory, columns)
 
 
-def load_split_arrays(cache: str | Path, split: str) -> tuple[list[str], np.ndarray]:
-    """Paths and images of one split, in manifest order, read with pyarrow (for driver-side work)."""
+def load_split_arrays(cache: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:
+    """Paths and images of one split (None: every image), in manifest order, read with pyarrow
+    (for driver-side work)."""
     manifest = load_manifest(cache)
-    paths = [p for p, s in zip(manifest.column("path").to_pylist(), manifest.column("split").to_pylist()) if s == split]
+    paths = [p for p, s in zip(manifest.column("path").to_pylist(), manifest.column("split").to_pylist())
+             if split is None or s == split]
     dset = images_dataset(cache)
     table = dset.to_table(columns=["path", "image"], filter=pc.field("path").isin(paths))
     spec = load_spec(cache)
@@ -305,13 +307,16 @@ def manifest_labels(cache: str | Path, split: str | None = None) -> list[tuple[s
                                           m.column("label").to_pylist()) if split is None or s == split]
 
 
-def split_labels(cache: str | Path, split: str, scheme: ClassScheme) -> dict:
-    """Path → training target (:meth:`ClassScheme.target`) of every image in ``split`` (a
-    :class:`CacheError` when there is none)."""
+def split_labels(cache: str | Path, split: str | None, scheme: ClassScheme) -> dict:
+    """Path → training target (:meth:`ClassScheme.target`) of every image in ``split`` (None:
+    every image, an external cache's; a :class:`CacheError` when there is none)."""
     rows = manifest_labels(cache, split)
     unseen = Counter(lab for _, lab in rows if not scheme.knows(lab))
     if unseen:
         lab, n = unseen.most_common(1)[0]
+        if split is None:
+            raise CacheError(f"{cache}: class {lab!r} ({n} images) is not one of the model's classes "
+                             f"({', '.join(scheme.names)}); leave it out of the external cache's labels")
         raise CacheError(f"{cache}: class {lab!r} has {n} images in the {split!r} split but none in 'train', so the "
                          "model has no output for it; prepare again with another --seed or fractions, or leave the "
                          "class out of the labels")

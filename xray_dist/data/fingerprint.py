@@ -81,6 +81,14 @@ def record(target: str, cache: str, fp: dict) -> None:
     storage.write_json(storage.join(target, INPUTS), {"cache": cache, "cache_fingerprint": fp}, indent=2)
 
 
+def recorded_cache(target: str) -> str | None:
+    """The cache ``TARGET/inputs.json`` says the run or sweep was made from (None when it has none)."""
+    try:
+        return storage.read_json(storage.join(target, INPUTS))["cache"]
+    except FileNotFoundError:
+        return None
+
+
 def recorded(target: str) -> dict | None:
     """The fingerprint ``TARGET/inputs.json`` recorded (None when the run or sweep has none)."""
     try:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: The file every reader trusts (written last): the metrics with their intervals.
 METRICS = "metrics.json"
+#: The split name of an external cache's evaluation (every image of a cache the model never saw).
+EXTERNAL = "external"
 #: ``--by``'s table: one row per attribute, subgroup and metric.
 SUBGROUPS_CSV = "subgroups.csv"
 
@@ -91,17 +93,20 @@ class Subgroups:
 
 
 def evaluate_model(model: str, cache: str, split: str = "test", out: str | None = None, n_boot: int = 1000,
-                   batch_size: int = 32, subgroups: Subgroups = Subgroups()) -> dict:
+                   batch_size: int = 32, subgroups: Subgroups = Subgroups(), external: bool = False) -> dict:
     """Score ``split`` of ``cache`` with ``model`` (a run, or a sweep's best trial); returns metrics.json.
+    ``external``: ``cache`` is another one, the model never saw (another hospital): every image of it
+    is scored, the output marked external.
 
     A sweep is evaluated under its lock (:class:`~xray_dist.infra.locks.TargetLock`): while ``tune`` or
     another ``evaluate`` holds it, this one stops at once with :class:`~xray_dist.errors.LockedError`
     and ``best.json`` is left as it was."""
+    split = EXTERNAL if external else split
     if split == "train":
         raise XrayDistError("--split train: the model was fitted on it; evaluate a split that took part in no choice "
                             "(test), or val (optimistic: the epoch, trial and threshold were chosen on it)")
-    if split not in ("test", "val"):
-        raise XrayDistError(f"--split {split!r}: expected test or val")
+    if split not in ("test", "val", EXTERNAL):
+        raise XrayDistError(f"--split {split!r}: expected test or val (or --external for another cache)")
     for where in (model, cache, *([out] if out else [])):
         storage.check_location(where)
     run, sweep = resolve_target(model)
@@ -141,21 +146,44 @@ class _Split:
 
 def _checked_model(run: str, sweep: str | None, cache: str, split: str) -> tuple[LoadedModel, dict]:
     """The run's model and the cache's fingerprint, after checking that the cache is the one the
-    model was trained with, decoded the same way, and that ``split`` has images."""
-    if split not in load_manifest(cache).column("split").to_pylist():
-        raise CacheError(f"--cache {cache}: the {split!r} split has no images; prepare with --test-fraction or "
-                         "--split-file to hold patients out")
-    fp = check_cache(sweep or run, cache)
+    model was trained with (an external cache: that it is not), decoded the same way, and that
+    ``split`` has images."""
+    if split == EXTERNAL:
+        fp = fingerprint.of_cache(cache)
+        if fp["id"] == (fingerprint.recorded(sweep or run) or {}).get("id"):
+            raise CacheError(f"--external: {cache} is the cache the model was trained with; evaluate its test split "
+                             "without --external")
+    else:
+        if split not in load_manifest(cache).column("split").to_pylist():
+            raise CacheError(f"--cache {cache}: the {split!r} split has no images; prepare with --test-fraction or "
+                             "--split-file to hold patients out")
+        fp = check_cache(sweep or run, cache)
     lm = load_run_model(run)
-    if load_spec(cache).to_dict() != lm.preprocess.to_dict():
-        raise CacheError(f"--cache {cache} was decoded with other preprocessing than the model's "
-                         f"({load_spec(cache).to_dict()} vs {lm.preprocess.to_dict()})")
+    ours, theirs = load_spec(cache).to_dict(), lm.preprocess.to_dict()
+    diff = [f"{k} {ours.get(k)!r} (the model's: {theirs.get(k)!r})" for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise CacheError(f"--cache {cache} was decoded with other preprocessing than the model's: " + "; ".join(diff)
+                         + ". Prepare it with the model's settings")
     return lm, fp
 
 
+def _overlap(target: str, patients: np.ndarray) -> dict:
+    """An external cache's patients against the training cache's: how many keys are in both."""
+    note = ("patient keys are salted: they match only where both caches were prepared with the same salt, so 0 "
+            "proves nothing across salts")
+    try:
+        trained = set(load_manifest(fingerprint.recorded_cache(target)).column("patient").to_pylist())
+    except (XrayDistError, TypeError, OSError):
+        return {"patients_in_training_cache": None, "note": "the training cache is not where the run recorded it; "
+                "overlap not checked"}
+    return {"patients_in_training_cache": len(set(patients.tolist()) & trained), "note": note}
+
+
 def _read_split(cache: str, split: str, scheme: ClassScheme) -> _Split:
-    label_of = split_labels(cache, split, scheme)  # an empty split, or a class the model lacks: CacheError
-    paths, images = load_split_arrays(cache, split)
+    which = None if split == EXTERNAL else split  # an external cache: every image
+    label_of = split_labels(cache, which, scheme)  # an empty split, or a class the model lacks: CacheError
+    paths, images = load_split_arrays(cache, which)
     m = load_manifest(cache)
     patient_of = dict(zip(m.column("path").to_pylist(), m.column("patient").to_pylist()))
     label_text = dict(zip(m.column("path").to_pylist(), m.column("label").to_pylist()))
@@ -181,7 +209,7 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
                                             Resampling(data.patients, n_boot), multilabel=lm.scheme.multilabel,
                                             thresholds=lm.thresholds)
     metrics = {
-        "split": split, "optimistic": split == "val",
+        "split": split, "optimistic": split == "val", "external": split == EXTERNAL,
         "images": int(len(data.labels)), "patients": int(len(set(data.patients.tolist()))),
         "threshold": lm.threshold, "threshold_chosen_on": "validation (Youden's J)",
         "interval_method": method,
@@ -200,10 +228,13 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
         metrics["subgroup_method"] = (f"the same {n_boot} patient resamples for every subgroup; a gap is the best "
                                       "minus the worst subgroup by the point estimate, its interval from those "
                                       f"resamples; subgroups under {job.subgroups.min_patients} patients: no numbers")
+    if split == EXTERNAL:
+        metrics["overlap"] = _overlap(sweep or run, data.patients)
+        metrics["training_cache_fingerprint"] = (fingerprint.recorded(sweep or run) or {}).get("id")
     if split == "val":
         metrics["note"] = ("validation chose the epoch, the trial and the threshold: these numbers are optimistic; "
                            "report a held-out test split")
-    out = out or runs.evaluation_dir(sweep or run, split)
+    out = out or runs.evaluation_dir(sweep or run, f"{EXTERNAL}-{fp['id'][:8]}" if split == EXTERNAL else split)
     with storage.staged_output(out, marker=METRICS) as local:
         _write(local, metrics, data, probs, lm.scheme)
     if sweep and split == "test":
@@ -245,3 +276,13 @@ def read_evaluation(target: str, split: str = "test") -> dict | None:
         return storage.read_json(storage.join(runs.evaluation_dir(target, split), METRICS))
     except FileNotFoundError:
         return None
+
+
+def read_external_evaluations(target: str) -> list[dict]:
+    """Every external evaluation of ``target`` (``evaluation/external-<cache>/metrics.json``)."""
+    root = storage.join(target, runs.EVALUATION)
+    if not storage.is_dir(root):
+        return []
+    names = sorted({e.rel.split("/")[0] for e in storage.list_files(root)
+                    if e.rel.startswith(f"{EXTERNAL}-") and e.rel.endswith(f"/{METRICS}")})
+    return [m for m in (read_evaluation(target, n) for n in names) if m]

@@ -33,7 +33,7 @@ from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
 from xray_dist.model.artifacts import read_run_spec, spec_thresholds
 from xray_dist.results import runs
-from xray_dist.results.evaluate import read_evaluation
+from xray_dist.results.evaluate import read_evaluation, read_external_evaluations
 from xray_dist.results.metrics import Resampling, calibration_curves, confusion_matrix, metrics_with_intervals
 
 N_BOOT = 1000
@@ -120,11 +120,31 @@ def _held_out_section(ev: dict) -> str:
     scheme = ClassScheme(tuple(ev.get("classes", [])), multilabel=ev.get("task") == "multilabel")
     values = {k: (m["value"], *m["ci95"]) for k, m in ev.items() if isinstance(m, dict) and "value" in m}
     rows = metric_rows(values, scheme, ev["threshold"], ev.get("thresholds", {}))
-    title = "Held-out test" if ev["split"] == "test" else f"Evaluation on {ev['split']} (optimistic)"
+    title = {"test": "Held-out test", "external": "External validation"}.get(ev["split"],
+                                                                             f"Evaluation on {ev['split']} (optimistic)")
     return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
             f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
             f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics")
             + (_subgroup_section(ev) if ev.get("subgroups") else ""))
+
+
+def _external_section(internal: dict | None, external: list[dict]) -> str:
+    """Internal (held-out test) and external results side by side, then each external one whole."""
+    columns = ([("internal test", internal)] if internal else []) + [
+        (f"external {e['cache_fingerprint'][:8]}", e) for e in external]
+    keys = ["images", "patients", "auc_abnormal", "sensitivity", "specificity", "accuracy", "ece"]
+
+    def cell(ev, k):
+        v = ev.get(k)
+        return _ci(v["value"], *v["ci95"]) if isinstance(v, dict) else v
+
+    rows = [[k, *[cell(ev, k) for _, ev in columns]] for k in keys]
+    overlap = [f"<li>{html.escape(name)}: {_fmt(ev.get('overlap', {}).get('patients_in_training_cache'))} patient "
+               f"keys also in the training cache ({html.escape(ev.get('overlap', {}).get('note', ''))})</li>"
+               for name, ev in columns if ev.get("external")]
+    return ("<h2>Internal and external</h2><p>The same model on its own held-out patients and on caches it never "
+            "saw (other sites), at its own threshold.</p>" + _table(["metric", *[n for n, _ in columns]], rows, "metrics")
+            + f"<ul>{''.join(overlap)}</ul>" + "".join(_held_out_section(e) for e in external))
 
 
 def _subgroup_section(ev: dict) -> str:
@@ -378,7 +398,9 @@ def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shar
         title = f"xray-dist run report: {storage.name(target)}"
     else:
         raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
-    held_out = read_evaluation(target)
+    held_out, external = read_evaluation(target), read_external_evaluations(target)
+    if external:
+        body = _external_section(held_out, external) + "\n" + body
     if held_out:  # the numbers to report come first; validation (used for selection) beneath
         body = _held_out_section(held_out) + "\n" + body
     source = "" if shareable else f" from <code>{html.escape(str(target))}</code>"
