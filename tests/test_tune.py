@@ -123,6 +123,20 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     ev = evaluate_model(str(out), str(cache3), n_boot=100)
     assert ev["model"] == best["model"] and ev["sweep"] == str(out) and (out / "evaluation" / "test").is_dir()
     assert json.loads((out / "best.json").read_text())["test"]["auc_abnormal"] == ev["auc_abnormal"]
+    # `calibrate SWEEP` calibrates the best trial (a softmax over 3 classes is refused, its one-vs-rest
+    # rankings would move), and leaves every other trial as it was
+    from xray_dist.cli import app as cli
+
+    spec_of = {r["model"]: json.loads((Path(r["model"]) / "model" / "model_spec.json").read_text()) for r in completed}
+    code = cli.main(["calibrate", "--model", str(out)])
+    calibrated = json.loads((Path(best["model"]) / "model" / "model_spec.json").read_text())
+    classes = spec_of[best["model"]]["classes"]
+    if len(classes["names"]) > 2 and not classes["multilabel"]:
+        assert code == 2 and "calibration" not in calibrated
+    else:
+        assert code == 0 and calibrated["calibration"]["fitted_on"] == "validation"
+    for r in others:
+        assert json.loads((Path(r["model"]) / "model" / "model_spec.json").read_text()) == spec_of[r["model"]]
     page = write_report(out, tmp_path / "sweep.html", n_boot=200)
     text = page.read_text()
     assert text.index("Held-out test") < text.index("Sweep ") and "biased upward; held-out test AUROC" in text

@@ -30,6 +30,7 @@ COMMANDS = {
     "tune": (train.add_tune, train.cmd_tune),
     "explain": (inference.add_explain, inference.cmd_explain),
     "evaluate": (results.add_evaluate, results.cmd_evaluate),
+    "calibrate": (results.add_calibrate, results.cmd_calibrate),
     "report": (results.add_report, results.cmd_report),
     "export": (inference.add_export, inference.cmd_export),
     "demo": (demo.add_demo, demo.cmd_demo),
@@ -44,6 +45,7 @@ Fine-tune a VGG16 chest X-ray classifier on DICOM images — on this machine or 
   prepare   decode the DICOM files once into a cache, split patients, list every file not used
   train     fine-tune on the cache (Ray Train; resumable)      tune      search head x classes x depth
   evaluate  the numbers to report, on held-out patients        report    one HTML page of results
+  calibrate honest probabilities: a temperature fitted on validation
   predict   probabilities for new files     explain   Grad-CAM heatmaps     export    a serving model
   demo      all of it on synthetic data, in about two minutes
 
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Commands whose log file lives in the directory they write (a run, a sweep, the demo).
 _LOG_IN_OUT = {"train", "tune", "demo"}
 #: Commands that load TensorFlow in this process.
-_USES_TENSORFLOW = {"train", "tune", "demo", "predict", "explain", "export", "evaluate"}
+_USES_TENSORFLOW = {"train", "tune", "demo", "predict", "explain", "export", "evaluate"}  # not calibrate
 
 
 #: Flags naming input locations, which can carry a patient's name (``/data/SMITH_JOHN/labels.csv``):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from xray_dist.cli.common import at_least, command
 from xray_dist.infra import storage
 from xray_dist.data.subgroups import ATTRIBUTES
-from xray_dist.results.evaluate import Subgroups, evaluate_model
+from xray_dist.results.calibrate import calibrate_run
+from xray_dist.results.evaluate import Subgroups, evaluate_model, resolve_target
 from xray_dist.results.subgroups import MIN_PATIENTS
 from xray_dist.results.report import write_report
 
@@ -58,7 +59,30 @@ def cmd_evaluate(a) -> int:
         print(f"  by {attr}: {len(res['groups'])} subgroups" + (f" ({small} under --min-patients)" if small else "")
               + (f"; largest AUROC gap {gap['between'][0]} - {gap['between'][1]}: {_fmt(gap['value'], *gap['ci95'])}"
                  if gap else ""))
+    if "calibration" in m:
+        c = m["calibration"]
+        print(f"  calibrated (temperature fitted on validation): ECE {_fmt(c['ece_before']['value'], *c['ece_before']['ci95'])}"
+              f" -> {_fmt(c['ece_after']['value'], *c['ece_after']['ci95'])}")
     print(f"  95 % intervals: patient-level bootstrap ({a.bootstrap} resamples) -> {m['out']}")
+    return 0
+
+
+def add_calibrate(sub) -> None:
+    p = command(sub, "calibrate", "temperature scaling: honest probabilities, fitted on validation",
+                "Fits a temperature on the run's validation scores (one per finding, multi-label) and stores it "
+                "with the model, the threshold re-chosen on the calibrated scores. predict, evaluate and export then "
+                "give calibrated probabilities; AUROC does not change.")
+    p.add_argument("--model", required=True, help="a run directory, or a sweep directory (its best trial)")
+
+
+def cmd_calibrate(a) -> int:
+    r = calibrate_run(resolve_target(a.model)[0])
+    t = r["temperature"]
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in t.items()) if isinstance(t, dict) else f"{t:.3f}"
+    print(f"calibrate: temperature {shown} (fitted on validation): ECE {r['val_ece'][0]:.4f} -> {r['val_ece'][1]:.4f}, "
+          f"Brier {r['val_brier'][0]:.4f} -> {r['val_brier'][1]:.4f}; threshold {r['threshold_uncalibrated']:.3f} -> "
+          f"{r['threshold']:.3f}")
+    print(f"  stored in {r['model_dir']}/model_spec.json; predict, evaluate and export now calibrate")
     return 0
 
 

@@ -60,7 +60,8 @@ def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
     spec = lm.spec
     size = lm.preprocess.image_size
     image = keras.Input((size, size), dtype="uint8", name="image")
-    probabilities = ClassProbabilities(multilabel=lm.scheme.multilabel, name="probabilities")
+    probabilities = ClassProbabilities(multilabel=lm.scheme.multilabel, temperature=lm.temperature,
+                                       name="probabilities")
     serving = keras.Model(image, probabilities(lm.model(image, training=False)),
                           name="xray_vgg16_serving")
     if fmt == "savedmodel":
@@ -93,6 +94,10 @@ def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
                            else f"1 - probabilities[:, 0] (class 0 is {lm.scheme.names[0]!r})"),
         "threshold": lm.threshold,
         **({"thresholds": lm.thresholds} if lm.scheme.multilabel else {}),
+        "calibration": ({"method": "temperature", "temperature": spec["calibration"]["temperature"],
+                         "meaning": "the probabilities are calibrated (fitted on validation); the threshold is "
+                                    "the one chosen on the calibrated scores"}
+                        if lm.temperature is not None else None),
         "preprocess": spec["preprocess"],
     }, indent=2)
     return path

@@ -25,6 +25,7 @@ import numpy as np
 
 from xray_dist.config import PreprocessSpec
 from xray_dist.data.classes import ClassScheme
+from xray_dist.model import calibration
 from xray_dist.errors import ModelSpecError
 from xray_dist.infra import storage
 
@@ -63,6 +64,15 @@ def spec_thresholds(spec: dict) -> tuple[float, dict[str, float]]:
     """A model's thresholds from its spec, both chosen on validation: the abnormal score's (0.5 when
     none was stored), and (multi-label) each finding's, by key."""
     return float(spec.get("threshold", 0.5)), {k: float(v) for k, v in spec.get("thresholds", {}).items()}
+
+
+def spec_temperature(spec: dict, scheme: ClassScheme) -> float | list[float] | None:
+    """A model's calibration temperature from its spec (:mod:`xray_dist.model.calibration`): one
+    number, or (multi-label) one per finding in ``scheme``'s order; None when not calibrated."""
+    t = spec.get("calibration", {}).get("temperature")
+    if isinstance(t, dict):
+        return [float(t.get(k, 1.0)) for k in scheme.keys]
+    return None if t is None else float(t)
 
 
 def run_model_dir(run: str | Path) -> str:
@@ -162,6 +172,11 @@ class LoadedModel:
         """Multi-label: each finding's threshold (by key), chosen on validation."""
         return spec_thresholds(self.spec)[1]
 
+    @property
+    def temperature(self) -> float | list[float] | None:
+        """The temperature ``xray-dist calibrate`` fitted (per finding in the scheme's order), or None."""
+        return spec_temperature(self.spec, self.scheme)
+
 
 def model_dir_of(run: str | Path) -> str:
     """The ``model/`` directory of a run (local path or URI), or ``run`` itself when it is one."""
@@ -190,7 +205,11 @@ def load_run_model(run: str | Path) -> LoadedModel:
                        spec_thresholds(spec)[0], spec)
 
 
-def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """``(n, K)`` probabilities: of each class, or (multi-label) of each finding."""
+def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32, calibrated: bool = True) -> np.ndarray:
+    """``(n, K)`` probabilities: of each class, or (multi-label) of each finding; at the model's
+    calibration temperature when it has one (``calibrated=False``: as the network gives them)."""
     outs = [np.asarray(lm.model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)]
-    return lm.scheme.probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
+    probs = lm.scheme.probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
+    if calibrated and lm.temperature is not None and len(probs):
+        return calibration.apply(probs, lm.temperature, lm.scheme.multilabel)
+    return probs

@@ -77,20 +77,31 @@ def two_class_probabilities(p):
 @keras.utils.register_keras_serializable(package="xray_dist")
 class ClassProbabilities(keras.layers.Layer):
     """Model outputs → ``(n, K)`` class probabilities: one sigmoid unit ``p`` becomes ``[1 - p, p]``
-    (multi-label outputs are each finding's probability already and pass as they are)."""
+    (multi-label outputs are each finding's probability already and pass as they are). With a
+    ``temperature`` (``xray-dist calibrate``), the probabilities are calibrated as
+    :func:`xray_dist.model.calibration.apply` does: softmax of the log probabilities over ``T``
+    for classes, each finding's logit over its own ``T``."""
 
-    def __init__(self, multilabel: bool = False, **kwargs):
+    def __init__(self, multilabel: bool = False, temperature=None, **kwargs):
         super().__init__(**kwargs)
         self.multilabel = multilabel
+        self.temperature = temperature
 
     def get_config(self):
-        return {**super().get_config(), "multilabel": self.multilabel}
+        return {**super().get_config(), "multilabel": self.multilabel, "temperature": self.temperature}
 
     def call(self, x):
         x = tf.cast(x, tf.float32)
         if x.shape[-1] == 1 and not self.multilabel:
-            return two_class_probabilities(x)
-        return x
+            x = two_class_probabilities(x)
+        if self.temperature is None:
+            return x
+        eps = 1e-7
+        t = tf.constant(self.temperature, tf.float32)
+        if self.multilabel:
+            p = tf.clip_by_value(x, eps, 1 - eps)
+            return tf.sigmoid((tf.math.log(p) - tf.math.log1p(-p)) / t)
+        return tf.nn.softmax(tf.math.log(tf.clip_by_value(x, eps, 1.0)) / t, axis=-1)
 
 
 def vgg16_base(image_size: int, weights: str) -> keras.Model:

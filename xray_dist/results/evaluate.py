@@ -30,14 +30,15 @@ import pyarrow as pa
 
 from xray_dist.data import fingerprint
 from xray_dist.data.cache import load_manifest, load_spec, load_split_arrays, split_labels
-from xray_dist.data.classes import ClassScheme
+from xray_dist.data.classes import ClassScheme, abnormal_score, abnormal_truth
 from xray_dist.data.subgroups import ATTRIBUTES, UNKNOWN
 from xray_dist.errors import CacheError, XrayDistError
 from xray_dist.infra import storage
 from xray_dist.infra.locks import TargetLock
+from xray_dist.model import calibration
 from xray_dist.model.artifacts import LoadedModel, load_run_model, predict_arrays
 from xray_dist.results import runs
-from xray_dist.results.metrics import Resampling, calibration_curves, metrics_with_intervals
+from xray_dist.results.metrics import Resampling, auroc, calibration_curves, metrics_with_intervals, reliability
 from xray_dist.results.subgroups import CSV_COLUMNS, MIN_PATIENTS, csv_rows, subgroup_metrics
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
     cache, split, out, n_boot = storage.absolute(job.cache), job.split, job.out, job.n_boot
     lm, fp = _checked_model(run, sweep, cache, split)
     data = _read_split(cache, split, lm.scheme)
-    probs = predict_arrays(lm, data.images, job.batch_size)
+    raw = predict_arrays(lm, data.images, job.batch_size, calibrated=False)
+    probs = raw if lm.temperature is None else calibration.apply(raw, lm.temperature, lm.scheme.multilabel)
     names = list(lm.scheme.names)
     values, method = metrics_with_intervals(data.labels, probs, names, lm.threshold,
                                             Resampling(data.patients, n_boot), multilabel=lm.scheme.multilabel,
@@ -221,6 +223,8 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
         metrics["thresholds"] = lm.thresholds
         metrics["keys"] = lm.scheme.keys
         metrics["abnormal_score"] = "any finding vs none, scored by the largest finding probability"
+    if lm.temperature is not None:
+        metrics["calibration"] = _calibration_metrics(lm, data, raw, probs, n_boot)
     if job.subgroups.by:
         metrics["subgroups"] = subgroup_metrics({a: data.attributes[a] for a in job.subgroups.by}, data.labels, probs,
                                                 data.patients, list(lm.scheme.keys), lm.threshold,
@@ -236,7 +240,7 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
                            "report a held-out test split")
     out = out or runs.evaluation_dir(sweep or run, f"{EXTERNAL}-{fp['id'][:8]}" if split == EXTERNAL else split)
     with storage.staged_output(out, marker=METRICS) as local:
-        _write(local, metrics, data, probs, lm.scheme)
+        _write(local, metrics, data, probs, lm.scheme, raw if lm.temperature is not None else None)
     if sweep and split == "test":
         best = runs.read_best(sweep)
         best["test"] = {k: metrics[k] for k in ("auc_abnormal", "sensitivity", "specificity", "images", "patients",
@@ -247,7 +251,37 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
     return {**metrics, "out": out}
 
 
-def _write(out: Path, metrics: dict, data: _Split, probs: np.ndarray, scheme: ClassScheme) -> None:
+def _calibration_metrics(lm: LoadedModel, data: _Split, raw: np.ndarray, probs: np.ndarray, n_boot: int) -> dict:
+    """ECE (of the abnormal score) and Brier score before and after the model's temperature, each
+    with its patient-level interval; and the abnormal AUROC of both, which calibration keeps."""
+    ml = lm.scheme.multilabel
+    truth = abnormal_truth(data.labels, ml)
+    rows = np.arange(len(truth))
+    resampling = Resampling(data.patients, n_boot)
+    strata = (truth == 1).astype(int)
+
+    def ece(p):
+        def stat(r):
+            r = r.astype(int)
+            y, s = truth[r], abnormal_score(p[r], ml)
+            return reliability(y[y >= 0], s[y >= 0])["ece"]
+        return stat
+
+    def brier_of(p):
+        return lambda r: calibration.brier(p[r.astype(int)], data.labels[r.astype(int)], ml)
+
+    out = {"temperature": lm.spec["calibration"]["temperature"], "fitted_on": "validation"}
+    for name, stat in (("ece", ece), ("brier", brier_of)):
+        for when, p in (("before", raw), ("after", probs)):
+            v = resampling.interval(stat(p), (rows,), strata, strata)
+            out[f"{name}_{when}"] = {"value": v[0], "ci95": [v[1], v[2]]}
+    known = truth >= 0
+    out["auc_abnormal_before"] = auroc(truth[known], abnormal_score(raw, ml)[known])
+    return out
+
+
+def _write(out: Path, metrics: dict, data: _Split, probs: np.ndarray, scheme: ClassScheme,
+           raw: np.ndarray | None = None) -> None:
     """``scores.parquet``, ``roc.png``, ``reliability.png``, then :data:`METRICS` (standard JSON: a
     NaN is written as null)."""
     from xray_dist.results.plots import plot_calibration, plot_forest, plot_roc  # matplotlib: only when plotting
@@ -262,7 +296,11 @@ def _write(out: Path, metrics: dict, data: _Split, probs: np.ndarray, scheme: Cl
     intervals.update({k: metrics[f"auc_{k}"]["ci95"] for k in scheme.keys if f"auc_{k}" in metrics})
     plot_roc(data.labels, probs, names, out / "roc.png", intervals, multilabel=scheme.multilabel)
     curves = calibration_curves(data.labels, probs, names, multilabel=scheme.multilabel, top_label=False)
-    plot_calibration({f"{name}, {split}": curve for name, curve in curves.items()}, out / "reliability.png")
+    shown = {f"{name}, {split}" + (", calibrated" if raw is not None else ""): c for name, c in curves.items()}
+    if raw is not None:  # the reliability diagram shows the model before and after its temperature
+        before = calibration_curves(data.labels, raw, names, multilabel=scheme.multilabel, top_label=False)
+        shown.update({f"{name}, {split}, uncalibrated": c for name, c in before.items()})
+    plot_calibration(shown, out / "reliability.png")
     if "subgroups" in metrics:
         storage.write_csv(out / SUBGROUPS_CSV, csv_rows(metrics["subgroups"]), CSV_COLUMNS)
         plot_forest(metrics["subgroups"], out / "subgroups.png")

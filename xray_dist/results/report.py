@@ -125,7 +125,20 @@ def _held_out_section(ev: dict) -> str:
     return (f"<h2>{html.escape(title)}</h2><p>{ev['images']} images of {ev['patients']} patients that took part "
             f"in no choice; the threshold {ev['threshold']:.3f} is the model's, chosen on validation. Intervals: "
             f"{html.escape(ev['interval_method'])}.</p>" + _table(["metric", "value [95 % CI]"], rows, "metrics")
+            + (_calibration_section(ev["calibration"]) if ev.get("calibration") else "")
             + (_subgroup_section(ev) if ev.get("subgroups") else ""))
+
+
+def _calibration_section(c: dict) -> str:
+    """``xray-dist calibrate``'s temperature on the held-out split: ECE and Brier before and after."""
+    t = c["temperature"]
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in t.items()) if isinstance(t, dict) else f"{t:.3f}"
+    rows = [[name, _ci(c[f"{k}_before"]["value"], *c[f"{k}_before"]["ci95"]),
+             _ci(c[f"{k}_after"]["value"], *c[f"{k}_after"]["ci95"])]
+            for name, k in (("expected calibration error", "ece"), ("Brier score", "brier"))]
+    return (f"<h3>Calibration</h3><p>Temperature {html.escape(shown)}, fitted on validation; the probabilities above "
+            "are calibrated (AUROC is unchanged by it).</p>"
+            + _table(["metric", "uncalibrated [95 % CI]", "calibrated [95 % CI]"], rows, "metrics"))
 
 
 def _external_section(internal: dict | None, external: list[dict]) -> str:
