@@ -109,6 +109,14 @@ def test_calibrate_makes_held_out_probabilities_honest_everywhere(over_confident
     assert c["brier_after"]["value"] < c["brier_before"]["value"]
     assert all(len(c[k]["ci95"]) == 2 for k in ("ece_before", "ece_after", "brier_before", "brier_after"))
     assert "ECE" in capsys.readouterr().out
+    from xray_dist.results.report import write_report
+
+    (run / "evaluation").mkdir(exist_ok=True)  # the report reads RUN/evaluation/test
+    import shutil
+
+    shutil.copytree(after_dir, run / "evaluation" / "test", dirs_exist_ok=True)
+    text = write_report(run, tmp_path / "report.html", n_boot=50).read_text()
+    assert "<h3>Calibration</h3>" in text and f"{t:.3f}" in text
 
     # the exported serving model and predict's CSV give the calibrated probabilities too
     from xray_dist.data.dicom import load_image
