@@ -185,3 +185,58 @@ def test_evaluate_by_site_finds_the_built_in_gap(two_sites, tmp_path, capsys):
     assert "By subgroup" in html and subtle in html
     assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--by", "height"]) == 2
     assert "--by height: expected some of sex,age,view,manufacturer,model,site" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_model_card_holds_every_section_and_no_path_or_key(two_sites, tmp_path, capsys):
+    """report writes MODEL_CARD.md beside the HTML: every section, the counts the manifest holds,
+    the limitations it can detect, and no file name, directory or patient key."""
+    import shutil
+
+    from xray_dist.cli import app as cli
+    from xray_dist.data import fingerprint
+    from xray_dist.results.model_card import PLACEHOLDER
+
+    cache, shared_run, _ = two_sites
+    run = tmp_path / "run"  # a copy: calibrate rewrites the spec
+    shutil.copytree(shared_run, run)
+    assert cli.main(["calibrate", "--model", str(run)]) == 0
+    assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--by", "site,sex,age",
+                     "--bootstrap", "100", "--min-patients", "8"]) == 0
+    use = "Research only: triage of synthetic chest films, never a diagnosis."
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "out" / "report.html"), "--bootstrap", "50",
+                     "--intended-use", use]) == 0
+    assert "model card:" in capsys.readouterr().out
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    sections = [line[3:] for line in card.splitlines() if line.startswith("## ")]
+    assert sections == ["Intended use", "Model", "Training data", "Held-out results", "Subgroups",
+                        "External validation", "Calibration", "Known limitations", "Software and data version"]
+    assert use in card and PLACEHOLDER not in card
+    manifest = load_manifest(cache).to_pylist()
+    assert f"| images used | {len(manifest)} |" in card
+    for sex, n in Counter(r["sex"] for r in manifest).items():
+        assert f"{sex} {n} (" in card, sex
+    ev = json.loads((run / "evaluation" / "test" / "metrics.json").read_text())
+    assert f"{ev['auc_abnormal']['value']:.3f} [{ev['auc_abnormal']['ci95'][0]:.3f}" in card
+    skipped = [g["value"] for g in ev["subgroups"]["age"]["groups"] if "skipped" in g]
+    assert skipped, "the test wants an age band under --min-patients"
+    assert "Subgroups of age with too few patients" in card and "No external validation" in card
+    assert "not initialised with ImageNet" in card and "Not calibrated" not in card
+    assert "ECE (held out)" in card and fingerprint.recorded(str(run))["id"] in card
+    import tensorflow as tf
+
+    assert f"| tensorflow | {tf.__version__} |" in card
+    # no file name, directory or patient key
+    for r in manifest:
+        assert r["path"] not in card and r["patient"] not in card, r["path"]
+        assert r["path"].rsplit("/", 1)[-1] not in card
+    assert str(tmp_path) not in card and str(cache) not in card and "/tmp" not in card
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Model card</h2>" in html and html.count("<h3>Known limitations</h3>") == 1
+    # without --intended-use the card says it was not stated; without calibration it says so
+    shutil.rmtree(run)
+    shutil.copytree(shared_run, run)
+    shutil.rmtree(run / "evaluation", ignore_errors=True)  # another test may have evaluated the shared run
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "plain" / "r.html"), "--bootstrap", "50"]) == 0
+    plain = (tmp_path / "plain" / "MODEL_CARD.md").read_text()
+    assert PLACEHOLDER in plain and "Not calibrated" in plain and "No held-out test evaluation" in plain

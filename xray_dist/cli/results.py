@@ -93,9 +93,13 @@ def add_report(sub) -> None:
     p.add_argument("target", help="a run directory (xray-dist train) or a sweep directory (xray-dist tune)")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--bootstrap", type=at_least(1), default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--intended-use", default=None, metavar="TEXT",
+                   help="what the model is for, in the model card (MODEL_CARD.md beside the report); "
+                        "default: a placeholder saying it was not stated")
 
 
 def cmd_report(a) -> int:
-    path = write_report(a.target, a.out, n_boot=a.bootstrap)
+    path = write_report(a.target, a.out, n_boot=a.bootstrap, intended_use=a.intended_use)
     print(f"report: {storage.absolute(path)}")
+    print(f"  model card: {storage.join(storage.parent(storage.absolute(path)), 'MODEL_CARD.md')}")
     return 0

@@ -295,7 +295,7 @@ def read_report_summary(cache: str | Path) -> dict:
         return {}
     return {"found": r["found"], "ok": r["ok"], "quarantined": len(r["quarantined"]),
             "excluded": len(r.get("excluded", [])), "task": r.get("task", "multiclass"), "classes": r["classes"],
-            "splits": r["splits"], "image_size": r["image_size"],
+            "splits": r["splits"], "image_size": r["image_size"], "subgroups": r.get("subgroups", {}),
             **({"split_fingerprint": r["split_fingerprint"], "split_settings": r.get("split_settings", {})}
                if r.get("split_fingerprint") else {})}
 

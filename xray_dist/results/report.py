@@ -27,12 +27,13 @@ from typing import Callable
 
 import numpy as np
 
+from xray_dist.data import fingerprint
 from xray_dist.data.cache import REPORT as PREPARE_REPORT, read_report
 from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
 from xray_dist.model.artifacts import read_run_spec, spec_thresholds
-from xray_dist.results import runs
+from xray_dist.results import model_card, runs
 from xray_dist.results.evaluate import read_evaluation, read_external_evaluations
 from xray_dist.results.metrics import Resampling, calibration_curves, confusion_matrix, metrics_with_intervals
 
@@ -393,8 +394,10 @@ window.addEventListener('load', () => {
 """
 
 
-def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shareable: bool = False) -> Path:
-    """Write the HTML report for a run or sweep directory ``target`` (local or URI) to ``out``.
+def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shareable: bool = False,
+                 intended_use: str | None = None) -> Path:
+    """Write the HTML report for a run or sweep directory ``target`` (local or URI) to ``out``, and
+    its model card (:mod:`xray_dist.results.model_card`) to ``MODEL_CARD.md`` beside it.
 
     ``shareable``: for places beyond this disk (an experiment tracker): no file names (the
     dataset's lists of unused files, the run's own path), which can carry a patient's name."""
@@ -402,16 +405,21 @@ def write_report(target: str | Path, out: str | Path, n_boot: int = N_BOOT, shar
         storage.check_location(where)
     target = storage.absolute(target)
     if runs.is_sweep(target):
-        body, best_run = _sweep_section(target)
-        if best_run is not None and runs.is_run(best_run):
-            body += "\n" + _run_section(best_run, n_boot, not shareable)
+        body, run = _sweep_section(target)
+        if run is not None and runs.is_run(run):
+            body += "\n" + _run_section(run, n_boot, not shareable)
         title = f"xray-dist sweep report: {storage.name(target)}"
     elif runs.is_run(target):
-        body = _run_section(target, n_boot, not shareable)
+        body, run = _run_section(target, n_boot, not shareable), target
         title = f"xray-dist run report: {storage.name(target)}"
     else:
         raise XrayDistError(f"{target}: neither a run (metrics.json) nor a sweep (results.csv) directory")
     held_out, external = read_evaluation(target), read_external_evaluations(target)
+    if run is not None and runs.is_run(run):
+        card = model_card.build(runs.read_metrics(run), read_run_spec(run) or {}, held_out, external,
+                                fingerprint.recorded(target), intended_use)
+        model_card.write(card, storage.parent(storage.absolute(out)), "Model card")
+        body += "\n" + card.html()
     if external:
         body = _external_section(held_out, external) + "\n" + body
     if held_out:  # the numbers to report come first; validation (used for selection) beneath

@@ -23,6 +23,7 @@ from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
 from xray_dist.model.artifacts import FULL_WEIGHTS, MODEL_DIR, TOP_WEIGHTS, materialize_full_model, save_spec
+from xray_dist.results import model_card
 from xray_dist.results.runs import CURVES_PNG, HISTORY, METRICS, ROC_PNG, VAL_SCORES
 from xray_dist.training.features import read_meta
 from xray_dist.training.scalars import TENSORBOARD_DIR, write_tensorboard
@@ -108,7 +109,7 @@ def run_metrics(cfg: TrainConfig, scheme: ClassScheme, best: BestEpoch) -> dict:
         "classes": list(scheme.names), "task": "multilabel" if scheme.multilabel else "multiclass",
         **({"val_auc_mean": row["val_auc_mean"]} if scheme.multilabel else {}),
         "config": cfg.to_dict(), "dataset": read_report_summary(cfg.cache),
-        "complete": len(history) >= cfg.epochs,
+        "complete": len(history) >= cfg.epochs, "software": model_card.software(),
     }
 
 
