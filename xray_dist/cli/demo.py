@@ -135,8 +135,8 @@ def _tune(out: Path) -> dict:
 
 def _report(out: Path) -> None:
     print(f"[demo 9/9] report: HTML for the run and the sweep -> {out / 'report.html'}, {out / 'sweep_report.html'}")
-    write_report(out / "run", out / "report.html")
     write_report(out / "sweep", out / "sweep_report.html")
+    write_report(out / "run", out / "report.html")  # last: MODEL_CARD.md beside them is the run's
 
 
 def _closing_lines(out: Path, t0: float) -> None:
