@@ -13,7 +13,7 @@ import math
 import sys
 
 from xray_dist.cli.common import CLI_ONLY, command, default_help
-from xray_dist.config import (MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRIAL_RUNNERS,
+from xray_dist.config import (AUGMENT, MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRIAL_RUNNERS,
                               ConfigError, SweepConfig, TrainConfig, check_keys, coerce, coerce_scalar,
                               load_yaml_overrides)
 from xray_dist.infra import storage
@@ -71,6 +71,10 @@ def _add_train_flags(p, sweep: bool = False) -> None:
                    help="how Ray places the workers (STRICT_SPREAD: one per node)" + d("placement_strategy"))
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=S,
                    help="auto: bf16/fp16 on GPU, fp32 on CPU" + d("mixed_precision"))
+    p.add_argument("--augment", choices=AUGMENT, default=S,
+                   help="light: small rotation, scale, shift, brightness and contrast of training images, seeded "
+                        "per (seed, epoch, image), no flip; for fine-tuning deep blocks on few images (frozen-feature "
+                        "sharing is then off)" + d("augment"))
     p.add_argument("--max-failures", type=int, default=S, help="worker failures survived by resuming from the last "
                                                                "checkpoint" + d("max_failures"))
     p.add_argument("--worker-cache-mb", type=int, default=S,

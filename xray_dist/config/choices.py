@@ -22,6 +22,8 @@ Task = Literal["auto", "multiclass", "multilabel"]
 #: keeps checkpoints and Tune ranks trials by it with mode "max").
 Metric = Literal["val_auc_abnormal", "val_auc", "val_accuracy"]
 MixedPrecision = Literal["auto", "on", "off"]
+#: Input augmentation while training (:mod:`xray_dist.training.augment`).
+Augment = Literal["none", "light"]
 #: How Ray places a run's workers (``STRICT_SPREAD``: one per node).
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Scheduler = Literal["asha", "fifo"]
@@ -40,6 +42,7 @@ BURNED_IN: tuple[str, ...] = get_args(BurnedIn)
 TASKS: tuple[str, ...] = get_args(Task)
 METRICS: tuple[str, ...] = get_args(Metric)
 MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+AUGMENT: tuple[str, ...] = get_args(Augment)
 PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 SEARCHES: tuple[str, ...] = get_args(Search)

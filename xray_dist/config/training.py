@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from xray_dist.config.bounds import BOUNDS, COMBO_FIELDS, check_fields, check_number
-from xray_dist.config.choices import (METRICS, MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS,
-                                      TRIAL_RUNNERS, Metric, MixedPrecision, PlacementStrategy, Scheduler, Search,
-                                      Task, TrialRunner, either)
+from xray_dist.config.choices import (AUGMENT, METRICS, MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS,
+                                      SEARCHES, TASKS, TRIAL_RUNNERS, Augment, Metric, MixedPrecision,
+                                      PlacementStrategy, Scheduler, Search, Task, TrialRunner, either)
 from xray_dist.errors import ConfigError
 from xray_dist.infra import storage
 from xray_dist.infra.redaction import mask_credentials
@@ -50,6 +50,8 @@ class TrainConfig:
             validation set when it fits. 0 streams from Ray Data every epoch.
         shuffle_buffer: Ray Data's local shuffle buffer when a worker streams its share (the
             whole-split order above is a full permutation).
+        augment: ``light`` augments training images on the fly, each from (seed, epoch, image)
+            (:mod:`xray_dist.training.augment`); ``none`` (default) keeps frozen features exact.
     """
 
     cache: str
@@ -78,6 +80,7 @@ class TrainConfig:
     worker_cache_mb: int = 2048  # per worker: keep its training rows (and rank 0 the validation set) in memory
     placement_strategy: PlacementStrategy = "PACK"
     features: str | None = None  # set by sweeps: a frozen-feature cache to train the top on
+    augment: Augment = "none"
     mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,7 @@ class TrainConfig:
             (self.task in TASKS, f"task must be {either(TASKS)}", "task"),
             (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be {'|'.join(MIXED_PRECISION)}",
              "mixed_precision"),
+            (self.augment in AUGMENT, f"augment must be {either(AUGMENT)}", "augment"),
             (self.placement_strategy in PLACEMENT_STRATEGIES,
              f"placement_strategy must be {either(PLACEMENT_STRATEGIES)}", "placement_strategy"),
         ]
@@ -96,6 +100,10 @@ class TrainConfig:
         if self.cpu_replicas and self.gpus_per_worker:
             raise ConfigError("cpu_replicas", "cpu_replicas splits the CPU when there are no GPUs; it cannot be "
                                               f"combined with gpus_per_worker={self.gpus_per_worker}. Drop one.")
+        if self.features and self.augment != "none":
+            raise ConfigError("augment", f"augment={self.augment!r} cannot train on frozen features: the frozen "
+                                         "blocks would have to see each augmented image, and the feature cache holds "
+                                         "the plain ones. Train on images (no features), or augment=none.")
         if not self.weights:
             raise ConfigError("weights", "weights must be 'imagenet', 'none' or a path to a .h5 file")
 

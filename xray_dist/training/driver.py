@@ -46,7 +46,7 @@ RUN_NAME = "train"
 RUN_CONFIG = "config.json"
 #: Settings a resumed run must keep: they shape its model, its data and its optimisation.
 RUN_SETTINGS = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class", "task",
-                "unfreeze_blocks", "weights", "seed", "features")
+                "unfreeze_blocks", "weights", "seed", "features", "augment")
 
 
 def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:

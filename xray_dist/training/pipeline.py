@@ -25,6 +25,7 @@ from xray_dist.data.cache import CacheLayout, read_cache_parquet, split_labels
 from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
+from xray_dist.training import augment
 from xray_dist.training.features import read_meta
 
 DATA_CPUS = 0.25
@@ -171,13 +172,14 @@ class BatchOrder:
     rank: int = 0
     world: int = 1
     local_replicas: int = 1
+    augment: str = "none"
 
     @classmethod
     def for_worker(cls, cfg: TrainConfig, plan: StepPlan, rank: int, world: int, whole: bool) -> "BatchOrder":
         """A worker's order for ``cfg`` under ``plan``."""
         return cls(plan.per_replica_batch, plan.steps * plan.local_replicas, cfg.shuffle_buffer, cfg.seed,
                    cfg.worker_cache_mb * 2**20, whole=whole, rank=rank, world=world,
-                   local_replicas=plan.local_replicas)
+                   local_replicas=plan.local_replicas, augment=cfg.augment)
 
 
 class ShardCache:
@@ -209,13 +211,14 @@ class ShardCache:
     order is not the uninterrupted run's, and the batches depend on the number of workers. A share
     larger than ``limit_bytes`` streams every epoch.
 
-    Either way a pass yields exactly ``per_pass`` full batches (equal steps on every worker).
+    Either way a pass yields exactly ``per_pass`` full batches (equal steps on every worker), each
+    image augmented (``augment``) from (seed, epoch, its name): :mod:`xray_dist.training.augment`.
     ``start_epoch``: the epoch the last pass trained (a resumed run starts after its checkpoint).
     """
 
     def __init__(self, shard, order: BatchOrder, start_epoch: int = 0):
         self.shard, self.order = shard, order
-        self.rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.epoch = start_epoch
 
     def _stream(self, shuffle: bool = True):
@@ -229,7 +232,7 @@ class ShardCache:
     def _keep(self, parts: list) -> None:
         paths, x, y, w = (np.concatenate(p) for p in zip(*parts))
         order = np.argsort(paths, kind="stable")  # a fixed order, whatever order the rows came in
-        self.rows = (x[order], y[order], w[order])
+        self.rows = (x[order], y[order], w[order], paths[order])
 
     def _permutation(self, n: int) -> np.ndarray:
         return np.random.default_rng(self.order.seed * 1000 + self.epoch).permutation(n)
@@ -241,14 +244,21 @@ class ShardCache:
         if o.whole and self.rows is None:
             self._keep([b for b in self._stream(shuffle=False)])
         if self.rows is not None:
-            x, y, w = self.rows
+            x, y, w, paths = self.rows
             order = self._permutation(len(x))
             for i in range(o.per_pass):
                 start = self._global_batch_start(i) if o.whole else i * o.batch_size
                 idx = order[start : start + o.batch_size]
-                yield x[idx], y[idx], w[idx]
+                yield self._batch(x[idx], y[idx], w[idx], paths[idx])
             return
         yield from self._first_pass()
+
+    def _batch(self, x, y, w, paths) -> tuple:
+        """``(x, y, w)``; with ``augment``, also each image's draws (:func:`augment.draws`, from
+        (seed, epoch, its name)), which :func:`train_input` applies inside ``tf.data``."""
+        if self.order.augment == "none":
+            return x, y, w
+        return x, y, w, augment.draws(paths, self.order.seed, self.epoch).astype(np.float32)
 
     def _first_pass(self):
         """A streamed pass, keeping its rows (the whole share) for later epochs when they fit."""
@@ -264,7 +274,7 @@ class ShardCache:
                     keep = None  # too big for memory: stream every epoch
             if yielded < o.per_pass and len(x) == o.batch_size:  # full batches only: equal steps everywhere
                 yielded += 1
-                yield x, y, w
+                yield self._batch(x, y, w, p)
         if keep:
             self._keep(keep)
 
@@ -312,9 +322,16 @@ def train_input(strategy, cache: ShardCache, input_spec, label_shape: tuple = ()
 
     sig = (input_spec, tf.TensorSpec((None, *label_shape), tf.float32),
            tf.TensorSpec((None,), tf.float32))
+    augmented = cache.order.augment != "none"
+    if augmented:  # each batch carries its images' draws; the transform runs here, in parallel
+        sig += (tf.TensorSpec((None, 6), tf.float32),)
 
     def dataset_fn(_ctx):
-        ds = tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+        if augmented:
+            ds = ds.map(lambda x, y, w, p: (augment.apply(x, p), y, w), num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
         opts = tf.data.Options()
         opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(opts)

@@ -270,10 +270,10 @@ def _sweep_locked(cfg: SweepConfig) -> dict:
     t0 = time.time()
     features = _shared_features(cfg)
     t_features = time.time() - t0
-    if cfg.shared_features:
+    if cfg.shared_features and features:
         log.debug("shared frozen features (no input augmentation, so they are exact) for depths %s: %.1f s",
                   sorted(features), t_features)
-    else:
+    elif not cfg.shared_features:
         log.info("shared frozen features off: every trial recomputes the frozen base")
     local = in_process(cfg)
     setup = TrialSetup(base=cfg.base, sweep_out=out, features=features, in_process=local)
@@ -295,7 +295,10 @@ def _shared_features(cfg: SweepConfig) -> dict[str, str]:
     """Unfreeze depth (str) → frozen-feature directory, computed now where missing (none when
     ``shared_features`` is off): only the depths some trial will train at."""
     features: dict[str, str] = {}
-    if cfg.shared_features:
+    if cfg.shared_features and cfg.base.augment != "none":
+        log.info("tune: --augment %s: frozen blocks see augmented images, so the shared frozen features are off "
+                 "and every trial trains on images", cfg.base.augment)
+    elif cfg.shared_features:
         depths = {c[2] for c in cfg.combos} if cfg.combos else set(cfg.unfreeze_blocks)  # combos: grid only
         for d in sorted(depths):
             path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
