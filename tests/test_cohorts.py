@@ -248,19 +248,24 @@ def test_mimic_join_and_official_split(tmp_path):
             shown = () if cells is None else tuple(i + 1 for i, c in enumerate(cells) if c == "1.0")
             write_image(data / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}.dcm",
                         Radiograph("ANONYMOUS", shown, 2, view=None), SIZE, rng)
-            meta.append([dicom_id, subject, study, "CHEST (PA AND LAT)", view])
+            meta.append([dicom_id, subject, study, "CHEST (PA AND LAT)", view, f"{2180 + n}0512"])
             split_rows.append([dicom_id, study, subject, split_of[subject]])
         if cells is not None:
             label_rows.append([subject, study, *cells, "1.0" if not any(c == "1.0" for c in cells) else ""])
     labels = write_csv(tmp_path / "mimic-cxr-2.0.0-chexpert.csv",
                        ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "No Finding"], label_rows)
     metadata = write_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv",
-                         ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition"],
-                         meta)
+                         ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+                          "StudyDate"], meta)
+    # MIMIC-IV's patients.csv: anchor_age in anchor_year (the shifted calendar StudyDate shares);
+    # 10000898 has no row: its sex and age come from the DICOM header
+    people = {10000032: ("F", 52, 2180), 10000764: ("M", 88, 2180), 10001122: ("F", 30, 2182)}
+    patients = write_csv(tmp_path / "patients.csv", ["subject_id", "gender", "anchor_age", "anchor_year", "dod"],
+                         [[k, g, a, y, ""] for k, (g, a, y) in people.items()])
     split = write_csv(tmp_path / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
                       split_rows)
     report = prep(tmp_path, data, labels, "cache", labels_format="mimic", metadata=str(metadata),
-                  split_files=(str(split),), views=("PA", "AP"), uncertain="zeros")
+                  split_files=(str(split),), views=("PA", "AP"), uncertain="zeros", mimic_patients=str(patients))
     accounted(report, 10)
     assert report["ok"] == 4 and len(report["excluded"]) == 4  # laterals
     assert [m["reason"] for m in report["missing"]] == ["study 59999999: no row in the labels CSV"] * 2
@@ -270,6 +275,18 @@ def test_mimic_join_and_official_split(tmp_path):
                    "s57375967": ("Cardiomegaly", "val"), "s50771383": ("normal", "test")}
     keys = Counter(r["patient"] for r in rows.values())
     assert sorted(keys.values()) == [1, 1, 2]  # subject_id is the patient: two studies, one patient
+    # sex and the age at each study: anchor_age + (study year - anchor_year); study n is in 2180 + n
+    study_n = {f"s{study}": n for n, (_, study) in enumerate(studies)}
+    for path, r in rows.items():
+        subject, n = int(path.split("/")[2][1:]), study_n[path.split("/")[3]]
+        if subject in people:
+            sex, age, year = people[subject]
+            years = age + 2180 + n - year
+            band = "90+" if years >= 90 else f"{years // 10 * 10}-{years // 10 * 10 + 9}"
+            assert (r["sex"], r["age"]) == (sex, band), (path, years)
+        else:
+            header = pydicom.dcmread(data / path)
+            assert r["sex"] == (header.get("PatientSex") or "unknown"), path
 
 
 def test_cli_flags_reach_prepare(nih, tmp_path, capsys):

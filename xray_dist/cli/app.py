@@ -79,7 +79,7 @@ _USES_TENSORFLOW = {"train", "tune", "demo", "predict", "explain", "export", "ev
 #: Flags naming input locations, which can carry a patient's name (``/data/SMITH_JOHN/labels.csv``):
 #: with --redact-paths, every form of them is replaced by its placeholder in what is printed and logged.
 _INPUT_LOCATIONS = {"data_dir": "<data>", "labels": "<labels>", "metadata": "<metadata>",
-                    "split_file": "<split-file>", "inputs": "<input>"}
+                    "mimic_patients": "<patients>", "split_file": "<split-file>", "inputs": "<input>"}
 
 
 def _protect_inputs(a) -> None:

@@ -29,6 +29,8 @@ def add_prepare(sub) -> None:
                    help="chexpert/mimic: what an uncertain (-1) finding becomes: ignore (left out of that image's "
                         "loss and metrics), zeros (absent) or ones (present) (default: %(default)s)")
     p.add_argument("--metadata", help="mimic: mimic-cxr-2.0.0-metadata.csv, joining dicom_id to study and view")
+    p.add_argument("--mimic-patients", help="mimic: MIMIC-IV's patients.csv, giving each subject's sex and age at "
+                                            "the study (default: none; the DICOM headers' then)")
     p.add_argument("--views", default="",
                    help="keep only these views, e.g. PA,AP (frontal): from the labels' view column, else the DICOM "
                         "View Position (0018,5101); the others are listed in the report (default: all views)")
@@ -69,7 +71,7 @@ def cmd_prepare(a) -> int:
     cfg = PrepareConfig(
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
         patient_column=a.patient_column, site_column=a.site_column,
-        labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata,
+        labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata, mimic_patients=a.mimic_patients,
         views=tuple(v.strip().upper() for v in a.views.split(",") if v.strip()),
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject",
                                   max_pixels=a.max_pixels),

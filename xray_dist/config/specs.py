@@ -103,6 +103,7 @@ class PrepareConfig:
     labels_format: LabelsFormat = "csv"  # xray_dist.data.labels
     uncertain: Uncertain = "ignore"  # chexpert/mimic -1 entries: ignore (masked), zeros or ones
     metadata: str | None = None  # mimic: mimic-cxr-2.0.0-metadata.csv (dicom_id -> study_id, ViewPosition)
+    mimic_patients: str | None = None  # mimic: MIMIC-IV patients.csv (subject_id -> gender, anchor_age, anchor_year)
     views: tuple[str, ...] = ()  # keep only these views (View Position: PA, AP, LL, ...); () keeps all
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     val_fraction: float = 0.2
@@ -126,6 +127,9 @@ class PrepareConfig:
         if self.labels_format == "mimic" and not self.metadata:
             raise ValueError("labels_format='mimic' joins the label CSV to the DICOM files through "
                              "mimic-cxr-2.0.0-metadata.csv: give metadata (--metadata)")
+        if self.mimic_patients and self.labels_format != "mimic":
+            raise ValueError("mimic_patients (--mimic-patients) gives MIMIC-IV patients' sex and age: it is for "
+                             "labels_format='mimic'")
         if self.paths not in PATHS_POLICIES:
             raise ValueError(f"paths must be {either(PATHS_POLICIES, quote=True)}. Received: paths={self.paths!r}")
         if self.path_map and self.paths != "redact":

@@ -28,7 +28,9 @@ Formats (``--labels-format``):
               ``study_id``, values as CheXpert's), joined to the DICOM files (stem = ``dicom_id``)
               through ``--metadata mimic-cxr-2.0.0-metadata.csv`` (``dicom_id``, ``study_id``,
               ``ViewPosition``); ``subject_id`` is the patient. Its official split CSV is read by
-              ``--split-file``.
+              ``--split-file``. Sex and age come from MIMIC-IV's ``patients.csv``
+              (``--mimic-patients``: ``gender``, ``anchor_age`` moved to the metadata's
+              ``StudyDate`` through ``anchor_year``); without it, from the DICOM headers.
 
 Uncertain entries (-1) follow ``--uncertain``: ``ignore`` keeps them as uncertain (masked out of
 that finding's loss and metrics for that image), ``zeros`` reads them as absent, ``ones`` as present.
@@ -377,7 +379,38 @@ def from_rsna(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan
     return scan
 
 
-def from_mimic(data_dir, csv_path, metadata: str, entries: list[storage.FileEntry], uncertain: str) -> LabelScan:
+def _mimic_patients(path: str | None) -> dict[str, tuple[str, int | None, int | None]]:
+    """MIMIC-IV's ``patients.csv``: ``subject_id`` → (gender, anchor_age, anchor_year); empty without one."""
+    if not path:
+        return {}
+    _, rows, _ = _read_csv(path, "MIMIC-IV patients CSV (--mimic-patients)",
+                           [("subject_id", "MIMIC-IV patients.csv"), ("gender", "MIMIC-IV patients.csv"),
+                            ("anchor_age", "MIMIC-IV patients.csv")], ref="subject_id")
+
+    def number(v):
+        try:
+            return int(float(v))
+        except (TypeError, ValueError):
+            return None
+
+    return {(r.get("subject_id") or "").strip(): ((r.get("gender") or "").strip(), number(r.get("anchor_age")),
+                                                 number(r.get("anchor_year"))) for _, r in rows}
+
+
+def _mimic_attributes(patient: tuple | None, study_date: str) -> dict:
+    """Sex and age at the study: ``anchor_age`` is the age in ``anchor_year`` (MIMIC-IV's shifted
+    calendar, which the metadata's ``StudyDate`` shares), so the study's age is anchor_age plus the
+    years between them (anchor_age alone without a StudyDate)."""
+    if patient is None:
+        return {}
+    gender, age, anchor_year = patient
+    if age is not None and anchor_year is not None and study_date[:4].isdigit():
+        age += int(study_date[:4]) - anchor_year
+    return {"sex": gender, "age": "" if age is None else str(age)}
+
+
+def from_mimic(data_dir, csv_path, metadata: str, entries: list[storage.FileEntry], uncertain: str,
+               patients: str | None = None) -> LabelScan:
     cols, rows, bad = _read_csv(csv_path, "MIMIC-CXR labels CSV (mimic-cxr-2.0.0-chexpert.csv)",
                                 [("subject_id", "MIMIC format"), ("study_id", "MIMIC format")])
     findings = [c for c in cols if c not in _MIMIC_NOT_FINDINGS]
@@ -389,12 +422,14 @@ def from_mimic(data_dir, csv_path, metadata: str, entries: list[storage.FileEntr
             raise PrepareError(f"{csv_path}, line {i}: {e}") from None
     _, meta, bad_meta = _read_csv(metadata, "MIMIC-CXR metadata CSV (--metadata)",
                                   [("dicom_id", "MIMIC metadata"), ("study_id", "MIMIC metadata")], ref="dicom_id")
+    people = _mimic_patients(patients)
     out = []
     for _, r in meta:
-        study = (r.get("study_id") or "").strip()
+        study, subject = (r.get("study_id") or "").strip(), (r.get("subject_id") or "").strip()
         out.append(LabelRow(ref=(r.get("dicom_id") or "").strip(), label=label_of.get(study, ""),
-                            patient=(r.get("subject_id") or "").strip(), view=(r.get("ViewPosition") or "").strip(),
-                            why=f"study {study}: no row in the labels CSV"))
+                            patient=subject, view=(r.get("ViewPosition") or "").strip(),
+                            why=f"study {study}: no row in the labels CSV",
+                            attributes=_mimic_attributes(people.get(subject), (r.get("StudyDate") or "").strip())))
     scan = _resolve(data_dir, entries, out, "study_id")
     scan.missing[:0] = bad + bad_meta
     scan.multilabel = True
@@ -421,7 +456,8 @@ def from_folders(data_dir, entries: list[storage.FileEntry] | None = None) -> La
 
 def scan_labels(data_dir, labels_csv: str | None, columns: LabelColumns = LabelColumns(), *,
                 entries: list[storage.FileEntry] | None = None, labels_format: str = "csv",
-                uncertain: str = "ignore", metadata: str | None = None) -> LabelScan:
+                uncertain: str = "ignore", metadata: str | None = None,
+                mimic_patients: str | None = None) -> LabelScan:
     """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it;
     ``columns``: a csv file's columns)."""
     patient_column = columns.patient
@@ -441,7 +477,7 @@ def scan_labels(data_dir, labels_csv: str | None, columns: LabelColumns = LabelC
     if labels_format == "rsna":
         return from_rsna(data_dir, labels_csv, entries)
     if labels_format == "mimic":
-        return from_mimic(data_dir, labels_csv, metadata, entries, uncertain)
+        return from_mimic(data_dir, labels_csv, metadata, entries, uncertain, mimic_patients)
     if columns.site and (not labels_csv or labels_format != "csv"):
         raise PrepareError("--site-column is for --labels-format csv: it names a column of the labels CSV")
     if labels_csv:

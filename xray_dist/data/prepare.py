@@ -69,7 +69,7 @@ def _check_apart(cfg: PrepareConfig, data_dir: str, cache: str) -> None:
                "is inside" if storage.contains(data_dir, cache) else "contains")
         raise PrepareError(f"--out {cache} {how} the data directory {data_dir}: prepare writes only into a cache apart "
                            "from its inputs; choose a directory outside the data")
-    for flag, f in (("--labels", cfg.labels), ("--metadata", cfg.metadata),
+    for flag, f in (("--labels", cfg.labels), ("--metadata", cfg.metadata), ("--mimic-patients", cfg.mimic_patients),
                     *(("--split-file", x) for x in cfg.split_files), ("--path-map", cfg.path_map)):
         if f and storage.contains(cache, storage.absolute(f)):
             raise PrepareError(f"{flag} {f} is inside the cache {cache}: keep inputs and private files apart from it")
@@ -81,7 +81,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     data_dir = storage.absolute(cfg.data_dir)
     cache = storage.absolute(cfg.out)
     _check_apart(cfg, data_dir, cache)
-    for where in (data_dir, cache, *[f for f in (cfg.labels, cfg.metadata) if f]):
+    for where in (data_dir, cache, *[f for f in (cfg.labels, cfg.metadata, cfg.mimic_patients) if f]):
         storage.check_location(where)
     if not storage.is_dir(data_dir):
         raise PrepareError(f"data directory not found: {data_dir}")
@@ -89,7 +89,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     scan = scan_labels(data_dir, cfg.labels, LabelColumns(cfg.path_column, cfg.label_column, cfg.patient_column,
                                                           cfg.site_column),
                        entries=entries, labels_format=cfg.labels_format, uncertain=cfg.uncertain,
-                       metadata=cfg.metadata)
+                       metadata=cfg.metadata, mimic_patients=cfg.mimic_patients)
     if not scan.items:
         raise PrepareError(
             f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
