@@ -2,6 +2,7 @@
 
 - :mod:`~xray_dist.training.pipeline`: the cache's splits as Ray Datasets, each worker's batches
   (:class:`~xray_dist.training.pipeline.ShardCache`), the ``tf.data`` input, devices and strategy;
+  :mod:`~xray_dist.training.augment`: ``--augment light``, drawn per (seed, epoch, image);
 - :mod:`~xray_dist.training.worker`: the per-worker training loop and its Ray Train session;
 - :mod:`~xray_dist.training.callbacks`: the end of each epoch (weights check, validation,
   checkpoint, report); :mod:`~xray_dist.training.state`: optimizer and RNG state, weights digest;
