@@ -136,3 +136,22 @@ def test_calibrate_makes_held_out_probabilities_honest_everywhere(over_confident
                                calibrated=False)[:, 1], 1e-7, 1 - 1e-7)
     np.testing.assert_allclose([float(r["p_finding"]) for r in rows], 1 / (1 + np.exp(-(np.log(q) - np.log1p(-q)) / t)),
                                atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_calibrate_temperature_calibrates_the_run_it_trained(prepared_binary, tmp_path, capsys):
+    from xray_dist.cli import app as cli
+    from xray_dist.results.runs import read_val_scores
+
+    _, cache = prepared_binary
+    run = tmp_path / "run"
+    assert cli.main(["train", "--cache", str(cache), "--out", str(run), "--epochs", "2", "--batch-size", "8",
+                     "--weights", "none", "--unfreeze-blocks", "1", "--calibrate", "temperature"]) == 0
+    assert "calibrate: temperature" in capsys.readouterr().out
+    spec = json.loads((run / "model" / "model_spec.json").read_text())
+    scores = read_val_scores(run)  # the fit, redone here on the run's own validation scores
+    assert spec["calibration"]["temperature"] == pytest.approx(calibration.fit(scores.probs, scores.labels, False))
+    conf = tmp_path / "c.yaml"
+    conf.write_text("calibrate: banana\n")
+    assert cli.main(["train", "--cache", str(cache), "--out", str(tmp_path / "r2"), "--config", str(conf)]) == 2
+    assert "calibrate must be none or temperature" in capsys.readouterr().err

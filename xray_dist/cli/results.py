@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from xray_dist.cli.common import at_least, command
-from xray_dist.infra import storage
 from xray_dist.data.subgroups import ATTRIBUTES
+from xray_dist.errors import XrayDistError
+from xray_dist.infra import storage
 from xray_dist.results.calibrate import calibrate_run
 from xray_dist.results.evaluate import Subgroups, evaluate_model, resolve_target
 from xray_dist.results.subgroups import MIN_PATIENTS
@@ -76,14 +77,28 @@ def add_calibrate(sub) -> None:
 
 
 def cmd_calibrate(a) -> int:
-    r = calibrate_run(resolve_target(a.model)[0])
+    report_calibration(calibrate_run(resolve_target(a.model)[0]))
+    return 0
+
+
+def calibrate_after_training(target: str) -> None:
+    """``train --calibrate temperature`` / ``tune --calibrate temperature``: calibrate the run (the
+    sweep's best trial) just trained; a model calibrate refuses (a softmax over 3+ classes) is left
+    as it is, and the line says why."""
+    try:
+        report_calibration(calibrate_run(resolve_target(target)[0]))
+    except XrayDistError as e:
+        print(f"calibrate: not calibrated: {e}")
+
+
+def report_calibration(r: dict) -> None:
+    """The lines ``calibrate`` prints."""
     t = r["temperature"]
     shown = ", ".join(f"{k} {v:.3f}" for k, v in t.items()) if isinstance(t, dict) else f"{t:.3f}"
     print(f"calibrate: temperature {shown} (fitted on validation): ECE {r['val_ece'][0]:.4f} -> {r['val_ece'][1]:.4f}, "
           f"Brier {r['val_brier'][0]:.4f} -> {r['val_brier'][1]:.4f}; threshold {r['threshold_uncalibrated']:.3f} -> "
           f"{r['threshold']:.3f}")
     print(f"  stored in {r['model_dir']}/model_spec.json; predict, evaluate and export now calibrate")
-    return 0
 
 
 def add_report(sub) -> None:

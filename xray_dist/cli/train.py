@@ -13,12 +13,16 @@ import math
 import sys
 
 from xray_dist.cli.common import CLI_ONLY, command, default_help
+from xray_dist.cli.results import calibrate_after_training
 from xray_dist.config import (AUGMENT, MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRIAL_RUNNERS,
                               ConfigError, SweepConfig, TrainConfig, check_keys, coerce, coerce_scalar,
                               load_yaml_overrides)
 from xray_dist.infra import storage
 from xray_dist.training.driver import train
 from xray_dist.training.tune import sweep
+
+#: ``--calibrate``: what happens to the probabilities once a run (a sweep's best trial) is trained.
+CALIBRATIONS = ("none", "temperature")
 
 
 def _add_train_flags(p, sweep: bool = False) -> None:
@@ -85,6 +89,9 @@ def _add_train_flags(p, sweep: bool = False) -> None:
     p.add_argument("--mlflow", default=S, help="MLflow tracking URI: each run (each sweep trial) is logged there, "
                                                "with no path or patient data (default: MLFLOW_TRACKING_URI, else "
                                                "none); needs pip install 'xray-dist[mlflow]'")
+    p.add_argument("--calibrate", choices=CALIBRATIONS, default=S,
+                   help="temperature: once trained, fit a temperature on validation and store it with the model "
+                        + ("(the best trial's)" if sweep else "") + ", as `xray-dist calibrate` does (default: none)")
     p.add_argument("--config", default=None, help="YAML file of flag values; flags on the command line win "
                                                   "(default: none)")
 
@@ -107,6 +114,7 @@ def train_config_from_args(a) -> TrainConfig:
     """``train``'s config: the --config file's values, the flags given on top, TrainConfig's defaults."""
     values = load_yaml_overrides(a.config)
     _check_config_keys(values, "train", a.config)
+    values.pop("calibrate", None)  # what happens after training (cmd_train), not a training setting
     values.update({k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
     for required in ("cache", "out"):
         if required not in values:
@@ -120,13 +128,25 @@ def add_train(sub) -> None:
                              "worker) with checkpoints every epoch; a rerun with the same --out resumes exactly."))
 
 
+def _calibration(a) -> str:
+    """``--calibrate``, from the command line or else the --config file (not a config field)."""
+    value = getattr(a, "calibrate", None) or load_yaml_overrides(getattr(a, "config", None)).get("calibrate", "none")
+    if value not in CALIBRATIONS:
+        raise ConfigError("calibrate", f"{_source(a)}: calibrate must be {' or '.join(CALIBRATIONS)}. "
+                                       f"Received: calibrate={value!r}")
+    return value
+
+
 def cmd_train(a) -> int:
+    calibrate = _calibration(a)
     res = train(getattr(a, "cfg", None) or train_config_from_args(a))
     m = res.metrics
     print(f"train: best epoch {m['best_epoch']}/{m['epochs']}: val_auc {m['val_auc']:.3f}, "
           f"val_auc_abnormal {m['val_auc_abnormal']:.3f}, sensitivity {m['sensitivity']:.2f}, "
           f"specificity {m['specificity']:.2f}, {m['images_per_s']:.1f} images/s; classes {m['classes']}")
     print(f"  run: {res.out} (metrics.json, history.csv, training_curves.png, roc.png, model/)")
+    if calibrate == "temperature":
+        calibrate_after_training(str(res.out))
     return 0
 
 
@@ -213,6 +233,7 @@ def sweep_config_from_args(a) -> SweepConfig:
 
 
 def cmd_tune(a) -> int:
+    calibrate = _calibration(a)
     cfg = getattr(a, "cfg", None) or sweep_config_from_args(a)
     s = sweep(cfg)
     print(f"tune: {s['trials']} trials ({s['completed']} completed, {s['stopped_early']} stopped early, "
@@ -221,6 +242,8 @@ def cmd_tune(a) -> int:
     if "best" in s:
         b = s["best"]
         print(f"  best: {b['config']} val_auc_abnormal {b['metrics']['val_auc_abnormal']:.3f} -> model {b['model']}")
+        if calibrate == "temperature":
+            calibrate_after_training(storage.absolute(cfg.out))
     if not s["completed"]:
         print("xray-dist tune: error: no trial completed, so there is no best model (see results.csv's error "
               "column)", file=sys.stderr)
