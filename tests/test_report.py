@@ -104,7 +104,7 @@ def test_a_nan_metric_is_written_as_null_and_the_report_still_renders(tmp_path):
     out = run / "evaluation" / "test"
     out.mkdir(parents=True)
     _write(out, metrics, _Split([f"t{i}.dcm" for i in range(n)], np.zeros((n, 1, 1), np.uint8), labels, patients,
-                                ["normal"] * n), probs, scheme)
+                                ["normal"] * n, {}), probs, scheme)
 
     text = (out / "metrics.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
