@@ -19,7 +19,9 @@ def add_prepare(sub) -> None:
     p = command(sub, "prepare", "decode DICOMs once into a Parquet cache with a patient-level split",
                 "Reads every labelled DICOM file once (in parallel Ray tasks), writes the model inputs to a Parquet "
                 "cache, splits patients into train/val/test, and lists every file it could not use, with the reason.")
-    p.add_argument("data_dir", help="directory or object-store prefix (s3://...) holding the DICOM files")
+    p.add_argument("data_dir", help="directory or object-store prefix (s3://...) holding the DICOM files, or a "
+                                    "DICOMweb archive and its QIDO-RS filters: dicomweb+https://HOST/ROOT?Modality=CR "
+                                    "(credentials: XRAY_DIST_DICOMWEB_TOKEN, or _USER and _PASSWORD)")
     p.add_argument("--labels", help="labels file (see --labels-format); default: a folder per class")
     p.add_argument("--labels-format", choices=LABELS_FORMATS, default=default(PrepareConfig, "labels_format"),
                    help="csv: a path (or file name/stem) and a label column, several findings as A|B; nih: "
@@ -29,6 +31,9 @@ def add_prepare(sub) -> None:
                    help="chexpert/mimic: what an uncertain (-1) finding becomes: ignore (left out of that image's "
                         "loss and metrics), zeros (absent) or ones (present) (default: %(default)s)")
     p.add_argument("--metadata", help="mimic: mimic-cxr-2.0.0-metadata.csv, joining dicom_id to study and view")
+    p.add_argument("--dicomweb-connections", type=int, default=default(PrepareConfig, "dicomweb_connections"),
+                   help="a dicomweb+http(s):// source: decode tasks retrieving from the archive at once, so that "
+                        "prepare cannot overload it")
     p.add_argument("--mimic-patients", help="mimic: MIMIC-IV's patients.csv, giving each subject's sex and age at "
                                             "the study (default: none; the DICOM headers' then)")
     p.add_argument("--views", default="",
@@ -72,6 +77,7 @@ def cmd_prepare(a) -> int:
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
         patient_column=a.patient_column, site_column=a.site_column,
         labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata, mimic_patients=a.mimic_patients,
+        dicomweb_connections=a.dicomweb_connections,
         views=tuple(v.strip().upper() for v in a.views.split(",") if v.strip()),
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject",
                                   max_pixels=a.max_pixels),

@@ -22,6 +22,7 @@ val_fraction         [0, 1)                a share of the patients; 1 would leav
 test_fraction        [0, 1)                a share of the patients; 1 would leave none to train on
 seed                 [0, 4294967295]       numpy and TensorFlow take 32-bit unsigned seeds
 num_cpus             [1, 4096]             CPUs of embedded local Ray, on one machine
+dicomweb_connections [1, 64]               decode tasks retrieving from one archive at once
 epochs               [1, 10000]            a checkpoint every epoch; fine-tuning needs tens
 batch_size           [1, 8192]             per replica; more VGG16 inputs than any accelerator holds
 lr                   (0, 1]                Adam's step: 0 trains nothing, above 1 it diverges
@@ -91,6 +92,7 @@ BOUNDS: dict[str, Bound] = {
     "test_fraction": Bound(0, 1, _SHARE, hi_open=True),
     "seed": Bound(0, 2**32 - 1, "numpy and TensorFlow take 32-bit unsigned seeds"),
     "num_cpus": Bound(1, 4096, "CPUs of embedded local Ray, on one machine"),
+    "dicomweb_connections": Bound(1, 64, "decode tasks retrieving from one archive at once"),
     "epochs": Bound(1, 10000, "a checkpoint every epoch; fine-tuning needs tens"),
     "batch_size": Bound(1, 8192, "per replica; more VGG16 inputs than any accelerator holds"),
     "lr": Bound(0, 1, "Adam's step: 0 trains nothing, above 1 it diverges", lo_open=True),

@@ -111,6 +111,7 @@ class PrepareConfig:
     seed: int = 0
     address: str | None = None
     num_cpus: int | None = None
+    dicomweb_connections: int = 4  # a DICOMweb source: decode tasks retrieving from the archive at once
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -132,6 +133,8 @@ class PrepareConfig:
                              "labels_format='mimic'")
         if self.paths not in PATHS_POLICIES:
             raise ValueError(f"paths must be {either(PATHS_POLICIES, quote=True)}. Received: paths={self.paths!r}")
+        if str(self.data_dir).lower().startswith("dicomweb+"):  # an archive's UIDs can identify a study: keys
+            object.__setattr__(self, "paths", "redact")
         if self.path_map and self.paths != "redact":
             raise ValueError("path_map is written with redacted paths only (--redact-paths)")
         if self.path_map and not storage_outside(self.path_map, self.out):

@@ -8,6 +8,7 @@ task, so only the files that kill their process are quarantined.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
 from xray_dist.data.cache import ATTRIBUTE_COLUMNS, CacheLayout, recorded_chunks
 from xray_dist.data.dicom import named_failures, read_dataset, to_model_input
 from xray_dist.data.paths import PathNames
-from xray_dist.data import subgroups
+from xray_dist.data import dicomweb, subgroups
 from xray_dist.data.patients import patient_key_and_source
 from xray_dist.errors import DicomReadError
 from xray_dist.infra import storage
@@ -53,10 +54,12 @@ def read_for_cache(path: str | Path, spec: PreprocessSpec, salt: str,
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
-                 names: PathNames = PathNames()) -> dict[str, np.ndarray]:
+                 names: PathNames = PathNames(), fetch=None) -> dict[str, np.ndarray]:
     """Decode each file of ``batch`` (``path``: the file's name in outputs, ``rel``: its path in the
     data directory, ``abspath``: where it is read); a bad file becomes a row with its error, the
-    error's text scrubbed of the file's path (:meth:`~xray_dist.data.paths.PathNames.scrub`)."""
+    error's text scrubbed of the file's path (:meth:`~xray_dist.data.paths.PathNames.scrub`).
+    ``fetch``: ``rel`` → bytes, for sources that are not files (a DICOMweb archive: a failed
+    retrieve quarantines that instance with the reason)."""
     spec = PreprocessSpec.from_dict(spec_dict)
     s = spec.image_size
     n = len(batch["path"])
@@ -64,8 +67,11 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
     patients, sources, kinds, errors = [], [], [], []
     attrs: dict[str, list[str]] = {a: [] for a in ATTRIBUTE_COLUMNS}
     rels = batch.get("rel", batch["path"])
-    for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], _prefetched(batch["abspath"]))):
+    fetched = _fetched(rels, fetch) if fetch is not None else _prefetched(batch["abspath"])
+    for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], fetched)):
         try:
+            if isinstance(data, BaseException) and fetch is not None:
+                raise DicomReadError(full, f"could not retrieve it: {data}")
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
             images[i], key, source, found = read_for_cache(str(full), spec, salt, data)
@@ -99,6 +105,16 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
         "error_kind": np.asarray(kinds, dtype=object),
         "error": np.asarray(errors, dtype=object),
     }
+
+
+def _fetched(rels, fetch) -> "Iterator[bytes | BaseException]":
+    """Each item's bytes from ``fetch``, one at a time (an archive's connections are bounded by the
+    decode tasks in flight, :func:`decode_all`), or the exception that fetching it raised."""
+    for rel in rels:
+        try:
+            yield fetch(str(rel))
+        except Exception as e:  # noqa: BLE001 - this item's failure, named by the decoder
+            yield e
 
 
 def _prefetched(paths) -> "Iterator[bytes | BaseException | None]":
@@ -136,12 +152,18 @@ def decode_chunks(rels: list[str], sizes: dict[str, int], cpus: int) -> list[lis
 
 
 def _decode_rows(rels: list[str], data_dir: str, spec_dict: dict, salt: str, names: PathNames,
-                 fault: str | None = None) -> dict:
+                 fault: str | None = None, creds: dicomweb.Credentials | None = None) -> dict:
     if fault and any(fault in r for r in rels):
         os.kill(os.getpid(), signal.SIGKILL)
+    fetch = None
+    if dicomweb.is_source(data_dir):  # an archive: each instance retrieved (WADO-RS) where it is decoded
+        fetch = functools.partial(dicomweb.retrieve, data_dir, creds=creds or dicomweb.Credentials())
+        where = [dicomweb.location(data_dir, r) for r in rels]
+    else:
+        where = [storage.join(data_dir, r) for r in rels]
     batch = {"path": np.asarray([names.name(r) for r in rels], dtype=object), "rel": np.asarray(rels, dtype=object),
-             "abspath": np.asarray([storage.join(data_dir, r) for r in rels], dtype=object)}
-    return decode_batch(batch, spec_dict, salt, names)
+             "abspath": np.asarray(where, dtype=object)}
+    return decode_batch(batch, spec_dict, salt, names, fetch)
 
 
 def _write_rows(rows: dict, dest: str) -> None:
@@ -152,9 +174,10 @@ def _write_rows(rows: dict, dest: str) -> None:
 
 
 def _decode_chunk(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
-                  names: PathNames = PathNames(), fault: str | None = None) -> int:
+                  names: PathNames = PathNames(), fault: str | None = None,
+                  creds: dicomweb.Credentials | None = None) -> int:
     """Ray task body: decode a chunk of files (:func:`decode_batch`) and write them as one Parquet file."""
-    _write_rows(_decode_rows(rels, data_dir, spec_dict, salt, names, fault), dest)
+    _write_rows(_decode_rows(rels, data_dir, spec_dict, salt, names, fault, creds), dest)
     return len(rels)
 
 
@@ -169,7 +192,8 @@ def _killed_row(rel: str, spec_dict: dict, names: PathNames, why: str) -> dict:
 
 
 def _decode_one_by_one(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
-                       names: PathNames, cause: BaseException, fault: str | None = None) -> int:
+                       names: PathNames, cause: BaseException, fault: str | None = None,
+                       creds: dicomweb.Credentials | None = None) -> int:
     """A chunk whose process was killed (out of memory, most often): each file again in a task of
     its own, so the files that kill their process are found and quarantined with that reason
     while the rest are used; written as the chunk's Parquet file, as a whole chunk would be."""
@@ -178,7 +202,7 @@ def _decode_one_by_one(rels: list[str], data_dir: str, spec_dict: dict, salt: st
     one = _ray.remote(num_cpus=1, max_retries=1)(_decode_rows)
     why = ("its decoding process was killed (out of memory)" if isinstance(cause, _ray.exceptions.OutOfMemoryError)
            else "its decoding process was killed (out of memory or a signal; see the log)")
-    futures = [one.remote([r], data_dir, spec_dict, salt, names, fault) for r in rels]
+    futures = [one.remote([r], data_dir, spec_dict, salt, names, fault, creds) for r in rels]
     parts = []
     for rel, f in zip(rels, futures):
         try:
@@ -206,7 +230,7 @@ def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layou
     import ray as _ray  # Ray: only prepare's driver, never on the CLI's import
 
     ray = init_ray(cfg.address, cfg.num_cpus)
-    data_dir = storage.absolute(cfg.data_dir)
+    data_dir = cfg.data_dir if dicomweb.is_source(cfg.data_dir) else storage.absolute(cfg.data_dir)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     chunks = decode_chunks(rels, sizes, cpus)
     storage.makedirs(layout.images)
@@ -225,16 +249,29 @@ def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layou
     task = _ray.remote(num_cpus=1, max_retries=1)(_decode_chunk)
     spec = cfg.preprocess.to_dict()
     fault = os.environ.get(FAULT_KILL_ENV)
-    work = {task.remote(c, data_dir, spec, salt, layout.chunk(n), names, fault): (c, n) for c, n in todo}
-    pending = list(work)
+    # an archive: its credentials go to the tasks as an argument (as the salt does), and at most
+    # --dicomweb-connections tasks retrieve from it at once
+    creds = dicomweb.Credentials.from_env() if dicomweb.is_source(data_dir) else None
+    in_flight = cfg.dicomweb_connections if creds is not None else len(todo)
+    queue = list(todo)
+    work: dict = {}
+
+    def submit() -> None:
+        while queue and len(work) < in_flight:
+            c, n = queue.pop(0)
+            work[task.remote(c, data_dir, spec, salt, layout.chunk(n), names, fault, creds)] = (c, n)
+
+    submit()
     with Progress(sum(len(c) for c, _ in todo), "prepare: decode") as bar:
-        while pending:
-            done, pending = _ray.wait(pending, num_returns=1)
+        while work:
+            done, _ = _ray.wait(list(work), num_returns=1)
+            c, n = work.pop(done[0])
             try:
                 bar.update(_ray.get(done[0]))
             except (_ray.exceptions.OutOfMemoryError, _ray.exceptions.WorkerCrashedError) as e:
-                c, n = work[done[0]]  # a killed process: find the file(s) that did it, keep the rest
+                # a killed process: find the file(s) that did it, keep the rest
                 log.warning("a decode task of %d files was killed (%s); decoding them one by one", len(c),
                             type(e).__name__)
-                bar.update(_decode_one_by_one(c, data_dir, spec, salt, layout.chunk(n), names, e, fault))
+                bar.update(_decode_one_by_one(c, data_dir, spec, salt, layout.chunk(n), names, e, fault, creds))
+            submit()
     return chunk_files

@@ -157,6 +157,8 @@ class _Files:
         # a listed file, or (locally) any file the path reaches, hidden or not, as before
         if found in self.listed or (self.local and storage.is_file(storage.join(self.data_dir, found))):
             return found, ""
+        if "/" not in found and len(self.by_stem.get(found, [])) == 1:  # a stem with dots: a UID (1.2.840…)
+            return self.by_stem[found][0], ""
         parts = PurePosixPath(found).with_suffix("").parts
         for i in range(len(parts) - 1):  # leading folders the data directory lacks are dropped, no more
             hits = self.by_base.get("/".join(parts[i:]), [])

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
-from xray_dist.data import fingerprint, subgroups
+from xray_dist.data import dicomweb, fingerprint, subgroups
 from xray_dist.data.cache import OWN_FILES, CacheLayout, read_image_meta, read_marker, recorded_chunks
 from xray_dist.data.classes import finding_counts, is_multilabel_label, parse_findings
 from xray_dist.data.decode import decode_all
@@ -78,14 +78,22 @@ def _check_apart(cfg: PrepareConfig, data_dir: str, cache: str) -> None:
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run ``prepare`` and return the report (also written to ``CACHE/prepare_report.json``)."""
     t0 = time.time()
-    data_dir = storage.absolute(cfg.data_dir)
+    archive = dicomweb.is_source(cfg.data_dir)
+    if archive:
+        cfg = _archive_config(cfg)
+    data_dir = dicomweb.Source.parse(cfg.data_dir).uri if archive else storage.absolute(cfg.data_dir)
     cache = storage.absolute(cfg.out)
     _check_apart(cfg, data_dir, cache)
-    for where in (data_dir, cache, *[f for f in (cfg.labels, cfg.metadata, cfg.mimic_patients) if f]):
+    for where in ((*([] if archive else [data_dir]), cache, *[f for f in (cfg.labels, cfg.metadata,
+                                                                        cfg.mimic_patients) if f])):
         storage.check_location(where)
-    if not storage.is_dir(data_dir):
+    if archive:  # QIDO-RS on the driver: only the instances' UIDs are kept
+        entries = dicomweb.list_instances(dicomweb.Source.parse(data_dir), dicomweb.Credentials.from_env())
+        log.info("DICOMweb: %d instances found", len(entries))
+    elif not storage.is_dir(data_dir):
         raise PrepareError(f"data directory not found: {data_dir}")
-    entries = list_entries(data_dir)
+    else:
+        entries = list_entries(data_dir)
     scan = scan_labels(data_dir, cfg.labels, LabelColumns(cfg.path_column, cfg.label_column, cfg.patient_column,
                                                           cfg.site_column),
                        entries=entries, labels_format=cfg.labels_format, uncertain=cfg.uncertain,
@@ -100,6 +108,16 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     salt = resolve_salt(cfg.salt_file, cache)  # before anything is written: a refused salt leaves no trace
     with TargetLock(cache, "xray-dist prepare"):  # two prepares into one cache would mix their chunks
         return _prepare_into(cfg, t0, data_dir, cache, entries, scan, salt)
+
+
+def _archive_config(cfg: PrepareConfig) -> PrepareConfig:
+    """A DICOMweb source: labels are required (an instance's UIDs are no class); its images are
+    named by salted keys (the UIDs can identify a patient's study: :class:`PrepareConfig` sees to it)."""
+    if not cfg.labels:
+        raise PrepareError("a DICOMweb source needs --labels (for example --path-column SOPInstanceUID): an "
+                           "archive has no folder per class")
+    assert cfg.paths == "redact"
+    return cfg
 
 
 @dataclass(frozen=True)

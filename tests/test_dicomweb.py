@@ -1,0 +1,197 @@
+"""Straight from the archive (#24): ``prepare`` from a DICOMweb query against a real Orthanc server
+(Debian's ``orthanc`` and ``orthanc-dicomweb``, started here on 127.0.0.1 with authentication on),
+the synthetic cohort stored in it with STOW-RS in every synthetic transfer syntax (JPEG 2000 and
+RLE included)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from xray_dist.data.synth import synthesize
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+USER, PASSWORD = "xray-test", "pw-" + os.urandom(6).hex()
+
+
+class Archive:
+    """A running Orthanc: its DICOMweb root, and how to stop and start it again."""
+
+    def __init__(self, root: Path):
+        from conftest import free_port
+
+        self.dir = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        (root / "storage").mkdir(parents=True, exist_ok=True)
+        (root / "orthanc.json").write_text(json.dumps({
+            "Name": "xray-dist-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "storage"),
+            "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}, "Plugins": [PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+        }))
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import requests
+
+        self.log = open(self.dir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/system", auth=(USER, PASSWORD), timeout=2).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"Orthanc did not start (see {self.dir / 'orthanc.log'})")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def client(self):
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        s = requests.Session()
+        s.auth = (USER, PASSWORD)
+        return DICOMwebClient(self.url, session=s)
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    if not (os.path.exists(ORTHANC) and os.path.exists(PLUGIN)):
+        if os.environ.get("XRAY_DIST_REQUIRE_ORTHANC"):
+            pytest.fail("Orthanc is required (XRAY_DIST_REQUIRE_ORTHANC is set) but not installed")
+        pytest.skip("Orthanc not installed (apt-get install orthanc orthanc-dicomweb)")
+    a = Archive(tmp_path_factory.mktemp("orthanc"))
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="session")
+def stored(archive, tmp_path_factory):
+    """20 patients × 2 images in every synthetic encoding, stored with STOW-RS; a labels CSV joined on
+    SOPInstanceUID (one stored instance left unlabelled, one label row for an instance the archive
+    does not have): (synth result, labels CSV, SOP UID of each file)."""
+    root = tmp_path_factory.mktemp("stored")
+    syn = synthesize(root / "data", patients=20, images_per_patient=2, size=64, seed=5)
+    datasets = [pydicom.dcmread(f) for f in syn.files]
+    archive.client().store_instances(datasets)
+    sop_of = {str(f.relative_to(syn.out)): d.SOPInstanceUID for f, d in zip(syn.files, datasets)}
+    rows = [[sop_of[rel], label] for rel, label in syn.labels.items()][1:]  # the first file: no label
+    rows.append(["1.2.826.0.1.3680043.8.498.999999", "finding"])  # an instance the archive lacks
+    labels = root / "labels_by_uid.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["SOPInstanceUID", "label"])
+        w.writerows(rows)
+    return syn, labels, sop_of
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+    monkeypatch.setenv("XRAY_DIST_DICOMWEB_USER", USER)
+    monkeypatch.setenv("XRAY_DIST_DICOMWEB_PASSWORD", PASSWORD)
+
+
+def _images(cache: Path, path_map: Path) -> dict[str, tuple]:
+    """Each image of a cache by the SOP Instance UID its path map names: (image, patient key)."""
+    import pyarrow.dataset as pads
+
+    with open(path_map, newline="") as f:
+        where = {r["key"]: r["path"] for r in csv.DictReader(f)}
+    rows = pads.dataset(str(cache / "images")).to_table(columns=["path", "patient", "image", "error"]).to_pylist()
+    out = {}
+    for r in rows:
+        if r["error"]:
+            continue
+        source = where[r["path"]]
+        sop = pydicom.dcmread(source).SOPInstanceUID if os.path.isfile(source) else Path(source).stem
+        out[sop] = (np.asarray(r["image"]), r["patient"])
+    return out
+
+
+def test_prepare_from_a_query_decodes_the_pixels_the_files_give(archive, stored, credentials, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A QIDO-RS query through the command line: every instance used or listed, the cache's pixels
+    and patient keys those of a file-based prepare of the same files, no UID and no credential in
+    the cache or the log."""
+    from xray_dist.cli import app as cli
+
+    monkeypatch.setenv("XRAY_DIST_LOG_DIR", str(tmp_path / "logs"))
+
+    syn, labels, sop_of = stored
+    salt = tmp_path / "salt"
+    salt.write_text("s" * 64)
+    common = ["--image-size", "32", "--seed", "3", "--salt-file", str(salt)]
+    source = f"dicomweb+{archive.url}?Modality=CR"
+    assert cli.main(["prepare", source, "--labels", str(labels), "--path-column", "SOPInstanceUID",
+                     "--out", str(tmp_path / "web"), "--path-map", str(tmp_path / "web_map.csv"), *common]) == 0
+    printed = capsys.readouterr()
+    report = json.loads((tmp_path / "web" / "prepare_report.json").read_text())
+    n = len(syn.files)
+    assert report["ok"] == n - 1 and not report["quarantined"]
+    # every instance the query found is used or listed: found (labelled) = ok + quarantined + excluded
+    assert report["found"] == report["ok"] + len(report["quarantined"]) + len(report["excluded"]) == n - 1
+    assert [m["reason"] for m in report["missing"]] == ["file not found"]  # the label row of no instance
+    assert len(report["unlabeled"]) == 1
+    assert cli.main(["prepare", str(syn.out), "--labels", str(syn.labels_csv), "--out", str(tmp_path / "files"),
+                     "--redact-paths", "--path-map", str(tmp_path / "files_map.csv"), *common]) == 0
+    web, files = _images(tmp_path / "web", tmp_path / "web_map.csv"), _images(tmp_path / "files", tmp_path / "files_map.csv")
+    unlabelled = sop_of[next(iter(syn.labels))]
+    assert set(web) == set(sop_of.values()) - {unlabelled}
+    for sop, (image, patient) in web.items():
+        np.testing.assert_array_equal(image, files[sop][0], err_msg=sop)
+        assert patient == files[sop][1]
+    # no UID (they can identify a study) and no credential in the cache; no credential in the log
+    written = b"".join(p.read_bytes() for p in (tmp_path / "web").rglob("*") if p.is_file())
+    for uid in list(sop_of.values())[:5]:
+        assert uid.encode() not in written
+    log_files = list((tmp_path / "logs").rglob("*.log"))
+    assert log_files
+    logs = b"".join(p.read_bytes() for p in log_files)
+    assert b"DICOMweb: 40 instances found" in logs
+    for secret in (PASSWORD, USER + ":" + PASSWORD):
+        assert secret.encode() not in written and secret not in printed.out + printed.err
+        assert secret.encode() not in logs
+
+
+def test_wrong_credentials_or_no_archive_is_one_line_and_nothing_written(archive, stored, monkeypatch, tmp_path,
+                                                                         capsys):
+    from xray_dist.cli import app as cli
+
+    _, labels, _ = stored
+    monkeypatch.setenv("XRAY_DIST_DICOMWEB_USER", USER)
+    monkeypatch.setenv("XRAY_DIST_DICOMWEB_PASSWORD", "not-" + PASSWORD)
+    argv = ["--labels", str(labels), "--path-column", "SOPInstanceUID", "--image-size", "32"]
+    assert cli.main(["prepare", f"dicomweb+{archive.url}", *argv, "--out", str(tmp_path / "c1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HTTP 401" in err and PASSWORD not in err, err
+    assert not (tmp_path / "c1").exists()
+    from conftest import free_port
+
+    assert cli.main(["prepare", f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web", *argv,
+                     "--out", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach the archive" in err, err
+    assert not (tmp_path / "c2").exists()
+    assert cli.main(["prepare", f"dicomweb+http://{USER}:{PASSWORD}@127.0.0.1:{archive.port}/dicom-web", *argv,
+                     "--out", str(tmp_path / "c3")]) == 2
+    err = capsys.readouterr().err
+    assert "never go in the URI" in err and PASSWORD not in err and not (tmp_path / "c3").exists()

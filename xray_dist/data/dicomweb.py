@@ -1,0 +1,219 @@
+"""A hospital archive as a source: DICOMweb (QIDO-RS to search, WADO-RS to retrieve).
+
+A source is written as a URI whose scheme is ``dicomweb+`` and the archive's DICOMweb root, with the
+QIDO-RS search filters as its query::
+
+    dicomweb+http://127.0.0.1:8042/dicom-web?Modality=CR&StudyDate=20240101-20241231
+
+The driver searches the archive's instances with QIDO-RS, page by page until one comes back short
+(:data:`PAGE`), and keeps only each instance's three UIDs; each is then named
+``STUDY/SERIES/SOP.dcm`` inside the source, which is how labels find it (``--path-column
+SOPInstanceUID``: a label cell is matched to the name's stem) and how a rerun recognises it. The
+decode tasks retrieve each instance with WADO-RS in its stored transfer syntax (``*``), bytes in
+memory, and decode them exactly as a file's bytes are decoded. The UIDs can identify a patient's
+study, so a cache made from a DICOMweb source names its images by salted keys (``--redact-paths``
+is implied; ``--path-map`` keeps key → UIDs where the user wants it).
+
+Credentials come from the environment only — :data:`TOKEN_ENV` (a bearer token) or
+:data:`USER_ENV` and :data:`PASSWORD_ENV` (basic) — ride on the HTTP session (never in a URL, a
+header dict the client logs, a log line or a file) and are handed to the decode tasks as an
+argument, as the patient-key salt is. A URI that carries ``user:password@`` is refused. TLS is
+verified (:data:`CA_ENV` names a CA bundle). Every request has a timeout (:data:`TIMEOUT_S`) and is
+retried with exponential backoff on 408/429/500/502/503/504 (:data:`ATTEMPTS` attempts in all); at
+most ``--dicomweb-connections`` decode tasks retrieve at once, so a prepare cannot flood a clinical
+archive.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from xray_dist.errors import PrepareError
+from xray_dist.infra.files import FileEntry
+
+SCHEME = "dicomweb+"
+TOKEN_ENV = "XRAY_DIST_DICOMWEB_TOKEN"
+USER_ENV = "XRAY_DIST_DICOMWEB_USER"
+PASSWORD_ENV = "XRAY_DIST_DICOMWEB_PASSWORD"
+CA_ENV = "XRAY_DIST_DICOMWEB_CA_BUNDLE"
+#: Instances per QIDO-RS page.
+PAGE = 500
+#: Seconds to connect, and to wait for a response.
+TIMEOUT_S = (5.0, 60.0)
+ATTEMPTS = 4
+RETRIED = (408, 429, 500, 502, 503, 504)
+#: Decode tasks retrieving from one archive at once (``--dicomweb-connections``).
+CONNECTIONS = 4
+_UID = re.compile(r"^[0-9.]{1,64}$")
+
+# dicomweb_client logs each request's URL and the headers passed to it at DEBUG: never into our logs
+logging.getLogger("dicomweb_client").setLevel(logging.INFO)
+
+
+def is_source(location) -> bool:
+    return str(location).lower().startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the archive is asked with; its text form never shows a secret."""
+
+    token: str | None = field(default=None, repr=False)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "Credentials":
+        return cls(os.environ.get(TOKEN_ENV) or None, os.environ.get(USER_ENV) or None,
+                   os.environ.get(PASSWORD_ENV) or None, os.environ.get(CA_ENV) or None)
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.token, self.password) if s]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed ``dicomweb+…`` URI: the archive's DICOMweb root and the QIDO-RS filters."""
+
+    root: str  # http(s)://host[:port]/path, no query
+    filters: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, uri: str) -> "Source":
+        if not is_source(uri):
+            raise PrepareError(f"{uri}: not a DICOMweb source (expected dicomweb+https://HOST/ROOT?FILTER=VALUE...)")
+        parts = urllib.parse.urlsplit(str(uri)[len(SCHEME):])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PrepareError(f"{redacted(uri)}: a DICOMweb source is dicomweb+http(s)://HOST[:PORT]/ROOT[?QIDO "
+                               "filters]")
+        if parts.username or parts.password:
+            raise PrepareError(f"{redacted(uri)}: credentials never go in the URI; set {TOKEN_ENV}, or {USER_ENV} "
+                               f"and {PASSWORD_ENV}")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise PrepareError(f"{redacted(uri)}: the port is not a number") from None
+        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        return cls(root, tuple(urllib.parse.parse_qsl(parts.query, keep_blank_values=True)))
+
+    @property
+    def uri(self) -> str:
+        query = urllib.parse.urlencode(self.filters)
+        return SCHEME + self.root + (f"?{query}" if query else "")
+
+
+def redacted(uri: str) -> str:
+    """``uri`` with any ``user:password@`` replaced, for messages."""
+    return re.sub(r"//[^/@]*@", "//<credentials>@", str(uri))
+
+
+def instance_name(study: str, series: str, sop: str) -> str:
+    return f"{study}/{series}/{sop}.dcm"
+
+
+def location(source_uri: str, name: str) -> str:
+    """Where an instance named ``name`` lives (the archive's root and its UIDs; no query): what
+    errors name before they are scrubbed, and a header without a patient falls back to."""
+    return SCHEME + Source.parse(source_uri).root + "/" + name
+
+
+def _session(creds: Credentials) -> requests.Session:
+    class _Bearer(requests.auth.AuthBase):
+        def __call__(self, r):
+            r.headers["Authorization"] = f"Bearer {creds.token}"
+            return r
+
+    s = requests.Session()
+    if creds.token:
+        s.auth = _Bearer()
+    elif creds.user:
+        s.auth = (creds.user, creds.password or "")
+    s.verify = creds.ca_bundle or True
+    return s
+
+
+def client(source: Source, creds: Credentials):
+    """A DICOMweb client for ``source`` with ``creds`` on its session, timeouts and retries."""
+    c = DICOMwebClient(source.root, session=_session(creds), timeout=TIMEOUT_S)
+    c.set_http_retry_params(retry=True, max_attempts=ATTEMPTS, wait_exponential_multiplier=250,
+                            retriable_error_codes=tuple(HTTPStatus(s) for s in RETRIED))
+    return c
+
+
+def failure(source: Source, e: BaseException, creds: Credentials = Credentials()) -> str:
+    """One line for a failed request: the HTTP status and what it means, never a secret."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        why = (f"HTTP {status}: the archive refused the credentials (set {TOKEN_ENV}, or {USER_ENV} and "
+               f"{PASSWORD_ENV})")
+    elif status is not None:
+        why = f"HTTP {status}"
+    elif isinstance(e, requests.exceptions.SSLError):
+        why = f"TLS verification failed (a private CA: {CA_ENV})"
+    elif isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        why = "cannot reach the archive (connection refused or timed out)"
+    else:
+        why = f"{type(e).__name__}"
+    text = f"{source.root}: {why}"
+    for s in creds.secrets():
+        text = text.replace(s, "***")
+    return text
+
+
+def _uid(item: dict, tag: str) -> str | None:
+    v = (item.get(tag) or {}).get("Value") or [None]
+    v = v[0]
+    return v if isinstance(v, str) and _UID.match(v) else None
+
+
+def list_instances(source: Source, creds: Credentials, page: int = PAGE) -> list[FileEntry]:
+    """Every instance the QIDO-RS search finds, paged until a short page, as entries named
+    ``STUDY/SERIES/SOP.dcm`` (size and time 0: an instance's identity is its SOP Instance UID).
+    Only the three UIDs are kept from each answer. A failed search is a :class:`PrepareError`
+    naming the archive and the HTTP status (nothing has been written then)."""
+    c = client(source, creds)
+    found: dict[str, FileEntry] = {}
+    offset = 0
+    while True:
+        try:
+            items = c.search_for_instances(search_filters=dict(source.filters), limit=page, offset=offset,
+                                           fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+        except Exception as e:  # noqa: BLE001 - requests' and the client's errors: one line
+            raise PrepareError(f"DICOMweb search failed: {failure(source, e, creds)}") from None
+        for item in items:
+            uids = [_uid(item, t) for t in ("0020000D", "0020000E", "00080018")]
+            if all(uids):
+                name = instance_name(*uids)
+                found[name] = FileEntry(name, 0, 0)
+        if len(items) < page:
+            break
+        offset += len(items)
+    return [found[k] for k in sorted(found)]
+
+
+def retrieve(source_uri: str, name: str, creds: Credentials, _clients: dict = {}) -> bytes:  # noqa: B006
+    """The instance ``STUDY/SERIES/SOP.dcm`` of ``source_uri`` as stored (WADO-RS, any transfer
+    syntax), as the bytes of a DICOM file; one client per source and process."""
+    source = Source.parse(source_uri)
+    key = (source.root, creds)
+    if key not in _clients:
+        _clients[key] = client(source, creds)
+    study, series, sop = name[: -len(".dcm")].split("/")
+    try:
+        ds = _clients[key].retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
+    except Exception as e:  # noqa: BLE001 - one line, no secret
+        raise OSError(f"WADO-RS retrieve failed: {failure(source, e, creds)}") from None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
