@@ -195,3 +195,63 @@ def test_wrong_credentials_or_no_archive_is_one_line_and_nothing_written(archive
                      "--out", str(tmp_path / "c3")]) == 2
     err = capsys.readouterr().err
     assert "never go in the URI" in err and PASSWORD not in err and not (tmp_path / "c3").exists()
+
+
+def _store_more(archive, labels: Path, out: Path, patients: int, seed: int) -> list[str]:
+    """``patients`` × 1 new instances stored in the archive and labelled; their SOP UIDs."""
+    syn = synthesize(out, patients=patients, images_per_patient=1, size=64, seed=seed, encodings=("mono2_u8",))
+    datasets = [pydicom.dcmread(f) for f in syn.files]
+    archive.client().store_instances(datasets)
+    with open(labels, "a", newline="") as f:
+        csv.writer(f).writerows([d.SOPInstanceUID, syn.labels[str(p.relative_to(syn.out))]]
+                                for d, p in zip(datasets, syn.files))
+    return [d.SOPInstanceUID for d in datasets]
+
+
+def test_a_rerun_decodes_only_new_instances_and_retries_what_an_outage_kept(archive, stored, credentials, tmp_path,
+                                                                            monkeypatch):
+    """Incremental: after 3 more instances arrive, a rerun of the same query decodes those 3 only.
+    The archive stopped right after the search: the instances it did not hand over are quarantined
+    with the reason and the ones decoded before are kept (nothing lost); once it is back, a rerun
+    decodes just the quarantined ones."""
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.data import dicomweb
+    from xray_dist.data.prepare import prepare
+
+    _, labels0, _ = stored
+    labels = tmp_path / "labels.csv"
+    shutil.copy(labels0, labels)
+    salt = tmp_path / "salt"
+    salt.write_text("t" * 64)
+    cfg = PrepareConfig(data_dir=f"dicomweb+{archive.url}", labels=str(labels), path_column="SOPInstanceUID",
+                        out=str(tmp_path / "cache"), preprocess=PreprocessSpec(image_size=32), salt_file=str(salt),
+                        dicomweb_connections=2)
+    first = prepare(cfg)
+    assert first["decoded_now"] == first["ok"] > 0 and not first["quarantined"]
+    assert prepare(cfg)["decoded_now"] == 0  # nothing new: nothing decoded
+    _store_more(archive, labels, tmp_path / "more", 3, seed=31)
+    second = prepare(cfg)
+    assert second["decoded_now"] == 3 and second["ok"] == first["ok"] + 3 and not second["quarantined"]
+
+    _store_more(archive, labels, tmp_path / "later", 2, seed=32)
+    search = dicomweb.list_instances
+
+    def search_then_outage(*a, **k):
+        found = search(*a, **k)
+        archive.stop()  # the archive goes down between the search and the retrieves
+        return found
+
+    monkeypatch.setattr(dicomweb, "list_instances", search_then_outage)
+    try:
+        third = prepare(cfg)
+    finally:
+        monkeypatch.setattr(dicomweb, "list_instances", search)
+        if archive.proc is None:
+            archive.start()
+    assert third["decoded_now"] == 2 and third["ok"] == second["ok"]  # the earlier images kept
+    assert len(third["quarantined"]) == 2
+    assert all("could not retrieve it" in q["reason"] and "cannot reach the archive" in q["reason"]
+               for q in third["quarantined"]), third["quarantined"]
+    fourth = prepare(cfg)
+    assert fourth["decoded_now"] == 2 and fourth["ok"] == second["ok"] + 2 and not fourth["quarantined"]
+    assert prepare(cfg)["decoded_now"] == 0

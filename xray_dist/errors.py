@@ -33,6 +33,12 @@ class NotDicomError(DicomReadError):
     kind = "not_dicom"
 
 
+class RetrieveError(DicomReadError):
+    """An archive's instance that could not be retrieved (a prepare run again tries it again)."""
+
+    kind = "retrieve"
+
+
 class NoPixelDataError(DicomReadError):
     kind = "no_pixel_data"
 

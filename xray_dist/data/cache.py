@@ -52,6 +52,9 @@ from xray_dist.infra import storage
 
 #: The decoded images' folder, its journal and its completion marker (see the module's docstring).
 IMAGES_DIR, WRITTEN, COMPLETE = "images", "_WRITTEN.json", "_COMPLETE.json"
+#: In the images directory: the chunks holding instances an archive did not hand over (decoded
+#: again by the next prepare, whatever else is kept).
+RETRY = "_RETRY.json"
 #: The files beside it.
 MANIFEST, SPEC, REPORT, FINGERPRINT = "manifest.parquet", "preprocess.json", "prepare_report.json", "fingerprint.json"
 #: The sweeps' frozen-activation caches (one folder per key; :mod:`xray_dist.training.features`).

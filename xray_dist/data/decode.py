@@ -13,18 +13,20 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from xray_dist.config import PrepareConfig, PreprocessSpec, stable_hash
-from xray_dist.data.cache import ATTRIBUTE_COLUMNS, CacheLayout, recorded_chunks
+from xray_dist.data.cache import RETRY, ATTRIBUTE_COLUMNS, CacheLayout, read_marker, recorded_chunks
 from xray_dist.data.dicom import named_failures, read_dataset, to_model_input
 from xray_dist.data.paths import PathNames
 from xray_dist.data import dicomweb, subgroups
 from xray_dist.data.patients import patient_key_and_source
-from xray_dist.errors import DicomReadError
+from xray_dist.errors import DicomReadError, RetrieveError
 from xray_dist.infra import storage
 from xray_dist.infra.console import Progress
 from xray_dist.infra.runtime import init_ray
@@ -71,7 +73,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
     for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], fetched)):
         try:
             if isinstance(data, BaseException) and fetch is not None:
-                raise DicomReadError(full, f"could not retrieve it: {data}")
+                raise RetrieveError(full, f"could not retrieve it: {data}")
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
             images[i], key, source, found = read_for_cache(str(full), spec, salt, data)
@@ -216,11 +218,32 @@ def _decode_one_by_one(rels: list[str], data_dir: str, spec_dict: dict, salt: st
     return len(rels)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    chunks: list[str]  # every chunk file of these inputs
+    decoded: int  # files decoded by this run (the rest were in chunks already written)
+    retry: list[str]  # chunks with instances that could not be retrieved
+
+
+def archive_chunks(rels: list[str], per: int = 64) -> list[list[str]]:
+    """An archive's instances (``STUDY/SERIES/SOP.dcm``) grouped by series, at most ``per`` each, in
+    UID order: instances that arrive later fall into chunks of their own series, so a rerun decodes
+    only them (:func:`decode_all`)."""
+    by_series: dict[str, list[str]] = {}
+    for rel in sorted(rels):
+        by_series.setdefault(rel.split("/")[1], []).append(rel)
+    return [s[i:i + per] for s in by_series.values() for i in range(0, len(s), per)]
+
+
 def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layout: CacheLayout, salt: str,
-               key: str, names: PathNames = PathNames(), earlier: list[str] = ()) -> list[str]:
+               key: str, names: PathNames = PathNames(), earlier: list[str] = (),
+               item_key: str | None = None) -> Decoded:
     """Decode every file once, one Ray task per chunk (1 CPU each), each writing its own Parquet
-    file into the cache's images; returns the chunk files. ``earlier``: chunks a previous prepare
-    recorded, read before its completion marker was removed.
+    file into the cache's images. ``earlier``: chunks a previous prepare recorded, read before its
+    completion marker was removed. ``item_key`` (an archive: the settings without the list of
+    instances): chunks by series (:func:`archive_chunks`), named by their own instances, so those
+    already decoded are kept and only new instances are decoded; a chunk with an instance the
+    archive did not hand over is decoded again next time (:data:`RETRY`).
 
     Plain Ray tasks rather than a Ray Data pipeline: the work is one independent map with nothing
     downstream, and on this project's 2-CPU machines the tasks finished the same decodes 25–30 %
@@ -232,13 +255,16 @@ def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layou
     ray = init_ray(cfg.address, cfg.num_cpus)
     data_dir = cfg.data_dir if dicomweb.is_source(cfg.data_dir) else storage.absolute(cfg.data_dir)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = decode_chunks(rels, sizes, cpus)
+    chunks = archive_chunks(rels) if item_key else decode_chunks(rels, sizes, cpus)
     storage.makedirs(layout.images)
-    chunk_files = [f"chunk-{stable_hash({'key': key, 'files': c})}.parquet" for c in chunks]
+    chunk_files = [f"chunk-{stable_hash({'key': item_key or key, 'files': c})}.parquet" for c in chunks]
     wanted = set(chunk_files)
-    listed = {f.rel for f in storage.list_files(layout.images)}
+    retry_file = storage.join(layout.images, RETRY)
+    retried = set((read_marker(retry_file) or {}).get("chunks", []))
+    here = {f.rel for f in storage.list_files(layout.images)}
+    listed = here - retried  # a chunk to retry is decoded again
     recorded = set(recorded_chunks(layout.images)) | set(earlier)
-    for rel in sorted((recorded - wanted) & listed):  # chunks of other inputs, recorded by an earlier prepare
+    for rel in sorted((recorded - wanted) & here):  # chunks of other inputs, recorded by an earlier prepare
         storage.delete_file(layout.chunk(rel))
     # recorded before any is written: the only files a later prepare may delete (nothing else, ever)
     storage.write_json(layout.written, {"chunks": sorted(wanted)})
@@ -274,4 +300,14 @@ def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layou
                             type(e).__name__)
                 bar.update(_decode_one_by_one(c, data_dir, spec, salt, layout.chunk(n), names, e, fault, creds))
             submit()
-    return chunk_files
+    retry = []
+    if creds is not None:
+        retry = sorted(n for _, n in todo if _retrieve_failed(layout.chunk(n)))
+        storage.write_json(retry_file, {"chunks": retry})
+    return Decoded(chunk_files, sum(len(c) for c, _ in todo), retry)
+
+
+def _retrieve_failed(chunk: str) -> bool:
+    with storage.local_copy(chunk) as local:
+        kinds = pq.read_table(local, columns=["error_kind"]).column("error_kind").to_pylist()
+    return RetrieveError.kind in kinds

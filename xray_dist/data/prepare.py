@@ -158,7 +158,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
         missing = [m["path"] for m in scan.missing]
         write_path_map(cfg.path_map, [storage.join(data_dir, e.rel) for e in entries] + missing,
                        [e.rel for e in entries] + missing, job.names)
-    key, reused = _decode(job, rels, {e.rel: (e.size, e.mtime_ns) for e in entries})
+    key, decoded = _decode(job, rels, {e.rel: (e.size, e.mtime_ns) for e in entries})
     labels = {job.names.name(rel): lab for rel, lab in items}  # by the name the cache's rows carry
     rows = _sort_rows(job, labels, excluded)
     _patients_from_labels(job, rows.ok)
@@ -177,7 +177,7 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     fp = fingerprint.compute(manifest, cfg.preprocess.to_dict(), key)
     fingerprint.write(cache, fp)  # what runs and sweeps made from this cache pin
     split_fp = split_fingerprint([(rel_of[m["path"]], split_of[m["patient"]]) for m in rows.ok])
-    return _report(job, rows, manifest, multilabel, split_source, reused, fp, split_fp)
+    return _report(job, rows, manifest, multilabel, split_source, decoded, fp, split_fp)
 
 
 def _excluded_by_labels(job: _Job) -> list[dict]:
@@ -193,27 +193,41 @@ def _excluded_by_labels(job: _Job) -> list[dict]:
     return out
 
 
-def _decode(job: _Job, rels: list[str], stats: dict[str, tuple[int, int]]) -> tuple[str, bool]:
+def _decode(job: _Job, rels: list[str], stats: dict[str, tuple[int, int]]) -> tuple[str, int | None]:
     """Decode ``rels`` into the cache's images, or reuse them when they were made from the same
-    inputs and spec; then write the spec. Returns the images key and whether they were reused."""
+    inputs and spec; then write the spec. Returns the images key and how many files this run
+    decoded (None: all reused).
+
+    An archive's instances are decoded per series (:func:`xray_dist.data.decode.archive_chunks`): a
+    rerun after new studies arrived decodes only them, and instances the archive did not hand over
+    are quarantined now and tried again by the next run (the cache is not marked complete)."""
     cfg, layout = job.cfg, job.layout
     key = _images_key(job.data_dir, rels, stats, cfg.preprocess, job.salt, cfg.paths)
+    archive = dicomweb.is_source(job.data_dir)
+    item_key = _images_key(dicomweb.Source.parse(job.data_dir).root, [], {}, cfg.preprocess, job.salt,
+                           cfg.paths) if archive else None
     old = read_marker(layout.complete)
-    reused = old is not None and old.get("key") == key
-    if not reused:
-        earlier = []
-        if old is not None:
-            log.info("cache %s was made from other inputs or settings; decoding again", layout.images)
-            earlier = recorded_chunks(layout.images)  # read while the marker still lists them
-            storage.delete_file(layout.complete)  # no longer complete; its recorded chunks go in decode_all
-        log.debug("decoding %d files with Ray tasks", len(rels))
-        chunks = decode_all(cfg, rels, {r: stats[r][0] for r in rels}, layout, job.salt, key, job.names, earlier)
-        storage.write_json(layout.complete, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict(),
-                                             "chunks": chunks})
-    else:
+    if old is not None and old.get("key") == key:
         log.info("reusing decoded images in %s (same inputs and preprocessing)", layout.images)
+        storage.write_json(layout.spec, cfg.preprocess.to_dict(), indent=2)
+        return key, None
+    earlier = []
+    if old is not None:
+        log.info("cache %s was made from other inputs or settings; decoding %s", layout.images,
+                 "what is new" if archive else "again")
+        earlier = recorded_chunks(layout.images)  # read while the marker still lists them
+        storage.delete_file(layout.complete)  # no longer complete; its recorded chunks go in decode_all
+    log.debug("decoding %d files with Ray tasks", len(rels))
+    done = decode_all(cfg, rels, {r: stats[r][0] for r in rels}, layout, job.salt, key, job.names, earlier,
+                      item_key)
+    if done.retry:
+        log.warning("%d chunk(s) hold instances the archive did not hand over: they are quarantined now; run "
+                    "prepare again to retry them", len(done.retry))
+    else:
+        storage.write_json(layout.complete, {"key": key, "files": len(rels), "spec": cfg.preprocess.to_dict(),
+                                             "chunks": done.chunks})
     storage.write_json(layout.spec, cfg.preprocess.to_dict(), indent=2)
-    return key, reused
+    return key, done.decoded
 
 
 def _sort_rows(job: _Job, labels: dict[str, str], excluded: list[dict]) -> _Rows:
@@ -325,8 +339,8 @@ def _warnings(cfg: PrepareConfig, ok: list[dict], classes: Counter, splits: dict
     return warnings
 
 
-def _report(job: _Job, rows: _Rows, manifest: pa.Table, multilabel: bool, split_source: dict, reused: bool,
-            fp: dict, split_fp: str) -> dict[str, Any]:
+def _report(job: _Job, rows: _Rows, manifest: pa.Table, multilabel: bool, split_source: dict,
+            decoded_now: int | None, fp: dict, split_fp: str) -> dict[str, Any]:
     """The prepare report, written to ``CACHE/prepare_report.json`` (its warnings logged too)."""
     cfg, names, scan = job.cfg, job.names, job.scan
     classes, splits = _counts(manifest, multilabel)
@@ -354,7 +368,8 @@ def _report(job: _Job, rows: _Rows, manifest: pa.Table, multilabel: bool, split_
         "preprocess": cfg.preprocess.to_dict(),
         "split_settings": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed,
                            **split_source},
-        "cache_reused": reused,
+        "cache_reused": decoded_now is None,
+        "decoded_now": decoded_now or 0,  # files decoded by this run (the rest were decoded before)
         "fingerprint": fp["id"],
         "split_fingerprint": split_fp,
         "warnings": warnings,
