@@ -255,3 +255,38 @@ def test_a_rerun_decodes_only_new_instances_and_retries_what_an_outage_kept(arch
     fourth = prepare(cfg)
     assert fourth["decoded_now"] == 2 and fourth["ok"] == second["ok"] + 2 and not fourth["quarantined"]
     assert prepare(cfg)["decoded_now"] == 0
+
+
+def test_predict_over_a_query_scores_what_the_files_score(archive, stored, credentials, two_worker_run, tmp_path,
+                                                          capsys):
+    """``predict`` over a DICOMweb query: one row per instance, named by a salted key (never a UID),
+    each row the probabilities ``predict`` gives the same instance's file."""
+    from xray_dist.cli import app as cli
+
+    _, _, run = two_worker_run
+    syn, _, sop_of = stored
+    salt = tmp_path / "salt"
+    salt.write_text("p" * 64)
+    assert cli.main(["predict", "--model", str(run), f"dicomweb+{archive.url}?Modality=CR", "--out",
+                     str(tmp_path / "web.csv"), "--salt-file", str(salt), "--path-map", str(tmp_path / "map.csv")]) == 0
+    assert cli.main(["predict", "--model", str(run), str(syn.out / "images"), "--out", str(tmp_path / "files.csv")]) == 0
+    with open(tmp_path / "web.csv", newline="") as f:
+        web = list(csv.DictReader(f))
+    with open(tmp_path / "files.csv", newline="") as f:
+        by_file = {r["path"]: r for r in csv.DictReader(f)}
+    with open(tmp_path / "map.csv", newline="") as f:
+        sop_by_key = {r["key"]: Path(r["path"]).stem for r in csv.DictReader(f)}
+    file_of_sop = {sop: rel.split("/", 1)[1] for rel, sop in sop_of.items()}
+    assert len(web) >= len(sop_of) and not any(r["error"] for r in web)
+    text = (tmp_path / "web.csv").read_text()
+    assert not any(sop in text for sop in sop_of.values())  # UIDs can identify a study: keys only
+    compared = 0
+    for r in web:
+        sop = sop_by_key[r["path"]]
+        if sop in file_of_sop:
+            twin = by_file[file_of_sop[sop]]
+            assert float(r["p_finding"]) == pytest.approx(float(twin["p_finding"]), abs=1e-6)
+            assert r["prediction"] == twin["prediction"]
+            compared += 1
+    assert compared == len(sop_of)
+    assert PASSWORD not in capsys.readouterr().out

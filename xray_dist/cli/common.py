@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import re
 
+from xray_dist.data import dicomweb
 from xray_dist.data.paths import REDACT, RELATIVE, PathNames
 from xray_dist.data.salt import resolve as resolve_salt
 from xray_dist.errors import XrayDistError
@@ -96,8 +97,9 @@ def add_path_flags(p, where: str, salt: bool = False) -> None:
 
 def path_names(a) -> PathNames:
     """:class:`~xray_dist.data.paths.PathNames` from predict/explain flags."""
-    if a.path_map and not a.redact_paths:
+    archive = any(dicomweb.is_source(i) for i in getattr(a, "inputs", []))  # UIDs can identify a study: keys
+    if a.path_map and not (a.redact_paths or archive):
         raise XrayDistError("--path-map is written with --redact-paths only")
-    if not a.redact_paths:
+    if not (a.redact_paths or archive):
         return PathNames(RELATIVE)
     return PathNames(REDACT, resolve_salt(a.salt_file))  # the lookup prepare uses: the same keys by default

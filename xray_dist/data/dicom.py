@@ -57,6 +57,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
 from xray_dist.config import DEFAULT_MAX_PIXELS, PreprocessSpec
+from xray_dist.data import dicomweb
 from xray_dist.data.j2k import decode_reduced
 from xray_dist.errors import (
     BurnedInAnnotationError,
@@ -84,7 +85,9 @@ def read_dataset(path: str | Path, data: bytes | None = None, max_pixels: int = 
     the file in errors)."""
     path = str(path)
     try:
-        if data is None:
+        if data is None and dicomweb.is_source(path):  # an archive's instance (predict, explain): WADO-RS
+            data = dicomweb.read_location(path)
+        elif data is None:
             data = storage.read_bytes(path)  # local file or object: decoded from memory either way
     except (FileNotFoundError, IsADirectoryError):
         raise DicomReadError(path, "file not found") from None

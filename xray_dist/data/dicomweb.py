@@ -202,6 +202,12 @@ def list_instances(source: Source, creds: Credentials, page: int = PAGE) -> list
     return [found[k] for k in sorted(found)]
 
 
+def read_location(location: str, creds: Credentials | None = None) -> bytes:
+    """The instance at ``location`` (:func:`location`: the root, then ``STUDY/SERIES/SOP.dcm``)."""
+    head, study, series, sop = str(location).rsplit("/", 3)
+    return retrieve(head, f"{study}/{series}/{sop}", creds or Credentials.from_env())
+
+
 def retrieve(source_uri: str, name: str, creds: Credentials, _clients: dict = {}) -> bytes:  # noqa: B006
     """The instance ``STUDY/SERIES/SOP.dcm`` of ``source_uri`` as stored (WADO-RS, any transfer
     syntax), as the bytes of a DICOM file; one client per source and process."""

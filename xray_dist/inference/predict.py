@@ -21,10 +21,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from xray_dist.config import PreprocessSpec
+from xray_dist.data import dicomweb
 from xray_dist.data.classes import ClassScheme, join_findings
 from xray_dist.data.dicom import load_image
 from xray_dist.data.paths import PathNames, named_inputs, write_path_map
-from xray_dist.errors import DicomReadError
+from xray_dist.errors import DicomReadError, XrayDistError
 from xray_dist.infra import storage
 from xray_dist.infra.console import Progress
 from xray_dist.infra.runtime import init_ray
@@ -49,7 +50,18 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
         return [e.rel for e in storage.list_files(item) if not any(s.startswith(".") for s in e.rel.split("/"))
                 and PurePosixPath(e.rel).suffix.lower() not in _NOT_IMAGES]
 
-    return named_inputs([i if storage.is_uri(i) else str(Path(i)) for i in inputs], files_of)
+    files, rels = [], []
+    for item in inputs:  # a DICOMweb query: its instances (QIDO-RS), each read with WADO-RS
+        if dicomweb.is_source(item):
+            found = [e.rel for e in dicomweb.list_instances(dicomweb.Source.parse(item),
+                                                            dicomweb.Credentials.from_env())]
+            files += [dicomweb.location(item, r) for r in found]
+            rels += found
+        else:
+            more = named_inputs([item if storage.is_uri(item) else str(Path(item))], files_of)
+            files += more[0]
+            rels += more[1]
+    return files, rels
 
 
 def prediction_columns(scheme: ClassScheme) -> list[str]:
@@ -111,8 +123,13 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
     files, rels = expand_inputs(inputs)
     if path_map:
         write_path_map(path_map, files, rels, names)
+    archive = any(dicomweb.is_source(f) for f in files)
+    if archive and engine == "ray":  # the archive's credentials are the driver's, not the Ray workers'
+        raise XrayDistError("predict --engine ray does not read a DICOMweb source yet; use --engine local (the "
+                            "default for one)")
     if engine == "auto":
-        engine = "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local"
+        engine = "local" if archive else (
+            "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local")
     if engine == "ray":
         scheme, spec, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus)
     else:
