@@ -24,6 +24,10 @@ synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
   the files from, and writing the cache to, an S3 server on this machine (moto in server mode,
   bench's own, on 127.0.0.1): what object storage costs (1.0 = nothing; the goal allows 1.5×).
   Both sides alternate twice on one warm Ray; the better run of each counts, all four are reported.
+- ``dicomweb_prepare_ratio``: seconds of a local-disk ``prepare`` ÷ seconds of the same prepare
+  reading the files from an Orthanc archive on this machine (bench/orthanc.py; stored with STOW-RS,
+  searched with QIDO-RS, retrieved with WADO-RS in the decode tasks). Orthanc shares the 2 cores
+  and every instance crosses HTTP as a multipart answer, so the goal allows 2× (0.5).
 - ``predict_scaling``: ``predict --engine ray`` (Ray Data: decode tasks, model actors) images/s
   with 2 Ray CPUs ÷ with 1, on the same files and model. Each side runs in a fresh Ray pinned to
   as many cores as it has Ray CPUs (``sched_setaffinity``), so "1 CPU" is one core, not one Ray
@@ -58,7 +62,7 @@ from naive import naive_input_rate, naive_sweep  # noqa: E402
 J2K_TOLERANCE = {"mean_abs": 1.0, "p99_abs": 12}
 
 GOALS = {"input_ratio": 20, "sweep_ratio": 5, "j2k_reduce_ratio": 5, "prepare_scaling": 1.6, "s3_prepare_ratio": 0.67,
-         "predict_scaling": 1.6}
+         "dicomweb_prepare_ratio": 0.5, "predict_scaling": 1.6}
 
 SETTINGS = {
     # smoke: exercises every part in a minute or two (tests/test_bench.py); its numbers mean nothing
@@ -233,6 +237,67 @@ def bench_s3_prepare(dirs: list[Path], work: Path, image_size: int) -> dict:
     finally:
         proc.terminate()
         for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+            os.environ.pop(k, None)
+
+
+def bench_dicomweb_prepare(dirs: list[Path], work: Path, image_size: int) -> dict:
+    """The same prepare from local files and from an Orthanc archive on this machine (stored with
+    STOW-RS; QIDO-RS search, WADO-RS retrieves in the decode tasks), alternating twice on one Ray."""
+    import csv
+
+    import pydicom
+
+    from orthanc import Orthanc, available
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.data.prepare import prepare
+
+    if not available():
+        return {"skipped": "Orthanc not installed (apt-get install orthanc orthanc-dicomweb)"}
+    data = work / "data_web"
+    data.mkdir(exist_ok=True)
+    for d in dirs:
+        for f in (d / "images").glob("*.dcm"):
+            link = data / f"{d.name}_{f.name}"
+            if not link.exists():
+                os.link(f, link)
+    labels = _labels_for(data)
+    with open(labels, newline="") as f:
+        label_of = {r["path"]: r["label"] for r in csv.DictReader(f)}
+    files = sorted(data.glob("*.dcm"))
+    archive = Orthanc(work / "orthanc", "bench", "bench-" + os.urandom(4).hex())
+    try:
+        sops = []
+        for f in files:  # one STOW-RS request per file: these are large radiographs
+            ds = pydicom.dcmread(f)
+            archive.client().store_instances([ds])
+            sops.append([ds.SOPInstanceUID, label_of[f.name]])
+        by_uid = work / "labels_by_uid.csv"
+        with open(by_uid, "w", newline="") as f:
+            csv.writer(f).writerows([["SOPInstanceUID", "label"], *sops])
+        os.environ.update({"XRAY_DIST_DICOMWEB_USER": archive.user, "XRAY_DIST_DICOMWEB_PASSWORD": archive.password})
+        _fresh_ray(os.cpu_count() or 2)
+        res: dict = {"files": len(files), "local_seconds": [], "dicomweb_seconds": []}
+        for i in range(2):
+            for side in ("local", "dicomweb"):
+                if side == "local":
+                    cfg = PrepareConfig(data_dir=str(data), labels=str(labels), out=str(work / f"cache_l{i}"),
+                                        preprocess=PreprocessSpec(image_size=image_size))
+                else:
+                    cfg = PrepareConfig(data_dir=f"dicomweb+{archive.url}", labels=str(by_uid),
+                                        path_column="SOPInstanceUID", out=str(work / f"cache_w{i}"),
+                                        preprocess=PreprocessSpec(image_size=image_size))
+                t0 = time.perf_counter()
+                report = prepare(cfg)
+                res[f"{side}_seconds"].append(time.perf_counter() - t0)
+                assert report["ok"] == len(files), report["quarantined"][:3]
+        res["local_best_seconds"], res["dicomweb_best_seconds"] = min(res["local_seconds"]), min(res["dicomweb_seconds"])
+        res["ratio"] = res["local_best_seconds"] / res["dicomweb_best_seconds"]
+        res["limit"] = ("Orthanc runs on the same cores: each instance is read from its storage, sent as a multipart "
+                        "HTTP answer and parsed back, beside the decode both sides do")
+        return res
+    finally:
+        archive.stop()
+        for k in ("XRAY_DIST_DICOMWEB_USER", "XRAY_DIST_DICOMWEB_PASSWORD"):
             os.environ.pop(k, None)
 
 
@@ -451,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the result object here too")
     p.add_argument("--gpu", action="store_true", help="also the GPU training/extraction figures")
     p.add_argument("--work", help="working directory (default: a temporary one, removed after)")
-    p.add_argument("--only", default="j2k,prepare,s3,predict,input,sweep", help="comma-separated parts to run")
+    p.add_argument("--only", default="j2k,prepare,s3,dicomweb,predict,input,sweep",
+                   help="comma-separated parts to run")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     s = SETTINGS["smoke" if a.smoke else a.quick]
@@ -479,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
             step("s3_prepare_ratio")
             result["s3_prepare"] = bench_s3_prepare([unc, j2k], work, s["image_size"])
             result["s3_prepare_ratio"] = result["s3_prepare"]["ratio"]
+        if "dicomweb" in only:
+            step("dicomweb_prepare_ratio")
+            result["dicomweb_prepare"] = bench_dicomweb_prepare([unc, j2k], work, s["image_size"])
+            if "ratio" in result["dicomweb_prepare"]:
+                result["dicomweb_prepare_ratio"] = result["dicomweb_prepare"]["ratio"]
         if "predict" in only:
             step("predict_scaling")
             result["predict"] = bench_predict_scaling([unc, j2k], work, s["image_size"], s["prepare_copies"])

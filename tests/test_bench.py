@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_smoke_run_reports_ratios_from_raw_figures(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--only", "j2k,input,s3,predict", "--gpu",
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--only", "j2k,input,s3,dicomweb,predict", "--gpu",
                            "--json", str(out), "--work", str(tmp_path / "w")], capture_output=True, text=True,
                           timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,8 +35,12 @@ def test_smoke_run_reports_ratios_from_raw_figures(tmp_path):
     s3 = r["s3_prepare"]
     assert len(s3["local_seconds"]) == len(s3["s3_seconds"]) == 2 and s3["files"] > 0
     assert r["s3_prepare_ratio"] == pytest.approx(min(s3["local_seconds"]) / min(s3["s3_seconds"]))
+    web = r["dicomweb_prepare"]
+    assert len(web["local_seconds"]) == len(web["dicomweb_seconds"]) == 2 and web["files"] > 0, web
+    assert r["dicomweb_prepare_ratio"] == pytest.approx(min(web["local_seconds"]) / min(web["dicomweb_seconds"]))
     pr = r["predict"]
     assert r["predict_scaling"] == pytest.approx(pr["2cpu_images_per_s"] / pr["1cpu_images_per_s"])
     assert pr["files"] > 0 and pr["1cpu_images_per_s"] > 0
     assert r["machine"]["cpus"] >= 1 and "met" in r
-    assert set(r["met"]) == {"input_ratio", "j2k_reduce_ratio", "s3_prepare_ratio", "predict_scaling"}
+    assert set(r["met"]) == {"input_ratio", "j2k_reduce_ratio", "s3_prepare_ratio", "dicomweb_prepare_ratio",
+                             "predict_scaling"}

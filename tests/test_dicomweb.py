@@ -9,8 +9,7 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,67 +18,21 @@ import pytest
 
 from xray_dist.data.synth import synthesize
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER, PASSWORD = "xray-test", "pw-" + os.urandom(6).hex()
-
-
-class Archive:
-    """A running Orthanc: its DICOMweb root, and how to stop and start it again."""
-
-    def __init__(self, root: Path):
-        from conftest import free_port
-
-        self.dir = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
-        (root / "storage").mkdir(parents=True, exist_ok=True)
-        (root / "orthanc.json").write_text(json.dumps({
-            "Name": "xray-dist-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "storage"),
-            "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}, "Plugins": [PLUGIN],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
-        }))
-        self.proc = None
-        self.start()
-
-    def start(self) -> None:
-        import requests
-
-        self.log = open(self.dir / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/system", auth=(USER, PASSWORD), timeout=2).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.3)
-        self.stop()
-        pytest.fail(f"Orthanc did not start (see {self.dir / 'orthanc.log'})")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-    def client(self):
-        import requests
-        from dicomweb_client.api import DICOMwebClient
-
-        s = requests.Session()
-        s.auth = (USER, PASSWORD)
-        return DICOMwebClient(self.url, session=s)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from orthanc import Orthanc, available  # noqa: E402 - bench's own Orthanc, shared with the benchmark
 
 
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory):
-    if not (os.path.exists(ORTHANC) and os.path.exists(PLUGIN)):
+    if not available():
         if os.environ.get("XRAY_DIST_REQUIRE_ORTHANC"):
             pytest.fail("Orthanc is required (XRAY_DIST_REQUIRE_ORTHANC is set) but not installed")
         pytest.skip("Orthanc not installed (apt-get install orthanc orthanc-dicomweb)")
-    a = Archive(tmp_path_factory.mktemp("orthanc"))
+    try:
+        a = Orthanc(tmp_path_factory.mktemp("orthanc"), USER, PASSWORD)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield a
     a.stop()
 
