@@ -182,6 +182,17 @@ def bench_prepare_scaling(dirs: list[Path], work: Path, image_size: int, copies:
     return res
 
 
+def _linked(dirs: list[Path], data: Path) -> tuple[Path, Path]:
+    """Every image of ``dirs`` hard-linked into one directory ``data``, with its labels CSV."""
+    data.mkdir(exist_ok=True)
+    for d in dirs:
+        for f in (d / "images").glob("*.dcm"):
+            link = data / f"{d.name}_{f.name}"
+            if not link.exists():
+                os.link(f, link)
+    return data, _labels_for(data)
+
+
 def _moto_server():
     """bench's own moto S3 server on a free loopback port; configures this process's AWS variables."""
     from moto_s3 import start_moto
@@ -199,14 +210,7 @@ def bench_s3_prepare(dirs: list[Path], work: Path, image_size: int) -> dict:
     from xray_dist.config import PrepareConfig, PreprocessSpec
     from xray_dist.data.prepare import prepare
 
-    data = work / "data_s3"
-    data.mkdir(exist_ok=True)
-    for d in dirs:
-        for f in (d / "images").glob("*.dcm"):
-            link = data / f"{d.name}_{f.name}"
-            if not link.exists():
-                os.link(f, link)
-    labels = _labels_for(data)
+    data, labels = _linked(dirs, work / "data_s3")
     proc = _moto_server()
     try:
         s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
@@ -253,14 +257,7 @@ def bench_dicomweb_prepare(dirs: list[Path], work: Path, image_size: int) -> dic
 
     if not available():
         return {"skipped": "Orthanc not installed (apt-get install orthanc orthanc-dicomweb)"}
-    data = work / "data_web"
-    data.mkdir(exist_ok=True)
-    for d in dirs:
-        for f in (d / "images").glob("*.dcm"):
-            link = data / f"{d.name}_{f.name}"
-            if not link.exists():
-                os.link(f, link)
-    labels = _labels_for(data)
+    data, labels = _linked(dirs, work / "data_web")
     with open(labels, newline="") as f:
         label_of = {r["path"]: r["label"] for r in csv.DictReader(f)}
     files = sorted(data.glob("*.dcm"))
