@@ -80,8 +80,8 @@ def _images(cache: Path, path_map: Path) -> dict[str, tuple]:
     return out
 
 
-def test_prepare_from_a_query_decodes_the_pixels_the_files_give(archive, stored, credentials, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_prepare_from_a_query_decodes_the_pixels_the_files_give(ray_cluster, archive, stored, credentials, tmp_path,
+                                                                 capsys, monkeypatch):
     """A QIDO-RS query through the command line: every instance used or listed, the cache's pixels
     and patient keys those of a file-based prepare of the same files, no UID and no credential in
     the cache or the log."""
@@ -116,6 +116,13 @@ def test_prepare_from_a_query_decodes_the_pixels_the_files_give(archive, stored,
     written = b"".join(p.read_bytes() for p in (tmp_path / "web").rglob("*") if p.is_file())
     for uid in list(sop_of.values())[:5]:
         assert uid.encode() not in written
+    # the archive's cache trains like any other (a small run: one epoch, the head only)
+    from xray_dist.config import TrainConfig
+    from xray_dist.training.driver import train
+
+    res = train(TrainConfig(cache=str(tmp_path / "web"), out=str(tmp_path / "run"), epochs=1, batch_size=8,
+                            weights="none", unfreeze_blocks=0, num_workers=1, cpus_per_worker=0.5))
+    assert res.metrics["epochs"] == 1 and res.metrics["classes"] == ["normal", "finding"]
     log_files = list((tmp_path / "logs").rglob("*.log"))
     assert log_files
     logs = b"".join(p.read_bytes() for p in log_files)
