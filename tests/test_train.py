@@ -293,7 +293,9 @@ def test_ray_job_submit(synth_binary, tmp_path):
                    sys.executable, *job]
             for _ in range(20):  # the head's job agent starts a little after the dashboard answers
                 sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-                if "No available agent to submit job" not in sub.stderr + sub.stdout:
+                said = sub.stderr + sub.stdout
+                # a dashboard briefly not answering (seen once on a starved 2-core machine) is retried too
+                if "No available agent to submit job" not in said and "Connection refused" not in said:
                     break
                 time.sleep(3)
             assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
