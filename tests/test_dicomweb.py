@@ -249,4 +249,14 @@ def test_predict_over_a_query_scores_what_the_files_score(archive, stored, crede
             assert r["prediction"] == twin["prediction"]
             compared += 1
     assert compared == len(sop_of)
+    # explain over the same query: a heatmap per instance, named by its key (the same as predict's)
+    assert cli.main(["explain", "--model", str(run), f"dicomweb+{archive.url}?Modality=CR", "--out",
+                     str(tmp_path / "explain"), "--salt-file", str(salt)]) == 0
+    with open(tmp_path / "explain" / "explain.csv", newline="") as f:
+        explained = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in explained) == sorted(r["path"] for r in web)
+    assert not any(r["error"] for r in explained) and len(list((tmp_path / "explain").glob("*.png"))) == len(web)
+    everything = "".join(p.name for p in (tmp_path / "explain").iterdir()) + (tmp_path / "explain" / "explain.csv"
+                                                                              ).read_text()
+    assert not any(sop in everything for sop in sop_of.values())
     assert PASSWORD not in capsys.readouterr().out
