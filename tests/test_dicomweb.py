@@ -157,6 +157,16 @@ def test_wrong_credentials_or_no_archive_is_one_line_and_nothing_written(archive
     assert "never go in the URI" in err and PASSWORD not in err and not (tmp_path / "c3").exists()
 
 
+def test_the_search_pages_until_nothing_new(archive, stored, credentials):
+    """QIDO-RS paging: small pages find what one large page finds, each instance once."""
+    from xray_dist.data import dicomweb
+
+    source, creds = dicomweb.Source.parse(f"dicomweb+{archive.url}"), dicomweb.Credentials.from_env()
+    whole = dicomweb.list_instances(source, creds)
+    assert len(whole) >= len(stored[2])
+    assert dicomweb.list_instances(source, creds, page=7) == whole
+
+
 def _store_more(archive, labels: Path, out: Path, patients: int, seed: int) -> list[str]:
     """``patients`` × 1 new instances stored in the archive and labelled; their SOP UIDs."""
     syn = synthesize(out, patients=patients, images_per_patient=1, size=64, seed=seed, encodings=("mono2_u8",))
@@ -218,10 +228,12 @@ def test_a_rerun_decodes_only_new_instances_and_retries_what_an_outage_kept(arch
 
 
 def test_predict_over_a_query_scores_what_the_files_score(archive, stored, credentials, two_worker_run, tmp_path,
-                                                          capsys):
-    """``predict`` over a DICOMweb query: one row per instance, named by a salted key (never a UID),
-    each row the probabilities ``predict`` gives the same instance's file."""
+                                                          capsys, monkeypatch):
+    """``predict`` over a DICOMweb query: one row per instance, named by a salted key (never a UID,
+    in the CSV or the log), each row the probabilities ``predict`` gives the same instance's file."""
     from xray_dist.cli import app as cli
+
+    monkeypatch.setenv("XRAY_DIST_LOG_DIR", str(tmp_path / "logs"))
 
     _, _, run = two_worker_run
     syn, _, sop_of = stored
@@ -260,3 +272,5 @@ def test_predict_over_a_query_scores_what_the_files_score(archive, stored, crede
                                                                               ).read_text()
     assert not any(sop in everything for sop in sop_of.values())
     assert PASSWORD not in capsys.readouterr().out
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").rglob("*.log"))
+    assert logs and not any(sop in logs for sop in sop_of.values()) and PASSWORD not in logs

@@ -240,3 +240,15 @@ def test_the_model_card_holds_every_section_and_no_path_or_key(two_sites, tmp_pa
     assert cli.main(["report", str(run), "--out", str(tmp_path / "plain" / "r.html"), "--bootstrap", "50"]) == 0
     plain = (tmp_path / "plain" / "MODEL_CARD.md").read_text()
     assert PLACEHOLDER in plain and "Not calibrated" in plain and "No held-out test evaluation" in plain
+
+
+def test_the_model_card_never_names_a_weights_file():
+    """``--weights PATH`` is stored as the file's path, which can carry a name: the card says only
+    that a file was used."""
+    from xray_dist.results.model_card import build
+
+    secret = "/home/SMITH_JOHN_MRN0042/vgg16_notop.h5"
+    card = build({"config": {"weights": secret, "image_size": 32}, "classes": ["normal", "finding"]}, {}, None, [],
+                 None, None)
+    text = card.markdown("Model card") + card.html()
+    assert "SMITH" not in text and "/home" not in text and "a weights file" in text

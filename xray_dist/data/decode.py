@@ -72,8 +72,9 @@ def decode_batch(batch: dict[str, np.ndarray], spec_dict: dict, salt: str,
     fetched = _fetched(rels, fetch) if fetch is not None else _prefetched(batch["abspath"])
     for i, (rel, full, data) in enumerate(zip(rels, batch["abspath"], fetched)):
         try:
-            if isinstance(data, BaseException) and fetch is not None:
-                raise RetrieveError(full, f"could not retrieve it: {data}")
+            if isinstance(data, BaseException) and fetch is not None:  # a 404 or 403 is this file's fault
+                raise (RetrieveError if isinstance(data, dicomweb.Unavailable) else DicomReadError)(
+                    full, f"could not retrieve it: {data}")
             if isinstance(data, BaseException):
                 data = None  # read it again where it is decoded: a failure then gets its usual reason
             images[i], key, source, found = read_for_cache(str(full), spec, salt, data)
@@ -281,6 +282,8 @@ def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layou
     in_flight = cfg.dicomweb_connections if creds is not None else len(todo)
     queue = list(todo)
     work: dict = {}
+    if creds is not None:  # until a chunk is known whole, it is one to decode again (a prepare cut off here)
+        storage.write_json(retry_file, {"chunks": sorted(retried | {n for _, n in todo})})
 
     def submit() -> None:
         while queue and len(work) < in_flight:

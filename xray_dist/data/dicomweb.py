@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -56,8 +57,9 @@ RETRIED = (408, 429, 500, 502, 503, 504)
 CONNECTIONS = 4
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
-# dicomweb_client logs each request's URL and the headers passed to it at DEBUG: never into our logs
-logging.getLogger("dicomweb_client").setLevel(logging.INFO)
+# dicomweb_client logs each request's URL and headers at DEBUG and each instance's UIDs at INFO (which
+# can identify a study): only its warnings reach our logs
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
 
 def is_source(location) -> bool:
@@ -151,9 +153,30 @@ def client(source: Source, creds: Credentials):
     return c
 
 
+def _status(e: BaseException) -> int | None:
+    """The HTTP status behind a failed request: requests' error, or the last answer the client's
+    retries gave up on (``retrying.RetryError``)."""
+    response = getattr(e, "response", None)
+    if response is None:
+        response = getattr(getattr(e, "last_attempt", None), "value", None)
+    return getattr(response, "status_code", None)
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a failed request may succeed later: no connection, a timeout, or 408/429/5xx."""
+    status = _status(e)
+    if status is not None:
+        return status in RETRIED
+    return isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+
+
+class Unavailable(OSError):
+    """An instance the archive could not hand over now (a later prepare tries it again)."""
+
+
 def failure(source: Source, e: BaseException, creds: Credentials = Credentials()) -> str:
     """One line for a failed request: the HTTP status and what it means, never a secret."""
-    status = getattr(getattr(e, "response", None), "status_code", None)
+    status = _status(e)
     if status in (401, 403):
         why = (f"HTTP {status}: the archive refused the credentials (set {TOKEN_ENV}, or {USER_ENV} and "
                f"{PASSWORD_ENV})")
@@ -185,18 +208,19 @@ def list_instances(source: Source, creds: Credentials, page: int = PAGE) -> list
     c = client(source, creds)
     found: dict[str, FileEntry] = {}
     offset = 0
-    while True:
+    while True:  # until a page is empty or adds nothing (an archive that caps pages, or ignores offset)
         try:
             items = c.search_for_instances(search_filters=dict(source.filters), limit=page, offset=offset,
                                            fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
         except Exception as e:  # noqa: BLE001 - requests' and the client's errors: one line
             raise PrepareError(f"DICOMweb search failed: {failure(source, e, creds)}") from None
+        before = len(found)
         for item in items:
             uids = [_uid(item, t) for t in ("0020000D", "0020000E", "00080018")]
             if all(uids):
                 name = instance_name(*uids)
                 found[name] = FileEntry(name, 0, 0)
-        if len(items) < page:
+        if not items or len(found) == before:
             break
         offset += len(items)
     return [found[k] for k in sorted(found)]
@@ -216,10 +240,16 @@ def retrieve(source_uri: str, name: str, creds: Credentials, _clients: dict = {}
     if key not in _clients:
         _clients[key] = client(source, creds)
     study, series, sop = name[: -len(".dcm")].split("/")
-    try:
-        ds = _clients[key].retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
-    except Exception as e:  # noqa: BLE001 - one line, no secret
-        raise OSError(f"WADO-RS retrieve failed: {failure(source, e, creds)}") from None
+    for attempt in range(ATTEMPTS):  # the client retries answers; a refused connection or a timeout here
+        try:
+            ds = _clients[key].retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
+            break
+        except Exception as e:  # noqa: BLE001 - one line, no secret
+            if not transient(e):
+                raise OSError(f"WADO-RS retrieve failed: {failure(source, e, creds)}") from None
+            if attempt == ATTEMPTS - 1 or _status(e) is not None:  # answers were retried by the client already
+                raise Unavailable(f"WADO-RS retrieve failed: {failure(source, e, creds)}") from None
+            time.sleep(0.25 * 2**attempt)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()

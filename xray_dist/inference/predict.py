@@ -24,7 +24,8 @@ from xray_dist.config import PreprocessSpec
 from xray_dist.data import dicomweb
 from xray_dist.data.classes import ClassScheme, join_findings
 from xray_dist.data.dicom import load_image
-from xray_dist.data.paths import PathNames, named_inputs, write_path_map
+from xray_dist.data.paths import REDACT, RELATIVE, PathNames, named_inputs, write_path_map
+from xray_dist.data.salt import resolve as resolve_salt
 from xray_dist.errors import DicomReadError, XrayDistError
 from xray_dist.infra import storage
 from xray_dist.infra.console import Progress
@@ -121,9 +122,11 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
         raise ValueError(f"engine must be auto, local or ray. Received: engine={engine!r}")
     storage.check_location(out_csv)
     files, rels = expand_inputs(inputs)
+    archive = any(dicomweb.is_source(f) for f in files)
+    if archive and names.policy == RELATIVE:  # an archive's UIDs can identify a study: keys, as prepare's
+        names = PathNames(REDACT, resolve_salt(None))
     if path_map:
         write_path_map(path_map, files, rels, names)
-    archive = any(dicomweb.is_source(f) for f in files)
     if archive and engine == "ray":  # the archive's credentials are the driver's, not the Ray workers'
         raise XrayDistError("predict --engine ray does not read a DICOMweb source yet; use --engine local (the "
                             "default for one)")

@@ -109,12 +109,18 @@ def _distribution(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v} ({100 * v / total:.0f} %)" for k, v in counts.items())
 
 
+def _weights(cfg: dict) -> str | None:
+    """The base weights as the card may name them: never a file's path (it can carry a name)."""
+    w = cfg.get("weights")
+    return w if w in (None, "imagenet", "none") else "a weights file"
+
+
 def limitations(metrics: dict, spec: dict, held_out: dict | None, external: list[dict], dataset: dict) -> list[str]:
     """What this package can see is wrong or missing about the evidence for the model."""
     out = []
-    weights = (metrics.get("config") or {}).get("weights")
+    weights = _weights(metrics.get("config") or {})
     if weights != "imagenet":
-        out.append(f"The base was not initialised with ImageNet weights (`--weights {weights}`): the usual transfer "
+        out.append(f"The base was not initialised with ImageNet weights ({weights}): the usual transfer "
                    "learning did not happen, and the features are what this data alone could teach.")
     if not held_out:
         out.append("No held-out test evaluation: the model's only numbers are validation ones, which chose the "
@@ -166,7 +172,7 @@ def build(run_metrics: dict, spec: dict, held_out: dict | None, external: list[d
         ["task", "multi-label findings (one sigmoid each)" if run_metrics.get("task") == "multilabel"
          else f"{len(classes)} classes ({'one sigmoid' if len(classes) == 2 else 'softmax'})"],
         ["outputs", ", ".join(classes)],
-        ["base weights", cfg.get("weights")],
+        ["base weights", _weights(cfg)],
         ["image size (px)", model.get("image_size", cfg.get("image_size"))],
         ["head width", model.get("head_width", cfg.get("head_width"))],
         ["unfreeze depth (VGG blocks trained)", model.get("unfreeze_blocks", cfg.get("unfreeze_blocks"))],

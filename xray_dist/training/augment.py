@@ -76,4 +76,5 @@ def apply(images, params):
     contrast = tf.cast(params[:, 5], tf.float32)[:, None, None]
     mean = tf.reduce_mean(x, axis=(1, 2), keepdims=True)
     x = (x - mean) * contrast + mean + bright
-    return tf.cast(tf.clip_by_value(tf.round(x * 255.0), 0.0, 255.0), tf.uint8)
+    out = tf.cast(tf.clip_by_value(tf.round(x * 255.0), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(out, [None, size, size])  # the model input keeps its static size
