@@ -106,6 +106,10 @@ def test_prepare_from_a_query_decodes_the_pixels_the_files_give(ray_cluster, arc
     assert len(report["unlabeled"]) == 1
     assert cli.main(["prepare", str(syn.out), "--labels", str(syn.labels_csv), "--out", str(tmp_path / "files"),
                      "--redact-paths", "--path-map", str(tmp_path / "files_map.csv"), *common]) == 0
+    with open(tmp_path / "web_map.csv", newline="") as f:  # where each key's instance lives: root + UIDs
+        located = [r["path"] for r in csv.DictReader(f) if r["path"].endswith(".dcm")]  # (the rest: label cells)
+    assert len(located) == len(sop_of) and all(p.startswith(f"dicomweb+{archive.url}/") and "?" not in p
+                                               for p in located)
     web, files = _images(tmp_path / "web", tmp_path / "web_map.csv"), _images(tmp_path / "files", tmp_path / "files_map.csv")
     unlabelled = sop_of[next(iter(syn.labels))]
     assert set(web) == set(sop_of.values()) - {unlabelled}
@@ -165,6 +169,36 @@ def test_the_search_pages_until_nothing_new(archive, stored, credentials):
     whole = dicomweb.list_instances(source, creds)
     assert len(whole) >= len(stored[2])
     assert dicomweb.list_instances(source, creds, page=7) == whole
+
+
+def test_labels_by_study_label_every_instance_of_the_study(archive, stored, credentials, tmp_path):
+    """``--path-column StudyInstanceUID``: one label row per study labels each of its instances; a
+    study the archive lacks is listed."""
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.data.cache import load_manifest
+
+    syn, _, sop_of = stored
+    study_label, label_of_sop = {}, {}
+    for f in syn.files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        rel = str(f.relative_to(syn.out))
+        study_label[ds.StudyInstanceUID] = syn.labels[rel]
+        label_of_sop[ds.SOPInstanceUID] = syn.labels[rel]
+    labels = tmp_path / "by_study.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["StudyInstanceUID", "label"])
+        w.writerows([*study_label.items(), ["1.2.826.0.1.3680043.8.498.424242", "normal"]])
+    from xray_dist.data.prepare import prepare
+
+    report = prepare(PrepareConfig(data_dir=f"dicomweb+{archive.url}", labels=str(labels),
+                                   path_column="StudyInstanceUID", out=str(tmp_path / "cache"),
+                                   preprocess=PreprocessSpec(image_size=32), path_map=str(tmp_path / "map.csv")))
+    assert report["ok"] == len(sop_of) and [m["reason"] for m in report["missing"]] == ["file not found"]
+    with open(tmp_path / "map.csv", newline="") as f:
+        sop_by_key = {r["key"]: Path(r["path"]).stem for r in csv.DictReader(f)}
+    for row in load_manifest(tmp_path / "cache").to_pylist():
+        assert row["label"] == label_of_sop[sop_by_key[row["path"]]]
 
 
 def _store_more(archive, labels: Path, out: Path, patients: int, seed: int) -> list[str]:
@@ -273,4 +307,4 @@ def test_predict_over_a_query_scores_what_the_files_score(archive, stored, crede
     assert not any(sop in everything for sop in sop_of.values())
     assert PASSWORD not in capsys.readouterr().out
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").rglob("*.log"))
-    assert logs and not any(sop in logs for sop in sop_of.values()) and PASSWORD not in logs
+    assert not any(sop in logs for sop in sop_of.values()) and PASSWORD not in logs

@@ -38,6 +38,7 @@ that finding's loss and metrics for that image), ``zeros`` reads them as absent,
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from xray_dist.config import LABELS_FORMATS
@@ -80,10 +81,33 @@ def from_csv(data_dir, csv_path, columns: LabelColumns = LabelColumns(),
                            label=_canonical((r.get(columns.label) or "").strip()),
                            patient=(r.get(columns.patient) or "").strip() if columns.patient else "",
                            attributes={"site": r.get(columns.site) or ""} if columns.site else {}) for _, r in rows]
-    scan = resolve(data_dir, entries if entries is not None else list_entries(data_dir), label_rows, columns.label)
+    entries = entries if entries is not None else list_entries(data_dir)
+    if columns.path in _BY_UID_LEVEL:
+        label_rows = _per_instance(label_rows, entries, _BY_UID_LEVEL[columns.path])
+    scan = resolve(data_dir, entries, label_rows, columns.label)
     scan.missing[:0] = bad
     scan.multilabel = any(SEPARATOR in lab or lab.startswith("?") for _, lab in scan.items)
     return scan
+
+
+#: A DICOMweb source's instances are named ``STUDY/SERIES/SOP.dcm``: a label by Study or Series
+#: Instance UID labels every instance under it (SOPInstanceUID matches the name's stem as it is).
+_BY_UID_LEVEL = {"StudyInstanceUID": 0, "SeriesInstanceUID": 1}
+
+
+def _per_instance(rows: list[LabelRow], entries: list[storage.FileEntry], level: int) -> list[LabelRow]:
+    """Each row of a study (series) as one row per instance the source holds under it; a row whose
+    UID matches none stays as it is (and is listed: file not found)."""
+    under: dict[str, list[str]] = {}
+    for e in entries:
+        parts = e.rel.split("/")
+        if len(parts) == 3:
+            under.setdefault(parts[level], []).append(e.rel)
+    out = []
+    for r in rows:
+        names = under.get(r.ref)
+        out += [dataclasses.replace(r, ref=n) for n in names] if names else [r]
+    return out
 
 
 def from_nih(data_dir, csv_path, entries: list[storage.FileEntry]) -> LabelScan:

@@ -156,7 +156,8 @@ def _prepare_into(cfg: PrepareConfig, t0: float, data_dir: str, cache: str, entr
     rels = [rel for rel, _ in items]
     if cfg.path_map:
         missing = [m["path"] for m in scan.missing]
-        write_path_map(cfg.path_map, [storage.join(data_dir, e.rel) for e in entries] + missing,
+        where = dicomweb.location if dicomweb.is_source(data_dir) else storage.join
+        write_path_map(cfg.path_map, [where(data_dir, e.rel) for e in entries] + missing,
                        [e.rel for e in entries] + missing, job.names)
     key, decoded = _decode(job, rels, {e.rel: (e.size, e.mtime_ns) for e in entries})
     labels = {job.names.name(rel): lab for rel, lab in items}  # by the name the cache's rows carry
