@@ -121,7 +121,9 @@ def test_validation_scores_carry_patient_keys_and_the_report_puts_test_first(hel
     assert dict(zip(scores["paths"], scores["patients"])) == dict(zip(val.path, val.patient))
     text = write_report(run, tmp_path / "r.html", n_boot=100).read_text()
     held, valid = text.index("Held-out test"), text.index("Validation metrics (used for selection)")
-    assert held < valid and text.count("patient-level (cluster) percentile bootstrap") == 2
+    body = text.split('<section class="card">')[0]  # the model card, at the end, names the method again
+    assert held < valid and body.count("patient-level (cluster) percentile bootstrap") == 2
+    assert text.count('<section class="card">') == 1
 
 
 def test_val_is_marked_optimistic(held_out, tmp_path):
