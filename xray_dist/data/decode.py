@@ -196,24 +196,28 @@ def _killed_row(rel: str, spec_dict: dict, names: PathNames, why: str) -> dict:
 
 def _decode_one_by_one(rels: list[str], data_dir: str, spec_dict: dict, salt: str, dest: str,
                        names: PathNames, cause: BaseException, fault: str | None = None,
-                       creds: dicomweb.Credentials | None = None) -> int:
+                       creds: dicomweb.Credentials | None = None, at_once: int | None = None) -> int:
     """A chunk whose process was killed (out of memory, most often): each file again in a task of
     its own, so the files that kill their process are found and quarantined with that reason
-    while the rest are used; written as the chunk's Parquet file, as a whole chunk would be."""
+    while the rest are used; written as the chunk's Parquet file, as a whole chunk would be.
+    ``at_once``: the most tasks in flight (an archive's --dicomweb-connections)."""
     import ray as _ray  # Ray: only prepare's driver, once Ray is started
 
     one = _ray.remote(num_cpus=1, max_retries=1)(_decode_rows)
     why = ("its decoding process was killed (out of memory)" if isinstance(cause, _ray.exceptions.OutOfMemoryError)
            else "its decoding process was killed (out of memory or a signal; see the log)")
-    futures = [one.remote([r], data_dir, spec_dict, salt, names, fault, creds) for r in rels]
     parts = []
-    for rel, f in zip(rels, futures):
-        try:
-            parts.append(_ray.get(f))
-        except (_ray.exceptions.OutOfMemoryError, _ray.exceptions.WorkerCrashedError) as e:
-            log.warning("%s: %s", names.name(rel), why)
-            log.debug("%s: %s", names.name(rel), type(e).__name__)
-            parts.append(_killed_row(rel, spec_dict, names, why))
+    step = at_once or len(rels)
+    for i in range(0, len(rels), step):
+        group = rels[i:i + step]
+        futures = [one.remote([r], data_dir, spec_dict, salt, names, fault, creds) for r in group]
+        for rel, f in zip(group, futures):
+            try:
+                parts.append(_ray.get(f))
+            except (_ray.exceptions.OutOfMemoryError, _ray.exceptions.WorkerCrashedError) as e:
+                log.warning("%s: %s", names.name(rel), why)
+                log.debug("%s: %s", names.name(rel), type(e).__name__)
+                parts.append(_killed_row(rel, spec_dict, names, why))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     _write_rows(rows, dest)
     return len(rels)
@@ -301,7 +305,8 @@ def decode_all(cfg: PrepareConfig, rels: list[str], sizes: dict[str, int], layou
                 # a killed process: find the file(s) that did it, keep the rest
                 log.warning("a decode task of %d files was killed (%s); decoding them one by one", len(c),
                             type(e).__name__)
-                bar.update(_decode_one_by_one(c, data_dir, spec, salt, layout.chunk(n), names, e, fault, creds))
+                bar.update(_decode_one_by_one(c, data_dir, spec, salt, layout.chunk(n), names, e, fault, creds,
+                                              in_flight if creds is not None else None))
             submit()
     retry = []
     if creds is not None:
