@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import re
 
+from xray_dist.config import PRECISIONS
 from xray_dist.data import dicomweb
 from xray_dist.data.paths import REDACT, RELATIVE, PathNames
 from xray_dist.data.salt import resolve as resolve_salt
@@ -82,6 +83,13 @@ def command(sub, name: str, help: str, description: str):
 def add_ray_flags(p) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded local Ray (default: all)")
+
+
+def add_precision_flag(p) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="what the model computes in (its weights are float32): auto is bfloat16 on a CPU with AMX "
+                        "or AVX-512 BF16 and float32 elsewhere (GPUs included); the agreement with float32 is in "
+                        "BENCHMARKS.md")
 
 
 def add_path_flags(p, where: str, salt: bool = False) -> None:

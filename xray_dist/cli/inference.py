@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from xray_dist.cli.common import add_path_flags, add_ray_flags, command, path_names
+from xray_dist.cli.common import add_path_flags, add_precision_flag, add_ray_flags, command, path_names
 from xray_dist.config import ENGINES, EXPORT_FORMATS
 from xray_dist.inference.explain import explain_files
 from xray_dist.inference.export import export_model
@@ -23,6 +23,7 @@ def add_predict(sub) -> None:
                    help="local: score in this process; ray: Ray Data batch inference (decode in CPU tasks, model in "
                         "an actor pool, GPUs when present); auto: ray for object-store inputs or 256+ files")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    add_precision_flag(p)
     add_ray_flags(p)
     add_path_flags(p, "the CSV and the log", salt=True)
 
@@ -30,7 +31,7 @@ def add_predict(sub) -> None:
 def cmd_predict(a) -> int:
     rows = predict_files(a.model, a.inputs, a.out, batch_size=a.batch_size, engine=a.engine, address=a.address,
                          num_cpus=a.num_cpus,
-                         names=path_names(a), path_map=a.path_map)
+                         names=path_names(a), path_map=a.path_map, precision=a.precision)
     bad = sum(1 for r in rows if r["error"])
     print(f"predict: {len(rows) - bad} files scored, {bad} unreadable (see the error column) -> {a.out}")
     if bad == len(rows):
@@ -50,11 +51,13 @@ def add_explain(sub) -> None:
     p.add_argument("--class", dest="class_name", default=None,
                    help="class (or finding) name, finding key or index to explain (default: the predicted class, "
                         "or the most probable finding)")
+    add_precision_flag(p)
     add_path_flags(p, "explain.csv, the image file names and titles, and the log", salt=True)
 
 
 def cmd_explain(a) -> int:
-    rows = explain_files(a.model, a.inputs, a.out, a.class_name, names=path_names(a), path_map=a.path_map)
+    rows = explain_files(a.model, a.inputs, a.out, a.class_name, names=path_names(a), path_map=a.path_map,
+                         precision=a.precision)
     bad = [r for r in rows if r["error"]]
     print(f"explain: {len(rows) - len(bad)} heatmaps, {len(bad)} unreadable (see explain.csv) -> {a.out}")
     if len(bad) == len(rows):

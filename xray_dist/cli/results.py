@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from xray_dist.cli.common import at_least, command
+from xray_dist.cli.common import add_precision_flag, at_least, command
 from xray_dist.data.subgroups import ATTRIBUTES
 from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
@@ -31,6 +31,7 @@ def add_evaluate(sub) -> None:
                         "(with the largest gap between subgroups and its interval)")
     p.add_argument("--min-patients", type=at_least(1), default=MIN_PATIENTS,
                    help="a subgroup with fewer patients is listed without numbers")
+    add_precision_flag(p)
 
 
 def _fmt(v, lo, hi) -> str:
@@ -40,7 +41,7 @@ def _fmt(v, lo, hi) -> str:
 def cmd_evaluate(a) -> int:
     by = tuple(s.strip() for s in a.by.split(",") if s.strip())
     m = evaluate_model(a.model, a.cache, a.split, a.out, a.bootstrap, subgroups=Subgroups(by, a.min_patients),
-                       external=a.external)
+                       external=a.external, precision=a.precision)
 
     def ci(k):
         return _fmt(m[k]["value"], *m[k]["ci95"])

@@ -14,7 +14,7 @@ import sys
 
 from xray_dist.cli.common import CLI_ONLY, command, default_help
 from xray_dist.cli.results import calibrate_after_training
-from xray_dist.config import (AUGMENT, MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRIAL_RUNNERS,
+from xray_dist.config import (AUGMENT, PRECISIONS, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRIAL_RUNNERS,
                               ConfigError, SweepConfig, TrainConfig, check_keys, coerce, coerce_scalar,
                               load_yaml_overrides)
 from xray_dist.infra import storage
@@ -73,8 +73,10 @@ def _add_train_flags(p, sweep: bool = False) -> None:
                    + d("cpu_replicas"))
     p.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default=S,
                    help="how Ray places the workers (STRICT_SPREAD: one per node)" + d("placement_strategy"))
-    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=S,
-                   help="auto: bf16/fp16 on GPU, fp32 on CPU" + d("mixed_precision"))
+    p.add_argument("--precision", choices=PRECISIONS, default=S,
+                   help="what the model computes in (weights stay float32). auto: bfloat16 (compute capability 8+) "
+                        "or float16 on GPUs, bfloat16 on CPUs with AMX or AVX-512 BF16, else float32; frozen "
+                        "features are extracted in it too" + d("precision"))
     p.add_argument("--augment", choices=AUGMENT, default=S,
                    help="light: small rotation, scale, shift, brightness and contrast of training images, seeded "
                         "per (seed, epoch, image), no flip; for fine-tuning deep blocks on few images (frozen-feature "

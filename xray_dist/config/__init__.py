@@ -19,10 +19,10 @@ May import: :mod:`xray_dist.infra` and :mod:`xray_dist.errors` (and PyYAML).
 
 from xray_dist.config.bounds import (BOUNDS, COMBO_FIELDS, ELEMENT_BOUNDS, PIPELINE_VERSION, Bound, check_fields,
                                      check_number)
-from xray_dist.config.choices import (AUGMENT, BURNED_IN, ENGINES, EXPORT_FORMATS, LABELS_FORMATS, METRICS, MIXED_PRECISION,
+from xray_dist.config.choices import (AUGMENT, BURNED_IN, ENGINES, EXPORT_FORMATS, LABELS_FORMATS, METRICS, PRECISIONS,
                                       PATHS_POLICIES, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS,
                                       TRIAL_RUNNERS, UNCERTAIN, Augment, BurnedIn, Engine, ExportFormat, LabelsFormat, Metric,
-                                      MixedPrecision, PathsPolicy, PlacementStrategy, Scheduler, Search, Task,
+                                      Precision, PathsPolicy, PlacementStrategy, Scheduler, Search, Task,
                                       TrialRunner, Uncertain, either)
 from xray_dist.config.specs import DEFAULT_MAX_PIXELS, PrepareConfig, PreprocessSpec, stable_hash, storage_outside
 from xray_dist.config.training import SweepConfig, TrainConfig
@@ -31,9 +31,9 @@ from xray_dist.errors import ConfigError
 
 __all__ = [
     "BOUNDS", "COMBO_FIELDS", "ELEMENT_BOUNDS", "PIPELINE_VERSION", "Bound", "check_fields", "check_number",
-    "AUGMENT", "Augment", "BURNED_IN", "ENGINES", "EXPORT_FORMATS", "LABELS_FORMATS", "METRICS", "MIXED_PRECISION", "PATHS_POLICIES",
+    "AUGMENT", "Augment", "BURNED_IN", "ENGINES", "EXPORT_FORMATS", "LABELS_FORMATS", "METRICS", "PRECISIONS", "PATHS_POLICIES",
     "PLACEMENT_STRATEGIES", "SCHEDULERS", "SEARCHES", "TASKS", "TRIAL_RUNNERS", "UNCERTAIN", "BurnedIn", "Engine",
-    "ExportFormat", "LabelsFormat", "Metric", "MixedPrecision", "PathsPolicy", "PlacementStrategy", "Scheduler",
+    "ExportFormat", "LabelsFormat", "Metric", "Precision", "PathsPolicy", "PlacementStrategy", "Scheduler",
     "Search", "Task", "TrialRunner", "Uncertain", "either",
     "DEFAULT_MAX_PIXELS", "PrepareConfig", "PreprocessSpec", "stable_hash", "storage_outside",
     "SweepConfig", "TrainConfig",

@@ -21,7 +21,8 @@ Task = Literal["auto", "multiclass", "multilabel"]
 #: What ``TrainConfig.metric`` may name: reported every epoch, for every task, higher is better (Ray
 #: keeps checkpoints and Tune ranks trials by it with mode "max").
 Metric = Literal["val_auc_abnormal", "val_auc", "val_accuracy"]
-MixedPrecision = Literal["auto", "on", "off"]
+#: The arithmetic models compute in (:mod:`xray_dist.model.precision`); weights stay float32.
+Precision = Literal["auto", "float32", "bfloat16"]
 #: Input augmentation while training (:mod:`xray_dist.training.augment`).
 Augment = Literal["none", "light"]
 #: How Ray places a run's workers (``STRICT_SPREAD``: one per node).
@@ -41,7 +42,7 @@ PATHS_POLICIES: tuple[str, ...] = get_args(PathsPolicy)
 BURNED_IN: tuple[str, ...] = get_args(BurnedIn)
 TASKS: tuple[str, ...] = get_args(Task)
 METRICS: tuple[str, ...] = get_args(Metric)
-MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 AUGMENT: tuple[str, ...] = get_args(Augment)
 PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xray_dist.config.bounds import BOUNDS, COMBO_FIELDS, check_fields, check_number
-from xray_dist.config.choices import (AUGMENT, METRICS, MIXED_PRECISION, PLACEMENT_STRATEGIES, SCHEDULERS,
-                                      SEARCHES, TASKS, TRIAL_RUNNERS, Augment, Metric, MixedPrecision,
+from xray_dist.config.choices import (AUGMENT, METRICS, PRECISIONS, PLACEMENT_STRATEGIES, SCHEDULERS,
+                                      SEARCHES, TASKS, TRIAL_RUNNERS, Augment, Metric, Precision,
                                       PlacementStrategy, Scheduler, Search, Task, TrialRunner, either)
 from xray_dist.errors import ConfigError
 from xray_dist.infra import storage
@@ -40,7 +40,9 @@ class TrainConfig:
         placement_strategy: how Ray places the workers (``STRICT_SPREAD``: one per node).
         metric: what "best" means for kept checkpoints and the exported model.
         max_failures: worker failures survived by restarting from the last checkpoint.
-        mixed_precision: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``off`` or ``on``.
+        precision: ``auto``, ``float32`` or ``bfloat16`` (:mod:`xray_dist.model.precision`: auto
+            trains in bf16/fp16 on GPUs and in bf16 on CPUs with AMX or AVX-512 BF16); weights
+            are float32 whatever ran.
         worker_cache_mb: memory for training rows per worker. When the whole training split
             fits, every worker holds all of it (read once) and each replica trains its slice of
             every global batch of one seeded permutation per epoch (the same batches for any
@@ -75,7 +77,7 @@ class TrainConfig:
     metric: Metric = "val_auc_abnormal"
     keep_checkpoints: int = 2
     max_failures: int = 2
-    mixed_precision: MixedPrecision = "auto"
+    precision: Precision = "auto"
     shuffle_buffer: int = 256
     worker_cache_mb: int = 2048  # per worker: keep its training rows (and rank 0 the validation set) in memory
     placement_strategy: PlacementStrategy = "PACK"
@@ -88,8 +90,7 @@ class TrainConfig:
         checks = [
             (self.metric in METRICS, f"metric must be one of {', '.join(METRICS)}", "metric"),
             (self.task in TASKS, f"task must be {either(TASKS)}", "task"),
-            (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be {'|'.join(MIXED_PRECISION)}",
-             "mixed_precision"),
+            (self.precision in PRECISIONS, f"precision must be {either(PRECISIONS)}", "precision"),
             (self.augment in AUGMENT, f"augment must be {either(AUGMENT)}", "augment"),
             (self.placement_strategy in PLACEMENT_STRATEGIES,
              f"placement_strategy must be {either(PLACEMENT_STRATEGIES)}", "placement_strategy"),

@@ -104,12 +104,14 @@ def _unique_names(files: list[str], redact: bool = False) -> list[str]:
 
 
 def explain_files(run: str | Path, inputs: list[str], out: str | Path, class_name: str | None = None,
-                  batch_size: int = 16, names: PathNames = PathNames(), path_map: str | None = None) -> list[dict]:
+                  batch_size: int = 16, names: PathNames = PathNames(), path_map: str | None = None,
+                  precision: str = "auto") -> list[dict]:
     """Grad-CAM for every readable input; returns (and writes to ``OUT/explain.csv``) one row per
     input. Files are named as ``names`` says (relative to their input, or a salted key) in the
-    CSV, the output file names and the titles."""
+    CSV, the output file names and the titles. The model computes in ``precision``
+    (:mod:`xray_dist.model.precision`)."""
     storage.check_location(out)
-    lm = load_run_model(run)
+    lm = load_run_model(run, precision)
     chosen = resolve_class(lm, class_name)
     files, rels = expand_inputs(inputs)
     if path_map:

@@ -115,9 +115,10 @@ RAY_MIN_FILES = 256
 
 def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, batch_size: int = 32,
                   engine: str = "auto", address: str | None = None, num_cpus: int | None = None,
-                  names: PathNames = PathNames(), path_map: str | None = None) -> list[dict]:
+                  names: PathNames = PathNames(), path_map: str | None = None, precision: str = "auto") -> list[dict]:
     """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows.
-    ``path`` names each file as ``names`` says (relative to its input, or a salted key)."""
+    ``path`` names each file as ``names`` says (relative to its input, or a salted key); the model
+    computes in ``precision`` (:mod:`xray_dist.model.precision`; auto: bfloat16 on a CPU with it)."""
     if engine not in ("auto", "local", "ray"):
         raise ValueError(f"engine must be auto, local or ray. Received: engine={engine!r}")
     storage.check_location(out_csv)
@@ -134,9 +135,10 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
         engine = "local" if archive else (
             "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local")
     if engine == "ray":
-        scheme, spec, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus)
+        scheme, spec, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus,
+                                                        precision)
     else:
-        lm = load_run_model(run)
+        lm = load_run_model(run, precision)
         scheme, spec = lm.scheme, lm.spec
         errors, good = load_inputs(files, rels, lm.preprocess, "predict", names)
         probs = np.full((len(files), scheme.num_classes), np.nan)
@@ -171,7 +173,7 @@ def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames()) -
 class _Scorer:
     """Ray Data actor: the run's model, loaded once per actor (from local disk or the object store)."""
 
-    def __init__(self, run: str, threads: int):
+    def __init__(self, run: str, threads: int, precision: str = "auto"):
         import tensorflow as tf  # TensorFlow: in the model actors only
 
         if threads:
@@ -179,7 +181,7 @@ class _Scorer:
             tf.config.threading.set_inter_op_parallelism_threads(1)
         for g in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(g, True)
-        self.lm = load_run_model(run)
+        self.lm = load_run_model(run, precision)  # auto: each actor by its own node's CPU or GPU
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
@@ -190,7 +192,8 @@ class _Scorer:
 
 
 def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names: PathNames, batch_size: int,
-                      address: str | None, num_cpus: int | None) -> tuple[ClassScheme, dict, list[str], np.ndarray]:
+                      address: str | None, num_cpus: int | None,
+                      precision: str = "auto") -> tuple[ClassScheme, dict, list[str], np.ndarray]:
     import ray as _ray  # Ray: only for the ray engine
 
     run = storage.absolute(run)
@@ -219,7 +222,7 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
     # decode task lost with its node (an autoscaling cluster scaling down) is retried.
     ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"], "names": names}, batch_size=16,
                         batch_format="numpy", num_cpus=0.5, max_retries=3)
-    ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads}, batch_size=batch_size,
+    ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads, "precision": precision}, batch_size=batch_size,
                         batch_format="numpy", **pool)
     errors = [""] * len(files)
     probs = np.full((len(files), scheme.num_classes), np.nan)

@@ -17,6 +17,7 @@ Reading the layout and the spec needs no TensorFlow; building a model imports
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,9 @@ from xray_dist.data.classes import ClassScheme
 from xray_dist.model import calibration
 from xray_dist.errors import ModelSpecError
 from xray_dist.infra import storage
+from xray_dist.model.precision import keras_policy
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import tf_keras as keras
@@ -166,6 +170,7 @@ class LoadedModel:
     preprocess: PreprocessSpec
     threshold: float
     spec: dict = field(default_factory=dict)  # the model directory's model_spec.json
+    precision: str = "float32"  # what it computes in (xray_dist.model.precision); its weights are float32
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -189,20 +194,23 @@ def model_dir_of(run: str | Path) -> str:
     return model_dir
 
 
-def load_run_model(run: str | Path) -> LoadedModel:
-    """The exported model of a run directory (or of its ``model/`` directory), local or a URI."""
+def load_run_model(run: str | Path, precision: str = "float32") -> LoadedModel:
+    """The exported model of a run directory (or of its ``model/`` directory), local or a URI,
+    built to compute in ``precision`` (auto, float32 or bfloat16, for inference: see
+    :mod:`xray_dist.model.precision`); its float32 weights are loaded as they are."""
     from xray_dist.model.network import ModelSpec, build_model  # TensorFlow: only when a model is loaded
 
     storage.check_location(run)
-    with storage.local_copy(model_dir_of(run)) as model_dir:
+    with storage.local_copy(model_dir_of(run)) as model_dir, keras_policy(precision) as chosen:
         spec = read_spec(model_dir)
         if (model_dir / FULL_WEIGHTS).is_file():
             model = build_model(ModelSpec.from_dict(spec["model"]), weights="none")
             load_weights_checked(model, model_dir / FULL_WEIGHTS)
         else:  # a sweep trial's compact export: rebuilt on its base
             model = full_model_from_top(model_dir)
+    log.info("the model computes in %s (%s); its weights are float32", chosen.name, chosen.why)
     return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
-                       spec_thresholds(spec)[0], spec)
+                       spec_thresholds(spec)[0], spec, chosen.name)
 
 
 def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32, calibrated: bool = True) -> np.ndarray:

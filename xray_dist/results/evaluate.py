@@ -94,7 +94,8 @@ class Subgroups:
 
 
 def evaluate_model(model: str, cache: str, split: str = "test", out: str | None = None, n_boot: int = 1000,
-                   batch_size: int = 32, subgroups: Subgroups = Subgroups(), external: bool = False) -> dict:
+                   batch_size: int = 32, subgroups: Subgroups = Subgroups(), external: bool = False,
+                   precision: str = "auto") -> dict:
     """Score ``split`` of ``cache`` with ``model`` (a run, or a sweep's best trial); returns metrics.json.
     ``external``: ``cache`` is another one, the model never saw (another hospital): every image of it
     is scored, the output marked external.
@@ -111,7 +112,7 @@ def evaluate_model(model: str, cache: str, split: str = "test", out: str | None 
     for where in (model, cache, *([out] if out else [])):
         storage.check_location(where)
     run, sweep = resolve_target(model)
-    job = _Job(cache, split, out, n_boot, batch_size, subgroups)
+    job = _Job(cache, split, out, n_boot, batch_size, subgroups, precision)
     if sweep is None:
         return _evaluate(run, None, job)
     # the sweep's best.json (and, by default, its evaluation/) are rewritten: one writer per sweep, as tune
@@ -130,6 +131,7 @@ class _Job:
     n_boot: int
     batch_size: int
     subgroups: Subgroups
+    precision: str = "auto"  # what the model computes in (xray_dist.model.precision)
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ class _Split:
     attributes: dict[str, np.ndarray]  # subgroup attribute -> each image's value ("unknown" where none)
 
 
-def _checked_model(run: str, sweep: str | None, cache: str, split: str) -> tuple[LoadedModel, dict]:
+def _checked_model(run: str, sweep: str | None, cache: str, split: str,
+                   precision: str = "auto") -> tuple[LoadedModel, dict]:
     """The run's model and the cache's fingerprint, after checking that the cache is the one the
     model was trained with (an external cache: that it is not), decoded the same way, and that
     ``split`` has images."""
@@ -159,7 +162,7 @@ def _checked_model(run: str, sweep: str | None, cache: str, split: str) -> tuple
             raise CacheError(f"--cache {cache}: the {split!r} split has no images; prepare with --test-fraction or "
                              "--split-file to hold patients out")
         fp = check_cache(sweep or run, cache)
-    lm = load_run_model(run)
+    lm = load_run_model(run, precision)
     ours, theirs = load_spec(cache).to_dict(), lm.preprocess.to_dict()
     diff = [f"{k} {ours.get(k)!r} (the model's: {theirs.get(k)!r})" for k in sorted(set(ours) | set(theirs))
             if ours.get(k) != theirs.get(k)]
@@ -202,7 +205,7 @@ def _read_split(cache: str, split: str, scheme: ClassScheme) -> _Split:
 def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
     """:func:`evaluate_model`'s work on ``run`` (a sweep's best trial: under the sweep's lock)."""
     cache, split, out, n_boot = storage.absolute(job.cache), job.split, job.out, job.n_boot
-    lm, fp = _checked_model(run, sweep, cache, split)
+    lm, fp = _checked_model(run, sweep, cache, split, job.precision)
     data = _read_split(cache, split, lm.scheme)
     raw = predict_arrays(lm, data.images, job.batch_size, calibrated=False)
     probs = raw if lm.temperature is None else calibration.apply(raw, lm.temperature, lm.scheme.multilabel)
@@ -211,7 +214,7 @@ def _evaluate(run: str, sweep: str | None, job: _Job) -> dict:
                                             Resampling(data.patients, n_boot), multilabel=lm.scheme.multilabel,
                                             thresholds=lm.thresholds)
     metrics = {
-        "split": split, "optimistic": split == "val", "external": split == EXTERNAL,
+        "split": split, "optimistic": split == "val", "external": split == EXTERNAL, "precision": lm.precision,
         "images": int(len(data.labels)), "patients": int(len(set(data.patients.tolist()))),
         "threshold": lm.threshold, "threshold_chosen_on": "validation (Youden's J)",
         "interval_method": method,

@@ -337,13 +337,18 @@ def _unused_files(report: dict) -> list[str]:
     return parts
 
 
+#: The sweep table's columns (results.csv's names) and their short headings: the table fits a 1280 px
+#: page, and scrolls inside its own box if a browser's fonts make it wider.
+_SWEEP_COLUMNS = {"trial": "trial", "status": "status", "epochs": "epochs", "val_auc_abnormal": "val AUROC abnormal",
+                  "val_auc": "val AUROC", "sensitivity": "sens.", "specificity": "spec.",
+                  "trainable_parameters": "trainable params", "wall_seconds": "seconds"}
+
+
 def _sweep_section(sweep: str) -> tuple[str, str | None]:
     """The sweep's results table (best first), its plot and its best trial; and that trial's run."""
     rows = runs.read_results(sweep)
     best = runs.read_best(sweep)
-    cols = ["head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal", "val_auc",
-            "sensitivity", "specificity", "trainable_parameters", "wall_seconds"]
-    cols = [c for c in cols if rows and c in rows[0]]
+    cols = [c for c in _SWEEP_COLUMNS if rows and c in rows[0]]
 
     def cell(r, c):
         v = r.get(c, "")
@@ -357,8 +362,11 @@ def _sweep_section(sweep: str) -> tuple[str, str | None]:
     parts = [f"<h2>Sweep <code>{html.escape(storage.name(sweep))}</code></h2>",
              f"<p>{len(rows)} trials; {sum(r['status'] == 'completed' for r in rows)} completed, "
              f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early, "
-             f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by val_auc_abnormal.</p>",
-             _table(cols, [[cell(r, c) for c in cols] for r in order], "results")]
+             f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by validation AUROC abnormal. "
+             "Trials are named by their settings: W head width (0: no hidden layer), K classes, D VGG blocks "
+             "trained, lr learning rate.</p>",
+             '<div class="wide">' + _table([_SWEEP_COLUMNS[c] for c in cols], [[cell(r, c) for c in cols] for r in order],
+                                           "results") + "</div>"]
     png = runs.read_sweep_plot(sweep)
     if png is not None:
         parts.append(_figure(png, "metric against each dimension",
@@ -378,7 +386,8 @@ def _sweep_section(sweep: str) -> tuple[str, str | None]:
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+table{border-collapse:collapse;margin:.8em 0;max-width:100%}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;overflow-wrap:anywhere}
+.wide{max-width:100%;overflow-x:auto}
 th{background:#f2f2f2}table.results td{font-variant-numeric:tabular-nums}
 .figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:1 1 45%;max-width:48%}figure{margin:.5em 0}img{max-width:100%}
 figcaption{font-size:.85em;color:#555}code{background:#f5f5f5;padding:0 .2em}

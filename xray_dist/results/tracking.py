@@ -42,7 +42,7 @@ RUN_FILE = "mlflow.json"
 #: TrainConfig fields logged as parameters: settings, never locations.
 PARAMS = ("epochs", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class", "task",
           "unfreeze_blocks", "num_workers", "gpus_per_worker", "cpus_per_worker", "cpu_replicas", "seed", "metric",
-          "mixed_precision", "worker_cache_mb", "placement_strategy")
+          "precision", "worker_cache_mb", "placement_strategy")
 
 
 def tracking_uri(flag: str | None) -> str | None:

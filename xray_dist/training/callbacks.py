@@ -47,7 +47,8 @@ class WorkerContext:
     rank: int
     world: int
     strategy: object
-    policy: str
+    policy: str  # the Keras policy: float32, mixed_bfloat16 or mixed_float16
+    precision_why: str = ""  # why (xray_dist.model.precision.resolve)
 
     @property
     def replicas(self) -> int:

@@ -110,7 +110,18 @@ def run_metrics(cfg: TrainConfig, scheme: ClassScheme, best: BestEpoch) -> dict:
         **({"val_auc_mean": row["val_auc_mean"]} if scheme.multilabel else {}),
         "config": cfg.to_dict(), "dataset": read_report_summary(cfg.cache),
         "complete": len(history) >= cfg.epochs, "software": model_card.software(),
+        "precision": _trained_precision(cfg.out),
     }
+
+
+def _trained_precision(out: str) -> dict | None:
+    """What the run computed in (rank 0's record: every worker resolves the same setting), and why;
+    the weights are float32 whatever it was."""
+    try:
+        rec = storage.read_json(storage.join(out, "workers", "rank0.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return {"compute": rec.get("precision"), "why": rec.get("precision_why"), "weights": "float32"}
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

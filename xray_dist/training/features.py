@@ -26,6 +26,7 @@ from xray_dist.data.cache import (CacheLayout, images_dataset, images_key, load_
 from xray_dist.infra import storage
 from xray_dist.infra.console import Progress
 from xray_dist.infra.locks import TargetLock
+from xray_dist.model.precision import concrete, keras_policy
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,27 @@ def boundary_layer(unfreeze_blocks: int) -> str | None:
     return None if unfreeze_blocks >= 5 else f"block{5 - unfreeze_blocks}_pool"
 
 
-def features_key(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int) -> str:
+def features_key(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int, precision: str = "float32") -> str:
+    """The feature directory's name: what decides its activations. ``precision`` is the arithmetic
+    they were computed in (``float32`` or ``bfloat16``; float32 keeps the keys features always had)."""
     # a weights file counts by its content, wherever it lives and whatever its name
     w = weights if weights in ("imagenet", "none") else "sha256:" + storage.content_sha256(weights)
-    return stable_hash({"images": images_key(cache), "weights": w, "seed": seed if weights == "none" else None,
-                        "depth": unfreeze_blocks})
+    key = {"images": images_key(cache), "weights": w, "seed": seed if weights == "none" else None,
+           "depth": unfreeze_blocks}
+    return stable_hash(key if precision == "float32" else {**key, "precision": precision})
 
 
 class _Extractor:
     """Ray Data actor: the frozen part of VGG16 (built once per actor), images → boundary activations."""
 
-    def __init__(self, image_size: int, weights: str, seed: int, unfreeze_blocks: int):
+    def __init__(self, image_size: int, weights: str, seed: int, unfreeze_blocks: int, precision: str = "float32"):
         import tf_keras as keras  # TensorFlow: in the extracting process only
 
         from xray_dist.model.network import frozen_part  # imports TensorFlow
 
         keras.utils.set_random_seed(seed)  # weights="none": the same random base as the uncached model
-        self.model = frozen_part(image_size, weights, unfreeze_blocks)
+        with keras_policy(precision):  # the driver's resolved choice, whatever this node's CPU
+            self.model = frozen_part(image_size, weights, unfreeze_blocks)
 
     def __call__(self, batch: dict) -> dict:
         x = np.asarray(self.model(batch["image"], training=False), dtype=np.float32)
@@ -71,6 +76,7 @@ class Extraction:
     unfreeze_blocks: int
     where: str = "auto"
     concurrency: int = 2
+    precision: str = "float32"  # resolved on the driver: float32 or bfloat16
 
     @property
     def layer(self) -> str:
@@ -86,18 +92,21 @@ class Extraction:
 
 
 def ensure_features(cache: str | Path, weights: str, seed: int, unfreeze_blocks: int, where: str = "auto",
-                    concurrency: int = 2) -> str | None:
+                    concurrency: int = 2, precision: str = "auto") -> str | None:
     """The feature directory for this (cache, weights, depth), computed now if missing.
 
     ``where``: ``"here"`` runs the frozen base in this process, one model on all its cores;
     ``"ray"`` in a Ray Data pool of ``concurrency`` actors, which spreads a large cache over a
     cluster's nodes but costs each actor a fresh TensorFlow process (~5-10 s on a small machine);
-    ``"auto"``: here on a single node without GPUs (a laptop, CI), Ray elsewhere."""
+    ``"auto"``: here on a single node without GPUs (a laptop, CI), Ray elsewhere. ``precision``
+    (auto, float32, bfloat16; :mod:`xray_dist.model.precision`) is resolved here, on the driver,
+    and names the directory: bfloat16 and float32 features never mix."""
     if boundary_layer(unfreeze_blocks) is None:
         return None
-    key = features_key(cache, weights, seed, unfreeze_blocks)
+    precision = concrete(precision)
+    key = features_key(cache, weights, seed, unfreeze_blocks, precision)
     job = Extraction(str(cache), CacheLayout(str(cache)).features(key), weights, seed, unfreeze_blocks, where,
-                     concurrency)
+                     concurrency, precision)
     if storage.is_file(job.meta_path):
         return job.out
     with TargetLock(job.out, "frozen-feature extraction"):  # two sweeps on one cache: one extracts
@@ -115,11 +124,12 @@ def _extract(job: Extraction, key: str) -> None:
         log.debug("frozen features: extracting %s (%s)", "in this process" if where == "here" else "on the cluster", why)
     if where not in ("here", "ray"):
         raise ValueError(f"where={where!r}: expected 'auto', 'here' or 'ray'")
-    log.debug("computing frozen features at %s for depth %d (once per cache, weights and depth; %s)", job.layer,
-              job.unfreeze_blocks, "in this process" if where == "here" else f"{job.concurrency} Ray Data actors")
+    log.info("computing frozen features at %s for depth %d in %s (once per cache, weights, depth and precision; "
+             "%s)", job.layer, job.unfreeze_blocks, job.precision, "in this process" if where == "here" else f"{job.concurrency} Ray Data actors")
     shape = _extract_here(job) if where == "here" else _extract_with_ray(job)
     storage.write_json(job.meta_path, {"layer": job.layer, "shape": shape, "unfreeze_blocks": job.unfreeze_blocks,
-                                       "weights": job.weights, "seed": job.seed, "key": key})  # written last: complete
+                                       "weights": job.weights, "seed": job.seed, "precision": job.precision,
+                                       "key": key})  # written last: complete
 
 
 def extraction_place() -> tuple[str, str]:
@@ -161,11 +171,13 @@ def _extract_here(job: Extraction) -> list:
 
     size = load_spec(job.cache).image_size
     keras.utils.set_random_seed(job.seed)  # weights="none": the same random base as the uncached model
-    model = frozen_part(size, job.weights, job.unfreeze_blocks)
+    with keras_policy(job.precision):
+        model = frozen_part(size, job.weights, job.unfreeze_blocks)
     storage.makedirs(job.shards)
     dset = images_dataset(job.cache)
     ok = pc.field("error").is_null() | (pc.field("error") == "")
-    with Progress(dset.count_rows(filter=ok), f"frozen features (depth {job.unfreeze_blocks})", unit="image") as bar:
+    with Progress(dset.count_rows(filter=ok), f"frozen features (depth {job.unfreeze_blocks}, {job.precision})",
+                  unit="image") as bar:
         for i, rb in enumerate(dset.to_batches(columns=["path", "image"], filter=ok, batch_size=256)):
             if rb.num_rows == 0:
                 continue
@@ -190,7 +202,8 @@ def _extract_with_ray(job: Extraction) -> list:
     ds = read_cache_parquet(CacheLayout(job.cache).images, ["path", "image", "error"], 0.25)
     ds = ds.filter(lambda r: not r["error"]).select_columns(["path", "image"])
     ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"image_size": size, "weights": job.weights,
-                                                           "seed": job.seed, "unfreeze_blocks": job.unfreeze_blocks},
+                                                           "seed": job.seed, "unfreeze_blocks": job.unfreeze_blocks,
+                                                           "precision": job.precision},
                         batch_size=32, batch_format="numpy", concurrency=job.concurrency, num_cpus=0.5)
     path, fs = storage.ray_storage(job.shards)
     ds.write_parquet(path, filesystem=fs)

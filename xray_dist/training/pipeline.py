@@ -25,6 +25,7 @@ from xray_dist.data.cache import CacheLayout, read_cache_parquet, split_labels
 from xray_dist.data.classes import ClassScheme
 from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
+from xray_dist.model.precision import resolve
 from xray_dist.training import augment
 from xray_dist.training.features import read_meta
 
@@ -91,7 +92,7 @@ def fits_in_worker(cfg: TrainConfig, spec: dict, rows: int) -> bool:
 # ---- one worker's devices and batches -------------------------------------------------------------------
 
 def configure_devices(cfg: TrainConfig, world: int):
-    """Logical CPU devices (``cpu_replicas``), mixed precision; returns (strategy, precision policy name).
+    """Logical CPU devices (``cpu_replicas``), the precision; returns (strategy, the resolved precision).
 
     Between workers ``MultiWorkerMirroredStrategy`` (which also mirrors over every GPU of each
     worker); one worker with several devices ``MirroredStrategy``; one device, no collectives."""
@@ -107,13 +108,8 @@ def configure_devices(cfg: TrainConfig, world: int):
             tf.config.experimental.set_memory_growth(g, True)
         except RuntimeError:  # already initialised: a reused sweep-trial process set it for its first trial
             pass
-    policy = "float32"
-    if gpus and cfg.mixed_precision != "off":
-        major = int(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (7, 0))[0])
-        policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
-    elif cfg.mixed_precision == "on":
-        policy = "mixed_bfloat16"
-    keras.mixed_precision.set_global_policy(policy)
+    chosen = resolve(cfg.precision, training=True)
+    keras.mixed_precision.set_global_policy(chosen.policy)
     if world > 1:
         comm = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
@@ -123,7 +119,7 @@ def configure_devices(cfg: TrainConfig, world: int):
         devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
                   [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
-    return strategy, policy
+    return strategy, chosen
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ exported): ``completed``, ``stopped_early`` (the scheduler ended it) or ``failed
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from xray_dist.config import SweepConfig
@@ -30,6 +31,41 @@ def params_of(config: dict) -> dict:
     if "combo" in p:
         p["head_width"], p["num_classes"], p["unfreeze_blocks"] = p.pop("combo")
     return {k: p[k] for k in PARAMS}
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as a person writes it: ``1e-3``, ``3e-4``, ``2.5e-4``."""
+    lr = float(lr)
+    if lr <= 0 or not math.isfinite(lr):
+        return f"{lr:g}"
+    exp = math.floor(math.log10(lr))
+    mant = round(lr / 10 ** exp, 6)
+    if mant >= 10:  # 9.9999995e-4 rounds to 10
+        mant, exp = mant / 10, exp + 1
+    return f"{mant:g}e{exp}"
+
+
+def settings_label(params: dict) -> str:
+    """A trial's searched settings in one short token: ``W0-K2-D1-lr1e-3`` (head width, classes,
+    unfrozen blocks, learning rate)."""
+    p = params_of(params)
+    return f"W{int(p['head_width'])}-K{int(p['num_classes'])}-D{int(p['unfreeze_blocks'])}-lr{format_lr(p['lr'])}"
+
+
+def settings_text(params: dict) -> str:
+    """The same settings as a sentence fragment, for summaries: ``head width 16, 2 classes, top 1
+    block trainable, learning rate 1e-3``."""
+    p = params_of(params)
+    w, d = int(p["head_width"]), int(p["unfreeze_blocks"])
+    head = "no hidden head layer" if w == 0 else f"head width {w}"
+    blocks = "no VGG block trainable" if d == 0 else f"top {d} VGG block{'s' if d > 1 else ''} trainable"
+    return f"{head}, {int(p['num_classes'])} classes, {blocks}, learning rate {format_lr(p['lr'])}"
+
+
+def trial_name(trial) -> str:
+    """A Tune trial's name and directory: its settings and its number in the sweep
+    (``W0-K2-D1-lr1e-3_00001``; two trials with the same settings differ by the number)."""
+    return f"{settings_label(trial.config)}_{str(trial.trial_id).rsplit('_', 1)[-1]}"
 
 
 def _params_from_trial(trial_dir: str) -> dict:
@@ -74,7 +110,13 @@ def _result_row(r, cfg: SweepConfig, out: str) -> dict:
 
 def collect_results(grid, cfg: SweepConfig, out: str) -> list[dict]:
     """Every trial's row, in trial order."""
-    return sorted((_result_row(r, cfg, out) for r in grid), key=lambda r: r["trial"])
+    return sorted((_result_row(r, cfg, out) for r in grid), key=lambda r: (_trial_number(r["trial"]), r["trial"]))
+
+
+def _trial_number(name: str) -> int:
+    """A trial's number in its sweep (Tune's counter: ``…_00003`` in its name), -1 when it has none."""
+    m = re.search(r"_(\d{5})(?:_|$)", name)
+    return int(m.group(1)) if m else -1
 
 
 def _write_best(best: dict, cfg: SweepConfig, out: str, finished: int) -> dict:

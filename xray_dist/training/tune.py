@@ -40,7 +40,7 @@ from xray_dist.training.inprocess import can_run_in_process, train_in_process
 from xray_dist.training.pipeline import DATA_CPUS
 from xray_dist.training.resume import changed_settings, check_same_settings
 from xray_dist.training.scalars import TENSORBOARD_DIR
-from xray_dist.training.sweep_results import collect_results, params_of, write_outputs
+from xray_dist.training.sweep_results import collect_results, settings_text, trial_name, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +193,13 @@ def _SweepProgress(metric: str, epochs: int, every: float = 30.0):  # noqa: N802
             self.done = 0
 
         def _params(self, trial) -> str:
-            c = params_of(trial.config)
-            return f"W={c['head_width']} K={c['num_classes']} D={c['unfreeze_blocks']} lr={float(c['lr']):.0e}"
+            return settings_text(trial.config)
 
         def _line(self, trial, what: str) -> None:
             r = trial.last_result or {}
             best = (getattr(trial, "metric_analysis", {}) or {}).get(metric, {}).get("max", r.get(metric))
             score = f"best {metric} {best:.3f}" if isinstance(best, (int, float)) and not math.isnan(best) else ""
-            console.say(f"tune: trial {trial.trial_id} ({self._params(trial)}) {what} after {r.get('epoch', 0)} "
+            console.say(f"tune: trial {trial_name(trial)} ({self._params(trial)}) {what} after {r.get('epoch', 0)} "
                         "epochs" + (f", {score}" if score else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -301,7 +300,7 @@ def _shared_features(cfg: SweepConfig) -> dict[str, str]:
     elif cfg.shared_features:
         depths = {c[2] for c in cfg.combos} if cfg.combos else set(cfg.unfreeze_blocks)  # combos: grid only
         for d in sorted(depths):
-            path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d)
+            path = ensure_features(cfg.base.cache, cfg.base.weights, cfg.base.seed, d, precision=cfg.base.precision)
             if path is not None:
                 features[str(d)] = path
     return features
@@ -324,7 +323,9 @@ def _tune_config(cfg: SweepConfig, max_conc: int, num_samples: int, reuse: bool)
             raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
         search_alg = OptunaSearch()
     return tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
-                           search_alg=search_alg, max_concurrent_trials=max_conc, reuse_actors=reuse)
+                           search_alg=search_alg, max_concurrent_trials=max_conc, reuse_actors=reuse,
+                           # W0-K2-D1-lr1e-3_00000: in results.csv, the report and on disk
+                           trial_name_creator=trial_name, trial_dirname_creator=trial_name)
 
 
 def _tuner(cfg: SweepConfig, setup: TrialSetup, max_conc: int):

@@ -113,7 +113,7 @@ def _record_worker(ctx: WorkerContext, times: dict, resumed_after_epoch: int = 0
             "hostname": socket.gethostname(), "pid": os.getpid(), "resumed_after_epoch": resumed_after_epoch,
             "strategy": type(ctx.strategy).__name__,
             "replicas": ctx.replicas, "devices": _devices(ctx.strategy),
-            "precision": ctx.policy, "times": times}
+            "precision": ctx.policy.removeprefix("mixed_"), "precision_why": ctx.precision_why, "times": times}
     storage.write_json(ctx.record_path(), info, indent=2)
     return info
 
@@ -130,11 +130,12 @@ def _start(config: dict, session) -> WorkerContext:
     cfg: TrainConfig = config["cfg"]
     rank, world = session.rank_world()
     keras.utils.set_random_seed(cfg.seed)
-    strategy, policy = configure_devices(cfg, world)
-    ctx = WorkerContext(cfg, ClassScheme.from_dict(config["scheme"]), session, rank, world, strategy, policy)
+    strategy, chosen = configure_devices(cfg, world)
+    ctx = WorkerContext(cfg, ClassScheme.from_dict(config["scheme"]), session, rank, world, strategy, chosen.policy,
+                        chosen.why)
     if rank == 0:
-        log.info("strategy %s: %d replicas (%d workers), global batch %d, precision %s",
-                 type(strategy).__name__, ctx.replicas, world, cfg.batch_size * ctx.replicas, policy)
+        log.info("strategy %s: %d replicas (%d workers), global batch %d, precision %s (%s)",
+                 type(strategy).__name__, ctx.replicas, world, cfg.batch_size * ctx.replicas, chosen.name, chosen.why)
     return ctx
 
 
