@@ -32,6 +32,11 @@ synthetic radiographs (2048 px, written with pydicom, windowed as CRs are):
   with 2 Ray CPUs ÷ with 1, on the same files and model. Each side runs in a fresh Ray pinned to
   as many cores as it has Ray CPUs (``sched_setaffinity``), so "1 CPU" is one core, not one Ray
   CPU whose tasks spread over every core.
+- ``extract_bf16_ratio``, ``predict_bf16_ratio`` and the agreement figures (bench/precision.py):
+  bfloat16 ÷ float32 images/s of frozen-feature extraction (224 px) and of ``predict --engine local``
+  (decode included) on this CPU, beside both formats' ``tf.matmul`` peaks; a trained model's
+  probabilities and AUROC in both formats (within :data:`BOUNDS`), and whether a small sweep ranks
+  its trials the same in both.
 
 ``--gpu`` adds training images/s per GPU at 224 px for unfreeze depths 0, 1, 5 in fp32 and mixed
 precision, and frozen-feature extraction images/s, naming the card.
@@ -57,22 +62,34 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive import naive_input_rate, naive_sweep  # noqa: E402
+from precision import AGREEMENT_BOUND, bench_precision, headline as precision_headline  # noqa: E402
 
 #: Stated tolerance for reduced-resolution JPEG 2000 model inputs vs full decode (grey levels of 255).
 J2K_TOLERANCE = {"mean_abs": 1.0, "p99_abs": 12}
 
 GOALS = {"input_ratio": 20, "sweep_ratio": 5, "j2k_reduce_ratio": 5, "prepare_scaling": 1.6, "s3_prepare_ratio": 0.67,
-         "dicomweb_prepare_ratio": 0.5, "predict_scaling": 1.6}
+         "dicomweb_prepare_ratio": 0.5, "predict_scaling": 1.6, "extract_bf16_ratio": 3, "predict_bf16_ratio": 2.5}
+#: Upper bounds (met when the figure is at or below): bfloat16's answers against float32's.
+BOUNDS = {f"agreement_{k}": v for k, v in AGREEMENT_BOUND.items()}
 
 SETTINGS = {
     # smoke: exercises every part in a minute or two (tests/test_bench.py); its numbers mean nothing
     "smoke": {"size": 512, "n_unc": 12, "n_j2k": 4, "input_epochs": 2, "image_size": 64, "batch": 4,
-              "sweep_epochs": 1, "head_widths": [0, 8], "prepare_copies": 1},
+              "sweep_epochs": 1, "head_widths": [0, 8], "prepare_copies": 1,
+              "precision": {"matmul_n": 512, "matmul_seconds": 0.5, "extract_seconds": 1, "agree_px": 32,
+                            "train_epochs": 1, "train_unfreeze": 0, "train_lr": 1e-3, "sweep_widths": [0, 8],
+                            "sweep_depths": [0], "sweep_epochs": 1, "sweep_lr": 1e-3}},
     # quick: under 10 minutes on 2 cores
     True: {"size": 2048, "n_unc": 56, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
-           "sweep_epochs": 6, "head_widths": [0, 16, 64, 256], "prepare_copies": 2},
+           "sweep_epochs": 6, "head_widths": [0, 16, 64, 256], "prepare_copies": 2,
+           "precision": {"matmul_n": 2048, "matmul_seconds": 2.5, "extract_seconds": 8, "agree_px": 64,
+                         "train_epochs": 6, "train_unfreeze": 5, "train_lr": 1e-4, "sweep_widths": [0, 16, 64],
+                         "sweep_depths": [0, 1], "sweep_epochs": 4, "sweep_lr": 1e-3}},
     False: {"size": 2048, "n_unc": 128, "n_j2k": 24, "input_epochs": 4, "image_size": 224, "batch": 16,
-            "sweep_epochs": 10, "head_widths": [0, 16, 64, 256, 1024, 4096], "prepare_copies": 3},
+            "sweep_epochs": 10, "head_widths": [0, 16, 64, 256, 1024, 4096], "prepare_copies": 3,
+            "precision": {"matmul_n": 2048, "matmul_seconds": 3, "extract_seconds": 12, "agree_px": 64,
+                          "train_epochs": 8, "train_unfreeze": 5, "train_lr": 1e-4, "sweep_widths": [0, 16, 64, 256],
+                          "sweep_depths": [0, 1], "sweep_epochs": 6, "sweep_lr": 1e-3}},
 }
 
 
@@ -513,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the result object here too")
     p.add_argument("--gpu", action="store_true", help="also the GPU training/extraction figures")
     p.add_argument("--work", help="working directory (default: a temporary one, removed after)")
-    p.add_argument("--only", default="j2k,prepare,s3,dicomweb,predict,input,sweep",
+    p.add_argument("--only", default="j2k,prepare,s3,dicomweb,predict,precision,input,sweep",
                    help="comma-separated parts to run")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -522,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(","))
     t0 = time.perf_counter()
-    result = {"machine": machine(), "quick": a.quick, "settings": s, "goals": GOALS, "date": time.strftime("%Y-%m-%d")}
+    result = {"machine": machine(), "quick": a.quick, "settings": s, "goals": GOALS, "bounds": BOUNDS,
+              "date": time.strftime("%Y-%m-%d")}
 
     def step(name):
         print(f"[bench {time.perf_counter() - t0:6.0f} s] {name}", flush=True)
@@ -551,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
             step("predict_scaling")
             result["predict"] = bench_predict_scaling([unc, j2k], work, s["image_size"], s["prepare_copies"])
             result["predict_scaling"] = result["predict"]["ratio"]
+        if "precision" in only:
+            step("extract_bf16_ratio, predict_bf16_ratio, agreement, sweep ranking")
+            result["precision"] = bench_precision(unc, work, s)
+            result.update(precision_headline(result["precision"]))
         _fresh_ray(os.cpu_count() or 2)
         if "input" in only or "sweep" in only:
             step("input_ratio")
@@ -568,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t0
     result["met"] = {k: bool(result[k] >= g) for k, g in GOALS.items() if k in result}
+    result["met"].update({k: bool(result[k] <= b) for k, b in BOUNDS.items() if k in result})
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if a.json:

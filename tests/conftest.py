@@ -186,6 +186,43 @@ def render_in_chromium(page: Path, screenshot: Path) -> str:
     return m.group(1) if m else ""
 
 
+def elements_wider_than(page: Path, width: int = 1280) -> list[str]:
+    """Open a copy of ``page`` in headless Chromium ``width`` px wide; the elements (tag.class and
+    their right edge) that reach past the window's right edge, or a page that scrolls sideways."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("XRAY_DIST_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is required (XRAY_DIST_REQUIRE_BROWSER is set) but not installed")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    probe = page.with_name(page.stem + "-width-probe.html")
+    probe.write_text(page.read_text().replace("</body>", """<script>
+window.addEventListener('load', () => {
+  const w = document.documentElement.clientWidth, bad = [];
+  if (document.documentElement.scrollWidth > w) bad.push('page scrolls sideways:' + document.documentElement.scrollWidth);
+  for (const e of document.body.querySelectorAll('*')) {
+    const r = e.getBoundingClientRect();
+    if (r.width && r.right > w + 0.5) bad.push(e.tagName.toLowerCase() + '.' + e.className + ':' + Math.round(r.right));
+  }
+  document.body.setAttribute('data-wide', bad.length ? bad.slice(0, 20).join('|') : 'none');
+});</script></body>"""))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},2000",
+             "--virtual-time-budget=5000", "--dump-dom"]
+    dom = subprocess.run([exe, *flags, probe.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'data-wide="([^"]*)"', dom)
+    assert m, "the width probe did not run"
+    return [] if m.group(1) == "none" else m.group(1).split("|")
+
+
+@pytest.fixture
+def wider_than():
+    """:func:`elements_wider_than` for tests that check a report fits a page."""
+    return elements_wider_than
+
+
 @pytest.fixture
 def chromium():
     """:func:`render_in_chromium` for tests that check a page in a real browser."""

@@ -44,3 +44,30 @@ def test_smoke_run_reports_ratios_from_raw_figures(tmp_path):
     assert r["machine"]["cpus"] >= 1 and "met" in r
     assert set(r["met"]) == {"input_ratio", "j2k_reduce_ratio", "s3_prepare_ratio", "dicomweb_prepare_ratio",
                              "predict_scaling"}
+
+
+def test_precision_part_measures_both_formats_and_ranks_sweeps(tmp_path):
+    """bench/precision.py's pieces at toy sizes (the whole part needs Ray Train and two sweeps):
+    FLOPs from VGG16's layer shapes, both formats timed with their fraction of the matmul peak, and
+    a sweep's results.csv ranked best first with ties kept apart from real differences."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import precision
+
+    assert precision.vgg16_conv_gflop(224) == pytest.approx(30.69, abs=0.01)  # 15.35 GMACs
+    peaks = precision.matmul_peaks(256, 0.2)
+    assert peaks["gflops_float32"] > 0 and peaks["gflops_bfloat16"] > 0
+    e = precision.bench_extract(32, 2, 0.2, peaks)
+    assert e["policies"] == {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+    assert e["bf16_ratio"] == pytest.approx(e["images_per_s_bfloat16"] / e["images_per_s_float32"])
+    assert e["fraction_of_peak_float32"] == pytest.approx(
+        e["images_per_s_float32"] * precision.vgg16_conv_gflop(32) / peaks["gflops_float32"])
+    assert 0 < e["features_rel_diff"] < 0.1  # bfloat16 really ran, and still computes the same features
+    results = tmp_path / "results.csv"
+    results.write_text("trial,head_width,unfreeze_blocks,val_auc_abnormal,status\n"
+                       "t0,0,0,0.5,completed\nt1,16,0,1.0,completed\nt2,0,1,1.0,completed\nt3,16,1,,failed\n")
+    ranking, rows = precision._ranking(results)
+    assert ranking == [(0, 1), (16, 0), (0, 0), (16, 1)]  # ties by (width, depth); a failed trial last
+    assert precision._tie_groups(rows[:3]) == [[(0, 1), (16, 0)], [(0, 0)]]
+    # only strict reversals count: y and z tie in float32, so their order in bfloat16 is no discord
+    assert precision._discordant({"x": 1.0, "y": 0.5, "z": 0.5}, {"x": 0.4, "y": 0.6, "z": 0.9}) == [["x", "y"],
+                                                                                                    ["x", "z"]]

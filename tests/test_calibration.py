@@ -85,7 +85,7 @@ def test_calibrate_makes_held_out_probabilities_honest_everywhere(over_confident
     cache, run, images, truth = over_confident
     before_dir, after_dir = tmp_path / "before", tmp_path / "after"
     assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--out", str(before_dir),
-                     "--bootstrap", "200"]) == 0
+                     "--bootstrap", "200", "--precision", "float32"]) == 0
     raw = predict_arrays(load_run_model(run), images)
     assert cli.main(["calibrate", "--model", str(run)]) == 0
     printed = capsys.readouterr().out
@@ -99,7 +99,7 @@ def test_calibrate_makes_held_out_probabilities_honest_everywhere(over_confident
     np.testing.assert_allclose(predict_arrays(load_run_model(run), images)[:, 1], expected, atol=1e-6)
 
     assert cli.main(["evaluate", "--model", str(run), "--cache", str(cache), "--out", str(after_dir),
-                     "--bootstrap", "200"]) == 0
+                     "--bootstrap", "200", "--precision", "float32"]) == 0
     before = json.loads((before_dir / "metrics.json").read_text())
     after = json.loads((after_dir / "metrics.json").read_text())
     assert after["auc_abnormal"]["value"] == pytest.approx(before["auc_abnormal"]["value"], abs=1e-9)

@@ -87,7 +87,8 @@ def test_three_shapes_train_the_same_model_and_workers_stay_bitwise_equal(ray_cl
     for name, shape in SHAPES.items():
         out = tmp_path_factory.mktemp("shape")
         res = train(TrainConfig(cache=str(cache), out=str(out), epochs=2, lr=1e-4, weights="none", unfreeze_blocks=5,
-                                head_width=0, seed=4, cpus_per_worker=0.5, max_failures=0, **shape))
+                                head_width=0, seed=4, cpus_per_worker=0.5, max_failures=0, precision="float32",
+                                **shape))  # float32: bfloat16's rounding moves the loss ~0.15 % between shapes
         assert res.metrics["final"]["global_batch"] == 16, name
         runs[name] = out
     ref_name, ref = next(iter(runs.items()))

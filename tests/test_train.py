@@ -546,7 +546,7 @@ def test_real_jpeg2000_radiographs_through_prepare_and_predict(two_worker_run, t
     for n in names:
         np.testing.assert_array_equal(cached[n], load_image(data / n, lm.preprocess))
     assert pydicom.dcmread(data / names[0], stop_before_pixels=True).Rows > 8 * spec.image_size
-    rows = predict_files(run, [str(data)], tmp_path / "p.csv", engine="local")
+    rows = predict_files(run, [str(data)], tmp_path / "p.csv", engine="local", precision="float32")  # as lm
     expected = predict_arrays(lm, np.stack([cached[r["path"]] for r in rows]))
     np.testing.assert_allclose([[float(r["p_normal"]), float(r["p_finding"])] for r in rows], expected, atol=1e-6)
 

@@ -54,7 +54,7 @@ def read_results(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, monkeypatch, chromium):
+def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, monkeypatch, chromium, wider_than):
     from xray_dist.training.tune import sweep
 
     out = tmp_path / "sweep"
@@ -146,6 +146,12 @@ def test_sweep_over_all_three_dimensions_with_a_failing_trial(cache3, tmp_path, 
     assert table.count("<tr><td>") == 5  # every trial, the failed one included
     assert "failed" in text and "Best trial" in text and Path(best["model"]).name in text
     assert chromium(page, tmp_path / "sweep.png") == "5/5"  # sweep plot + the best run's four pictures
+    assert wider_than(page, 1280) == []  # the table (and everything else) fits a 1280 px page
+    # trials are named by their settings, in results.csv, on disk and in the report
+    for r in rows:
+        name = f"W{r['head_width']}-K{r['num_classes']}-D{r['unfreeze_blocks']}-lr"
+        assert r["trial"].startswith(name) and re.fullmatch(r".*-lr\d(\.\d+)?e-\d_\d{5}", r["trial"]), r["trial"]
+        assert (out / "trials" / r["trial"]).is_dir() and f"<td>{r['trial']}</td>" in table
 
 
 def zero_features(cache: Path, weights: str, seed: int, depth: int) -> int:
@@ -285,8 +291,11 @@ def test_cached_features_and_in_process_runs_match_the_plain_run(cache3, tmp_pat
     from xray_dist.data.cache import read_cache_parquet
 
     paths, images = load_split_arrays(cache3, "val")
+    from xray_dist.model.precision import keras_policy
+
     keras.utils.set_random_seed(0)
-    direct = frozen_part(32, "none", 1)(images, training=False).numpy()
+    with keras_policy("float32"):
+        direct = frozen_part(32, "none", 1)(images, training=False).numpy()
     rows = {}
     for where in ("ray", "here"):  # a Ray Data actor pool, or the frozen base in this process
         feats = ensure_features(cache3, "none", 0, 1, where=where, precision="float32")  # exact: float32

@@ -169,21 +169,26 @@ def synthesize(
     sites: int = 1,
     subtle_site: int | None = None,
     subtle_strength: float = 0.3,
-    strength: float = 1.0,
+    strength: float | tuple[float, float] = 1.0,
 ) -> SynthResult:
     """Write ``patients * images_per_patient`` DICOM files and ``OUT/labels.csv``.
 
     Patients are spread over ``sites`` of :data:`SITES` independently of their class (every site
     has every class); in ``subtle_site`` the finding has ``subtle_strength`` of its contrast, so a
     model finds it less well there (the gap ``evaluate --by site`` should show). ``strength`` scales
-    the finding's contrast everywhere (below 1: a harder task, as the demo uses)."""
+    the finding's contrast everywhere (below 1: a harder task); a ``(low, high)`` pair draws each
+    image's from that range (seeded apart from the images), so some findings are faint and some
+    nearly invisible, as in real films: no model separates every image (the demo uses it)."""
     if len(classes) < 2:
         raise ValueError(f"synth needs at least 2 classes. Received: classes={classes!r}")
     if patients < len(classes):
         raise ValueError(f"synth needs at least one patient per class. Received: patients={patients}, "
                          f"classes={classes}")
-    if not 0 < strength <= 1:
-        raise ValueError(f"the finding's strength must be in (0, 1]. Received: strength={strength}")
+    low, high = (strength, strength) if isinstance(strength, (int, float)) else strength
+    if not 0 <= low <= high <= 1 or high == 0:
+        raise ValueError(f"the finding's strength must be in (0, 1], or a range (low, high) within [0, 1]. "
+                         f"Received: strength={strength}")
+    draw = np.random.default_rng([seed, 1])  # apart from the images' generator: a fixed strength draws nothing
     if subtle_site is not None and not 0 <= subtle_site < sites:
         raise ValueError(f"the subtle site must be one of the {sites} sites (0-{sites - 1}). "
                          f"Received: subtle_site={subtle_site}")
@@ -204,7 +209,8 @@ def synthesize(
             per_class[cls_idx] += 1
             rel = f"images/p{p:05d}_{i:02d}_{enc}.dcm"
             image = Radiograph(patient_id, (cls_idx,), len(classes) - 1, enc, "PA", p, i, site,
-                               strength * (subtle_strength if site == subtle_site else 1.0))
+                               (low if low == high else float(draw.uniform(low, high)))
+                               * (subtle_strength if site == subtle_site else 1.0))
             files.append(write_image(out / rel, image, size, rng))
             labels[rel] = classes[cls_idx]
             pids[rel] = patient_id

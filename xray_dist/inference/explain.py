@@ -81,7 +81,7 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
                   else tf.fill([tf.shape(z)[0]], class_index))
         chosen = tf.gather(scores, target, batch_dims=1)
     grads = tape.gradient(chosen, conv)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    weights = tf.cast(tf.reduce_mean(grads, axis=(1, 2), keepdims=True), tf.float32)  # bfloat16 under --precision
     cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(conv, tf.float32), axis=-1))[..., None]
     size = images.shape[1]
     cam = tf.image.resize(cam, (size, size), method="bilinear")[..., 0].numpy()

@@ -208,7 +208,7 @@ def load_run_model(run: str | Path, precision: str = "float32") -> LoadedModel:
             load_weights_checked(model, model_dir / FULL_WEIGHTS)
         else:  # a sweep trial's compact export: rebuilt on its base
             model = full_model_from_top(model_dir)
-    log.info("the model computes in %s (%s); its weights are float32", chosen.name, chosen.why)
+    log.debug("the model computes in %s (%s); its weights are float32", chosen.name, chosen.why)
     return LoadedModel(model, ClassScheme.from_dict(spec["classes"]), PreprocessSpec.from_dict(spec["preprocess"]),
                        spec_thresholds(spec)[0], spec, chosen.name)
 

@@ -340,7 +340,7 @@ def _unused_files(report: dict) -> list[str]:
 #: The sweep table's columns (results.csv's names) and their short headings: the table fits a 1280 px
 #: page, and scrolls inside its own box if a browser's fonts make it wider.
 _SWEEP_COLUMNS = {"trial": "trial", "status": "status", "epochs": "epochs", "val_auc_abnormal": "val AUROC abnormal",
-                  "val_auc": "val AUROC", "sensitivity": "sens.", "specificity": "spec.",
+                  "val_auc": "val AUROC", "val_accuracy": "val accuracy", "sensitivity": "sens.", "specificity": "spec.",
                   "trainable_parameters": "trainable params", "wall_seconds": "seconds"}
 
 
@@ -353,7 +353,8 @@ def _sweep_section(sweep: str) -> tuple[str, str | None]:
     def cell(r, c):
         v = r.get(c, "")
         try:
-            return float(v) if c in ("lr", "val_auc_abnormal", "val_auc", "sensitivity", "specificity") else v
+            return float(v) if c in ("lr", "val_auc_abnormal", "val_auc", "val_accuracy", "sensitivity",
+                                     "specificity") else v
         except ValueError:
             return v
 

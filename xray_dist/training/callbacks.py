@@ -192,7 +192,7 @@ def _epoch_reporter_class():
             log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "
                      "sens %.2f spec %.2f %.1f img/s (%s)", epoch + 1, self.ctx.cfg.epochs, metrics["loss"],
                      m["val_loss"], m["val_auc"], m["val_auc_abnormal"], m["sensitivity"], m["specificity"],
-                     metrics["images_per_s"], self.ctx.policy
+                     metrics["images_per_s"], self.ctx.policy.removeprefix("mixed_")
                      + ("" if self.ctx.cfg.augment == "none" else f", augment {self.ctx.cfg.augment}"))
 
     return EpochReporter

@@ -187,5 +187,9 @@ def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None 
     scheme, spec, datasets, loop_config = in_process_inputs(cfg)
     session = InProcessSession(datasets, storage.join(cfg.out, CHECKPOINTS), cfg.metric, on_report, should_stop)
     keras.backend.clear_session()  # this process may have trained another trial before
-    train_loop(loop_config, session)
+    policy = keras.mixed_precision.global_policy().name
+    try:
+        train_loop(loop_config, session)
+    finally:  # the run's precision is its own: this process's later models are built as before
+        keras.mixed_precision.set_global_policy(policy)
     return session.result(), scheme, spec

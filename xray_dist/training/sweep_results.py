@@ -21,7 +21,7 @@ from xray_dist.results.runs import BEST, METRICS, RESULTS, SWEEP_PNG, write_best
 #: The searched parameters of a trial.
 PARAMS = ("head_width", "num_classes", "unfreeze_blocks", "lr")
 FIELDS = ["trial", "head_width", "num_classes", "unfreeze_blocks", "lr", "status", "epochs", "val_auc_abnormal",
-          "val_auc", "sensitivity", "specificity", "trainable_parameters", "wall_seconds", "shared_features",
+          "val_auc", "val_accuracy", "sensitivity", "specificity", "trainable_parameters", "wall_seconds", "shared_features",
           "model", "error"]
 
 
@@ -84,13 +84,14 @@ def _result_row(r, cfg: SweepConfig, out: str) -> dict:
     params = params_of(r.config) if r.config else _params_from_trial(trial_dir)
     df = r.metrics_dataframe
     row = {**params, "trial": Path(r.path).name, "status": "", "epochs": 0, "val_auc_abnormal": float("nan"),
-           "val_auc": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
+           "val_auc": float("nan"), "val_accuracy": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
            "trainable_parameters": "", "wall_seconds": float("nan"), "shared_features": "",
            "model": "", "error": ""}
     if df is not None and len(df) and cfg.base.metric in df:
         best = df.loc[df[cfg.base.metric].astype(float).idxmax()]
         row.update({"epochs": int(df["epoch"].max()), "val_auc_abnormal": float(best["val_auc_abnormal"]),
-                    "val_auc": float(best["val_auc"]), "sensitivity": float(best["sensitivity"]),
+                    "val_auc": float(best["val_auc"]), "val_accuracy": float(best.get("val_accuracy", float("nan"))),
+                    "sensitivity": float(best["sensitivity"]),
                     "specificity": float(best["specificity"]),
                     "trainable_parameters": int(best["trainable_parameters"]),
                     "wall_seconds": float(df["time_total_s"].max()) if "time_total_s" in df else float("nan")})
@@ -128,8 +129,9 @@ def _write_best(best: dict, cfg: SweepConfig, out: str, finished: int) -> dict:
             storage.upload_file(materialize_full_model(local), storage.join(model_dir, FULL_WEIGHTS))
     metrics = storage.read_json(storage.join(best["model"], METRICS))
     best_json = {"config": {k: best[k] for k in PARAMS},
-                 "metrics": {k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
-                                                     "trainable_parameters", "epochs", "best_epoch")},
+                 "metrics": {**{k: metrics[k] for k in ("val_auc_abnormal", "val_auc", "sensitivity", "specificity",
+                                                        "trainable_parameters", "epochs", "best_epoch")},
+                             cfg.base.metric: best[cfg.base.metric]},
                  "model": best["model"], "trial": best["trial"], "objective": cfg.base.metric,
                  "validation_bias": f"the best of {finished} trials by validation {cfg.base.metric}: this "
                                     "validation score chose the trial, so it is biased upward; `xray-dist "
@@ -144,13 +146,14 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, out: str, seconds: float, 
     from xray_dist.results.plots import plot_sweep  # imports matplotlib
 
     storage.write_csv(storage.join(out, RESULTS), rows, FIELDS)
-    finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r["val_auc_abnormal"])]
+    metric = cfg.base.metric  # what the trials were ranked by (Tune's objective): the best is chosen by it too
+    finished = [r for r in rows if r["status"] == "completed" and not math.isnan(r[metric])]
     summary = {"trials": len(rows), "completed": len(finished),
                "failed": sum(r["status"] == "failed" for r in rows),
                "stopped_early": sum(r["status"] == "stopped_early" for r in rows), "seconds": round(seconds, 1),
                "features_seconds": round(features_seconds, 1)}
     if finished:
-        best = max(finished, key=lambda r: r["val_auc_abnormal"])
+        best = max(finished, key=lambda r: r[metric])
         summary["best"] = _write_best(best, cfg, out, len(finished))
     else:  # no trial completed: an older sweep's best.json must not stay behind as if it were this one's
         storage.delete_file(storage.join(out, BEST))
