@@ -212,3 +212,18 @@ def test_an_unreachable_mlflow_server_stops_train_with_one_line(tmp_path, monkey
         start_train_run(cfg, "fp", {})
     assert "\n" not in str(e.value)
     assert start_train_run(TrainConfig(cache="c", out=str(tmp_path / "r2")), "fp", {}) is None  # no URI: no tracking
+
+
+@pytest.mark.parametrize("job", ["prepare", "train", "tune", "evaluate", "report"])
+def test_each_job_script_is_its_command(job):
+    """jobs/<command>.py, what `ray job submit` runs, is `xray-dist <command>` from the submitted
+    working directory (tests/test_train.py::test_ray_job_submit submits four of them to a real head)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: xray-dist {job} "), proc.stdout[:200]

@@ -349,3 +349,23 @@ def test_cli_subprocess_exits_2_with_one_line(tmp_path, cmd, text, needle):
     assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr)
     assert lines[0].startswith(f"xray-dist {cmd}: error: ") and needle in lines[0], lines
     assert p.stdout == ""
+
+
+def test_a_renamed_key_is_named_as_renamed_in_a_config_file_and_on_resume(tmp_path):
+    """`mixed_precision` became `precision`: a --config file naming it is told the new name and
+    how the values map; a sweep recorded with it is refused on resume, saying why."""
+    import json
+
+    from xray_dist.training.resume import changed_settings, check_same_settings
+
+    with pytest.raises(ConfigError, match=r"mixed_precision: renamed precision \(auto stays auto"):
+        config.check_keys({"mixed_precision", "epochs"}, {"precision", "epochs"}, "x.yaml", "tune")
+    (tmp_path / "rec.json").write_text(json.dumps({"mixed_precision": "auto", "epochs": 2}))
+    new = {"precision": "auto", "epochs": 2}
+    with pytest.raises(XrayDistError, match="started before --mixed-precision became --precision") as e:
+        check_same_settings(str(tmp_path), "rec.json", "sweep", lambda old: changed_settings(old, new))
+    assert len(str(e.value).splitlines()) == 1
+    (tmp_path / "rec.json").write_text(json.dumps({"precision": "float32", "epochs": 2}))
+    with pytest.raises(XrayDistError) as e:
+        check_same_settings(str(tmp_path), "rec.json", "sweep", lambda old: changed_settings(old, new))
+    assert "became" not in str(e.value)

@@ -295,6 +295,20 @@ def test_predict_over_a_query_scores_what_the_files_score(archive, stored, crede
             assert r["prediction"] == twin["prediction"]
             compared += 1
     assert compared == len(sop_of)
+    # --engine ray over the same query: decode tasks retrieve with the driver's credentials (the
+    # Ray workers' environment has none), the same rows come back, and no Ray log holds the secret
+    import ray
+
+    assert cli.main(["predict", "--model", str(run), f"dicomweb+{archive.url}?Modality=CR", "--out",
+                     str(tmp_path / "ray.csv"), "--salt-file", str(salt), "--engine", "ray"]) == 0
+    with open(tmp_path / "ray.csv", newline="") as f:
+        by_ray = list(csv.DictReader(f))
+    assert [r["path"] for r in by_ray] == [r["path"] for r in web] and not any(r["error"] for r in by_ray)
+    for a, b in zip(web, by_ray):  # bfloat16 where the CPU has it: rounding differs with the batch's shape
+        assert float(b["p_finding"]) == pytest.approx(float(a["p_finding"]), abs=5e-3)
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    ray_logs = b"".join(p.read_bytes() for p in session.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000)
+    assert PASSWORD.encode() not in ray_logs
     # explain over the same query: a heatmap per instance, named by its key (the same as predict's)
     assert cli.main(["explain", "--model", str(run), f"dicomweb+{archive.url}?Modality=CR", "--out",
                      str(tmp_path / "explain"), "--salt-file", str(salt)]) == 0

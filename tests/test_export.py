@@ -75,3 +75,45 @@ def test_export_rejects_unknown_format_and_non_runs(two_worker_run, tmp_path):
         export_model(run, tmp_path / "o", "onnx")
     with pytest.raises(ModelSpecError, match="no exported model"):
         export_model(tmp_path, tmp_path / "o")
+
+
+def test_export_checks_the_model_it_wrote_in_either_precision_and_keeps_nothing_that_fails(two_worker_run, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """export loads back what it wrote and scores seeded probe images against the run's float32
+    model before keeping it: float32 within 1e-5, bfloat16 within the agreement bound. A serving
+    model that computes in bfloat16 really does (its numbers differ from float32's on the cohort's
+    films, within the bound), and a serving path that drifts from the run is refused with one line
+    and nothing kept."""
+    import tensorflow as tf
+
+    from xray_dist.cli import app as cli
+    from xray_dist.model import network
+    from xray_dist.model.artifacts import load_run_model, predict_arrays
+    from xray_dist.model.precision import AGREEMENT
+
+    _, cache, run = two_worker_run
+    _, films = load_split_arrays(cache, "val")
+    truth = predict_arrays(load_run_model(run, "float32"), films)  # ground truth: the run's model, float32
+    served = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        assert cli.main(["export", "--model", str(run), "--out", str(out), "--precision", precision]) == 0
+        said = capsys.readouterr().out
+        assert f"savedmodel in {precision}" in said and "largest probability difference" in said
+        check = json.loads((out / "serving.json").read_text())["check"]
+        assert check["precision"] == precision and check["images"] == 8
+        assert check["max_abs_diff"] <= (1e-5 if precision == "float32" else AGREEMENT)
+        serve = tf.saved_model.load(str(out / "savedmodel")).signatures["serving_default"]
+        served[precision] = serve(image=tf.constant(films))["probabilities"].numpy()
+    np.testing.assert_allclose(served["float32"], truth, atol=1e-5)
+    bf16_gap = np.abs(served["bfloat16"] - truth).max()
+    assert 0 < bf16_gap <= AGREEMENT, bf16_gap  # it computed in bfloat16, and agrees
+
+    real_call = network.ClassProbabilities.call
+    monkeypatch.setattr(network.ClassProbabilities, "call", lambda self, x: real_call(self, x) * 0.9 + 0.05)
+    out = tmp_path / "drifted"
+    assert cli.main(["export", "--model", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ from the run's by" in err[0] and "nothing was written" in err[0], err
+    assert not (out / "savedmodel").exists() and not (out / "serving.json").exists()
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]

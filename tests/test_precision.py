@@ -1,9 +1,10 @@
 """--precision: what auto picks from the CPU's flags, bfloat16 that agrees with float32 on the same
-images, float32 weights whatever ran, exact resume in bfloat16, frozen features that never mix."""
+images, float32 weights whatever ran, frozen features that never mix. (Exact resume of a bfloat16
+run: tests/test_train.py::test_rerun_same_out_resumes_exactly, whose auto runs compute in bfloat16
+on a CPU with the instructions, and say so.)"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +97,6 @@ def test_bfloat16_inference_agrees_with_float32_and_computes_in_bfloat16(two_wor
     assert abs(ev["float32"]["auc_abnormal"]["value"] - ev["bfloat16"]["auc_abnormal"]["value"]) <= MAX_AUROC_DIFF
 
 
-def read_history(run) -> list[dict]:
-    import csv
-
-    with open(Path(run) / "history.csv") as f:
-        return list(csv.DictReader(f))
-
-
 def read_features(features: str) -> dict:
     """Each image's activations in a feature directory, by its cache path, in path order."""
     import pyarrow.parquet as pq
@@ -120,30 +114,6 @@ def _layers(model):
         yield layer
         if hasattr(layer, "layers"):
             yield from _layers(layer)
-
-
-@needs_bf16
-def test_a_bfloat16_run_says_so_stores_float32_and_resumes_exactly(prepared_binary, tmp_path, read_h5, same_run):
-    from xray_dist.training.driver import train
-
-    _, cache = prepared_binary
-
-    def cfg(out, epochs):
-        return TrainConfig(cache=str(cache), out=str(out), epochs=epochs, batch_size=8, lr=1e-4, weights="none",
-                           unfreeze_blocks=1, head_width=8, dropout=0.5, precision="bfloat16")
-
-    whole = train(cfg(tmp_path / "whole", 2))
-    assert whole.metrics["precision"] == {"compute": "bfloat16", "why": "asked for (--precision bfloat16)",
-                                          "weights": "float32"}
-    weights = read_h5(tmp_path / "whole" / "model" / "weights.h5")
-    assert {a.dtype.name for a in weights.values()} == {"float32"}
-    train(cfg(tmp_path / "cut", 1))  # as if stopped after epoch 1, then rerun to 2
-    train(cfg(tmp_path / "cut", 2))
-    assert [int(h["epoch"]) for h in read_history(tmp_path / "cut")] == [1, 2]
-    same_run((weights, read_history(tmp_path / "whole")),
-             (read_h5(tmp_path / "cut" / "model" / "weights.h5"), read_history(tmp_path / "cut")))
-    log = json.loads((tmp_path / "whole" / "workers" / "rank0.json").read_text())
-    assert log["precision"] == "bfloat16"
 
 
 @needs_bf16

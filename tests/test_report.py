@@ -125,3 +125,31 @@ def test_a_nan_metric_is_written_as_null_and_the_report_still_renders(tmp_path):
     assert re.search(r"specificity at 0\.500</td><td>[0-9.]+ \[", held)
     assert "macro AUROC</td><td>n/a</td>" in page[page.index("Validation metrics"):]
     assert page.count("data:image/png;base64,") == 4
+
+
+def test_the_sweep_table_puts_first_the_trial_its_objective_chose(tmp_path):
+    """A sweep run with --metric val_accuracy chose its best trial by accuracy: the report's table
+    is sorted by that (not by AUROC, which here ranks the trials the other way) and says so."""
+    import csv
+
+    from xray_dist.results.report import _sweep_section
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    rows = [{"trial": "W0-K2-D0-lr1e-2_00000", "status": "completed", "epochs": "3", "val_auc_abnormal": "0.99",
+             "val_accuracy": "0.60", "model": str(sweep / "a")},
+            {"trial": "W16-K2-D0-lr1e-2_00001", "status": "completed", "epochs": "3", "val_auc_abnormal": "0.80",
+             "val_accuracy": "0.90", "model": str(sweep / "b")}]
+    with open(sweep / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (sweep / "best.json").write_text(json.dumps({"objective": "val_accuracy", "model": str(sweep / "b"),
+                                                 "trial": rows[1]["trial"], "config": {"head_width": 16}}))
+    page, _ = _sweep_section(str(sweep))
+    assert page.index("W16-K2-D0-lr1e-2_00001") < page.index("W0-K2-D0-lr1e-2_00000")
+    assert "Sorted by val accuracy (the sweep's objective)" in page
+    (sweep / "best.json").write_text(json.dumps({"objective": "val_auc_abnormal", "model": str(sweep / "a"),
+                                                 "trial": rows[0]["trial"], "config": {"head_width": 0}}))
+    page, _ = _sweep_section(str(sweep))
+    assert page.index("W0-K2-D0-lr1e-2_00000") < page.index("W16-K2-D0-lr1e-2_00001")

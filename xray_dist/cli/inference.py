@@ -6,10 +6,11 @@ from __future__ import annotations
 import sys
 
 from xray_dist.cli.common import add_path_flags, add_precision_flag, add_ray_flags, command, path_names
-from xray_dist.config import ENGINES, EXPORT_FORMATS
+from xray_dist.config import ENGINES, EXPORT_FORMATS, PRECISIONS
 from xray_dist.inference.explain import explain_files
 from xray_dist.inference.export import export_model
 from xray_dist.inference.predict import predict_files
+from xray_dist.infra import storage
 
 
 def add_predict(sub) -> None:
@@ -73,9 +74,16 @@ def add_export(sub) -> None:
     p.add_argument("--model", required=True, help="a run directory from `xray-dist train` (or a sweep trial)")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="savedmodel", help="serving format")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="what the serving model computes in (weights float32 either way): float32 (default: the "
+                        "serving machine is unknown), bfloat16 (for CPUs with AMX, or GPUs), or auto (as this "
+                        "machine predicts); the written model is checked against the run's before it is kept")
 
 
 def cmd_export(a) -> int:
-    path = export_model(a.model, a.out, a.format)
-    print(f"export: {a.format} -> {path} (with model_spec.json and serving.json)")
+    path = export_model(a.model, a.out, a.format, a.precision)
+    check = storage.read_json(storage.join(str(a.out), "serving.json"))["check"]
+    print(f"export: {a.format} in {check['precision']} -> {path} (with model_spec.json and serving.json); checked: "
+          f"largest probability difference from the run {check['max_abs_diff']:.1e} on {check['images']} probe "
+          f"images (bound {check['bound']:g})")
     return 0

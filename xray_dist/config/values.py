@@ -14,6 +14,11 @@ from xray_dist.errors import ConfigError
 from xray_dist.infra import storage
 
 
+#: Keys that were flags once: the flag that took their place, and how the old values map onto it.
+RENAMED = {"mixed_precision": ("precision", "auto stays auto, on is bfloat16 on CPUs and GPUs with it, off is "
+                                            "float32")}
+
+
 def check_keys(keys: Iterable[str], allowed: Iterable[str], source: str, command: str) -> None:
     """Refuse keys of a config file that are not flags of ``xray-dist command``: one line naming
     them, with the nearest flag names (``epoch``: did you mean ``epochs``?)."""
@@ -23,6 +28,9 @@ def check_keys(keys: Iterable[str], allowed: Iterable[str], source: str, command
         return
     hints = []
     for k in unknown:
+        if k in RENAMED and RENAMED[k][0] in allowed:
+            hints.append(f"{k}: renamed {RENAMED[k][0]} ({RENAMED[k][1]})")
+            continue
         near = difflib.get_close_matches(k, allowed, n=3, cutoff=0.6)
         hints.append(f"{k}: did you mean {' or '.join(near)}?" if near else f"{k}: no flag is close")
     raise ConfigError(unknown[0], f"{source}: unknown keys {unknown}, not flags of `xray-dist {command}` "

@@ -366,8 +366,9 @@ def to_model_input(ds: Dataset, spec: PreprocessSpec, path: str | Path) -> np.nd
     return resize_square(x, spec.image_size, full if x.ndim == 2 and full[0] > x.shape[0] else None)
 
 
-def load_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
-    """Read ``path`` and return exactly what the model sees: ``(size, size)`` uint8."""
-    ds = read_dataset(path, max_pixels=spec.max_pixels)
+def load_image(path: str | Path, spec: PreprocessSpec, data: bytes | None = None) -> np.ndarray:
+    """Read ``path`` (or its ``data``, fetched already) and return exactly what the model sees:
+    ``(size, size)`` uint8."""
+    ds = read_dataset(path, data, max_pixels=spec.max_pixels)
     with named_failures(path, "the image"):
         return to_model_input(ds, spec, path)

@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -232,10 +233,15 @@ def read_location(location: str, creds: Credentials | None = None) -> bytes:
     return retrieve(head, f"{study}/{series}/{sop}", creds or Credentials.from_env())
 
 
-def retrieve(source_uri: str, name: str, creds: Credentials, _clients: dict = {}) -> bytes:  # noqa: B006
+_THREAD = threading.local()
+
+
+def retrieve(source_uri: str, name: str, creds: Credentials) -> bytes:
     """The instance ``STUDY/SERIES/SOP.dcm`` of ``source_uri`` as stored (WADO-RS, any transfer
-    syntax), as the bytes of a DICOM file; one client per source and process."""
+    syntax), as the bytes of a DICOM file; one client per source and thread (a requests session
+    is not promised to be thread-safe; predict's local engine retrieves from a few threads)."""
     source = Source.parse(source_uri)
+    _clients = _THREAD.__dict__.setdefault("clients", {})
     key = (source.root, creds)
     if key not in _clients:
         _clients[key] = client(source, creds)

@@ -27,27 +27,80 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from xray_dist.errors import ModelSpecError
 from xray_dist.infra import storage
 from xray_dist.model.artifacts import SPEC_FILE, LoadedModel, load_run_model
+from xray_dist.model.precision import AGREEMENT, SAME_ARITHMETIC
 
 FORMATS = ("savedmodel", "keras")
 
 
-def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel") -> Path:
-    """Write the serving model of ``run`` into ``out`` (local or URI); returns the model's path."""
+def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel", precision: str = "float32") -> Path:
+    """Write the serving model of ``run`` into ``out`` (local or URI); returns the model's path.
+
+    ``precision``: what the serving model computes in (float32 by default: the machine that will
+    serve it is unknown; ``bfloat16`` for CPUs with AMX or GPUs; ``auto``: as this machine would
+    predict). Its weights are float32 either way. Before anything is moved into ``out``, the
+    written model is loaded back as a server loads it and scores :func:`probe_images`; its
+    probabilities must match the run's float32 model within :data:`~precision.SAME_ARITHMETIC`
+    (float32) or :data:`~precision.AGREEMENT` (bfloat16), or nothing is written (``serving.json``
+    records the check)."""
+    from xray_dist.model.artifacts import predict_arrays
+
     if fmt not in FORMATS:
         raise ModelSpecError(f"--format must be one of {FORMATS}. Received: format={fmt!r}")
     storage.check_location(out)
-    lm = load_run_model(run)
+    lm = load_run_model(run, precision)
+    reference = lm if lm.precision == "float32" else load_run_model(run, "float32")
+    probe = probe_images(lm.preprocess.image_size)
+    expected = predict_arrays(reference, probe)
     dest = out
     # savedmodel/ is replaced whole: renamed in locally; on object storage uploaded beside the old one
     # and switched to by its pointer (storage.staged_output), so a failed re-export leaves the old one
     with storage.staged_output(dest, replace=("savedmodel",)) as out:
         path = _write(lm, fmt, out)
+        check = _check(path, fmt, probe, expected, lm.precision)
+        _describe(lm, fmt, path, out, check)
     if storage.is_uri(dest):
         return storage.current_dir(storage.join(dest, path.name))  # savedmodel.v<id> after a re-export
     return Path(storage.absolute(dest)) / path.name
+
+
+def probe_images(size: int, n: int = 8) -> np.ndarray:
+    """``(n, size, size)`` uint8 images that export's check scores: half smooth gradients and
+    discs at several brightnesses (film-like), half seeded noise (every pixel value used); the same
+    images on every machine."""
+    rng = np.random.default_rng(20261201)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    smooth = []
+    for k in range(n - n // 2):
+        disc = ((yy - 0.3 - 0.1 * k) ** 2 + (xx - 0.5) ** 2 < 0.04).astype(float)
+        smooth.append(np.clip(0.15 + 0.5 * yy * (k + 1) / (n // 2 + 1) + 0.3 * disc, 0, 1) * 255)
+    noise = rng.integers(0, 256, (n // 2, size, size))
+    return np.concatenate([np.rint(np.stack(smooth)), noise]).astype(np.uint8)
+
+
+def _check(path: Path, fmt: str, probe: np.ndarray, expected: np.ndarray, precision: str) -> dict:
+    """The written model, loaded as a server would (plain TensorFlow for a SavedModel), scores the
+    probe; its largest difference from the run's float32 model must stay within the bound."""
+    import tensorflow as tf
+
+    if fmt == "savedmodel":
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+        got = serve(image=tf.constant(probe))["probabilities"].numpy()
+    else:
+        import tf_keras as keras
+
+        got = np.asarray(keras.models.load_model(str(path), compile=False)(probe, training=False))
+    bound = SAME_ARITHMETIC if precision == "float32" else AGREEMENT
+    diff = float(np.abs(got.astype(np.float64) - expected).max()) if got.shape == expected.shape else float("inf")
+    if not diff <= bound:
+        raise ModelSpecError(f"export: the exported model's probabilities differ from the run's by {diff:.3g} on the "
+                             f"probe images (bound {bound:g} in {precision}); nothing was written")
+    return {"images": len(probe), "precision": precision, "max_abs_diff": diff, "bound": bound,
+            "against": "the run's model in float32, on export.probe_images (seeded film-like images and noise)"}
 
 
 def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
@@ -57,7 +110,6 @@ def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
 
     from xray_dist.model.network import ClassProbabilities
 
-    spec = lm.spec
     size = lm.preprocess.image_size
     image = keras.Input((size, size), dtype="uint8", name="image")
     probabilities = ClassProbabilities(multilabel=lm.scheme.multilabel, temperature=lm.temperature,
@@ -80,6 +132,11 @@ def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
     else:
         path = out / "model.keras"
         serving.save(str(path))
+    return path
+
+
+def _describe(lm: LoadedModel, fmt: str, path: Path, out: Path, check: dict) -> None:
+    spec, size = lm.spec, lm.preprocess.image_size
     storage.write_json(out / SPEC_FILE, spec, indent=2)
     storage.write_json(out / "serving.json", {
         "format": fmt,
@@ -99,5 +156,6 @@ def _write(lm: LoadedModel, fmt: str, out: Path) -> Path:
                                     "the one chosen on the calibrated scores"}
                         if lm.temperature is not None else None),
         "preprocess": spec["preprocess"],
+        "computes_in": {"precision": lm.precision, "weights": "float32"},
+        "check": check,
     }, indent=2)
-    return path

@@ -16,6 +16,10 @@ Two engines write the same CSV (one row per input file, in input order):
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -26,7 +30,7 @@ from xray_dist.data.classes import ClassScheme, join_findings
 from xray_dist.data.dicom import load_image
 from xray_dist.data.paths import REDACT, RELATIVE, PathNames, named_inputs, write_path_map
 from xray_dist.data.salt import resolve as resolve_salt
-from xray_dist.errors import DicomReadError, XrayDistError
+from xray_dist.errors import DicomReadError
 from xray_dist.infra import storage
 from xray_dist.infra.console import Progress
 from xray_dist.infra.runtime import init_ray
@@ -83,22 +87,63 @@ def prediction_row(scheme: ClassScheme, p: np.ndarray, threshold: float, thresho
             "abnormal_score": abnormal, "abnormal_at_threshold": bool(abnormal >= threshold)}
 
 
+def decode_threads(files: list[str]) -> int:
+    """Files decoded at once by the local engine: every CPU (pydicom's codecs, numpy and Pillow's
+    resize release the GIL for the heavy part), at most ``--dicomweb-connections``' default for an
+    archive, so a laptop's predict cannot flood a clinical server either."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if any(dicomweb.is_source(f) for f in files):
+        n = min(n, dicomweb.CONNECTIONS)
+    return max(1, min(n, len(files)))
+
+
+def decoded_batches(files: list[str], rels: list[str], spec: PreprocessSpec, what: str, batch_size: int,
+                    names: PathNames = PathNames(), threads: int | None = None
+                    ) -> Iterator[tuple[int, list[str], list[tuple[int, np.ndarray]]]]:
+    """Every file read as the model sees it, ``batch_size`` files at a time, in input order: per
+    chunk ``(start, errors, good)``: each file's error (``kind: reason``, empty when read; the file
+    named as ``names`` names it) and the ``(index, image)`` of each readable one. ``threads`` files
+    are decoded at once, and the next three chunks are decoding while the caller uses this one (the
+    model runs in TensorFlow's threads meanwhile); only those chunks are held, whatever the number
+    of files. A bad file is logged (one line) and the rest go on, whatever the failure."""
+    threads = threads or decode_threads(files)
+    starts = list(range(0, len(files), batch_size))
+
+    def read(i: int):
+        try:
+            return load_image(files[i], spec), ""
+        except Exception as e:  # noqa: BLE001 - DicomReadError, or anything else: a row with its reason
+            return None, names.scrub(file_error(e), files[i], rels[i])
+
+    with Progress(len(files), f"{what}: read") as bar, ThreadPoolExecutor(threads) as pool:
+        ahead: deque = deque()
+        for start in starts[:3]:
+            ahead.append([pool.submit(read, i) for i in range(start, min(start + batch_size, len(files)))])
+        for k, start in enumerate(starts):
+            errors, good = [], []
+            for j, fut in enumerate(ahead.popleft()):
+                img, err = fut.result()
+                errors.append(err)
+                if err:
+                    log.warning("%s: %s: %s", what, names.name(rels[start + j]), err)
+                else:
+                    good.append((start + j, img))
+                bar.update()
+            if k + 3 < len(starts):
+                nxt = starts[k + 3]
+                ahead.append([pool.submit(read, i) for i in range(nxt, min(nxt + batch_size, len(files)))])
+            yield start, errors, good
+
+
 def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: str,
                 names: PathNames = PathNames()) -> tuple[list[str], list[tuple[int, np.ndarray]]]:
-    """Every file read as the model sees it: per file its error (``kind: reason``, empty when read;
-    the file named as ``names`` names it) and the ``(index, image)`` of each readable one. A bad
-    file is logged (one line) and the rest go on, whatever the failure."""
+    """Every file at once (:func:`decoded_batches`): each file's error and the ``(index, image)``
+    of each readable one."""
     errors: list[str] = []
     good: list[tuple[int, np.ndarray]] = []
-    with Progress(len(files), f"{what}: read") as bar:
-        for i, (f, rel) in enumerate(zip(files, rels)):
-            try:
-                good.append((i, load_image(f, spec)))
-                errors.append("")
-            except Exception as e:  # noqa: BLE001 - DicomReadError, or anything else: a row with its reason
-                errors.append(names.scrub(file_error(e), f, rel))
-                log.warning("%s: %s: %s", what, names.name(rel), errors[-1])
-            bar.update()
+    for _, errs, ok in decoded_batches(files, rels, spec, what, 64, names):
+        errors += errs
+        good += ok
     return errors, good
 
 
@@ -128,9 +173,6 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
         names = PathNames(REDACT, resolve_salt(None))
     if path_map:
         write_path_map(path_map, files, rels, names)
-    if archive and engine == "ray":  # the archive's credentials are the driver's, not the Ray workers'
-        raise XrayDistError("predict --engine ray does not read a DICOMweb source yet; use --engine local (the "
-                            "default for one)")
     if engine == "auto":
         engine = "local" if archive else (
             "ray" if len(files) >= RAY_MIN_FILES or any(storage.is_uri(f) for f in files) else "local")
@@ -140,10 +182,11 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
     else:
         lm = load_run_model(run, precision)
         scheme, spec = lm.scheme, lm.spec
-        errors, good = load_inputs(files, rels, lm.preprocess, "predict", names)
-        probs = np.full((len(files), scheme.num_classes), np.nan)
-        if good:
-            probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
+        errors, probs = [], np.full((len(files), scheme.num_classes), np.nan)
+        for _, errs, good in decoded_batches(files, rels, lm.preprocess, "predict", batch_size, names):
+            errors += errs  # the model scores this chunk while the next ones decode
+            if good:
+                probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
     threshold, thresholds = spec_thresholds(spec)
     rows = [{"path": names.name(rel), "prediction": "", "error": err} for rel, err in zip(rels, errors)]
     for i, row in enumerate(rows):
@@ -155,15 +198,24 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
 
 # ---- Ray Data batch inference ------------------------------------------------------------------------
 
-def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames()) -> dict:
-    """CPU task: each file read as the model sees it (zeros and the reason for an unreadable one)."""
+def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames(),
+                 creds: dicomweb.Credentials | None = None) -> dict:
+    """CPU task: each file read as the model sees it (zeros and the reason for an unreadable one).
+    ``creds``: the driver's DICOMweb credentials, for an archive's instances (the task's own
+    environment has none; they travel as the task's argument, never in an environment or a log)."""
     spec = PreprocessSpec.from_dict(spec_dict)
     n = len(batch["path"])
     images = np.zeros((n, spec.image_size, spec.image_size), dtype=np.uint8)
     errors = []
     for i, (path, rel) in enumerate(zip(batch["path"], batch["rel"])):
         try:
-            images[i] = load_image(str(path), spec)
+            data = None
+            if creds is not None and dicomweb.is_source(str(path)):
+                try:
+                    data = dicomweb.read_location(str(path), creds)
+                except Exception as e:  # noqa: BLE001 - as read_dataset names a file it could not read
+                    raise DicomReadError(str(path), f"could not read the file: {e}") from None
+            images[i] = load_image(str(path), spec, data)
             errors.append("")
         except Exception as e:  # noqa: BLE001 - whatever failed, this file's row says so and the rest go on
             errors.append(names.scrub(file_error(e), str(path), str(rel)))
@@ -220,8 +272,13 @@ def _predict_with_ray(run: str | Path, files: list[str], rels: list[str], names:
     # into the next actor map when their remote arguments are equal, which would decode inside the
     # (GPU) actors. max_retries differs from the actors' arguments, so the two never fuse, and a
     # decode task lost with its node (an autoscaling cluster scaling down) is retried.
-    ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"], "names": names}, batch_size=16,
-                        batch_format="numpy", num_cpus=0.5, max_retries=3)
+    archive = any(dicomweb.is_source(f) for f in files)
+    # an archive's instances: the driver's credentials as the tasks' argument, and at most
+    # dicomweb.CONNECTIONS decode tasks retrieving at once (a clinical server is not flooded)
+    ds = ds.map_batches(_decode_rows, fn_kwargs={"spec_dict": spec["preprocess"], "names": names,
+                                                 "creds": dicomweb.Credentials.from_env() if archive else None},
+                        batch_size=16, batch_format="numpy", num_cpus=0.5, max_retries=3,
+                        **({"concurrency": dicomweb.CONNECTIONS} if archive else {}))
     ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": run, "threads": threads, "precision": precision}, batch_size=batch_size,
                         batch_format="numpy", **pool)
     errors = [""] * len(files)

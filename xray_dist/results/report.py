@@ -358,12 +358,20 @@ def _sweep_section(sweep: str) -> tuple[str, str | None]:
         except ValueError:
             return v
 
-    order = sorted(rows, key=lambda r: -float(r["val_auc_abnormal"]) if r.get("val_auc_abnormal") not in ("", None)
-                   and not math.isnan(float(r["val_auc_abnormal"])) else math.inf)
+    # best first by the sweep's own objective (best.json's), as the sweep chose its best trial
+    objective = best.get("objective", "val_auc_abnormal") if best else "val_auc_abnormal"
+    objective = objective if rows and objective in rows[0] else "val_auc_abnormal"
+
+    def rank(r):
+        v = r.get(objective)
+        return -float(v) if v not in ("", None) and not math.isnan(float(v)) else math.inf
+
+    order = sorted(rows, key=rank)
     parts = [f"<h2>Sweep <code>{html.escape(storage.name(sweep))}</code></h2>",
              f"<p>{len(rows)} trials; {sum(r['status'] == 'completed' for r in rows)} completed, "
              f"{sum(r['status'] == 'stopped_early' for r in rows)} stopped early, "
-             f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by validation AUROC abnormal. "
+             f"{sum(r['status'] == 'failed' for r in rows)} failed. Sorted by {html.escape(_SWEEP_COLUMNS.get(objective, objective))} "
+             "(the sweep's objective), best first. "
              "Trials are named by their settings: W head width (0: no hidden layer), K classes, D VGG blocks "
              "trained, lr learning rate.</p>",
              '<div class="wide">' + _table([_SWEEP_COLUMNS[c] for c in cols], [[cell(r, c) for c in cols] for r in order],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from xray_dist.config.values import RENAMED
 from xray_dist.errors import XrayDistError
 from xray_dist.infra import storage
 
@@ -31,5 +32,8 @@ def check_same_settings(out: str, record: str, kind: str, differences: Callable[
         return
     diff = differences(old)
     if diff:
-        raise XrayDistError(f"--out {out} holds a {kind} with other settings ({'; '.join(diff)}); "
+        renamed = sorted({k for k in RENAMED for d in diff if d.startswith(f"{k}:")})
+        why = "".join(f"; it was started before --{k.replace('_', '-')} became --{RENAMED[k][0]}, whose auto "
+                      "differs (bfloat16 on CPUs with it), so it cannot resume as it ran" for k in renamed)
+        raise XrayDistError(f"--out {out} holds a {kind} with other settings ({'; '.join(diff)}){why}; "
                             "use a new --out, or the same settings to resume it")
