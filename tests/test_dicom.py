@@ -426,3 +426,29 @@ class TestBurnedInAnnotation:
         old = PreprocessSpec.from_dict({"image_size": 64, "aspect": "pad", "storage_dtype": "uint8", "window": "first",
                                         "pipeline_version": 2})
         assert old.burned_in == "keep" and PreprocessSpec(image_size=64).burned_in == "reject"
+
+
+@pytest.mark.parametrize("photometric,rescale", [("MONOCHROME1", {}), ("MONOCHROME2", {"RescaleSlope": 1,
+                                                                                   "RescaleIntercept": 0}),
+                                                 ("MONOCHROME2", {"RescaleSlope": 2, "RescaleIntercept": -100})])
+def test_the_in_place_window_gives_the_formula_and_leaves_the_dataset_alone(tmp_path, photometric, rescale):
+    """The window is applied in place on the decoder's float64 copy: the model input equals the
+    PS3.3 formula computed here out of place, and the dataset's own pixel array (which a modality
+    LUT of slope 1 may hand back as it is) is not touched."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    stored = rng.integers(0, 4096, (40, 30)).astype(np.uint16)
+    path = write_gray(tmp_path / "w.dcm", stored, photometric, 16, BitsStored=12, WindowCenter=1500, WindowWidth=2000,
+                      **rescale)
+    ds = dicom.read_dataset(path)
+    before = ds.pixel_array.copy()
+    got = dicom.to_model_input(ds, PreprocessSpec(image_size=16), path)
+    np.testing.assert_array_equal(ds.pixel_array, before)
+    x = stored.astype(np.float64) * rescale.get("RescaleSlope", 1) + rescale.get("RescaleIntercept", 0)
+    x = np.clip((x - (1500 - 0.5)) / (2000 - 1) + 0.5, 0.0, 1.0)
+    x = 1.0 - x if photometric == "MONOCHROME1" else x
+    square = np.zeros((40, 40), np.float32)
+    square[:, 5:35] = x
+    want = np.asarray(Image.fromarray(square, mode="F").resize((16, 16), Image.Resampling.BILINEAR), np.float32)
+    np.testing.assert_array_equal(got, np.clip(np.rint(want * 255.0), 0, 255).astype(np.uint8))

@@ -207,7 +207,8 @@ def stored_values(ds: Dataset, path: str | Path, reduce_to: int | None = None) -
 def modality_values(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Step 2, PS3.3 C.11.1: Modality LUT Sequence, else ``slope * stored + intercept``."""
     if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        y = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        return y.copy() if np.may_share_memory(y, arr) else y  # always an array of our own (windowed in place)
     return arr.astype(np.float64)
 
 
@@ -215,13 +216,16 @@ def modality_values(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
-def apply_window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+def apply_window(x: np.ndarray, center: float, width: float, function: str = "LINEAR",
+                 inplace: bool = False) -> np.ndarray:
     """PS3.3 C.11.2.1.2 window to the output range [0, 1].
 
     ``LINEAR`` (C.11.2.1.2.1), ``LINEAR_EXACT`` (C.11.2.1.3.2) and ``SIGMOID`` (C.11.2.1.3.1): the
     formulas of pydicom's :func:`pydicom.pixels.apply_windowing`, scaled to [0, 1] instead of the
     stored bit depth's range, and refusing what it refuses (a :class:`ValueError`): another
     function, a ``LINEAR`` width under 1, a ``LINEAR_EXACT`` or ``SIGMOID`` width of 0 or less.
+    ``inplace``: a float64 ``x`` the caller owns is overwritten for ``LINEAR`` (the same operations
+    in the same order, so the same values; a 16-bit 2048 px film decodes a third faster).
     """
     function = (function or "LINEAR").upper()
     if function not in VOI_FUNCTIONS:
@@ -238,6 +242,11 @@ def apply_window(x: np.ndarray, center: float, width: float, function: str = "LI
         raise ValueError(f"LINEAR window width must be >= 1, got {width}")
     if width == 1:  # degenerate: a threshold at the center
         return (x > center - 0.5).astype(np.float64)
+    if inplace and x.dtype == np.float64:
+        np.subtract(x, center - 0.5, out=x)
+        np.divide(x, width - 1, out=x)
+        np.add(x, 0.5, out=x)
+        return np.clip(x, 0.0, 1.0, out=x)
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
@@ -272,7 +281,7 @@ def voi_unit_range(x: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
     if "WindowCenter" in ds and "WindowWidth" in ds:
         fn = voi_function(ds, path)
         try:
-            return apply_window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
+            return apply_window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), fn, inplace=True)  # x: ours
         except (ValueError, TypeError) as e:
             raise CorruptPixelDataError(
                 str(path), f"(0028,1050) Window Center / (0028,1051) Window Width unusable: {e}"
@@ -309,7 +318,7 @@ def unit_gray(ds: Dataset, path: str | Path, reduce_to: int | None = None) -> np
         raise UnsupportedImageError(str(path), f"{pi} image decoded to shape {arr.shape}, expected rows x columns")
     x = voi_unit_range(modality_values(arr, ds), ds, path)
     if pi == "MONOCHROME1":
-        x = 1.0 - x
+        x = np.subtract(1.0, x, out=x if x.dtype == np.float64 else None)
     return x
 
 
