@@ -31,7 +31,7 @@ import numpy as np
 
 from xray_dist.errors import ModelSpecError
 from xray_dist.infra import storage
-from xray_dist.model.artifacts import SPEC_FILE, LoadedModel, load_run_model
+from xray_dist.model.artifacts import SPEC_FILE, LoadedModel, load_run_model, predict_arrays
 from xray_dist.model.precision import AGREEMENT, SAME_ARITHMETIC
 
 FORMATS = ("savedmodel", "keras")
@@ -47,8 +47,6 @@ def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel", prec
     probabilities must match the run's float32 model within :data:`~precision.SAME_ARITHMETIC`
     (float32) or :data:`~precision.AGREEMENT` (bfloat16), or nothing is written (``serving.json``
     records the check)."""
-    from xray_dist.model.artifacts import predict_arrays
-
     if fmt not in FORMATS:
         raise ModelSpecError(f"--format must be one of {FORMATS}. Received: format={fmt!r}")
     storage.check_location(out)
