@@ -68,8 +68,8 @@ def export_model(run: str | Path, out: str | Path, fmt: str = "savedmodel", prec
 
 def probe_images(size: int, n: int = 8) -> np.ndarray:
     """``(n, size, size)`` uint8 images that export's check scores: half smooth gradients and
-    discs at several brightnesses (film-like), half seeded noise (every pixel value used); the same
-    images on every machine."""
+    discs at several brightnesses (film-like), half seeded noise over the whole 0–255 range; the
+    same images on every machine."""
     rng = np.random.default_rng(20261201)
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     smooth = []

@@ -209,13 +209,7 @@ def _decode_rows(batch: dict, spec_dict: dict, names: PathNames = PathNames(),
     errors = []
     for i, (path, rel) in enumerate(zip(batch["path"], batch["rel"])):
         try:
-            data = None
-            if creds is not None and dicomweb.is_source(str(path)):
-                try:
-                    data = dicomweb.read_location(str(path), creds)
-                except Exception as e:  # noqa: BLE001 - as read_dataset names a file it could not read
-                    raise DicomReadError(str(path), f"could not read the file: {e}") from None
-            images[i] = load_image(str(path), spec, data)
+            images[i] = load_image(str(path), spec, creds)
             errors.append("")
         except Exception as e:  # noqa: BLE001 - whatever failed, this file's row says so and the rest go on
             errors.append(names.scrub(file_error(e), str(path), str(rel)))
