@@ -121,10 +121,11 @@ def ray_cluster(s3_server, worker_node_temp_dir):
     cluster.add_node(num_cpus=2, object_store_memory=400 * 1024**2, resources={"node_worker": 1},
                      temp_dir=str(worker_node_temp_dir))
     cluster.wait_for_nodes()
-    from xray_dist.infra.runtime import WORKER_ENV
+    from xray_dist.infra.runtime import worker_env
 
-    # RAY_ADDRESS for Ray's own helpers in workers: the job-submission test runs a second cluster
-    ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
+    # RAY_ADDRESS for Ray's own helpers in workers: the job-submission test runs a second cluster.
+    # worker_env(), as the commands' own ray.init: Train's workers then share the job's process pool.
+    ray.init(address=cluster.address, runtime_env={"env_vars": {**worker_env(), "RAY_ADDRESS": cluster.address}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

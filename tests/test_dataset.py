@@ -246,3 +246,25 @@ def test_cache_reads_never_wait_for_a_whole_cpu(prepared_binary, tmp_path):
     out = subprocess.run([sys.executable, "-c", READ_UNDER_PRESSURE, str(cache / "images")], capture_output=True,
                          text=True, timeout=180, cwd=tmp_path)
     assert f"ROWS {report['ok']}" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_small_cache_is_read_by_few_tasks_and_every_row_once(prepared_binary):
+    """The cache's files go to read tasks in consecutive groups: a cache of a few hundred KB is one
+    task (each task may be a new worker process), a large one at most ``parallelism`` tasks of at
+    least TASK_BYTES each; every file in exactly one group, and the Dataset holds every row once."""
+    import pyarrow.dataset as pads
+
+    from xray_dist.data.cache import TASK_BYTES, _CacheParquetSource, read_cache_parquet, read_groups
+
+    assert read_groups([1000] * 16, 8) == [list(range(16))]
+    big = read_groups([TASK_BYTES] * 10, 4)
+    assert len(big) == 4 and sorted(i for g in big for i in g) == list(range(10))
+    assert [len(g) for g in read_groups([TASK_BYTES] * 3, 8)] == [1, 1, 1]
+    assert read_groups([5], 8) == [[0]]
+    _, cache = prepared_binary
+    assert len(list((cache / "images").rglob("*.parquet"))) > 1  # several files, read by one task
+    assert len(_CacheParquetSource(cache / "images", ["path"]).get_read_tasks(8)) == 1
+    ds = read_cache_parquet(cache / "images", ["path", "image"], 0.25)
+    paths = [p for b in ds.iter_batches(batch_size=16, batch_format="numpy") for p in b["path"]]
+    truth = pads.dataset(str(cache / "images")).to_table(columns=["path"]).column("path").to_pylist()
+    assert len(truth) > 1 and sorted(paths) == sorted(truth)  # every row, none twice

@@ -574,3 +574,28 @@ def test_a_nan_metric_is_written_to_metrics_json_as_null(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse) == {
         "val_auc": None, "best": {"val_auc_pneumonia": None, "loss": 0.5}, "final": {"specificity": None},
         "epochs": 3, "classes": ["normal", "pneumonia"]}
+
+
+def test_train_workers_get_the_jobs_own_environment(prepared_binary, tmp_path, monkeypatch):
+    """Ray Train's workers get exactly the variables the commands give the job (``worker_env``),
+    object-store endpoint included: any other set is a second pool of worker processes, and each
+    Ray Data task of the run then started a new process."""
+    import ray
+
+    from xray_dist.infra.runtime import WORKER_ENV, init_ray, worker_env
+    from xray_dist.training.driver import make_trainer
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # as with -v
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-workers")
+    env = worker_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and "AWS_SECRET_ACCESS_KEY" not in env
+    assert all(env[k] == v for k, v in WORKER_ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL")  # that one: -v's
+    trainer, _, _ = make_trainer(cfg_for(prepared_binary[1], tmp_path / "run", epochs=1))
+    assert trainer.run_config.worker_runtime_env == {"env_vars": env}
+    seen = {}  # what a command's own ray.init gives the job
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.update(kw))
+    init_ray("127.0.0.1:9")
+    job = seen["runtime_env"]["env_vars"]
+    assert {k: job[k] for k in env} == env  # Ray merges the two sets: one set, one pool

@@ -209,11 +209,26 @@ def read_cache_parquet(directory: str | Path, columns: list[str], num_cpus: floa
     ``num_cpus`` says — V2's ``ListFiles`` operator, V1's file-sampling tasks — so on a small node
     whose Train workers already hold part of the CPUs, ingestion waits forever (seen on 2-CPU
     machines in sweeps). The cache's files and row counts are known locally (Parquet footers), so a
-    minimal datasource does without them: one read task per file, nothing else.
+    minimal datasource does without them: read tasks over consecutive files (:func:`read_groups`),
+    one block per file, nothing else.
     """
     import ray  # Ray: read where a Ray Dataset is wanted (training, sweeps), never by the CLI's import
 
     return ray.data.read_datasource(_CacheParquetSource(directory, columns), num_cpus=num_cpus)
+
+
+#: The least a read task of :func:`read_cache_parquet` is given to read, when the cache has more files.
+TASK_BYTES = 32 * 2**20
+
+
+def read_groups(sizes: list[int], parallelism: int) -> list[list[int]]:
+    """The cache's files (their sizes, in order) in consecutive groups, one read task each: at most
+    ``parallelism`` groups, and no more than one per :data:`TASK_BYTES`. A small cache is read by one
+    task, not one per file: each task may be a new worker process (about a second of CPU each on a
+    small node), which is what reading a few megabytes cost when every file had its own."""
+    n = max(1, min(len(sizes), parallelism, -(-sum(sizes) // TASK_BYTES)))
+    bounds = np.linspace(0, len(sizes), n + 1).round().astype(int)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def _cache_parquet_source_class():
@@ -237,16 +252,19 @@ def _cache_parquet_source_class():
                            for m in self.meta))
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            sizes = [sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups)) for m in self.meta]
             tasks = []
-            for f, m in zip(self.files, self.meta):
-                size = sum(m.row_group(i).total_byte_size for i in range(m.num_row_groups))
+            for group in read_groups(sizes, parallelism):
+                files = [self.files[i] for i in group]
 
-                def read(path=storage.join(self.directory, f), columns=self.columns):
-                    fs, inner = storage.filesystem(path)  # built in the task's process, from its environment
-                    yield pq.read_table(inner, columns=columns, filesystem=fs)
+                def read(paths=[storage.join(self.directory, f) for f in files], columns=self.columns):
+                    for path in paths:  # one block per file
+                        fs, inner = storage.filesystem(path)  # built in the task's process, from its environment
+                        yield pq.read_table(inner, columns=columns, filesystem=fs)
 
-                tasks.append(ReadTask(read, BlockMetadata(num_rows=m.num_rows, size_bytes=size, exec_stats=None,
-                                                          input_files=(f,)), per_task_row_limit=per_task_row_limit))
+                meta = BlockMetadata(num_rows=sum(self.meta[i].num_rows for i in group),
+                                     size_bytes=sum(sizes[i] for i in group), exec_stats=None, input_files=tuple(files))
+                tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
             return tasks
 
     return CacheParquetSource

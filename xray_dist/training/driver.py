@@ -31,7 +31,7 @@ from xray_dist.data.classes import (ClassScheme, build_multilabel_scheme, build_
 from xray_dist.errors import CacheError, ModelSpecError
 from xray_dist.infra import storage
 from xray_dist.infra.locks import TargetLock
-from xray_dist.infra.runtime import WORKER_ENV, init_ray
+from xray_dist.infra.runtime import init_ray, worker_env
 from xray_dist.model.artifacts import MODEL_DIR
 from xray_dist.results import tracking
 from xray_dist.results.runs import METRICS
@@ -144,7 +144,7 @@ def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: 
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": {**WORKER_ENV, **storage.public_env()}},
+            worker_runtime_env={"env_vars": worker_env()},  # the job's own set: its process pool
         ),
         datasets=datasets,
         # a split that fits goes whole to every worker (a fixed order per epoch, see ShardCache)
