@@ -45,6 +45,8 @@ def stored(archive, tmp_path_factory):
     root = tmp_path_factory.mktemp("stored")
     syn = synthesize(root / "data", patients=20, images_per_patient=2, size=64, seed=5)
     datasets = [pydicom.dcmread(f) for f in syn.files]
+    for d in datasets:  # as a RIS gives them: one accession number per study, in the archive only
+        d.AccessionNumber = f"ACX{int(d.StudyInstanceUID.rsplit('.', 1)[1]) % 10**12:012d}"
     archive.client().store_instances(datasets)
     sop_of = {str(f.relative_to(syn.out)): d.SOPInstanceUID for f, d in zip(syn.files, datasets)}
     rows = [[sop_of[rel], label] for rel, label in syn.labels.items()][1:]  # the first file: no label
@@ -199,6 +201,46 @@ def test_labels_by_study_label_every_instance_of_the_study(archive, stored, cred
         sop_by_key = {r["key"]: Path(r["path"]).stem for r in csv.DictReader(f)}
     for row in load_manifest(tmp_path / "cache").to_pylist():
         assert row["label"] == label_of_sop[sop_by_key[row["path"]]]
+
+
+def test_labels_by_accession_number_label_its_studies_and_no_accession_is_written(archive, stored, credentials,
+                                                                                     tmp_path):
+    """``--path-column AccessionNumber``: the search keeps each study's accession number (in memory),
+    a label row labels every instance of its study, an accession the archive lacks is listed, and
+    no accession number is in any file the prepare wrote. Files (no archive) are told to use a path."""
+    from xray_dist.config import PrepareConfig, PreprocessSpec
+    from xray_dist.data.cache import load_manifest
+    from xray_dist.data.prepare import prepare
+    from xray_dist.errors import PrepareError
+
+    syn, _, sop_of = stored
+    by_study = {}
+    for d in archive.client().search_for_instances(fields=["AccessionNumber"]):  # what the archive holds
+        by_study[d["0020000D"]["Value"][0]] = d["00080050"]["Value"][0]
+    label_of_sop, accession_label = {}, {}
+    for f in syn.files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        label_of_sop[ds.SOPInstanceUID] = syn.labels[str(f.relative_to(syn.out))]
+        accession_label[by_study[ds.StudyInstanceUID]] = label_of_sop[ds.SOPInstanceUID]
+    assert len(accession_label) == len({pydicom.dcmread(f).StudyInstanceUID for f in syn.files}) > 1
+    labels = tmp_path / "by_accession.csv"
+    unknown = "ACX999999999999"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["AccessionNumber", "label"], *accession_label.items(), [unknown, "normal"]])
+    cfg = PrepareConfig(data_dir=f"dicomweb+{archive.url}", labels=str(labels), path_column="AccessionNumber",
+                        out=str(tmp_path / "cache"), preprocess=PreprocessSpec(image_size=32),
+                        path_map=str(tmp_path / "map.csv"))
+    report = prepare(cfg)
+    assert report["ok"] == len(sop_of) and [m["reason"] for m in report["missing"]] == ["file not found"]
+    with open(tmp_path / "map.csv", newline="") as f:
+        sop_by_key = {r["key"]: Path(r["path"]).stem for r in csv.DictReader(f)}
+    for row in load_manifest(tmp_path / "cache").to_pylist():
+        assert row["label"] == label_of_sop[sop_by_key[row["path"]]]
+    written = b"".join(p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert [a for a in [*accession_label, unknown] if a.encode() in written] == []
+    with pytest.raises(PrepareError, match="AccessionNumber joins labels to a DICOMweb source"):
+        prepare(PrepareConfig(data_dir=str(syn.out), labels=str(labels), path_column="AccessionNumber",
+                              out=str(tmp_path / "files"), preprocess=PreprocessSpec(image_size=32)))
 
 
 def _store_more(archive, labels: Path, out: Path, patients: int, seed: int) -> list[str]:

@@ -40,7 +40,8 @@ def add_prepare(sub) -> None:
                    help="keep only these views, e.g. PA,AP (frontal): from the labels' view column, else the DICOM "
                         "View Position (0018,5101); the others are listed in the report (default: all views)")
     p.add_argument("--path-column", default=default(PrepareConfig, "path_column"),
-                   help="csv format: the column naming each file")
+                   help="csv format: the column naming each file; for a DICOMweb source SOPInstanceUID, "
+                        "SeriesInstanceUID, StudyInstanceUID or AccessionNumber")
     p.add_argument("--label-column", default=default(PrepareConfig, "label_column"),
                    help="csv format: the column holding each file's label")
     p.add_argument("--patient-column", default=default(PrepareConfig, "patient_column"),

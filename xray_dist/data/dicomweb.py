@@ -8,7 +8,10 @@ QIDO-RS search filters as its query::
 The driver searches the archive's instances with QIDO-RS, page by page until one comes back short
 (:data:`PAGE`), and keeps only each instance's three UIDs; each is then named
 ``STUDY/SERIES/SOP.dcm`` inside the source, which is how labels find it (``--path-column
-SOPInstanceUID``: a label cell is matched to the name's stem) and how a rerun recognises it. The
+SOPInstanceUID``: a label cell is matched to the name's stem; ``StudyInstanceUID`` or
+``SeriesInstanceUID``: every instance under it; ``AccessionNumber``: every instance of its studies,
+the search then keeping each study's accession number in memory for the join) and how a rerun
+recognises it. The
 decode tasks retrieve each instance with WADO-RS in its stored transfer syntax (``*``), bytes in
 memory, and decode them exactly as a file's bytes are decoded. The UIDs can identify a patient's
 study, so a cache made from a DICOMweb source names its images by salted keys (``--redact-paths``
@@ -201,18 +204,31 @@ def _uid(item: dict, tag: str) -> str | None:
     return v if isinstance(v, str) and _UID.match(v) else None
 
 
-def list_instances(source: Source, creds: Credentials, page: int = PAGE) -> list[FileEntry]:
-    """Every instance the QIDO-RS search finds, paged until a short page, as entries named
-    ``STUDY/SERIES/SOP.dcm`` (size and time 0: an instance's identity is its SOP Instance UID).
-    Only the three UIDs are kept from each answer. A failed search is a :class:`PrepareError`
-    naming the archive and the HTTP status (nothing has been written then)."""
+@dataclass
+class Listing:
+    """What a QIDO-RS search of a source keeps: its instances (:func:`list_instances`) and, when
+    asked for, each Accession Number's studies (in memory only: an accession number can identify a
+    patient's study, and it is used to join labels, never written)."""
+
+    entries: list[FileEntry]
+    studies_of_accession: dict[str, list[str]] = field(default_factory=dict)
+
+
+def search_instances(source: Source, creds: Credentials, page: int = PAGE, accessions: bool = False) -> Listing:
+    """Every instance the QIDO-RS search finds, paged until a page is empty or adds nothing, as
+    entries named ``STUDY/SERIES/SOP.dcm`` (size and time 0: an instance's identity is its SOP
+    Instance UID). Only the three UIDs are kept from each answer, and with ``accessions`` its study's
+    Accession Number. A failed search is a :class:`PrepareError` naming the archive and the HTTP
+    status (nothing has been written then)."""
     c = client(source, creds)
+    fields = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"] + (["AccessionNumber"] if accessions else [])
     found: dict[str, FileEntry] = {}
+    studies: dict[str, set[str]] = {}
     offset = 0
     while True:  # until a page is empty or adds nothing (an archive that caps pages, or ignores offset)
         try:
             items = c.search_for_instances(search_filters=dict(source.filters), limit=page, offset=offset,
-                                           fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+                                           fields=fields)
         except Exception as e:  # noqa: BLE001 - requests' and the client's errors: one line
             raise PrepareError(f"DICOMweb search failed: {failure(source, e, creds)}") from None
         before = len(found)
@@ -221,10 +237,24 @@ def list_instances(source: Source, creds: Credentials, page: int = PAGE) -> list
             if all(uids):
                 name = instance_name(*uids)
                 found[name] = FileEntry(name, 0, 0)
+                accession = _text(item, "00080050") if accessions else None
+                if accession:
+                    studies.setdefault(accession, set()).add(uids[0])
         if not items or len(found) == before:
             break
         offset += len(items)
-    return [found[k] for k in sorted(found)]
+    return Listing([found[k] for k in sorted(found)], {a: sorted(v) for a, v in studies.items()})
+
+
+def list_instances(source: Source, creds: Credentials, page: int = PAGE) -> list[FileEntry]:
+    """The instances :func:`search_instances` finds."""
+    return search_instances(source, creds, page).entries
+
+
+def _text(item: dict, tag: str) -> str | None:
+    """A string attribute of a QIDO-RS answer (DICOM JSON), stripped; None when absent or empty."""
+    v = ((item.get(tag) or {}).get("Value") or [None])[0]
+    return (v.strip() or None) if isinstance(v, str) else None
 
 
 def read_location(location: str, creds: Credentials | None = None) -> bytes:

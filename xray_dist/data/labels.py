@@ -67,12 +67,17 @@ def _canonical(label: str) -> str:
 
 
 def from_csv(data_dir, csv_path, columns: LabelColumns = LabelColumns(),
-             entries: list[storage.FileEntry] | None = None) -> LabelScan:
+             entries: list[storage.FileEntry] | None = None,
+             studies_of_accession: dict[str, list[str]] | None = None) -> LabelScan:
     """Labels from a CSV (``--labels-format csv``).
 
     ``columns.path`` holds a path relative to ``data_dir``, a file name or, RSNA style, a file stem
-    (``0004cfab-...`` for ``stage_2_train_images/0004cfab-....dcm``).
+    (``0004cfab-...`` for ``stage_2_train_images/0004cfab-....dcm``); for a DICOMweb source a UID, or
+    an Accession Number (``studies_of_accession``: the studies the archive's search gave each).
     """
+    if columns.path == ACCESSION and studies_of_accession is None:
+        raise PrepareError(f"--path-column {ACCESSION} joins labels to a DICOMweb source's studies (dicomweb+URL); "
+                           "files are matched by their path")
     needed = [(columns.path, "set --path-column"), (columns.label, "set --label-column")]
     needed += [(columns.patient, "set --patient-column")] if columns.patient else []
     needed += [(columns.site, "set --site-column")] if columns.site else []
@@ -82,6 +87,9 @@ def from_csv(data_dir, csv_path, columns: LabelColumns = LabelColumns(),
                            patient=(r.get(columns.patient) or "").strip() if columns.patient else "",
                            attributes={"site": r.get(columns.site) or ""} if columns.site else {}) for _, r in rows]
     entries = entries if entries is not None else list_entries(data_dir)
+    if columns.path == ACCESSION:  # each row for each of its studies; an unknown accession stays (listed)
+        label_rows = [dataclasses.replace(r, ref=study) for r in label_rows
+                      for study in studies_of_accession.get(r.ref, [r.ref])]
     if columns.path in _BY_UID_LEVEL:
         label_rows = _per_instance(label_rows, entries, _BY_UID_LEVEL[columns.path])
     scan = resolve(data_dir, entries, label_rows, columns.label)
@@ -92,7 +100,8 @@ def from_csv(data_dir, csv_path, columns: LabelColumns = LabelColumns(),
 
 #: A DICOMweb source's instances are named ``STUDY/SERIES/SOP.dcm``: a label by Study or Series
 #: Instance UID labels every instance under it (SOPInstanceUID matches the name's stem as it is).
-_BY_UID_LEVEL = {"StudyInstanceUID": 0, "SeriesInstanceUID": 1}
+_BY_UID_LEVEL = {"StudyInstanceUID": 0, "SeriesInstanceUID": 1, "AccessionNumber": 0}
+ACCESSION = "AccessionNumber"
 
 
 def _per_instance(rows: list[LabelRow], entries: list[storage.FileEntry], level: int) -> list[LabelRow]:
@@ -262,9 +271,11 @@ def from_folders(data_dir, entries: list[storage.FileEntry] | None = None) -> La
 def scan_labels(data_dir, labels_csv: str | None, columns: LabelColumns = LabelColumns(), *,
                 entries: list[storage.FileEntry] | None = None, labels_format: str = "csv",
                 uncertain: str = "ignore", metadata: str | None = None,
-                mimic_patients: str | None = None) -> LabelScan:
+                mimic_patients: str | None = None,
+                studies_of_accession: dict[str, list[str]] | None = None) -> LabelScan:
     """Labels for the files under ``data_dir`` (``entries``: its listing, when the caller has it;
-    ``columns``: a csv file's columns)."""
+    ``columns``: a csv file's columns; ``studies_of_accession``: a DICOMweb search's, for labels by
+    Accession Number)."""
     patient_column = columns.patient
     if entries is None:
         if not storage.is_dir(data_dir):
@@ -286,5 +297,5 @@ def scan_labels(data_dir, labels_csv: str | None, columns: LabelColumns = LabelC
     if columns.site and (not labels_csv or labels_format != "csv"):
         raise PrepareError("--site-column is for --labels-format csv: it names a column of the labels CSV")
     if labels_csv:
-        return from_csv(data_dir, labels_csv, columns, entries)
+        return from_csv(data_dir, labels_csv, columns, entries, studies_of_accession)
     return from_folders(data_dir, entries)

@@ -28,7 +28,7 @@ from xray_dist.data import dicomweb, fingerprint, subgroups
 from xray_dist.data.cache import OWN_FILES, CacheLayout, read_image_meta, read_marker, recorded_chunks
 from xray_dist.data.classes import finding_counts, is_multilabel_label, parse_findings
 from xray_dist.data.decode import decode_all
-from xray_dist.data.labels import NEGATIVE, LabelColumns, LabelScan, list_entries, scan_labels
+from xray_dist.data.labels import ACCESSION, NEGATIVE, LabelColumns, LabelScan, list_entries, scan_labels
 from xray_dist.data.paths import RELATIVE, PathNames, write_path_map
 from xray_dist.data.patients import BY_LABELS, keys_of_raw_id, labels_key
 from xray_dist.data.salt import resolve as resolve_salt
@@ -87,8 +87,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     for where in ((*([] if archive else [data_dir]), cache, *[f for f in (cfg.labels, cfg.metadata,
                                                                         cfg.mimic_patients) if f])):
         storage.check_location(where)
-    if archive:  # QIDO-RS on the driver: only the instances' UIDs are kept
-        entries = dicomweb.list_instances(dicomweb.Source.parse(data_dir), dicomweb.Credentials.from_env())
+    studies_of_accession = None
+    if archive:  # QIDO-RS on the driver: only the instances' UIDs are kept (and, to join labels, accessions)
+        by_accession = cfg.path_column == ACCESSION
+        listing = dicomweb.search_instances(dicomweb.Source.parse(data_dir), dicomweb.Credentials.from_env(),
+                                            accessions=by_accession)
+        entries = listing.entries
+        studies_of_accession = listing.studies_of_accession if by_accession else None
         log.info("DICOMweb: %d instances found", len(entries))
     elif not storage.is_dir(data_dir):
         raise PrepareError(f"data directory not found: {data_dir}")
@@ -97,7 +102,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     scan = scan_labels(data_dir, cfg.labels, LabelColumns(cfg.path_column, cfg.label_column, cfg.patient_column,
                                                           cfg.site_column),
                        entries=entries, labels_format=cfg.labels_format, uncertain=cfg.uncertain,
-                       metadata=cfg.metadata, mimic_patients=cfg.mimic_patients)
+                       metadata=cfg.metadata, mimic_patients=cfg.mimic_patients,
+                       studies_of_accession=studies_of_accession)
     if not scan.items:
         raise PrepareError(
             f"no labelled files in {data_dir}: {len(scan.missing)} label rows without a usable file, "
