@@ -243,6 +243,47 @@ def test_labels_by_accession_number_label_its_studies_and_no_accession_is_writte
                               out=str(tmp_path / "files"), preprocess=PreprocessSpec(image_size=32)))
 
 
+def test_uid_names_when_asked_and_only_for_an_archive(archive, stored, credentials, tmp_path):
+    """``--uid-names``: the cache names each image STUDY/SERIES/SOP.dcm (the user's choice: UIDs can
+    identify a study), the same instances the default names by keys; refused for files, and with
+    --redact-paths."""
+    from xray_dist.cli.app import main
+    from xray_dist.data.cache import load_manifest
+
+    syn, labels, sop_of = stored
+    argv = ["prepare", f"dicomweb+{archive.url}", "--labels", str(labels), "--path-column", "SOPInstanceUID",
+            "--image-size", "32"]
+    assert main([*argv, "--out", str(tmp_path / "cache"), "--uid-names"]) == 0
+    names = load_manifest(tmp_path / "cache").column("path").to_pylist()
+    labelled = {sop_of[rel] for rel in list(syn.labels)[1:]}  # the fixture left the first file unlabelled
+    assert {n.split("/")[2].removesuffix(".dcm") for n in names} == labelled
+    assert all(len(n.split("/")) == 3 and all(u.replace(".dcm", "").replace(".", "").isdigit()
+                                              for u in n.split("/")) for n in names)
+    assert main([*argv, "--out", str(tmp_path / "c2"), "--uid-names", "--redact-paths"]) == 2
+    assert main(["prepare", str(syn.out), "--labels", str(syn.labels_csv), "--image-size", "32", "--out",
+                 str(tmp_path / "c3"), "--uid-names"]) == 2
+
+
+def test_predict_and_explain_name_a_query_by_keys_unless_uid_names():
+    """predict/explain's naming: a query's instances by salted keys, by UIDs with --uid-names; the
+    flag refused for files and beside --redact-paths."""
+    import argparse
+
+    from xray_dist.cli.common import path_names
+    from xray_dist.data.paths import RELATIVE, REDACT
+    from xray_dist.errors import XrayDistError
+
+    def names(inputs, **kw):
+        a = dict(inputs=inputs, redact_paths=False, path_map=None, salt_file=None, uid_names=False)
+        return path_names(argparse.Namespace(**{**a, **kw}))
+
+    query = "dicomweb+http://127.0.0.1:9/dicom-web"
+    assert names([query]).policy == REDACT and names([query], uid_names=True).policy == RELATIVE
+    for bad in (dict(inputs=["a.dcm"], uid_names=True), dict(inputs=[query], uid_names=True, redact_paths=True)):
+        with pytest.raises(XrayDistError, match="--uid-names"):
+            names(**bad)
+
+
 def _store_more(archive, labels: Path, out: Path, patients: int, seed: int) -> list[str]:
     """``patients`` × 1 new instances stored in the archive and labelled; their SOP UIDs."""
     syn = synthesize(out, patients=patients, images_per_patient=1, size=64, seed=seed, encodings=("mono2_u8",))

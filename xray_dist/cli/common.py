@@ -97,6 +97,10 @@ def add_path_flags(p, where: str, salt: bool = False) -> None:
                    help=f"name files in {where} by a salted key instead of their relative path (xray_dist.data.paths)")
     p.add_argument("--path-map", help="with --redact-paths: CSV to write key,path to (keep it private; never inside "
                                       "the outputs)")
+    p.add_argument("--uid-names", action="store_true",
+                   help=f"a DICOMweb source: name its instances in {where} STUDY/SERIES/SOP.dcm by their UIDs instead "
+                        "of salted keys (the default: UIDs can identify a patient's study; for outputs that stay "
+                        "where the archive is)")
     if salt:
         p.add_argument("--salt-file", help="with --redact-paths: the salt (made, 0600, when missing; default: "
                                            "XRAY_DIST_SALT, else ~/.config/xray-dist/salt, as prepare's); give "
@@ -106,8 +110,14 @@ def add_path_flags(p, where: str, salt: bool = False) -> None:
 def path_names(a) -> PathNames:
     """:class:`~xray_dist.data.paths.PathNames` from predict/explain flags."""
     archive = any(dicomweb.is_source(i) for i in getattr(a, "inputs", []))  # UIDs can identify a study: keys
-    if a.path_map and not (a.redact_paths or archive):
+    if a.uid_names and not archive:
+        raise XrayDistError("--uid-names names a DICOMweb source's instances by their UIDs; files are named by "
+                            "their path")
+    if a.uid_names and (a.redact_paths or a.path_map):
+        raise XrayDistError("--uid-names and --redact-paths/--path-map name instances two ways: give one")
+    keys = a.redact_paths or (archive and not a.uid_names)
+    if a.path_map and not keys:
         raise XrayDistError("--path-map is written with --redact-paths only")
-    if not (a.redact_paths or archive):
+    if not keys:
         return PathNames(RELATIVE)
     return PathNames(REDACT, resolve_salt(a.salt_file))  # the lookup prepare uses: the same keys by default

@@ -78,7 +78,7 @@ def cmd_prepare(a) -> int:
         data_dir=a.data_dir, out=a.out, labels=a.labels, path_column=a.path_column, label_column=a.label_column,
         patient_column=a.patient_column, site_column=a.site_column,
         labels_format=a.labels_format, uncertain=a.uncertain, metadata=a.metadata, mimic_patients=a.mimic_patients,
-        dicomweb_connections=a.dicomweb_connections,
+        dicomweb_connections=a.dicomweb_connections, uid_names=a.uid_names,
         views=tuple(v.strip().upper() for v in a.views.split(",") if v.strip()),
         preprocess=PreprocessSpec(image_size=a.image_size, burned_in="keep" if a.keep_burned_in else "reject",
                                   max_pixels=a.max_pixels),

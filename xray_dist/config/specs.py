@@ -112,6 +112,7 @@ class PrepareConfig:
     address: str | None = None
     num_cpus: int | None = None
     dicomweb_connections: int = 4  # a DICOMweb source: decode tasks retrieving from the archive at once
+    uid_names: bool = False  # a DICOMweb source: name images STUDY/SERIES/SOP (their UIDs) instead of salted keys
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -133,7 +134,14 @@ class PrepareConfig:
                              "labels_format='mimic'")
         if self.paths not in PATHS_POLICIES:
             raise ValueError(f"paths must be {either(PATHS_POLICIES, quote=True)}. Received: paths={self.paths!r}")
-        if str(self.data_dir).lower().startswith("dicomweb+"):  # an archive's UIDs can identify a study: keys
+        archive = str(self.data_dir).lower().startswith("dicomweb+")
+        if self.uid_names and not archive:
+            raise ValueError("uid_names (--uid-names) names a DICOMweb source's images by their UIDs; files are "
+                             "named by their path")
+        if self.uid_names and self.paths == "redact":
+            raise ValueError("uid_names (--uid-names) and redacted paths (--redact-paths) name images two ways: "
+                             "give one")
+        if archive and not self.uid_names:  # an archive's UIDs can identify a study: keys, unless asked
             object.__setattr__(self, "paths", "redact")
         if self.path_map and self.paths != "redact":
             raise ValueError("path_map is written with redacted paths only (--redact-paths)")

@@ -118,11 +118,12 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
 def _archive_config(cfg: PrepareConfig) -> PrepareConfig:
     """A DICOMweb source: labels are required (an instance's UIDs are no class); its images are
-    named by salted keys (the UIDs can identify a patient's study: :class:`PrepareConfig` sees to it)."""
+    named by salted keys (the UIDs can identify a patient's study: :class:`PrepareConfig` sees to it),
+    or STUDY/SERIES/SOP when the user asked (``--uid-names``)."""
     if not cfg.labels:
         raise PrepareError("a DICOMweb source needs --labels (for example --path-column SOPInstanceUID): an "
                            "archive has no folder per class")
-    assert cfg.paths == "redact"
+    assert cfg.paths == "redact" or cfg.uid_names
     return cfg
 
 
