@@ -25,17 +25,25 @@ class Orthanc:
     """Orthanc on a free loopback port, storing under ``root``; ``url`` is its DICOMweb root.
     ``stop()`` and ``start()`` again keep its storage (an archive that goes down and comes back)."""
 
-    def __init__(self, root: Path, user: str, password: str, timeout: float = 60):
-        self.root, self.user, self.password, self.timeout = Path(root), user, password, timeout
+    def __init__(self, root: Path, user: str, password: str, timeout: float = 60, token: str | None = None):
+        """``token``: requests must carry ``Authorization: Bearer <token>`` instead of basic
+        credentials (an Orthanc Lua filter checks every request, as a token-checking gateway would)."""
+        self.root, self.user, self.password, self.timeout, self.token = Path(root), user, password, timeout, token
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/dicom-web"
         (self.root / "storage").mkdir(parents=True, exist_ok=True)
+        auth = {"AuthenticationEnabled": True, "RegisteredUsers": {user: password}}
+        if token:
+            (self.root / "bearer.lua").write_text(
+                "function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)\n"
+                f"  return httpHeaders['authorization'] == 'Bearer {token}'\nend\n")
+            auth = {"AuthenticationEnabled": False, "LuaScripts": [str(self.root / "bearer.lua")]}
         (self.root / "orthanc.json").write_text(json.dumps({
             "Name": "xray-dist", "StorageDirectory": str(self.root / "storage"),
             "IndexDirectory": str(self.root / "storage"), "HttpPort": self.port, "DicomServerEnabled": False,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {user: password},
+            "RemoteAccessAllowed": False, **auth,
             "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         }))
         self.proc: subprocess.Popen | None = None
@@ -44,7 +52,7 @@ class Orthanc:
     def start(self) -> None:
         log = open(self.root / "orthanc.log", "ab")
         self.proc = subprocess.Popen([ORTHANC, str(self.root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-        auth = "Basic " + b64encode(f"{self.user}:{self.password}".encode()).decode()
+        auth = f"Bearer {self.token}" if self.token else "Basic " + b64encode(f"{self.user}:{self.password}".encode()).decode()
         deadline = time.time() + self.timeout
         while True:
             try:
@@ -69,5 +77,8 @@ class Orthanc:
         from dicomweb_client.api import DICOMwebClient
 
         s = requests.Session()
-        s.auth = (self.user, self.password)
+        if self.token:
+            s.headers["Authorization"] = f"Bearer {self.token}"
+        else:
+            s.auth = (self.user, self.password)
         return DICOMwebClient(self.url, session=s)

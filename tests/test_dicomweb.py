@@ -163,6 +163,46 @@ def test_wrong_credentials_or_no_archive_is_one_line_and_nothing_written(archive
     assert "never go in the URI" in err and PASSWORD not in err and not (tmp_path / "c3").exists()
 
 
+def test_a_bearer_token_is_sent_and_never_written(stored, monkeypatch, tmp_path, capfd):
+    """An archive behind a bearer token (Orthanc with a Lua filter that lets through only requests
+    carrying ``Authorization: Bearer <token>``): prepare with XRAY_DIST_DICOMWEB_TOKEN searches and
+    retrieves (the instances decoded); a wrong token is one line, exit 2, nothing written; the token
+    is in no file of the cache and no line printed."""
+    import secrets
+
+    from xray_dist.cli import app as cli
+
+    syn, _, _ = stored
+    token = "tok-" + secrets.token_hex(12)
+    gate = Orthanc(tmp_path / "gated", USER, PASSWORD, token=token)
+    try:
+        files = syn.files[:4]
+        gate.client().store_instances([pydicom.dcmread(f) for f in files])
+        labels = tmp_path / "labels.csv"
+        with open(labels, "w", newline="") as f:
+            csv.writer(f).writerows([["SOPInstanceUID", "label"]] + [
+                [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID, syn.labels[str(p.relative_to(syn.out))]]
+                for p in files])
+        argv = ["prepare", f"dicomweb+{gate.url}", "--labels", str(labels), "--path-column", "SOPInstanceUID",
+                "--image-size", "32"]
+        monkeypatch.delenv("XRAY_DIST_DICOMWEB_USER", raising=False)
+        monkeypatch.delenv("XRAY_DIST_DICOMWEB_PASSWORD", raising=False)
+        monkeypatch.setenv("XRAY_DIST_DICOMWEB_TOKEN", "not-" + token)
+        assert cli.main([*argv, "--out", str(tmp_path / "refused")]) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "HTTP 403" in err and token not in err, err
+        assert not (tmp_path / "refused").exists()
+        monkeypatch.setenv("XRAY_DIST_DICOMWEB_TOKEN", token)
+        assert cli.main([*argv, "--out", str(tmp_path / "cache")]) == 0
+        report = json.loads((tmp_path / "cache" / "prepare_report.json").read_text())
+        assert report["ok"] == len(files) and not report["quarantined"], report
+        printed = capfd.readouterr()
+        assert token not in printed.out + printed.err
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    finally:
+        gate.stop()
+
+
 def test_the_search_pages_until_nothing_new(archive, stored, credentials):
     """QIDO-RS paging: small pages find what one large page finds, each instance once."""
     from xray_dist.data import dicomweb
