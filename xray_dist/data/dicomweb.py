@@ -134,13 +134,26 @@ def location(source_uri: str, name: str) -> str:
     return SCHEME + Source.parse(source_uri).root + "/" + name
 
 
+class _ArchiveSession(requests.Session):
+    """A session whose own CA bundle (:data:`CA_ENV`) is the one used: requests lets a machine-wide
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` replace a session's ``verify`` on every request
+    (``merge_environment_settings``), which silently ignored the archive's private CA wherever
+    those are set (they are on this project's machines). Proxies from the environment still apply."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if isinstance(self.verify, str) and verify in (None, True):
+            settings["verify"] = self.verify
+        return settings
+
+
 def _session(creds: Credentials) -> requests.Session:
     class _Bearer(requests.auth.AuthBase):
         def __call__(self, r):
             r.headers["Authorization"] = f"Bearer {creds.token}"
             return r
 
-    s = requests.Session()
+    s = _ArchiveSession()
     if creds.token:
         s.auth = _Bearer()
     elif creds.user:
