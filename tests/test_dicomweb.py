@@ -229,27 +229,44 @@ def _self_signed(where: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-class TlsGateway:
-    """HTTPS on 127.0.0.1 in front of the archive (as a hospital's gateway terminates TLS), with a
-    certificate from a private CA: each request forwarded as it came, the answer returned as it is."""
+class Gateway:
+    """A gateway on 127.0.0.1 in front of the archive, as a hospital's terminates TLS (``cert``,
+    ``key``: HTTPS with that certificate): each request forwarded as it came, the answer returned as
+    it is; every WADO-RS retrieve held ``delay`` seconds, and the most retrieves ever in flight at
+    once counted (``most_at_once``)."""
 
-    def __init__(self, upstream: str, cert: Path, key: Path):
+    def __init__(self, upstream: str, cert: Path | None = None, key: Path | None = None, delay: float = 0.0):
         import ssl
         import threading
+        import time
         import urllib.error
         import urllib.request
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+        lock, gate = threading.Lock(), self
+        self.in_flight = self.most_at_once = 0
+
         class Forward(BaseHTTPRequestHandler):
             def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-                req = urllib.request.Request(upstream + self.path, data=body, method=self.command,
-                                             headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                retrieve = self.command == "GET" and "/instances/" in self.path
+                if retrieve:
+                    with lock:
+                        gate.in_flight += 1
+                        gate.most_at_once = max(gate.most_at_once, gate.in_flight)
                 try:
-                    with urllib.request.urlopen(req, timeout=60) as r:
-                        status, headers, data = r.status, r.headers.items(), r.read()
-                except urllib.error.HTTPError as e:
-                    status, headers, data = e.code, e.headers.items(), e.read()
+                    time.sleep(delay if retrieve else 0)
+                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                    req = urllib.request.Request(upstream + self.path, data=body, method=self.command,
+                                                 headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                    try:
+                        with urllib.request.urlopen(req, timeout=60) as r:
+                            status, headers, data = r.status, r.headers.items(), r.read()
+                    except urllib.error.HTTPError as e:
+                        status, headers, data = e.code, e.headers.items(), e.read()
+                finally:
+                    if retrieve:
+                        with lock:
+                            gate.in_flight -= 1
                 self.send_response(status)
                 for k, v in headers:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -264,15 +281,40 @@ class TlsGateway:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert, key)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        if cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if cert else 'http'}://127.0.0.1:{self.server.server_address[1]}/dicom-web"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_at_most_dicomweb_connections_retrieve_at_once(archive, stored, credentials, tmp_path):
+    """``--dicomweb-connections N``: the archive never sees more than N retrieves at once (counted by
+    a gateway that holds each one 0.3 s, so that they overlap wherever they may): 1 with 1, and
+    with 3 more than one but never more than 3, on a cluster with 4 CPUs for decode tasks."""
+    from xray_dist.cli import app as cli
+
+    syn, _, sop_of = stored
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["SOPInstanceUID", "label"]] + [[sop_of[rel], syn.labels[rel]]
+                                                                  for rel in sorted(syn.labels)[:12]])
+    seen = {}
+    for n in (1, 3):
+        gateway = Gateway(archive.url.removesuffix("/dicom-web"), delay=0.3)
+        try:
+            assert cli.main(["prepare", f"dicomweb+{gateway.url}", "--labels", str(labels), "--path-column",
+                             "SOPInstanceUID", "--image-size", "32", "--dicomweb-connections", str(n),
+                             "--out", str(tmp_path / f"cache{n}")]) == 0
+        finally:
+            gateway.stop()
+        seen[n] = gateway.most_at_once
+    assert seen[1] == 1 and 1 < seen[3] <= 3, seen
 
 
 def test_tls_is_verified_and_a_private_ca_is_named_by_its_bundle(archive, stored, credentials, monkeypatch,
@@ -285,7 +327,7 @@ def test_tls_is_verified_and_a_private_ca_is_named_by_its_bundle(archive, stored
 
     _, labels, sop_of = stored
     cert, key = _self_signed(tmp_path)
-    gateway = TlsGateway(archive.url.removesuffix("/dicom-web"), cert, key)
+    gateway = Gateway(archive.url.removesuffix("/dicom-web"), cert, key)
     try:
         argv = ["prepare", f"dicomweb+{gateway.url}", "--labels", str(labels), "--path-column", "SOPInstanceUID",
                 "--image-size", "32"]
