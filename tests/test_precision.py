@@ -135,3 +135,26 @@ def test_bfloat16_features_have_their_own_directory_and_agree(prepared_binary, t
     x, y = np.stack(list(a.values())), np.stack(list(b.values()))
     assert not np.array_equal(x, y)
     assert np.abs(x - y).max() <= 0.05 * np.abs(x).max()  # a few bf16 roundings through four VGG blocks
+
+
+def test_resuming_in_another_precision_says_it_is_not_exact(prepared_binary, tmp_path, caplog):
+    """The checkpoint records what the run computed in. Resumed in the same precision: resumed exactly,
+    nothing to warn about; in another (a machine without AMX under ``auto``, or another --precision):
+    one warning naming both, and the resume line says it is not the uninterrupted run."""
+    import logging
+
+    from xray_dist.training.inprocess import train_in_process
+
+    cfg = dict(cache=str(prepared_binary[1]), out=str(tmp_path / "run"), batch_size=8, lr=1e-4, weights="none",
+               unfreeze_blocks=1)
+    train_in_process(TrainConfig(epochs=1, precision="bfloat16", **cfg))
+    with caplog.at_level(logging.INFO, logger="xray_dist"):
+        train_in_process(TrainConfig(epochs=2, precision="bfloat16", **cfg))
+    said = caplog.text
+    assert "resuming from the checkpoint after epoch 1 (exactly" in said and "not the ones" not in said, said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xray_dist"):
+        train_in_process(TrainConfig(epochs=3, precision="float32", **cfg))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "resuming a run" in r.getMessage()]
+    assert len(warned) == 1 and "computed in bfloat16, now in float32" in warned[0].getMessage(), caplog.text
+    assert "after epoch 2 (computed in float32 where the run computed in bfloat16" in caplog.text

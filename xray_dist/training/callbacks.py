@@ -89,13 +89,14 @@ def score(model, batches, scheme: ClassScheme) -> tuple[np.ndarray, np.ndarray, 
     return scheme.probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int), np.concatenate(paths)
 
 
-def write_checkpoint(model, directory: Path, epoch: int, history: list[dict], scores: tuple) -> None:
+def write_checkpoint(model, directory: Path, epoch: int, history: list[dict], scores: tuple,
+                     precision: str | None = None) -> None:
     """An epoch's checkpoint: ``weights.h5``, the training state (:mod:`xray_dist.training.state`),
-    ``val_scores.npz`` and ``state.json`` (the epoch and the whole history)."""
+    ``val_scores.npz`` and ``state.json`` (the epoch, the whole history, what it computed in)."""
     probs, labels, paths = scores
     model.save_weights(str(directory / "weights.h5"))
     save_training_state(model, directory)
-    storage.write_json(directory / "state.json", {"epoch": epoch, "history": history})
+    storage.write_json(directory / "state.json", {"epoch": epoch, "history": history, "precision": precision})
     np.savez(directory / "val_scores.npz", probs=probs, labels=labels, paths=paths)
 
 
@@ -186,7 +187,8 @@ def _epoch_reporter_class():
             metrics.update({f"val_auc_{k}": v for k, v in per_class.items()})
             metrics.update({f"threshold_{k}": v for k, v in per_threshold.items()})
             self.history.append(dict(metrics))
-            write_checkpoint(self.model, tmp, epoch + 1, self.history, scores)
+            write_checkpoint(self.model, tmp, epoch + 1, self.history, scores,
+                             self.ctx.policy.removeprefix("mixed_"))
             self.live.write(metrics)
             self.tracker.log(metrics)
             log.info("epoch %d/%d loss %.4f val_loss %.4f val_auc %.3f val_auc_abnormal %.3f "

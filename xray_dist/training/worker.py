@@ -174,8 +174,14 @@ def _resume(ctx: WorkerContext, model, whole: bool) -> tuple[list[dict], int]:
         load_weights_checked(model, Path(d) / "weights.h5")
         exact = restore_training_state(model, Path(d), ctx.strategy)
         state = storage.read_json(Path(d) / "state.json")
+    was, now = state.get("precision"), ctx.policy.removeprefix("mixed_")
+    if ctx.rank == 0 and was and was != now:  # weights are float32 whatever ran: they carry over, exactness not
+        log.warning("resuming a run that computed in %s, now in %s (--precision %s): the weights and optimizer "
+                    "carry over, but the epochs from here are not the ones it would have trained; --precision %s "
+                    "resumes it exactly", was, now, ctx.cfg.precision, was)
     if ctx.rank == 0:
-        how = ("exactly: optimizer, dropout and data order as the uninterrupted run" if exact and whole else
+        how = (f"computed in {now} where the run computed in {was}: not the uninterrupted run" if was and was != now
+               else "exactly: optimizer, dropout and data order as the uninterrupted run" if exact and whole else
                "optimizer and dropout state restored; the data order is Ray Data's (the training split is larger "
                "than worker_cache_mb)" if exact else "weights only: the checkpoint holds no optimizer state")
         log.info("resuming from the checkpoint after epoch %d (%s)", state["epoch"], how)
