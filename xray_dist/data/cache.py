@@ -224,8 +224,8 @@ TASK_BYTES = 32 * 2**20
 def read_groups(sizes: list[int], parallelism: int) -> list[list[int]]:
     """The cache's files (their sizes, in order) in consecutive groups, one read task each: at most
     ``parallelism`` groups, and no more than one per :data:`TASK_BYTES`. A small cache is read by one
-    task, not one per file: each task may be a new worker process (about a second of CPU each on a
-    small node), which is what reading a few megabytes cost when every file had its own."""
+    task, not one per file: each task may be a new worker process, which is most of what reading a
+    few megabytes costs."""
     n = max(1, min(len(sizes), parallelism, -(-sum(sizes) // TASK_BYTES)))
     bounds = np.linspace(0, len(sizes), n + 1).round().astype(int)
     return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

@@ -32,8 +32,8 @@ def worker_env() -> dict[str, str]:
     """The variables every Ray worker of a command gets, the same for the job (``init_ray``) and for
     Ray Train's workers: :data:`WORKER_ENV` (TensorFlow's log level as this process has it) and the
     object store's public settings. One set for both matters: Ray keeps a separate pool of worker
-    processes per environment, so Train workers with any other set made every Ray Data task they
-    started a new process (a streamed one-epoch run on 2 cores: 51 s with two sets, 19 s with one)."""
+    processes per environment, and Train workers with another set than the job's (the object
+    store's endpoint, say) had their Ray Data tasks start new processes where idle ones stood."""
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     return {**WORKER_ENV, "TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"], **public_env()}
