@@ -69,7 +69,7 @@ def over_confident(ray_cluster, tmp_path_factory):
     prepare(PrepareConfig(data_dir=str(syn.out), labels=str(syn.labels_csv), out=str(root / "cache"),
                           preprocess=PreprocessSpec(image_size=32), val_fraction=0.3, test_fraction=0.3, seed=2))
     train(TrainConfig(cache=str(root / "cache"), out=str(root / "run"), epochs=12, batch_size=8, lr=1e-3,
-                      weights="none", unfreeze_blocks=5, num_workers=1, cpus_per_worker=0.5))
+                      weights="none", unfreeze_blocks=5, runner="inprocess"))  # a model to calibrate: no Ray Train
     paths, images = load_split_arrays(root / "cache", "test")
     label = dict(zip(*[load_manifest(root / "cache").column(c).to_pylist() for c in ("path", "label")]))
     return root / "cache", root / "run", images, np.array([label[p] != "normal" for p in paths])

@@ -80,7 +80,7 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
 
     from xray_dist.data.classes import ClassScheme
     from xray_dist.training.inprocess import LocalSplit, in_process_inputs
-    from xray_dist.training.driver import run_inputs, run_setup
+    from xray_dist.training.inputs import run_inputs, run_setup
 
     _, cache = prepared_binary
     cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "run"), weights="none")
@@ -125,3 +125,38 @@ def test_local_splits_hold_the_rows_the_ray_datasets_give(prepared_binary, tmp_p
         LocalSplit(source, column, label_of, class_weight)
     _, _, big, _ = in_process_inputs(dataclasses.replace(cfg, worker_cache_mb=0))
     assert not isinstance(big["train"], LocalSplit)
+
+
+def test_train_runner_inprocess_trains_here_resumes_and_keeps_its_runner(prepared_binary, tmp_path, capsys):
+    """``train --runner inprocess``: the run trains in the command's own process (its worker record
+    is this process), writes what a Ray Train run writes (checkpoints under RUN/checkpoints, no Ray
+    Train storage), resumes with more epochs without training epoch 1 again, and a rerun with the
+    other runner is refused (one line naming it); more than one worker is refused up front."""
+    import csv
+    import json
+    import os
+
+    from xray_dist.cli.app import main
+    from xray_dist.config import ConfigError, TrainConfig
+
+    _, cache = prepared_binary
+    out = tmp_path / "run"
+    argv = ["train", "--cache", str(cache), "--out", str(out), "--batch-size", "8", "--weights", "none",
+            "--unfreeze-blocks", "1"]
+    assert main([*argv, "--runner", "inprocess", "--epochs", "1"]) == 0
+    assert json.loads((out / "workers" / "rank0.json").read_text())["pid"] == os.getpid()
+    assert (out / "checkpoints").is_dir() and not (out / "ray").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 1 and m["config"]["runner"] == "inprocess" and m["cache_fingerprint"]
+    assert {"model/weights.h5", "model/model_spec.json", "history.csv", "val_scores.npz", "roc.png"} <= {
+        str(p.relative_to(out)) for p in out.rglob("*")}
+    first = list(csv.DictReader(open(out / "history.csv")))
+    assert main([*argv, "--runner", "inprocess", "--epochs", "2"]) == 0
+    second = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["epoch"] for r in second] == ["1", "2"] and second[0] == first[0]  # epoch 1 not trained again
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "3"]) == 2  # Ray Train would start this run over: refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runner" in err[0], err
+    with pytest.raises(ConfigError, match="runner"):
+        TrainConfig(cache=str(cache), out=str(out), runner="inprocess", num_workers=2)

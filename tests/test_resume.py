@@ -99,7 +99,7 @@ def test_a_changed_cache_stops_a_resumed_sweep_and_a_rerun_train(ray_cluster, tm
 
     prepare(syn.labels_csv)
     train = ["train", "--cache", str(cache), "--out", str(run), "--weights", "none", "--batch-size", "8",
-             "--cpus-per-worker", "0.5", "--unfreeze-blocks", "0"]
+             "--runner", "inprocess", "--unfreeze-blocks", "0"]  # the refusal comes before any runner
     tune = ["tune", "--cache", str(cache), "--out", str(sweep), "--epochs", "1", "--weights", "none", "--combos",
             "0:2:0", "--lr", "1e-3,1e-3", "--scheduler", "fifo", "--batch-size", "8", "--cpus-per-worker", "0.5"]
     assert main([*train, "--epochs", "1"]) == 0

@@ -147,7 +147,7 @@ def two_sites(ray_cluster, tmp_path_factory):
     prepare(PrepareConfig(data_dir=str(syn.out), labels=str(syn.labels_csv), out=str(root / "cache"),
                           preprocess=PreprocessSpec(image_size=32), val_fraction=0.2, test_fraction=0.4, seed=1))
     train(TrainConfig(cache=str(root / "cache"), out=str(root / "run"), epochs=5, batch_size=8, lr=1e-4,
-                      weights="none", unfreeze_blocks=5, num_workers=1, cpus_per_worker=0.5))
+                      weights="none", unfreeze_blocks=5, runner="inprocess"))  # a model to audit: no Ray Train
     rows = {r["path"]: r for r in load_manifest(root / "cache").to_pylist()}
     subtle = {rows[rel]["site"] for rel, s in syn.sites.items() if s == 1}
     assert len(subtle) == 1

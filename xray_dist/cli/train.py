@@ -14,7 +14,7 @@ import sys
 
 from xray_dist.cli.common import CLI_ONLY, command, default_help
 from xray_dist.cli.results import calibrate_after_training
-from xray_dist.config import (AUGMENT, PRECISIONS, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRIAL_RUNNERS,
+from xray_dist.config import (AUGMENT, PRECISIONS, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS, TRAIN_RUNNERS, TRIAL_RUNNERS,
                               ConfigError, SweepConfig, TrainConfig, check_keys, coerce, coerce_scalar,
                               load_yaml_overrides)
 from xray_dist.infra import storage
@@ -83,6 +83,11 @@ def _add_train_flags(p, sweep: bool = False) -> None:
                         "sharing is then off)" + d("augment"))
     p.add_argument("--max-failures", type=int, default=S, help="worker failures survived by resuming from the last "
                                                                "checkpoint" + d("max_failures"))
+    if not sweep:
+        p.add_argument("--runner", choices=TRAIN_RUNNERS, default=S,
+                       help="train: Ray Train; inprocess: one worker in this process, for a quick local try (no "
+                            "Ray Train controller or worker to start, no worker recovery); a rerun resumes with the "
+                            "runner it started with" + d("runner"))
     p.add_argument("--worker-cache-mb", type=int, default=S,
                    help="memory per worker for its training rows, read once (0: stream every epoch)"
                    + d("worker_cache_mb"))

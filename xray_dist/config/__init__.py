@@ -21,9 +21,9 @@ from xray_dist.config.bounds import (BOUNDS, COMBO_FIELDS, ELEMENT_BOUNDS, PIPEL
                                      check_number)
 from xray_dist.config.choices import (AUGMENT, BURNED_IN, ENGINES, EXPORT_FORMATS, LABELS_FORMATS, METRICS, PRECISIONS,
                                       PATHS_POLICIES, PLACEMENT_STRATEGIES, SCHEDULERS, SEARCHES, TASKS,
-                                      TRIAL_RUNNERS, UNCERTAIN, Augment, BurnedIn, Engine, ExportFormat, LabelsFormat, Metric,
+                                      TRAIN_RUNNERS, TRIAL_RUNNERS, UNCERTAIN, Augment, BurnedIn, Engine, ExportFormat, LabelsFormat, Metric,
                                       Precision, PathsPolicy, PlacementStrategy, Scheduler, Search, Task,
-                                      TrialRunner, Uncertain, either)
+                                      TrainRunner, TrialRunner, Uncertain, either)
 from xray_dist.config.specs import DEFAULT_MAX_PIXELS, PrepareConfig, PreprocessSpec, stable_hash, storage_outside
 from xray_dist.config.training import SweepConfig, TrainConfig
 from xray_dist.config.values import check_keys, coerce, coerce_scalar, load_yaml_overrides
@@ -32,9 +32,9 @@ from xray_dist.errors import ConfigError
 __all__ = [
     "BOUNDS", "COMBO_FIELDS", "ELEMENT_BOUNDS", "PIPELINE_VERSION", "Bound", "check_fields", "check_number",
     "AUGMENT", "Augment", "BURNED_IN", "ENGINES", "EXPORT_FORMATS", "LABELS_FORMATS", "METRICS", "PRECISIONS", "PATHS_POLICIES",
-    "PLACEMENT_STRATEGIES", "SCHEDULERS", "SEARCHES", "TASKS", "TRIAL_RUNNERS", "UNCERTAIN", "BurnedIn", "Engine",
+    "PLACEMENT_STRATEGIES", "SCHEDULERS", "SEARCHES", "TASKS", "TRAIN_RUNNERS", "TRIAL_RUNNERS", "UNCERTAIN", "BurnedIn", "Engine",
     "ExportFormat", "LabelsFormat", "Metric", "Precision", "PathsPolicy", "PlacementStrategy", "Scheduler",
-    "Search", "Task", "TrialRunner", "Uncertain", "either",
+    "Search", "Task", "TrainRunner", "TrialRunner", "Uncertain", "either",
     "DEFAULT_MAX_PIXELS", "PrepareConfig", "PreprocessSpec", "stable_hash", "storage_outside",
     "SweepConfig", "TrainConfig",
     "check_keys", "coerce", "coerce_scalar", "load_yaml_overrides",

@@ -31,6 +31,9 @@ Scheduler = Literal["asha", "fifo"]
 Search = Literal["grid", "random", "optuna"]
 #: auto: one-worker trials train in their Tune process; train: always Ray Train.
 TrialRunner = Literal["auto", "inprocess", "train"]
+#: train: Ray Train (the default: worker recovery, any number of workers); inprocess: one worker in
+#: the command's own process (a local single-node try: no controller or worker process to start).
+TrainRunner = Literal["train", "inprocess"]
 #: Where predict scores: this process, Ray Data, or whichever suits the inputs.
 Engine = Literal["auto", "local", "ray"]
 #: What export writes.
@@ -48,6 +51,7 @@ PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 SEARCHES: tuple[str, ...] = get_args(Search)
 TRIAL_RUNNERS: tuple[str, ...] = get_args(TrialRunner)
+TRAIN_RUNNERS: tuple[str, ...] = get_args(TrainRunner)
 ENGINES: tuple[str, ...] = get_args(Engine)
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 

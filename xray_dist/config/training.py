@@ -9,8 +9,8 @@ from typing import Any
 
 from xray_dist.config.bounds import BOUNDS, COMBO_FIELDS, check_fields, check_number
 from xray_dist.config.choices import (AUGMENT, METRICS, PRECISIONS, PLACEMENT_STRATEGIES, SCHEDULERS,
-                                      SEARCHES, TASKS, TRIAL_RUNNERS, Augment, Metric, Precision,
-                                      PlacementStrategy, Scheduler, Search, Task, TrialRunner, either)
+                                      SEARCHES, TASKS, TRAIN_RUNNERS, TRIAL_RUNNERS, Augment, Metric, Precision,
+                                      PlacementStrategy, Scheduler, Search, Task, TrainRunner, TrialRunner, either)
 from xray_dist.errors import ConfigError
 from xray_dist.infra import storage
 from xray_dist.infra.redaction import mask_credentials
@@ -54,6 +54,9 @@ class TrainConfig:
             whole-split order above is a full permutation).
         augment: ``light`` augments training images on the fly, each from (seed, epoch, image)
             (:mod:`xray_dist.training.augment`); ``none`` (default) keeps frozen features exact.
+        runner: ``train`` (Ray Train) or ``inprocess``: one worker in the command's own process,
+            the same loop and checkpoints a sweep's in-process trial has, no worker recovery
+            (:mod:`xray_dist.training.inprocess`); a rerun resumes with the runner it started with.
     """
 
     cache: str
@@ -65,7 +68,7 @@ class TrainConfig:
     dropout: float = 0.3
     num_classes: int | None = None
     negative_class: str = "normal"
-    task: Task = "auto"  # auto: the cache decides (xray_dist.training.driver.resolve_task)
+    task: Task = "auto"  # auto: the cache decides (xray_dist.training.inputs.resolve_task)
     unfreeze_blocks: int = 0
     weights: str = "imagenet"
     num_workers: int = 1
@@ -84,6 +87,7 @@ class TrainConfig:
     features: str | None = None  # set by sweeps: a frozen-feature cache to train the top on
     augment: Augment = "none"
     mlflow: str | None = None  # MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)
+    runner: TrainRunner = "train"
 
     def __post_init__(self) -> None:
         check_fields(self)  # every number against BOUNDS
@@ -92,12 +96,17 @@ class TrainConfig:
             (self.task in TASKS, f"task must be {either(TASKS)}", "task"),
             (self.precision in PRECISIONS, f"precision must be {either(PRECISIONS)}", "precision"),
             (self.augment in AUGMENT, f"augment must be {either(AUGMENT)}", "augment"),
+            (self.runner in TRAIN_RUNNERS, f"runner must be {either(TRAIN_RUNNERS)}", "runner"),
             (self.placement_strategy in PLACEMENT_STRATEGIES,
              f"placement_strategy must be {either(PLACEMENT_STRATEGIES)}", "placement_strategy"),
         ]
         for ok, msg, name in checks:
             if not ok:
                 raise ConfigError(name, f"{msg}. Received: {name}={getattr(self, name)!r}")
+        if self.runner == "inprocess" and (self.num_workers != 1 or self.cpu_replicas > 1):
+            raise ConfigError("runner", "runner='inprocess' trains one worker on one device in this process; "
+                                        f"num_workers={self.num_workers}, cpu_replicas={self.cpu_replicas} need "
+                                        "runner='train' (Ray Train)")
         if self.cpu_replicas and self.gpus_per_worker:
             raise ConfigError("cpu_replicas", "cpu_replicas splits the CPU when there are no GPUs; it cannot be "
                                               f"combined with gpus_per_worker={self.gpus_per_worker}. Drop one.")

@@ -6,11 +6,13 @@
 - :mod:`~xray_dist.training.worker`: the per-worker training loop and its Ray Train session;
 - :mod:`~xray_dist.training.callbacks`: the end of each epoch (weights check, validation,
   checkpoint, report); :mod:`~xray_dist.training.state`: optimizer and RNG state, weights digest;
-- :mod:`~xray_dist.training.driver`: the Ray Train driver; :mod:`~xray_dist.training.export`:
+- :mod:`~xray_dist.training.inputs`: what a run trains (class scheme, model spec, datasets, loop
+  config), set up alike for every runner;
+- :mod:`~xray_dist.training.driver`: the train command's driver; :mod:`~xray_dist.training.export`:
   the run's outputs; :mod:`~xray_dist.training.scalars`: TensorBoard; :mod:`~xray_dist.training.resume`:
   the same-settings rule for a rerun into an existing ``--out``;
 - :mod:`~xray_dist.training.features`: the frozen-feature cache; :mod:`~xray_dist.training.inprocess`:
-  one-worker trials in their own process; :mod:`~xray_dist.training.tune`: the Ray Tune sweep, and
+  one worker in the calling process (``train --runner inprocess``, one-worker sweep trials); :mod:`~xray_dist.training.tune`: the Ray Tune sweep, and
   :mod:`~xray_dist.training.sweep_results` what it writes; :mod:`~xray_dist.training.backend`:
   MultiWorkerMirroredStrategy's Ray Train backend without a TensorFlow import.
 

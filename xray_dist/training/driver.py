@@ -12,23 +12,21 @@ rank 0's do, rank 0 validates and checkpoints, and every worker calls ``ray.trai
 export (:mod:`xray_dist.training.export`) and, with ``--mlflow``, its MLflow run marked finished —
 or failed, when the workers failed for good.
 
-:func:`make_trainer`, :func:`run_setup` and :func:`make_loop_config` are shared with the sweep
-(:mod:`xray_dist.training.tune`) and in-process trials (:mod:`xray_dist.training.inprocess`).
+:func:`make_trainer` is shared with the sweep (:mod:`xray_dist.training.tune`); what a run trains
+is set up in :mod:`xray_dist.training.inputs` for both and for in-process runs
+(:mod:`xray_dist.training.inprocess`: ``--runner inprocess``, and one-worker sweep trials).
 Ray and TensorFlow are imported inside the functions that need them: the CLI imports this module.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 from xray_dist.config import TrainConfig
 from xray_dist.data import fingerprint
-from xray_dist.data.cache import load_spec, manifest_labels, read_report_summary
-from xray_dist.data.classes import (ClassScheme, build_multilabel_scheme, build_scheme, is_multilabel_label,
-                                    positive_weights)
-from xray_dist.errors import CacheError, ModelSpecError
+from xray_dist.data.cache import read_report_summary
+from xray_dist.errors import ModelSpecError
 from xray_dist.infra import storage
 from xray_dist.infra.locks import TargetLock
 from xray_dist.infra.runtime import init_ray, worker_env
@@ -36,7 +34,8 @@ from xray_dist.model.artifacts import MODEL_DIR
 from xray_dist.results import tracking
 from xray_dist.results.runs import METRICS
 from xray_dist.training.export import TrainResult, export_run, write_metrics
-from xray_dist.training.pipeline import balanced_weights, fits_in_worker, split_dataset
+from xray_dist.training.inprocess import train_in_process
+from xray_dist.training.inputs import run_inputs
 from xray_dist.training.resume import changed_settings, check_same_settings
 from xray_dist.training.scalars import TENSORBOARD_DIR
 from xray_dist.training.worker import train_func
@@ -46,7 +45,7 @@ RUN_NAME = "train"
 RUN_CONFIG = "config.json"
 #: Settings a resumed run must keep: they shape its model, its data and its optimisation.
 RUN_SETTINGS = ("cache", "batch_size", "lr", "head_width", "dropout", "num_classes", "negative_class", "task",
-                "unfreeze_blocks", "weights", "seed", "features", "augment")
+                "unfreeze_blocks", "weights", "seed", "features", "augment", "runner")
 
 
 def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:
@@ -56,60 +55,6 @@ def _check_resume_compatible(cfg: TrainConfig, out: str) -> None:
         return changed_settings(was, {k: getattr(cfg, k) for k in RUN_SETTINGS}, RUN_SETTINGS)
 
     check_same_settings(out, RUN_CONFIG, "run", differences)
-
-
-def resolve_task(cfg: TrainConfig, labels: list[str]) -> str:
-    """``multilabel`` or ``multiclass``: ``cfg.task``, or for ``auto`` what the cache says —
-    multi-label when ``prepare`` read a multi-label format or any label holds several (or
-    uncertain) findings."""
-    if cfg.task != "auto":
-        return cfg.task
-    if read_report_summary(cfg.cache).get("task") == "multilabel":
-        return "multilabel"
-    return "multilabel" if any(is_multilabel_label(lab) for lab in labels) else "multiclass"
-
-
-def run_setup(cfg: TrainConfig) -> tuple[ClassScheme, dict, dict]:
-    """Class scheme, model spec and class weights for ``cfg`` (shared by train and tune)."""
-    from xray_dist.model.network import ModelSpec  # imports TensorFlow
-
-    labels = [lab for _, lab in manifest_labels(cfg.cache)]
-    train_labels = [lab for _, lab in manifest_labels(cfg.cache, "train")]
-    try:
-        if resolve_task(cfg, labels) == "multilabel":
-            scheme = build_multilabel_scheme(train_labels, cfg.num_classes, cfg.negative_class)
-        else:
-            scheme = build_scheme(dict(Counter(train_labels)), cfg.num_classes, cfg.negative_class)
-    except ValueError as e:
-        raise CacheError(f"{cfg.cache}: {e}") from None
-    weights = {}
-    if not scheme.multilabel:
-        counts = Counter(scheme.mapping[lab] for lab in train_labels)
-        weights = balanced_weights({c: counts.get(c, 0) for c in range(scheme.num_classes)})
-    spec = ModelSpec(image_size=load_spec(cfg.cache).image_size, num_outputs=scheme.num_outputs,
-                     head_width=cfg.head_width, dropout=cfg.dropout, unfreeze_blocks=cfg.unfreeze_blocks,
-                     multilabel=scheme.multilabel)
-    return scheme, spec.to_dict(), weights
-
-
-def run_inputs(cfg: TrainConfig, terminal: bool = True) -> tuple[ClassScheme, dict, dict, dict]:
-    """Class scheme, model spec, the train/val Ray Datasets and the training loop's config
-    (``terminal``: whether the workers' lines are for the terminal; a sweep trial's are not)."""
-    scheme, spec, weights = run_setup(cfg)
-    train_ds, n_train = split_dataset(cfg.cache, "train", scheme, weights, cfg.features)
-    val_ds, _ = split_dataset(cfg.cache, "val", scheme, weights, cfg.features)
-    return scheme, spec, {"train": train_ds, "val": val_ds}, make_loop_config(cfg, scheme, spec, n_train, terminal)
-
-
-def make_loop_config(cfg: TrainConfig, scheme: ClassScheme, spec: dict, n_train: int, terminal: bool = True) -> dict:
-    """:func:`xray_dist.training.worker.train_loop`'s config. ``whole_split``: every worker gets
-    the whole training split and takes its part of a (seed, epoch) permutation
-    (:class:`~xray_dist.training.pipeline.ShardCache`) — when the split fits in
-    ``worker_cache_mb``; otherwise each worker streams Ray Data's equal share."""
-    pos_weight = positive_weights(scheme, [lab for _, lab in manifest_labels(cfg.cache, "train")]) \
-        if scheme.multilabel else None
-    return {"cfg": cfg, "scheme": scheme.to_dict(), "model_spec": spec, "n_train": n_train,
-            "whole_split": fits_in_worker(cfg, spec, n_train), "pos_weight": pos_weight, "terminal": terminal}
 
 
 def make_trainer(cfg: TrainConfig, callbacks: list | None = None, storage_path: str | None = None,
@@ -172,10 +117,13 @@ def _train_locked(cfg: TrainConfig) -> TrainResult:
     fingerprint.record(cfg.out, cfg.cache, fp)
     init_ray(cfg.address)
     target = tracking.start_train_run(cfg, fp["id"], read_report_summary(cfg.cache))
-    trainer, scheme, spec = make_trainer(cfg, mlflow=target)
     t0 = time.time()
     try:
-        result = trainer.fit()  # Train V2 raises when the workers fail past --max-failures
+        if cfg.runner == "inprocess":  # the same loop here: checkpoints in RUN/checkpoints, no worker recovery
+            result, scheme, spec = train_in_process(cfg, mlflow=target, terminal=True)
+        else:
+            trainer, scheme, spec = make_trainer(cfg, mlflow=target)
+            result = trainer.fit()  # Train V2 raises when the workers fail past --max-failures
     except Exception:
         tracking.fail_train_run(target)
         raise

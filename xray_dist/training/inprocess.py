@@ -38,7 +38,7 @@ from xray_dist.config import TrainConfig
 from xray_dist.data.cache import parquet_dataset, split_labels
 from xray_dist.errors import CacheError
 from xray_dist.infra import storage
-from xray_dist.training.driver import make_loop_config, run_setup
+from xray_dist.training.inputs import make_loop_config, run_setup
 from xray_dist.training.pipeline import attach_labels, fits_in_worker, split_dataset, split_source
 from xray_dist.training.worker import train_loop
 
@@ -86,8 +86,8 @@ class LocalSplit:
             yield {k: v[idx] for k, v in self.rows.items()}
 
 
-def in_process_inputs(cfg: TrainConfig) -> tuple:
-    """:func:`xray_dist.training.driver.run_inputs` for a run in this process: each split as a
+def in_process_inputs(cfg: TrainConfig, terminal: bool = False) -> tuple:
+    """:func:`xray_dist.training.inputs.run_inputs` for a run in this process: each split as a
     :class:`LocalSplit` when it fits in ``cfg.worker_cache_mb``, as the Ray Dataset otherwise."""
     scheme, spec, class_weight = run_setup(cfg)
     source, column = split_source(cfg.cache, cfg.features)
@@ -99,8 +99,8 @@ def in_process_inputs(cfg: TrainConfig) -> tuple:
             datasets[name] = LocalSplit(source, column, label_of, class_weight)
         else:
             datasets[name], _ = split_dataset(cfg.cache, name, scheme, class_weight, cfg.features)
-    # in-process runs are sweep trials: their lines go to the log, Tune's progress to the terminal
-    return scheme, spec, datasets, make_loop_config(cfg, scheme, spec, sizes["train"], terminal=False)
+    # a sweep trial's lines go to the log (Tune's progress is the terminal's); a train command's to the terminal
+    return scheme, spec, datasets, make_loop_config(cfg, scheme, spec, sizes["train"], terminal=terminal)
 
 
 class InProcessSession:
@@ -171,11 +171,13 @@ def can_run_in_process(cfg: TrainConfig) -> bool:
 
 
 def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None):
+                     should_stop: Callable[[], bool] | None = None, mlflow: dict | None = None,
+                     terminal: bool = False):
     """Run :func:`xray_dist.training.worker.train_loop` here; returns (result, scheme, model spec) like a
     trainer's fit.
 
-    ``should_stop`` is polled after every batch; once it is true the loop raises
+    ``train --runner inprocess`` and one-worker sweep trials run here. ``should_stop`` is polled
+    after every batch; once it is true the loop raises
     :class:`~xray_dist.errors.RunStopped` within a batch, so a stopped sweep trial frees its (reused)
     process at once instead of finishing its epoch.
     """
@@ -184,7 +186,8 @@ def train_in_process(cfg: TrainConfig, on_report: Callable[[dict], None] | None 
     if not can_run_in_process(cfg):
         raise ValueError(f"in-process training needs num_workers=1 and no cpu_replicas. Received: "
                          f"num_workers={cfg.num_workers}, cpu_replicas={cfg.cpu_replicas}")
-    scheme, spec, datasets, loop_config = in_process_inputs(cfg)
+    scheme, spec, datasets, loop_config = in_process_inputs(cfg, terminal)
+    loop_config["mlflow"] = mlflow  # a train command's MLflow run (rank 0 logs each epoch: here)
     session = InProcessSession(datasets, storage.join(cfg.out, CHECKPOINTS), cfg.metric, on_report, should_stop)
     keras.backend.clear_session()  # this process may have trained another trial before
     policy = keras.mixed_precision.global_policy().name
