@@ -334,8 +334,9 @@ def _bench_model(work: Path, image_size: int) -> Path:
     return run
 
 
-def bench_predict_scaling(dirs: list[Path], work: Path, image_size: int, copies: int) -> dict:
-    """``predict --engine ray`` with 1 then 2 Ray CPUs, each in a fresh Ray pinned to that many cores."""
+def bench_predict_scaling(dirs: list[Path], work: Path, image_size: int, copies: int, warm: bool = True) -> dict:
+    """``predict --engine ray`` with 1 then 2 Ray CPUs, each in a fresh Ray pinned to that many cores
+    (``warm``: a few files scored first, untimed; the smoke run skips it, its numbers mean nothing)."""
     from xray_dist.inference.predict import predict_files
 
     files = [str(f) for d in dirs for f in sorted((d / "images").glob("*.dcm"))] * copies
@@ -346,7 +347,8 @@ def bench_predict_scaling(dirs: list[Path], work: Path, image_size: int, copies:
         for cpus in (1, 2):
             os.sched_setaffinity(0, set(cores[:cpus]))  # Ray's processes inherit it
             _fresh_ray(cpus)
-            predict_files(str(run), files[: 4 * cpus], str(work / "warm.csv"), engine="ray")  # actors up
+            if warm:
+                predict_files(str(run), files[: 4 * cpus], str(work / "warm.csv"), engine="ray")  # files, Ray up
             t0 = time.perf_counter()
             rows = predict_files(str(run), files, str(work / f"preds_{cpus}.csv"), engine="ray")
             res[f"{cpus}cpu_images_per_s"] = len(files) / (time.perf_counter() - t0)
@@ -567,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["dicomweb_prepare_ratio"] = result["dicomweb_prepare"]["ratio"]
         if "predict" in only:
             step("predict_scaling")
-            result["predict"] = bench_predict_scaling([unc, j2k], work, s["image_size"], s["prepare_copies"])
+            result["predict"] = bench_predict_scaling([unc, j2k], work, s["image_size"], s["prepare_copies"],
+                                                      warm=not a.smoke)
             result["predict_scaling"] = result["predict"]["ratio"]
         if "precision" in only:
             step("extract_bf16_ratio, predict_bf16_ratio, agreement, sweep ranking")

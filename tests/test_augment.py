@@ -1,12 +1,11 @@
 """``--augment light`` (#23): the transform does the geometry it promises (checked against NumPy
 references written here), never flips, is drawn from (seed, epoch, image) alone, reaches the
-training input, keeps exact resume, and turns the frozen-feature shortcut off."""
+training input, keeps exact resume (the resume tests' run in tests/test_train.py is augmented), and
+turns the frozen-feature shortcut off."""
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,30 +120,3 @@ def test_frozen_features_are_refused_with_augmentation_and_sweeps_drop_them(tmp_
     with caplog.at_level(logging.INFO, logger="xray_dist"):
         assert tune._shared_features(SweepConfig(base=base, out=str(tmp_path / "s"))) == {}
     assert "shared frozen features are off" in caplog.text
-
-
-@pytest.mark.slow
-def test_an_augmented_run_resumes_exactly(prepared_binary, tmp_path, same_run, read_h5):
-    from xray_dist.errors import XrayDistError
-    from xray_dist.training.driver import train
-
-    _, cache = prepared_binary
-    cfg = dict(cache=str(cache), batch_size=8, lr=1e-4, weights="none", unfreeze_blocks=5, num_workers=1,
-               cpus_per_worker=0.5, augment="light")
-    from xray_dist.config import TrainConfig
-
-    train(TrainConfig(out=str(tmp_path / "whole"), epochs=2, **cfg))
-    train(TrainConfig(out=str(tmp_path / "resumed"), epochs=1, **cfg))
-    train(TrainConfig(out=str(tmp_path / "resumed"), epochs=2, **cfg))
-
-    def state(run):
-        import csv
-
-        with open(Path(run) / "history.csv") as f:
-            return read_h5(Path(run) / "model" / "weights.h5"), list(csv.DictReader(f))
-
-    same_run(state(tmp_path / "whole"), state(tmp_path / "resumed"))
-    # (that the augmentation reaches training: test_the_training_input_carries_each_images_draw)
-    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["config"]["augment"] == "light"
-    with pytest.raises(XrayDistError, match="augment"):  # resuming without it is refused
-        train(TrainConfig(out=str(tmp_path / "resumed"), epochs=3, **{**cfg, "augment": "none"}))

@@ -295,7 +295,7 @@ class Gateway:
 
 def test_at_most_dicomweb_connections_retrieve_at_once(archive, stored, credentials, tmp_path):
     """``--dicomweb-connections N``: the archive never sees more than N retrieves at once (counted by
-    a gateway that holds each one 0.3 s, so that they overlap wherever they may): 1 with 1, and
+    a gateway that holds each one 0.25 s, so that they overlap wherever they may): 1 with 1, and
     with 3 more than one but never more than 3, on a cluster with 4 CPUs for decode tasks."""
     from xray_dist.cli import app as cli
 
@@ -303,10 +303,10 @@ def test_at_most_dicomweb_connections_retrieve_at_once(archive, stored, credenti
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows([["SOPInstanceUID", "label"]] + [[sop_of[rel], syn.labels[rel]]
-                                                                  for rel in sorted(syn.labels)[:12]])
+                                                                  for rel in sorted(syn.labels)[:8]])
     seen = {}
     for n in (1, 3):
-        gateway = Gateway(archive.url.removesuffix("/dicom-web"), delay=0.3)
+        gateway = Gateway(archive.url.removesuffix("/dicom-web"), delay=0.25)
         try:
             assert cli.main(["prepare", f"dicomweb+{gateway.url}", "--labels", str(labels), "--path-column",
                              "SOPInstanceUID", "--image-size", "32", "--dicomweb-connections", str(n),

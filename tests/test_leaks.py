@@ -1,7 +1,8 @@
 """No identity and no credential in any output: with --redact-paths the inputs' locations (a
 patient's name and record number in a folder name) are in no line printed and no file written,
 errors included; pydicom's warnings never carry the value they quote; a tracking URI's
-credentials are used, never written or logged; a salt predict makes is private (0600).
+credentials are used, never written or logged (here for a sweep's pickled callback; a train run's in
+tests/test_tracking.py, with its resume); a salt predict makes is private (0600).
 
 Secrets are planted in the inputs and searched for in everything the real CLI prints and in
 every file under its log directory and its outputs (the approach of test_paths' end-to-end test,
@@ -258,41 +259,3 @@ def test_predict_makes_a_new_salt_file_readable_by_its_owner_only(two_worker_run
     assert stat.S_IMODE(new.stat().st_mode) == 0o600
     assert len(new.read_text().strip()) >= 32
 
-
-@pytest.mark.slow
-def test_mlflow_credentials_are_used_and_never_written(mlflow_server, ray_cluster, prepared_binary, tmp_path,
-                                                        monkeypatch):
-    """A train run logs to a server named with credentials: the run reaches the server, and the
-    password is in no file of the run, no log line and nothing printed; resuming with the URI
-    from MLFLOW_TRACKING_URI finds the same MLflow run through the masked mlflow.json."""
-    import json
-
-    from mlflow.tracking import MlflowClient
-
-    from xray_dist.config import TrainConfig
-    from xray_dist.results.tracking import RUN_FILE, start_train_run
-
-    _, cache = prepared_binary
-    password = "s3cr3tpw" + secrets.token_hex(4)
-    uri = mlflow_server.replace("http://", f"http://xray:{password}@")
-    run, logs = tmp_path / "run", tmp_path / "logs"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "XRAY_DIST_LOG_DIR": str(logs)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run([sys.executable, "-m", "xray_dist.cli", "train", "--cache", str(cache), "--out", str(run),
-                        "--epochs", "1", "--batch-size", "8", "--weights", "none", "--unfreeze-blocks", "1",
-                        "--cpus-per-worker", "0.5", "--mlflow", uri], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    saved = json.loads((run / RUN_FILE).read_text())
-    assert saved["uri"] == mlflow_server.replace("http://", "http://***@")
-    finished = MlflowClient(mlflow_server).get_run(saved["run_id"])  # the credentials did reach the server
-    assert finished.info.status == "FINISHED" and "val_auc_abnormal" in finished.data.metrics
-    assert (run / "config.json").is_file() and (run / "xray-dist.log").is_file()
-    needles = (password, "xray:")
-    assert not _found(p.stdout + p.stderr, needles)
-    assert not _leaks([run, tmp_path / "logs"] if logs.exists() else [run], needles)
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # resumed: the URI given again, here by the environment
-    again = start_train_run(TrainConfig(cache=str(cache), out=str(run)), "fp", {})
-    assert again == {"uri": uri, "run_id": saved["run_id"]}
-    assert password not in (run / RUN_FILE).read_text()

@@ -27,41 +27,71 @@ def everything_sent(client, run) -> str:
     return "\n".join(parts)
 
 
-def test_a_train_run_and_its_resume_are_one_mlflow_run(mlflow_server, prepared_binary, synth_binary, tmp_path,
-                                                         monkeypatch):
+def test_a_train_run_and_its_resume_are_one_mlflow_run_and_its_credentials_are_never_written(
+        mlflow_server, ray_cluster, prepared_binary, synth_binary, tmp_path, monkeypatch, capfd):
+    """A train command (its own process) logs to a server named with credentials: one MLflow run with
+    per-epoch metrics, parameters and artifacts, nothing identifying sent, and the password in no
+    file of the run, no log line and nothing printed. Resumed with more epochs, the URI given again
+    by MLFLOW_TRACKING_URI, it goes on in the same MLflow run, found through the masked mlflow.json:
+    epochs 1-2 not logged twice, no new run, and still no password written."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
     from mlflow.tracking import MlflowClient
+    from test_leaks import _found, _leaks
+
+    from xray_dist.results.tracking import RUN_FILE
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _, cache = prepared_binary
-    out = tmp_path / "run"
+    password = "s3cr3tpw" + secrets.token_hex(4)
+    uri = mlflow_server.replace("http://", f"http://xray:{password}@")
+    out, logs = tmp_path / "run", tmp_path / "logs"
     args = ["train", "--cache", str(cache), "--out", str(out), "--batch-size", "8", "--weights", "none",
-            "--unfreeze-blocks", "1", "--cpus-per-worker", "0.5", "--mlflow", mlflow_server]
-    assert cli.main([*args, "--epochs", "2"]) == 0
-    client = MlflowClient(mlflow_server)
+            "--unfreeze-blocks", "1", "--cpus-per-worker", "0.5"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "XRAY_DIST_LOG_DIR": str(logs)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, "-m", "xray_dist.cli", *args, "--epochs", "2", "--mlflow", uri],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    saved = json.loads((out / RUN_FILE).read_text())
+    assert saved["uri"] == mlflow_server.replace("http://", "http://***@")
+    rid = saved["run_id"]
+    client = MlflowClient(mlflow_server)  # the credentials did reach the server: the run is there
     exp = client.get_experiment_by_name("xray-dist")
-    rid = json.loads((out / "mlflow.json").read_text())["run_id"]
     # the experiment is shared with other tests' runs on the session's server: this run is the one
     # its mlflow.json names, and no other run was made for it
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id == rid]
     before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(rid, "val_auc_abnormal")] == [1, 2]
-    p = run.data.params
-    assert p["epochs"] == "2" and p["weights"] == "none" and p["unfreeze_blocks"] == "1" and p["task"] == "auto"
-    assert p["cache_fingerprint"] == json.loads((out / "metrics.json").read_text())["cache_fingerprint"]
+    p_ = run.data.params
+    assert p_["epochs"] == "2" and p_["weights"] == "none" and p_["unfreeze_blocks"] == "1" and p_["task"] == "auto"
+    assert p_["cache_fingerprint"] == json.loads((out / "metrics.json").read_text())["cache_fingerprint"]
     arts = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "model")}
     assert {"training_curves.png", "roc.png", "metrics.json", "history.csv", "report.html",
             "model/model_spec.json"} <= arts
     sent = everything_sent(client, run)
     for secret in (str(tmp_path), str(cache), "Synthetic^", *set(synth_binary.patients.values())):
         assert secret not in sent, secret
+    assert (out / "config.json").is_file() and (out / "xray-dist.log").is_file()
+    needles = (password, "xray:")
+    assert not _found(p.stdout + p.stderr, needles)
+    assert not _leaks([out, logs] if logs.exists() else [out], needles)
 
-    # resumed with more epochs: the same MLflow run goes on (epochs 1-2 are not logged twice)
+    # resumed with more epochs, the URI (with its credentials) from the environment this time
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    capfd.readouterr()
     assert cli.main([*args, "--epochs", "3"]) == 0
     assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == before  # no new run
     again = client.get_run(rid)
     assert again.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(rid, "val_auc_abnormal")] == [1, 2, 3]
+    printed = capfd.readouterr()
+    assert not _found(printed.out + printed.err, needles)
+    assert not _leaks([out], needles)
 
 
 def test_each_sweep_trial_is_a_run(mlflow_server, prepared_binary, tmp_path, monkeypatch):
