@@ -217,7 +217,7 @@ def test_an_unreachable_mlflow_server_stops_train_with_one_line(tmp_path, monkey
 @pytest.mark.parametrize("job", ["prepare", "train", "tune", "evaluate", "report"])
 def test_each_job_script_is_its_command(job):
     """jobs/<command>.py, what `ray job submit` runs, is `xray-dist <command>` from the submitted
-    working directory (tests/test_train.py::test_ray_job_submit submits four of them to a real head)."""
+    working directory (tests/test_train.py::test_ray_job_submit submits the two that use Ray to a real head)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -403,7 +403,8 @@ def test_labels_by_accession_number_label_its_studies_and_no_accession_is_writte
     syn, _, sop_of = stored
     by_study = {}
     for d in archive.client().search_for_instances(fields=["AccessionNumber"]):  # what the archive holds
-        by_study[d["0020000D"]["Value"][0]] = d["00080050"]["Value"][0]
+        if d.get("00080050", {}).get("Value"):  # (instances other tests store have none)
+            by_study[d["0020000D"]["Value"][0]] = d["00080050"]["Value"][0]
     label_of_sop, accession_label = {}, {}
     for f in syn.files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -424,16 +425,17 @@ def test_labels_by_accession_number_label_its_studies_and_no_accession_is_writte
     for row in load_manifest(tmp_path / "cache").to_pylist():
         assert row["label"] == label_of_sop[sop_by_key[row["path"]]]
     written = b"".join(p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    written += (tmp_path / "map.csv").read_bytes()  # the user's private map: UIDs, yet no accession number
     assert [a for a in [*accession_label, unknown] if a.encode() in written] == []
     with pytest.raises(PrepareError, match="AccessionNumber joins labels to a DICOMweb source"):
         prepare(PrepareConfig(data_dir=str(syn.out), labels=str(labels), path_column="AccessionNumber",
                               out=str(tmp_path / "files"), preprocess=PreprocessSpec(image_size=32)))
 
 
-def test_uid_names_when_asked_and_only_for_an_archive(archive, stored, credentials, tmp_path):
-    """``--uid-names``: the cache names each image STUDY/SERIES/SOP.dcm (the user's choice: UIDs can
-    identify a study), the same instances the default names by keys; refused for files, and with
-    --redact-paths."""
+def test_uid_names_when_asked_and_only_for_an_archive(archive, stored, credentials, two_worker_run, tmp_path):
+    """``--uid-names``: the cache, and predict's CSV, name each image STUDY/SERIES/SOP.dcm (the user's
+    choice: UIDs can identify a study), the same instances the default names by keys; refused for
+    files, and with --redact-paths."""
     from xray_dist.cli.app import main
     from xray_dist.data.cache import load_manifest
 
@@ -446,6 +448,14 @@ def test_uid_names_when_asked_and_only_for_an_archive(archive, stored, credentia
     assert {n.split("/")[2].removesuffix(".dcm") for n in names} == labelled
     assert all(len(n.split("/")) == 3 and all(u.replace(".dcm", "").replace(".", "").isdigit()
                                               for u in n.split("/")) for n in names)
+    study = names[0].split("/")[0]
+    query = f"dicomweb+{archive.url}?StudyInstanceUID={study}"  # one study: its instances
+    for flags, by_uid in (([], False), (["--uid-names"], True)):
+        assert main(["predict", "--model", str(two_worker_run[2]), query, "--out", str(tmp_path / "p.csv"),
+                     *flags]) == 0
+        with open(tmp_path / "p.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and all(r["path"].startswith(f"{study}/") == by_uid for r in rows), rows
     assert main([*argv, "--out", str(tmp_path / "c2"), "--uid-names", "--redact-paths"]) == 2
     assert main(["prepare", str(syn.out), "--labels", str(syn.labels_csv), "--image-size", "32", "--out",
                  str(tmp_path / "c3"), "--uid-names"]) == 2
@@ -508,18 +518,18 @@ def test_a_rerun_decodes_only_new_instances_and_retries_what_an_outage_kept(arch
     assert second["decoded_now"] == 3 and second["ok"] == first["ok"] + 3 and not second["quarantined"]
 
     _store_more(archive, labels, tmp_path / "later", 2, seed=32)
-    search = dicomweb.list_instances
+    search = dicomweb.search_instances
 
     def search_then_outage(*a, **k):
         found = search(*a, **k)
         archive.stop()  # the archive goes down between the search and the retrieves
         return found
 
-    monkeypatch.setattr(dicomweb, "list_instances", search_then_outage)
+    monkeypatch.setattr(dicomweb, "search_instances", search_then_outage)
     try:
         third = prepare(cfg)
     finally:
-        monkeypatch.setattr(dicomweb, "list_instances", search)
+        monkeypatch.setattr(dicomweb, "search_instances", search)
         if archive.proc is None:
             archive.start()
     assert third["decoded_now"] == 2 and third["ok"] == second["ok"]  # the earlier images kept

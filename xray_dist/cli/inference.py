@@ -32,7 +32,7 @@ def add_predict(sub) -> None:
 def cmd_predict(a) -> int:
     rows = predict_files(a.model, a.inputs, a.out, batch_size=a.batch_size, engine=a.engine, address=a.address,
                          num_cpus=a.num_cpus,
-                         names=path_names(a), path_map=a.path_map, precision=a.precision)
+                         names=path_names(a), path_map=a.path_map, precision=a.precision, uid_names=a.uid_names)
     bad = sum(1 for r in rows if r["error"])
     print(f"predict: {len(rows) - bad} files scored, {bad} unreadable (see the error column) -> {a.out}")
     if bad == len(rows):

@@ -138,9 +138,9 @@ class PrepareConfig:
         if self.uid_names and not archive:
             raise ValueError("uid_names (--uid-names) names a DICOMweb source's images by their UIDs; files are "
                              "named by their path")
-        if self.uid_names and self.paths == "redact":
-            raise ValueError("uid_names (--uid-names) and redacted paths (--redact-paths) name images two ways: "
-                             "give one")
+        if self.uid_names and (self.paths == "redact" or self.path_map):
+            raise ValueError("uid_names (--uid-names) names images by their UIDs; --redact-paths and --path-map are "
+                             "for salted keys: give one way")
         if archive and not self.uid_names:  # an archive's UIDs can identify a study: keys, unless asked
             object.__setattr__(self, "paths", "redact")
         if self.path_map and self.paths != "redact":

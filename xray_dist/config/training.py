@@ -104,7 +104,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(name, f"{msg}. Received: {name}={getattr(self, name)!r}")
         if self.runner == "inprocess" and (self.num_workers != 1 or self.cpu_replicas > 1):
-            raise ConfigError("runner", "runner='inprocess' trains one worker on one device in this process; "
+            raise ConfigError("runner", "runner='inprocess' trains one worker in this process (on the devices it "
+                                        "sees); "
                                         f"num_workers={self.num_workers}, cpu_replicas={self.cpu_replicas} need "
                                         "runner='train' (Ray Train)")
         if self.cpu_replicas and self.gpus_per_worker:

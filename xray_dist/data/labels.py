@@ -87,9 +87,9 @@ def from_csv(data_dir, csv_path, columns: LabelColumns = LabelColumns(),
                            patient=(r.get(columns.patient) or "").strip() if columns.patient else "",
                            attributes={"site": r.get(columns.site) or ""} if columns.site else {}) for _, r in rows]
     entries = entries if entries is not None else list_entries(data_dir)
-    if columns.path == ACCESSION:  # each row for each of its studies; an unknown accession stays (listed)
-        label_rows = [dataclasses.replace(r, ref=study) for r in label_rows
-                      for study in studies_of_accession.get(r.ref, [r.ref])]
+    if columns.path == ACCESSION:  # each row for each of its studies; an unknown one listed by its line, not its value
+        label_rows = [dataclasses.replace(r, ref=study) for (line, _), r in zip(rows, label_rows)
+                      for study in studies_of_accession.get(r.ref, [f"{ACCESSION} of line {line}"])]
     if columns.path in _BY_UID_LEVEL:
         label_rows = _per_instance(label_rows, entries, _BY_UID_LEVEL[columns.path])
     scan = resolve(data_dir, entries, label_rows, columns.label)

@@ -160,16 +160,18 @@ RAY_MIN_FILES = 256
 
 def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, batch_size: int = 32,
                   engine: str = "auto", address: str | None = None, num_cpus: int | None = None,
-                  names: PathNames = PathNames(), path_map: str | None = None, precision: str = "auto") -> list[dict]:
+                  names: PathNames = PathNames(), path_map: str | None = None, precision: str = "auto",
+                  uid_names: bool = False) -> list[dict]:
     """Write ``out_csv`` (path, prediction, p_<class>..., abnormal score, error) and return its rows.
-    ``path`` names each file as ``names`` says (relative to its input, or a salted key); the model
+    ``path`` names each file as ``names`` says (relative to its input, or a salted key; a DICOMweb
+    query's instances by salted keys unless ``uid_names``: STUDY/SERIES/SOP.dcm); the model
     computes in ``precision`` (:mod:`xray_dist.model.precision`; auto: bfloat16 on a CPU with it)."""
     if engine not in ("auto", "local", "ray"):
         raise ValueError(f"engine must be auto, local or ray. Received: engine={engine!r}")
     storage.check_location(out_csv)
     files, rels = expand_inputs(inputs)
     archive = any(dicomweb.is_source(f) for f in files)
-    if archive and names.policy == RELATIVE:  # an archive's UIDs can identify a study: keys, as prepare's
+    if archive and names.policy == RELATIVE and not uid_names:  # UIDs can identify a study: keys, as prepare's
         names = PathNames(REDACT, resolve_salt(None))
     if path_map:
         write_path_map(path_map, files, rels, names)

@@ -30,13 +30,18 @@ WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_TRAI
 
 def worker_env() -> dict[str, str]:
     """The variables every Ray worker of a command gets, the same for the job (``init_ray``) and for
-    Ray Train's workers: :data:`WORKER_ENV` (TensorFlow's log level as this process has it) and the
+    Ray Train's workers: :data:`WORKER_ENV` (TensorFlow's log level as verbose as this process has
+    it, never quieter than errors) and the
     object store's public settings. One set for both matters: Ray keeps a separate pool of worker
     processes per environment, and Train workers with another set than the job's (the object
     store's endpoint, say) had their Ray Data tasks start new processes where idle ones stood."""
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
-    return {**WORKER_ENV, "TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"], **public_env()}
+    try:  # as verbose as this process asks, never quieter than WORKER_ENV's (TensorFlow's errors are kept)
+        level = str(min(int(os.environ["TF_CPP_MIN_LOG_LEVEL"]), int(WORKER_ENV["TF_CPP_MIN_LOG_LEVEL"])))
+    except ValueError:
+        level = WORKER_ENV["TF_CPP_MIN_LOG_LEVEL"]
+    return {**WORKER_ENV, "TF_CPP_MIN_LOG_LEVEL": level, **public_env()}
 
 
 def resolve_address(address: str | None) -> str:

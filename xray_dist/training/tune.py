@@ -366,7 +366,8 @@ _MAY_CHANGE = {"max_concurrent", "trial_runner", "resume_errored", "address", "m
 
 
 #: Base settings every trial replaces with its own searched values: not part of what a sweep is.
-_SEARCHED = {"head_width", "num_classes", "unfreeze_blocks", "lr"}
+#: (``runner`` is train's own: a sweep's trials run as ``trial_runner`` says.)
+_SEARCHED = {"head_width", "num_classes", "unfreeze_blocks", "lr", "runner"}
 
 
 def _comparable(cfg: SweepConfig) -> dict:

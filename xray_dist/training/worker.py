@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from xray_dist.config import TrainConfig
+from xray_dist.config import PRECISIONS, TrainConfig
 from xray_dist.data.classes import ClassScheme
 from xray_dist.infra import compat, storage
 from xray_dist.infra.worker_output import worker_logging
@@ -176,9 +176,9 @@ def _resume(ctx: WorkerContext, model, whole: bool) -> tuple[list[dict], int]:
         state = storage.read_json(Path(d) / "state.json")
     was, now = state.get("precision"), ctx.policy.removeprefix("mixed_")
     if ctx.rank == 0 and was and was != now:  # weights are float32 whatever ran: they carry over, exactness not
-        log.warning("resuming a run that computed in %s, now in %s (--precision %s): the weights and optimizer "
-                    "carry over, but the epochs from here are not the ones it would have trained; --precision %s "
-                    "resumes it exactly", was, now, ctx.cfg.precision, was)
+        log.warning("resuming a run that computed in %s, now in %s (--precision %s): its weights carry over, but the "
+                    "epochs from here are not the ones it would have trained; %s resumes it exactly", was, now,
+                    ctx.cfg.precision, f"--precision {was}" if was in PRECISIONS else "the machine it started on")
     if ctx.rank == 0:
         how = (f"computed in {now} where the run computed in {was}: not the uninterrupted run" if was and was != now
                else "exactly: optimizer, dropout and data order as the uninterrupted run" if exact and whole else
