@@ -246,6 +246,55 @@ def _FinishingASHA(**kwargs):  # noqa: N802 - built lazily: Ray Tune is imported
     return FinishingASHA(**kwargs)
 
 
+#: Trial statuses Tune runs again on resume (``resume_unfinished``): their ends will be reported.
+_UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def _ResumableGrid(max_concurrent: int):  # noqa: N802 - built lazily: Ray Tune is imported inside functions here
+    """Tune's grid and random search (``BasicVariantGenerator``), whose restore agrees with the
+    trials Tune restores.
+
+    Tune saves its trials (``experiment_state-*.json``) and this generator's state
+    (``basic-variant-state-*.json``) side by side and uploads them to a bucket in parallel, in the
+    background. A driver killed mid-upload leaves one file newer than the other. Restored as is,
+    the generator still counts a trial the other file records as finished among those running, so
+    with ``max_concurrent`` trials at a time it never proposes the next one and Tune waits for it
+    forever (seen: a resumed sweep looping in ``TuneController._update_trial_queue``); or it
+    proposes again, under the same id, a trial Tune already restored. After restoring, the
+    generator takes the trials Tune will run again as its running ones and skips every trial Tune
+    already has. A trial the generator proposed but Tune never recorded cannot be proposed again
+    (its variant is spent): it is named in a warning, and ``results.csv`` lacks it.
+    """
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    class ResumableGrid(BasicVariantGenerator):
+        def restore_from_dir(self, dirpath: str):
+            super().restore_from_dir(dirpath)
+            states = sorted(Path(dirpath).glob("experiment_state-*.json"))  # named by time: the last is Tune's
+            if not states:
+                return
+            recorded = {}
+            for trial_json, _meta in json.loads(states[-1].read_text())["trial_data"]:
+                t = json.loads(trial_json)
+                recorded[t["trial_id"]] = t["status"]
+            lost = sorted(set(self._live_trials) - set(recorded))
+            if lost:
+                log.warning("tune: %d trial(s) the interrupted sweep had begun were never recorded in its state "
+                            "(%s); they are not run again", len(lost), ", ".join(lost))
+            self._live_trials = {i for i, status in recorded.items() if status in _UNFINISHED}
+            while not self.is_finished():  # past the trials Tune restored: never the same id twice
+                if f"{self._uuid_prefix}{self._iterators[-1].counter:05d}" not in recorded:
+                    break
+                live = set(self._live_trials)
+                self.max_concurrent, limit = 0, self.max_concurrent
+                try:
+                    self.next_trial()
+                finally:
+                    self.max_concurrent, self._live_trials = limit, live
+
+    return ResumableGrid(max_concurrent=max_concurrent)
+
+
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep; write results.csv, best.json and the metric-vs-dimension PNG."""
     cfg = dataclasses.replace(cfg, base=cfg.base.resolved(), out=storage.absolute(cfg.out))
@@ -315,13 +364,14 @@ def _tune_config(cfg: SweepConfig, max_conc: int, num_samples: int, reuse: bool)
     scheduler = (_FinishingASHA(time_attr="epoch", max_t=cfg.base.epochs, grace_period=cfg.grace_period,
                                 reduction_factor=2, stop_last_trials=False)
                  if cfg.scheduler == "asha" else FIFOScheduler())
-    search_alg = None
     if cfg.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
         search_alg = OptunaSearch()
+    else:  # Tune's own grid and random search, with a restore that agrees with Tune's trials
+        search_alg, max_conc = _ResumableGrid(max_conc), None
     return tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
                            search_alg=search_alg, max_concurrent_trials=max_conc, reuse_actors=reuse,
                            # W0-K2-D1-lr1e-3_00000: in results.csv, the report and on disk
