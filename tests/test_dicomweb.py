@@ -232,8 +232,9 @@ def _self_signed(where: Path) -> tuple[Path, Path]:
 class Gateway:
     """A gateway on 127.0.0.1 in front of the archive, as a hospital's terminates TLS (``cert``,
     ``key``: HTTPS with that certificate): each request forwarded as it came, the answer returned as
-    it is; every WADO-RS retrieve held ``delay`` seconds, and the most retrieves ever in flight at
-    once counted (``most_at_once``)."""
+    it is; every WADO-RS retrieve held ``delay`` seconds, the most retrieves ever in flight at
+    once counted (``most_at_once``), and each retrieve's answer's content coding noted
+    (``encodings``: None where the instance came as stored)."""
 
     def __init__(self, upstream: str, cert: Path | None = None, key: Path | None = None, delay: float = 0.0):
         import ssl
@@ -245,6 +246,7 @@ class Gateway:
 
         lock, gate = threading.Lock(), self
         self.in_flight = self.most_at_once = 0
+        self.encodings: list[str | None] = []
 
         class Forward(BaseHTTPRequestHandler):
             def _forward(self):
@@ -263,6 +265,8 @@ class Gateway:
                             status, headers, data = r.status, r.headers.items(), r.read()
                     except urllib.error.HTTPError as e:
                         status, headers, data = e.code, e.headers.items(), e.read()
+                    if retrieve:
+                        gate.encodings.append(dict((k.lower(), v) for k, v in headers).get("content-encoding"))
                 finally:
                     if retrieve:
                         with lock:
@@ -296,7 +300,8 @@ class Gateway:
 def test_at_most_dicomweb_connections_retrieve_at_once(archive, stored, credentials, tmp_path):
     """``--dicomweb-connections N``: the archive never sees more than N retrieves at once (counted by
     a gateway that holds each one 0.25 s, so that they overlap wherever they may): 1 with 1, and
-    with 3 more than one but never more than 3, on a cluster with 4 CPUs for decode tasks."""
+    with 3 more than one but never more than 3, on a cluster with 4 CPUs for decode tasks. Each
+    instance is asked for uncompressed (Orthanc would gzip it on its own CPU, 16 times slower)."""
     from xray_dist.cli import app as cli
 
     syn, _, sop_of = stored
@@ -314,6 +319,8 @@ def test_at_most_dicomweb_connections_retrieve_at_once(archive, stored, credenti
         finally:
             gateway.stop()
         seen[n] = gateway.most_at_once
+        # each instance handed over as stored: not gzipped on the archive's CPU (requests' default asks for it)
+        assert len(gateway.encodings) == 8 and set(gateway.encodings) == {None}, gateway.encodings
     assert seen[1] == 1 and 1 < seen[3] <= 3, seen
 
 

@@ -154,6 +154,10 @@ def _session(creds: Credentials) -> requests.Session:
             return r
 
     s = _ArchiveSession()
+    # Instances as stored, not gzipped: requests asks for gzip by default, and Orthanc then compresses
+    # every instance on the archive's CPU (8.4 MB uncompressed radiograph: 650 ms instead of 41 ms
+    # on loopback), for a quarter off the bytes of raw pixels and nothing off JPEG 2000
+    s.headers["Accept-Encoding"] = "identity"
     if creds.token:
         s.auth = _Bearer()
     elif creds.user:
