@@ -2,9 +2,10 @@
 
 Called by bench/run.py (``--only precision``); :func:`bench_precision` returns one dict:
 
-- ``matmul_gflops_float32`` / ``_bfloat16``: ``tf.matmul`` of two n×n tensors, this machine's peak
-  in each format (2n³ FLOPs a product), the two formats timed in alternating windows so that the
-  load of a shared machine falls on both alike;
+- ``matmul_gflops_float32`` / ``_bfloat16``: this machine's matrix-product peak in each format, the
+  best of ``tf.matmul`` n×n at three sizes and of two 3×3 convolutions at VGG16's busiest shapes
+  (matrix products to oneDNN), the two formats timed in alternating windows so that the load of a
+  shared machine falls on both alike;
 - ``extract_images_per_s_float32`` / ``_bfloat16``: the frozen VGG16 base
   (:func:`xray_dist.model.network.frozen_part`, depth 0, what a sweep's feature extraction runs) built
   under :func:`xray_dist.model.precision.keras_policy`, one batch at a time, alternating; their
@@ -85,34 +86,48 @@ def _alternate(calls: dict, seconds: float, window: float) -> dict:
     return out
 
 
+#: The peak probes besides ``tf.matmul`` n×n: 3×3 convolutions of a batch of 16 at VGG16's two
+#: busiest shapes (height = width, channels in = out), which oneDNN runs as implicit matrix products
+#: (on AMX in bfloat16) and which reach more than any plain n×n ``tf.matmul`` on this CPU.
+_CONV_PROBES = ((56, 256), (28, 512))
+
+
 def matmul_peaks(n: int = 2048, seconds: float = 2.5) -> dict:
-    """GFLOP/s of ``tf.matmul`` (n×n by n×n) in float32 and in bfloat16, alternating windows."""
+    """This machine's matrix-product peak in float32 and in bfloat16 (GFLOP/s): the best of
+    ``tf.matmul`` at n/2, n and 2n and of the 3×3 convolutions in :data:`_CONV_PROBES` (FLOPs
+    2·m·k·n a product, multiply and add counted apart), each timed ``seconds`` in windows
+    alternating between the two formats. ``gflops_<format>`` is the best probe's rate; every
+    probe's rate is kept (``probes``)."""
     import tensorflow as tf
 
-    @tf.function
-    def mm(a, b):
-        return tf.matmul(a, b)
-
     rng = np.random.default_rng(0)
-    args = {}
-    for p in PRECISIONS:
-        a = tf.cast(tf.constant(rng.standard_normal((n, n), dtype=np.float32)), p)
-        b = tf.cast(tf.constant(rng.standard_normal((n, n), dtype=np.float32)), p)
-        args[p] = (a, b)
-        for _ in range(2):  # trace, and let oneDNN pick and cache its kernel
-            mm(a, b).numpy()
 
-    def call(p):
-        def one():
-            mm(*args[p])  # on the CPU the call returns when the product is done
-            return 2.0 * n ** 3
-        return one
+    def tensor(shape, p):
+        return tf.cast(tf.constant(rng.standard_normal(shape, dtype=np.float32)), p)
 
-    r = _alternate({p: call(p) for p in PRECISIONS}, seconds, min(0.5, seconds / 4))
-    res = {"n": n, "seconds_each": seconds}
+    calls, names = {}, []
     for p in PRECISIONS:
-        res[f"gflops_{p}"] = r[p]["work"] / r[p]["seconds"] / 1e9
-        res[f"best_window_gflops_{p}"] = r[p]["best"] / 1e9
+        probes = {}
+        for m in (n // 2, n, 2 * n):
+            a, b = tensor((m, m), p), tensor((m, m), p)
+            probes[f"matmul_{m}"] = (tf.function(lambda a=a, b=b: tf.matmul(a, b)), 2.0 * m ** 3)
+        for hw, c in _CONV_PROBES:
+            x, w = tensor((16, hw, hw, c), p), tensor((3, 3, c, c), p)
+            probes[f"conv3x3_{hw}px_{c}ch"] = (tf.function(lambda x=x, w=w: tf.nn.conv2d(x, w, 1, "SAME")),
+                                               2.0 * 16 * hw * hw * 9 * c * c)
+        for name, (fn, flops) in probes.items():
+            for _ in range(2):  # trace, and let oneDNN pick and cache its kernel
+                fn().numpy()
+            calls[(name, p)] = (lambda fn=fn, flops=flops: (fn(), flops)[1])  # on the CPU: returns when done
+        names = list(probes)
+    r = _alternate(calls, seconds, min(0.5, seconds / 4))
+    res = {"n": n, "seconds_each": seconds, "probes": {}}
+    for p in PRECISIONS:
+        rates = {name: r[(name, p)]["work"] / r[(name, p)]["seconds"] / 1e9 for name in names}
+        res["probes"][p] = rates
+        best = max(rates, key=rates.get)
+        res[f"gflops_{p}"], res[f"peak_probe_{p}"] = rates[best], best
+        res[f"best_window_gflops_{p}"] = max(r[(name, p)]["best"] for name in names) / 1e9
     res["bf16_ratio"] = res["gflops_bfloat16"] / res["gflops_float32"]
     return res
 
@@ -379,6 +394,7 @@ def headline(r: dict) -> dict:
     m, e, a = r["matmul"], r["extract"], r["agreement"]
     return {"cpu_bf16_flag": r["cpu_bf16_flag"],
             "matmul_gflops_float32": m["gflops_float32"], "matmul_gflops_bfloat16": m["gflops_bfloat16"],
+            "matmul_peak_probe_float32": m["peak_probe_float32"], "matmul_peak_probe_bfloat16": m["peak_probe_bfloat16"],
             "extract_images_per_s_float32": e["images_per_s_float32"],
             "extract_images_per_s_bfloat16": e["images_per_s_bfloat16"], "extract_bf16_ratio": e["bf16_ratio"],
             "extract_fraction_of_peak_float32": e["fraction_of_peak_float32"],
