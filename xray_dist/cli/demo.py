@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from xray_dist.cli.common import command
+from xray_dist.cli.common import add_precision_flag, command
 from xray_dist.cli.prepare import format_prepare_summary
 from xray_dist.config import PrepareConfig, PreprocessSpec, SweepConfig, TrainConfig
 from xray_dist.data.cache import load_manifest
@@ -50,30 +50,31 @@ def add_demo(sub) -> None:
                 "The whole flow on this machine's CPUs in about two minutes, on synthetic DICOM files.")
     p.add_argument("--out", default="xray-dist-demo", help="directory for everything the demo writes")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for embedded local Ray (default: all)")
+    add_precision_flag(p)  # training, the sweep, evaluate, predict and explain alike
 
 
 def cmd_demo(a) -> int:
     if storage.is_uri(a.out):
         raise ValueError(f"--out {a.out}: the demo is the local single-node test mode; give it a local directory")
-    run_demo(a.out, num_cpus=a.num_cpus)
+    run_demo(a.out, num_cpus=a.num_cpus, precision=a.precision)
     return 0
 
 
-def run_demo(out: str | Path, num_cpus: int | None = None) -> dict:
+def run_demo(out: str | Path, num_cpus: int | None = None, precision: str = "auto") -> dict:
     """Every step of the demo into ``out``; what each step returned, by step."""
     out = Path(out).resolve()
     t0 = time.time()
     init_ray(None, num_cpus)
     labels_csv = _synth(out)
     report = _prepare(out, labels_csv)
-    res = _train(out)
-    ev = _evaluate(out)
+    res = _train(out, precision)
+    ev = _evaluate(out, precision)
     manifest = load_manifest(out / "cache").to_pandas()
     val = manifest[manifest.split == "val"]
-    rows = _predict(out, val, res.metrics["best"]["threshold"])
-    _explain_and_export(out, val)
-    summary = _tune(out)
-    summary["test"] = _evaluate_sweep(out)
+    rows = _predict(out, val, res.metrics["best"]["threshold"], precision)
+    _explain_and_export(out, val, precision)
+    summary = _tune(out, precision)
+    summary["test"] = _evaluate_sweep(out, precision)
     _report(out)
     _closing_lines(out, t0)
     return {"prepare": report, "train": res.metrics, "test": ev, "predictions": rows, "sweep": summary,
@@ -96,10 +97,11 @@ def _prepare(out: Path, labels_csv: Path) -> dict:
     return report
 
 
-def _train(out: Path):
+def _train(out: Path, precision: str):
     print(f"[demo 3/9] train: the head on a frozen VGG16 base (random weights) with Ray Train -> {out / 'run'}")
     res = train(TrainConfig(cache=str(out / "cache"), out=str(out / "run"), epochs=_EPOCHS, batch_size=4, lr=1e-2,
-                            weights="none", unfreeze_blocks=0, cpu_replicas=2, metric="val_accuracy"))
+                            weights="none", unfreeze_blocks=0, cpu_replicas=2, metric="val_accuracy",
+                            precision=precision))
     m = res.metrics
     print(f"           epoch {m['best_epoch']} of {m['epochs']} kept: validation accuracy "
           f"{m['best']['val_accuracy']:.2f}, AUROC abnormal {m['val_auc_abnormal']:.3f}; "
@@ -111,9 +113,9 @@ def _train(out: Path):
     return res
 
 
-def _evaluate(out: Path) -> dict:
+def _evaluate(out: Path, precision: str) -> dict:
     print(f"[demo 4/9] evaluate: the held-out test patients, once -> {out / 'run' / 'evaluation' / 'test'}")
-    ev = evaluate_model(str(out / "run"), str(out / "cache"))
+    ev = evaluate_model(str(out / "run"), str(out / "cache"), precision=precision)
     print(f"           test AUROC abnormal {_ci(ev['auc_abnormal'])}, accuracy {_ci(ev['accuracy'])} "
           f"({ev['patients']} patients, {ev['images']} images; patient-level bootstrap)")
     print(f"           at the validation threshold: sensitivity {ev['sensitivity']['value']:.2f}, specificity "
@@ -126,9 +128,10 @@ def _ci(metric: dict) -> str:
     return f"{metric['value']:.3f} (95 % CI {lo:.3f}-{hi:.3f})"
 
 
-def _predict(out: Path, val, threshold: float) -> list[dict]:
+def _predict(out: Path, val, threshold: float, precision: str) -> list[dict]:
     print(f"[demo 5/9] predict: the validation files -> {out / 'predictions.csv'}")
-    rows = predict_files(out / "run", [str(out / "data" / p) for p in val.path], out / "predictions.csv")
+    rows = predict_files(out / "run", [str(out / "data" / p) for p in val.path], out / "predictions.csv",
+                         precision=precision)
     # rows come in input order; the decision is the model's stored threshold on the abnormal score
     correct = sum(r["abnormal_at_threshold"] == (label != "normal") for r, label in zip(rows, val.label))
     print(f"           {correct}/{len(rows)} validation files on the right side of the threshold "
@@ -136,19 +139,21 @@ def _predict(out: Path, val, threshold: float) -> list[dict]:
     return rows
 
 
-def _explain_and_export(out: Path, val) -> None:
+def _explain_and_export(out: Path, val, precision: str) -> None:
     print(f"[demo 6/9] explain: Grad-CAM for 4 validation files -> {out / 'explain'}")
-    cams = explain_files(out / "run", [str(out / "data" / p) for p in val.path[:4]], out / "explain")
+    cams = explain_files(out / "run", [str(out / "data" / p) for p in val.path[:4]], out / "explain",
+                         precision=precision)
     print(f"           {sum(not r['error'] for r in cams)} heatmaps (PNG + .npy)")
     print(f"[demo 7/9] export: SavedModel (uint8 image in, class probabilities out) -> {out / 'export'}")
     export_model(out / "run", out / "export", "savedmodel")
 
 
-def _tune(out: Path) -> dict:
+def _tune(out: Path, precision: str) -> dict:
     print(f"[demo 8/9] tune: a tiny sweep (head width 0 vs 16, on shared frozen features) "
           f"-> {out / 'sweep'}")
     summary = sweep(SweepConfig(base=TrainConfig(cache=str(out / "cache"), out=str(out / "sweep"), epochs=_EPOCHS,
-                                                 batch_size=4, lr=1e-2, weights="none", metric="val_accuracy"),
+                                                 batch_size=4, lr=1e-2, weights="none", metric="val_accuracy",
+                                                 precision=precision),
                                 out=str(out / "sweep"), combos=((0, 2, 0), (16, 2, 0)), lr=(1e-2, 1e-2),
                                 scheduler="fifo"))
     best = summary.get("best", {})
@@ -157,8 +162,8 @@ def _tune(out: Path) -> dict:
     return summary
 
 
-def _evaluate_sweep(out: Path) -> dict:
-    ev = evaluate_model(str(out / "sweep"), str(out / "cache"))
+def _evaluate_sweep(out: Path, precision: str) -> dict:
+    ev = evaluate_model(str(out / "sweep"), str(out / "cache"), precision=precision)
     print(f"           its held-out test AUROC abnormal {_ci(ev['auc_abnormal'])}, accuracy {_ci(ev['accuracy'])}")
     return ev
 
