@@ -86,7 +86,7 @@ def _alternate(calls: dict, seconds: float, window: float) -> dict:
     return out
 
 
-#: The peak probes besides ``tf.matmul`` n×n: 3×3 convolutions of a batch of 16 at VGG16's two
+#: The peak probes besides ``tf.matmul`` n×n: 3×3 convolutions of a batch (16 at n = 2048) at VGG16's two
 #: busiest shapes (height = width, channels in = out), which oneDNN runs as implicit matrix products
 #: (on AMX in bfloat16) and which reach more than any plain n×n ``tf.matmul`` on this CPU.
 _CONV_PROBES = ((56, 256), (28, 512))
@@ -105,16 +105,16 @@ def matmul_peaks(n: int = 2048, seconds: float = 2.5) -> dict:
     def tensor(shape, p):
         return tf.cast(tf.constant(rng.standard_normal(shape, dtype=np.float32)), p)
 
-    calls, names = {}, []
+    calls, names, batch = {}, [], max(1, min(16, n // 128))
     for p in PRECISIONS:
         probes = {}
         for m in (n // 2, n, 2 * n):
             a, b = tensor((m, m), p), tensor((m, m), p)
             probes[f"matmul_{m}"] = (tf.function(lambda a=a, b=b: tf.matmul(a, b)), 2.0 * m ** 3)
         for hw, c in _CONV_PROBES:
-            x, w = tensor((16, hw, hw, c), p), tensor((3, 3, c, c), p)
+            x, w = tensor((batch, hw, hw, c), p), tensor((3, 3, c, c), p)
             probes[f"conv3x3_{hw}px_{c}ch"] = (tf.function(lambda x=x, w=w: tf.nn.conv2d(x, w, 1, "SAME")),
-                                               2.0 * 16 * hw * hw * 9 * c * c)
+                                               2.0 * batch * hw * hw * 9 * c * c)
         for name, (fn, flops) in probes.items():
             for _ in range(2):  # trace, and let oneDNN pick and cache its kernel
                 fn().numpy()

@@ -56,6 +56,9 @@ def test_precision_part_measures_both_formats_and_ranks_sweeps(tmp_path):
     assert precision.vgg16_conv_gflop(224) == pytest.approx(30.69, abs=0.01)  # 15.35 GMACs
     peaks = precision.matmul_peaks(256, 0.2)
     assert peaks["gflops_float32"] > 0 and peaks["gflops_bfloat16"] > 0
+    for p in ("float32", "bfloat16"):  # the peak is the best probe, matmuls and convolutions alike
+        probes = peaks["probes"][p]
+        assert {"matmul_256", "conv3x3_56px_256ch"} <= set(probes) and peaks[f"gflops_{p}"] == max(probes.values())
     e = precision.bench_extract(32, 2, 0.2, peaks)
     assert e["policies"] == {"float32": "float32", "bfloat16": "mixed_bfloat16"}
     assert e["bf16_ratio"] == pytest.approx(e["images_per_s_bfloat16"] / e["images_per_s_float32"])
