@@ -128,7 +128,8 @@ def test_two_prepares_and_two_trains_on_one_target(ray_cluster, synth_binary, tm
 
     run = tmp_path / "run"
     train = ["train", "--cache", str(cache), "--out", str(run), "--epochs", "1", "--weights", "none",
-             "--batch-size", "8", "--cpus-per-worker", "0.5", "--address", ray_cluster.address]
+             "--batch-size", "8", "--cpus-per-worker", "0.5", "--address", ray_cluster.address,
+             "--runner", "inprocess"]  # the lock is taken before either runner starts
     first = subprocess.Popen([sys.executable, "-m", "xray_dist.cli", *train], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     assert _wait_for_lock(str(run / locks.LOCK), first), first.communicate()[0][-2000:]

@@ -494,7 +494,9 @@ def test_a_failed_export_leaves_the_previous_outputs_whole(ray_cluster, prepared
 
     _, cache = prepared_binary
     out = tmp_path / "run"
-    train(cfg_for(cache, out, epochs=1, unfreeze_blocks=0))
+    # in-process: the driver exports either runner's result the same way (the subject here), without
+    # a Ray Train controller and worker to start twice
+    train(cfg_for(cache, out, epochs=1, unfreeze_blocks=0, runner="inprocess"))
     exported = ["metrics.json", "history.csv", "val_scores.npz", "roc.png", "training_curves.png"]
     exported += [f"model/{p.name}" for p in (out / "model").iterdir()]
     before = {name: (out / name).read_bytes() for name in exported}
@@ -504,7 +506,7 @@ def test_a_failed_export_leaves_the_previous_outputs_whole(ray_cluster, prepared
 
     monkeypatch.setattr(plots, "plot_roc", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        train(cfg_for(cache, out, epochs=2, unfreeze_blocks=0))
+        train(cfg_for(cache, out, epochs=2, unfreeze_blocks=0, runner="inprocess"))
     assert {name: (out / name).read_bytes() for name in exported} == before
     assert sorted(p.name for p in (out / "model").iterdir()) == sorted(n[6:] for n in exported if n.startswith("model/"))
     assert not [p for p in out.iterdir() if p.name.startswith(".writing")]
