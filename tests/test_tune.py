@@ -258,11 +258,12 @@ def test_interrupted_sweep_resumes(ray_cluster, cache3, tmp_path, where, s3_serv
         _resume_when_the_search_state_lags_the_trials(args, Path(out))
 
 
-def _stale_search_state(tune_dir: Path, keep_trials: int) -> tuple[str, str]:
-    """What a driver killed mid-upload leaves in a bucket: Tune's trial file newer than its search
-    state. The search state is rewound to the moment the first trial was proposed (it counts that
-    trial as running, the second not yet proposed); Tune's trial file keeps the first ``keep_trials``
-    trials, finished. Returns the two trials' ids."""
+def _stale_search_state(tune_dir: Path, keep_trials: int, rewind: bool = True) -> tuple[str, str]:
+    """What a driver killed mid-upload leaves in a bucket: Tune's trial file and its search state
+    from different moments. ``rewind``: the search state goes back to the moment the first trial
+    was proposed (it counts that trial as running, the second not yet proposed); else it stays
+    ahead (both proposed). Tune's trial file keeps the first ``keep_trials`` trials, finished.
+    Returns the two trials' ids."""
     import pickle
 
     from ray import cloudpickle
@@ -272,15 +273,18 @@ def _stale_search_state(tune_dir: Path, keep_trials: int) -> tuple[str, str]:
 
     search = sorted(tune_dir.glob("basic-variant-state-*.json"))[-1]
     state = pickle.loads(search.read_bytes())
+    first = f"{state['_uuid_prefix']}00000"
     (it,) = state["_iterators"]
+    if not rewind:
+        assert it.counter == 2  # both proposed
     # rewound to just after the first proposal: the grid's variants regenerated, the first one spent
     variants = list(generate_variants(it.unresolved_spec, constant_grid_search=it.constant_grid_search,
                                       random_state=it.random_state))
     assert len(variants) == 2 and it.num_samples == 1
-    it.variants, it.num_samples_left, it.counter = _VariantIterator(variants[1:]), 0, 1
-    first = f"{state['_uuid_prefix']}00000"
-    state.update(_finished=False, _live_trials={first})
-    search.write_bytes(cloudpickle.dumps(state))  # as Tune writes it
+    if rewind:
+        it.variants, it.num_samples_left, it.counter = _VariantIterator(variants[1:]), 0, 1
+        state.update(_finished=False, _live_trials={first})
+        search.write_bytes(cloudpickle.dumps(state))  # as Tune writes it
     trials = sorted(tune_dir.glob("experiment_state-*.json"))[-1]
     exp = json.loads(trials.read_text())
     exp["trial_data"].sort(key=lambda t: json.loads(t[0])["trial_id"])
@@ -296,15 +300,17 @@ def _resume_when_the_search_state_lags_the_trials(args: list[str], out: Path) ->
     """A sweep resumed from a search state older than Tune's trial file (a driver killed while its
     state was being uploaded) finishes: it neither waits forever for a trial it thinks is still
     running (Ray Tune's own generator does: the hang seen once in CI) nor trains a recorded trial
-    again; a trial the lagging state had not yet proposed is proposed and run."""
+    again; a trial the lagging state had not yet proposed is proposed and run. A search state
+    ahead of the trial file: the trial Tune lost is named in a warning."""
     from ray.train.constants import _get_ray_train_session_dir
 
-    def run(what: str) -> None:
+    def run(what: str) -> str:
         try:
             proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{what}: the resumed sweep did not finish in 180 s")
         assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
 
     histories = {p.parent.name: p.read_text() for p in (out / "trials").glob("*/history.csv")}
     assert len(histories) == 2
@@ -316,8 +322,8 @@ def _resume_when_the_search_state_lags_the_trials(args: list[str], out: Path) ->
     assert {p.parent.name: p.read_text() for p in (out / "trials").glob("*/history.csv")} == histories  # none retrained
     # only the first recorded (the second had not begun): the second is proposed once and trains
     _, second = _stale_search_state(out / "sweep", keep_trials=1)
-    first = min(histories)  # W0-…_00000: the first trial (names: settings, then the trial's number)
     number = second.rsplit("_", 1)[-1]
+    (first,) = [n for n in histories if n.endswith("_00000")]  # names: settings, then the trial's number
     session = Path(_get_ray_train_session_dir())
     for d in [*out.glob(f"sweep/*_{number}*"), *out.glob(f"trials/*_{number}*"),
               *session.glob(f"*/sweep/driver_artifacts/*_{number}*")]:  # the last: Tune's local copy
@@ -328,6 +334,12 @@ def _resume_when_the_search_state_lags_the_trials(args: list[str], out: Path) ->
     assert {r["trial"].split("_")[0] for r in rows} == {n.split("_")[0] for n in histories}
     now = {p.parent.name: p.read_text() for p in (out / "trials").glob("*/history.csv")}
     assert len(now) == 2 and now[first] == histories[first]  # the second trained anew; the first did not
+    # the search state ahead of Tune's trial file (the second proposed, never recorded): its variant
+    # is spent, so it cannot run again; the resume says so, naming it, and the results lack it
+    _, second = _stale_search_state(out / "sweep", keep_trials=1, rewind=False)
+    printed = run("the second trial proposed, not recorded")
+    assert "never recorded" in printed and second in printed, printed[-2000:]
+    assert [r["trial"] for r in read_results(out)] == [first]
 
 
 def test_optuna_search(cache3, tmp_path):

@@ -10,6 +10,7 @@ Ray 2.60.0 (``ray[train,tune,default]==2.60.0`` in pyproject.toml).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from importlib import metadata
@@ -162,6 +163,68 @@ def in_ray_worker() -> bool:
     from ray._private import worker as ray_worker
 
     return getattr(ray_worker.global_worker, "mode", None) == ray_worker.WORKER_MODE
+
+
+#: Trial statuses Tune runs again on resume (``resume_unfinished``): their ends will be reported.
+_UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def resumable_grid(max_concurrent: int, recorded_trials, resume_errored: bool = False):
+    """Tune's grid and random search (``BasicVariantGenerator``), whose restore agrees with the
+    trials Tune restores (``recorded_trials()``: trial id → status in the experiment-state file
+    Tune restores from, or None).
+
+    Tune saves its trials (``experiment_state-*.json``) and this generator's state
+    (``basic-variant-state-*.json``) side by side and uploads them to a bucket in parallel, in the
+    background, so a driver killed mid-upload can leave one newer than the other. Restored as is,
+    the generator may count a trial Tune recorded as finished among those running; with
+    ``max_concurrent`` trials at a time it then never proposes the next one and Tune waits for it
+    forever (``TuneController._update_trial_queue``); or it proposes again, under the same id, a
+    trial Tune already has. After restoring, the generator's running trials are those Tune runs
+    again, it skips every trial Tune already has, and its limit is this run's ``max_concurrent``
+    (the saved state carries the old one). A trial it had proposed that Tune never recorded cannot
+    be proposed again (its variant is spent): named in a warning, and missing from the results.
+    Private API: the generator's ``_live_trials``, ``_iterators`` (``counter``), ``_uuid_prefix``.
+    Public alternative: none (Tune restores the two files independently)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    again = _UNFINISHED + (("ERROR",) if resume_errored else ())
+
+    class ResumableGrid(BasicVariantGenerator):
+        def restore_from_dir(self, dirpath: str):
+            limit = self.max_concurrent
+            super().restore_from_dir(dirpath)
+            self.max_concurrent = limit
+            recorded = recorded_trials()
+            if recorded is None or not self._iterators:
+                return
+            proposed = {f"{self._uuid_prefix}{i:05d}" for i in range(self._iterators[-1].counter)}
+            lost = sorted(proposed - set(recorded))
+            if lost:
+                log.warning("tune: %d trial(s) the interrupted sweep had begun were never recorded in its state "
+                            "(%s); they are not run again and are missing from results.csv", len(lost),
+                            ", ".join(lost))
+            self._live_trials = {i for i, status in recorded.items() if status in again}
+            while not self.is_finished():  # past the trials Tune restored: never the same id twice
+                if f"{self._uuid_prefix}{self._iterators[-1].counter:05d}" not in recorded:
+                    break
+                live, self.max_concurrent = set(self._live_trials), 0
+                try:
+                    self.next_trial()
+                finally:
+                    self.max_concurrent, self._live_trials = limit, live
+
+    return ResumableGrid(max_concurrent=max_concurrent)
+
+
+def replace_restored_search(tuner, search_alg) -> None:
+    """Give a restored ``tune.Tuner`` this run's search algorithm: ``Tuner.restore`` takes the whole
+    TuneConfig from the sweep's ``tuner.pkl`` (the search and its concurrency as the sweep began).
+    Private API: ``Tuner._local_tuner._tune_config``. Public alternative: none (restore takes no
+    TuneConfig)."""
+    internal = tuner._local_tuner
+    internal._tune_config = dataclasses.replace(internal._tune_config, search_alg=search_alg,
+                                                max_concurrent_trials=None)
 
 
 # ---- tf_keras ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ is :mod:`xray_dist.training.sweep_results`'s.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 import json
 import logging
@@ -246,53 +247,18 @@ def _FinishingASHA(**kwargs):  # noqa: N802 - built lazily: Ray Tune is imported
     return FinishingASHA(**kwargs)
 
 
-#: Trial statuses Tune runs again on resume (``resume_unfinished``): their ends will be reported.
-_UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-
-
-def _ResumableGrid(max_concurrent: int):  # noqa: N802 - built lazily: Ray Tune is imported inside functions here
-    """Tune's grid and random search (``BasicVariantGenerator``), whose restore agrees with the
-    trials Tune restores.
-
-    Tune saves its trials (``experiment_state-*.json``) and this generator's state
-    (``basic-variant-state-*.json``) side by side and uploads them to a bucket in parallel, in the
-    background. A driver killed mid-upload leaves one file newer than the other. Restored as is,
-    the generator still counts a trial the other file records as finished among those running, so
-    with ``max_concurrent`` trials at a time it never proposes the next one and Tune waits for it
-    forever (seen: a resumed sweep looping in ``TuneController._update_trial_queue``); or it
-    proposes again, under the same id, a trial Tune already restored. After restoring, the
-    generator takes the trials Tune will run again as its running ones and skips every trial Tune
-    already has. A trial the generator proposed but Tune never recorded cannot be proposed again
-    (its variant is spent): it is named in a warning, and ``results.csv`` lacks it.
-    """
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    class ResumableGrid(BasicVariantGenerator):
-        def restore_from_dir(self, dirpath: str):
-            super().restore_from_dir(dirpath)
-            states = sorted(Path(dirpath).glob("experiment_state-*.json"))  # named by time: the last is Tune's
-            if not states:
-                return
-            recorded = {}
-            for trial_json, _meta in json.loads(states[-1].read_text())["trial_data"]:
-                t = json.loads(trial_json)
-                recorded[t["trial_id"]] = t["status"]
-            lost = sorted(set(self._live_trials) - set(recorded))
-            if lost:
-                log.warning("tune: %d trial(s) the interrupted sweep had begun were never recorded in its state "
-                            "(%s); they are not run again", len(lost), ", ".join(lost))
-            self._live_trials = {i for i, status in recorded.items() if status in _UNFINISHED}
-            while not self.is_finished():  # past the trials Tune restored: never the same id twice
-                if f"{self._uuid_prefix}{self._iterators[-1].counter:05d}" not in recorded:
-                    break
-                live = set(self._live_trials)
-                self.max_concurrent, limit = 0, self.max_concurrent
-                try:
-                    self.next_trial()
-                finally:
-                    self.max_concurrent, self._live_trials = limit, live
-
-    return ResumableGrid(max_concurrent=max_concurrent)
+def _recorded_trials(tune_path: str):
+    """A callable giving trial id → status in the sweep's newest ``experiment_state-*.json``: the
+    file Tune restores its trials from (the newest name, in the sweep's own storage, not a local
+    copy a killed driver may have left newer)."""
+    def recorded() -> dict[str, str] | None:
+        names = [e.rel for e in storage.list_files(tune_path)
+                 if "/" not in e.rel and fnmatch.fnmatch(e.rel, "experiment_state-*.json")]
+        if not names:
+            return None
+        state = json.loads(storage.read_text(storage.join(tune_path, max(names))))
+        return {(t := json.loads(trial))["trial_id"]: t["status"] for trial, _ in state["trial_data"]}
+    return recorded
 
 
 def sweep(cfg: SweepConfig) -> dict:
@@ -371,11 +337,16 @@ def _tune_config(cfg: SweepConfig, max_conc: int, num_samples: int, reuse: bool)
             raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
         search_alg = OptunaSearch()
     else:  # Tune's own grid and random search, with a restore that agrees with Tune's trials
-        search_alg, max_conc = _ResumableGrid(max_conc), None
+        search_alg, max_conc = _grid(cfg, max_conc), None
     return tune.TuneConfig(metric=cfg.base.metric, mode="max", num_samples=num_samples, scheduler=scheduler,
                            search_alg=search_alg, max_concurrent_trials=max_conc, reuse_actors=reuse,
                            # W0-K2-D1-lr1e-3_00000: in results.csv, the report and on disk
                            trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+
+
+def _grid(cfg: SweepConfig, max_conc: int):
+    """Grid and random search: Tune's generator, whose restore agrees with Tune's restored trials."""
+    return compat.resumable_grid(max_conc, _recorded_trials(storage.join(cfg.out, SWEEP_NAME)), cfg.resume_errored)
 
 
 def _tuner(cfg: SweepConfig, setup: TrialSetup, max_conc: int):
@@ -393,8 +364,11 @@ def _tuner(cfg: SweepConfig, setup: TrialSetup, max_conc: int):
     root_path, root_fs = storage.ray_storage(cfg.out)
     if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         log.info("resuming the sweep in %s", path)
-        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=cfg.resume_errored,
-                                  param_space=space, storage_filesystem=tune_fs)
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=cfg.resume_errored,
+                                   param_space=space, storage_filesystem=tune_fs)
+        if cfg.search != "optuna":  # this run's generator and --max-concurrent, whatever the sweep began with
+            compat.replace_restored_search(tuner, _grid(cfg, max_conc))
+        return tuner
     return tune.Tuner(
         trainable, param_space=space, tune_config=tune_config,
         run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=root_path, storage_filesystem=root_fs,
