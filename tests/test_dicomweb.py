@@ -301,7 +301,7 @@ def test_at_most_dicomweb_connections_retrieve_at_once(archive, stored, credenti
     """``--dicomweb-connections N``: the archive never sees more than N retrieves at once (counted by
     a gateway that holds each one 0.25 s, so that they overlap wherever they may): 1 with 1, and
     with 3 more than one but never more than 3, on a cluster with 4 CPUs for decode tasks. Each
-    instance is asked for as stored (Orthanc would gzip it on its own CPU: 8 times slower here)."""
+    instance is asked for as stored (Orthanc would gzip it on its own CPU)."""
     from xray_dist.cli import app as cli
 
     syn, _, sop_of = stored

@@ -155,8 +155,8 @@ def _session(creds: Credentials, as_stored: bool = False) -> requests.Session:
 
     s = _ArchiveSession()
     if as_stored:  # instances, not gzipped: requests asks for gzip by default, and Orthanc then
-        # compresses each one on the archive's CPU (an 8.4 MB radiograph: our retrieve 650 ms instead
-        # of 77 ms on loopback), for a quarter off the bytes of raw pixels and nothing off JPEG 2000
+        # compresses each one on the archive's CPU (BENCHMARKS.md, DICOMweb), for a quarter off the
+        # bytes of raw pixels and nothing off JPEG 2000
         s.headers["Accept-Encoding"] = "identity"
     if creds.token:
         s.auth = _Bearer()
