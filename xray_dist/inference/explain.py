@@ -54,9 +54,13 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
     import tensorflow as tf
     import tf_keras as keras
 
-    from xray_dist.model.network import two_class_probabilities
+    from xray_dist.model.network import scorer
 
     model = lm.model
+    # the probabilities, and the class explained by default, come from the forward pass predict
+    # uses, so explain.csv reports predict's numbers exactly; the pass below is for the gradient
+    probs = lm.scheme.probabilities(scorer(model)(images)).astype(np.float64)
+    target = (np.argmax(probs, axis=1) if class_index is None else np.full(len(images), class_index)).astype(np.int32)
     base = model.get_layer("vgg16")
     inner = keras.Model(base.input, [base.get_layer(LAST_CONV).output, base.output])
     head = [model.get_layer(n) for n in ("gap", "head_dense") if n in {layer.name for layer in model.layers}]
@@ -68,18 +72,9 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
         for layer in head:  # dropout is the identity at inference and is skipped
             h = layer(h)
         z = tf.matmul(tf.cast(h, tf.float32), logits.kernel) + logits.bias  # pre-activation scores
-        if lm.scheme.multilabel:  # independent findings: each one's own logit and probability
-            probs = tf.sigmoid(z)
-            scores = z
-        elif z.shape[-1] == 1:
-            probs = two_class_probabilities(tf.sigmoid(z))
-            scores = tf.concat([-z, z], axis=-1)  # the logit of each class: -z for the negative one
-        else:
-            probs = tf.nn.softmax(z, axis=-1)
-            scores = z
-        target = (tf.argmax(probs, axis=1, output_type=tf.int32) if class_index is None
-                  else tf.fill([tf.shape(z)[0]], class_index))
-        chosen = tf.gather(scores, target, batch_dims=1)
+        # the pre-activation score of each class (or finding): -z for a binary model's negative class
+        scores = tf.concat([-z, z], axis=-1) if z.shape[-1] == 1 and not lm.scheme.multilabel else z
+        chosen = tf.gather(scores, tf.constant(target), batch_dims=1)
     grads = tape.gradient(chosen, conv)
     weights = tf.cast(tf.reduce_mean(grads, axis=(1, 2), keepdims=True), tf.float32)  # bfloat16 under --precision
     cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(conv, tf.float32), axis=-1))[..., None]
@@ -87,7 +82,7 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
     cam = tf.image.resize(cam, (size, size), method="bilinear")[..., 0].numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
     cam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0)
-    return np.clip(cam, 0.0, 1.0).astype(np.float32), target.numpy(), probs.numpy().astype(np.float64)
+    return np.clip(cam, 0.0, 1.0).astype(np.float32), target, probs
 
 
 def _unique_names(files: list[str], redact: bool = False) -> list[str]:

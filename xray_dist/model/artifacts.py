@@ -216,7 +216,10 @@ def load_run_model(run: str | Path, precision: str = "float32") -> LoadedModel:
 def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32, calibrated: bool = True) -> np.ndarray:
     """``(n, K)`` probabilities: of each class, or (multi-label) of each finding; at the model's
     calibration temperature when it has one (``calibrated=False``: as the network gives them)."""
-    outs = [np.asarray(lm.model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)]
+    from xray_dist.model.network import scorer  # TensorFlow: a model is loaded already
+
+    run = scorer(lm.model)
+    outs = [run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     probs = lm.scheme.probabilities(np.concatenate(outs)) if outs else np.zeros((0, lm.scheme.num_classes))
     if calibrated and lm.temperature is not None and len(probs):
         return calibration.apply(probs, lm.temperature, lm.scheme.multilabel)

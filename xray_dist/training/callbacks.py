@@ -80,10 +80,14 @@ class ValidationSet:
 
 
 def score(model, batches, scheme: ClassScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities ``(n, K)``, labels and paths for ``(x, label, path)`` batches, with direct model calls."""
+    """Probabilities ``(n, K)``, labels and paths for ``(x, label, path)`` batches, through the
+    compiled forward pass predict uses (:func:`~xray_dist.model.network.scorer`)."""
+    from xray_dist.model.network import scorer  # TensorFlow: in the training process
+
+    run = scorer(model)
     probs, labels, paths = [], [], []
     for x, y, p in batches:
-        probs.append(np.asarray(model(x, training=False), dtype=np.float64))
+        probs.append(run(x).astype(np.float64))
         labels.append(y)
         paths.append(np.asarray(p, dtype=str))
     return scheme.probabilities(np.concatenate(probs)), np.concatenate(labels).astype(int), np.concatenate(paths)

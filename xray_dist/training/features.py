@@ -52,14 +52,15 @@ class _Extractor:
     def __init__(self, image_size: int, weights: str, seed: int, unfreeze_blocks: int, precision: str = "float32"):
         import tf_keras as keras  # TensorFlow: in the extracting process only
 
-        from xray_dist.model.network import frozen_part  # imports TensorFlow
+        from xray_dist.model.network import frozen_part, scorer  # imports TensorFlow
 
         keras.utils.set_random_seed(seed)  # weights="none": the same random base as the uncached model
         with keras_policy(precision):  # the driver's resolved choice, whatever this node's CPU
             self.model = frozen_part(image_size, weights, unfreeze_blocks)
+        self.run = scorer(self.model)
 
     def __call__(self, batch: dict) -> dict:
-        x = np.asarray(self.model(batch["image"], training=False), dtype=np.float32)
+        x = self.run(batch["image"]).astype(np.float32)
         return {"path": batch["path"], "x": x}
 
 
@@ -167,12 +168,13 @@ def _extract_here(job: Extraction) -> list:
     import tf_keras as keras  # TensorFlow: in the extracting process only
     from ray.data.block import BlockAccessor
 
-    from xray_dist.model.network import frozen_part  # imports TensorFlow
+    from xray_dist.model.network import frozen_part, scorer  # imports TensorFlow
 
     size = load_spec(job.cache).image_size
     keras.utils.set_random_seed(job.seed)  # weights="none": the same random base as the uncached model
     with keras_policy(job.precision):
         model = frozen_part(size, job.weights, job.unfreeze_blocks)
+    run = scorer(model)
     storage.makedirs(job.shards)
     dset = images_dataset(job.cache)
     ok = pc.field("error").is_null() | (pc.field("error") == "")
@@ -184,7 +186,7 @@ def _extract_here(job: Extraction) -> list:
             images = tensor_column_to_numpy(rb.column("image"), size)
             x = []
             for j in range(0, len(images), 32):
-                x.append(np.asarray(model(images[j : j + 32], training=False), dtype=np.float32))
+                x.append(run(images[j : j + 32]).astype(np.float32))
                 bar.update(len(x[-1]))
             block = BlockAccessor.batch_to_block({"path": np.asarray(rb.column("path").to_pylist(), dtype=object),
                                                   "x": np.concatenate(x)})
