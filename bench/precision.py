@@ -133,24 +133,24 @@ def matmul_peaks(n: int = 2048, seconds: float = 2.5) -> dict:
 
 
 def bench_extract(image_size: int, batch: int, seconds: float, peaks: dict) -> dict:
-    """Images/s of the frozen VGG16 base (depth 0, random weights) built in each precision,
-    one batch of uint8 images per call, the two alternating batch by batch."""
-    import tensorflow as tf
+    """Images/s of the frozen VGG16 base (depth 0, random weights) built in each precision, through
+    the forward pass extraction uses (:func:`xray_dist.model.network.scorer`), one batch of uint8
+    images per call, the two alternating batch by batch."""
     import tf_keras as keras
 
-    from xray_dist.model.network import frozen_part
+    from xray_dist.model.network import frozen_part, scorer
     from xray_dist.model.precision import keras_policy
 
-    x = tf.constant(np.random.default_rng(0).integers(0, 255, (batch, image_size, image_size), dtype=np.uint8))
+    x = np.random.default_rng(0).integers(0, 255, (batch, image_size, image_size), dtype=np.uint8)
     fns, outs = {}, {}
     for p in PRECISIONS:
         keras.utils.set_random_seed(0)
         with keras_policy(p) as chosen:
             model = frozen_part(image_size, "none", 0)
-        fn = tf.function(lambda images, m=model: m(images, training=False))
+        fn = scorer(model)
         for _ in range(2):  # trace, warm up
-            outs[p] = fn(x).numpy().astype(np.float32)
-        fns[p] = (fn, chosen.policy)
+            outs[p] = fn(x).astype(np.float32)
+        fns[p] = (fn, chosen.policy, model)  # the scorer holds its model weakly
 
     def call(p):
         def one():
@@ -175,15 +175,15 @@ def bench_extract(image_size: int, batch: int, seconds: float, peaks: dict) -> d
 
 
 def bench_predict(files: list[str], run: Path, work: Path) -> dict:
-    """``predict_files(engine="local")`` images/s in each precision: two runs each, alternating
-    (float32, bfloat16, float32, bfloat16); the better run of each counts."""
+    """``predict_files(engine="local")`` images/s in each precision: three runs each, alternating
+    (float32, bfloat16, float32, ...); the best run of each counts (a 2-core VM's runs vary by 30 %)."""
     from xray_dist.config import PreprocessSpec
     from xray_dist.data.dicom import load_image
     from xray_dist.inference.predict import predict_files
     from xray_dist.model.artifacts import model_dir_of, read_spec
 
     res: dict = {"files": len(files), "seconds": {p: [] for p in PRECISIONS}}
-    for i in range(2):
+    for i in range(3):
         for p in PRECISIONS:
             t0 = time.perf_counter()
             rows = predict_files(str(run), files, str(work / f"prec_predict_{p}_{i}.csv"), engine="local",

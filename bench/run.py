@@ -82,7 +82,7 @@ SETTINGS = {
     # quick: under 10 minutes on 2 cores
     True: {"size": 2048, "n_unc": 56, "n_j2k": 10, "input_epochs": 3, "image_size": 224, "batch": 16,
            "sweep_epochs": 6, "head_widths": [0, 16, 64, 256], "prepare_copies": 2,
-           "precision": {"matmul_n": 2048, "matmul_seconds": 2.5, "extract_seconds": 8, "agree_px": 64,
+           "precision": {"matmul_n": 2048, "matmul_seconds": 2.5, "extract_seconds": 15, "agree_px": 64,
                          "train_epochs": 6, "train_unfreeze": 5, "train_lr": 1e-4, "sweep_widths": [0, 16, 64],
                          "sweep_depths": [0, 1], "sweep_epochs": 4, "sweep_lr": 1e-3}},
     False: {"size": 2048, "n_unc": 128, "n_j2k": 24, "input_epochs": 4, "image_size": 224, "batch": 16,

@@ -81,3 +81,48 @@ def test_an_archive_is_read_with_at_most_its_connections(monkeypatch):
     assert predict_mod.decode_threads(files) == predict_mod.dicomweb.CONNECTIONS
     assert predict_mod.decode_threads(["/a.dcm"] * 100) == 64
     assert predict_mod.decode_threads(["/a.dcm"]) == 1
+
+
+def test_files_decode_while_the_model_loads_and_stop_when_it_cannot(two_worker_run, synth_binary, tmp_path,
+                                                                   monkeypatch):
+    """The local engine starts decoding before it loads the model: here the model's loading waits
+    until a file has been read (it would time out if decoding waited for the model). A model that
+    cannot load stops the decoding it started: no file starts after the error, and the error is
+    the model's."""
+    from xray_dist.errors import ModelSpecError
+
+    _, _, run = two_worker_run
+    files = _files(synth_binary, tmp_path, 30)
+    started: list[str] = []
+    first = threading.Event()
+    real_read, real_load = predict_mod.load_image, predict_mod.load_run_model
+
+    def read(path, spec):
+        started.append(path)
+        first.set()
+        time.sleep(0.05)  # a slow file system: the files take longer than the model
+        return real_read(path, spec)
+
+    def load(*a, **k):
+        assert first.wait(20), "no file was decoding while the model loaded"
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(predict_mod, "load_image", read)
+    monkeypatch.setattr(predict_mod, "load_run_model", load)
+    rows = predict_mod.predict_files(run, files, tmp_path / "p.csv", engine="local", batch_size=4,
+                                     precision="float32")
+    assert len(rows) == len(files) and sorted(started) == sorted(files)
+
+    def broken(*a, **k):
+        assert first.wait(20)
+        raise ModelSpecError("model/weights.h5: not a weights file")
+
+    started.clear()
+    first.clear()
+    monkeypatch.setattr(predict_mod, "load_run_model", broken)
+    with pytest.raises(ModelSpecError, match="not a weights file"):
+        predict_mod.predict_files(run, files, tmp_path / "q.csv", engine="local", batch_size=4, precision="float32")
+    n = len(started)
+    time.sleep(0.5)
+    assert len(started) == n and 0 < n < 3 * 4  # of the three chunks submitted ahead, the unstarted were cancelled
+    assert not (tmp_path / "q.csv").exists()

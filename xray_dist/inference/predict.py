@@ -34,7 +34,8 @@ from xray_dist.errors import DicomReadError
 from xray_dist.infra import storage
 from xray_dist.infra.console import Progress
 from xray_dist.infra.runtime import init_ray
-from xray_dist.model.artifacts import load_run_model, model_dir_of, predict_arrays, read_spec, spec_thresholds
+from xray_dist.model.artifacts import (load_run_model, model_dir_of, predict_arrays, read_spec, ready_scorer,
+                                      run_preprocess, spec_thresholds)
 
 log = logging.getLogger(__name__)
 
@@ -97,42 +98,60 @@ def decode_threads(files: list[str]) -> int:
     return max(1, min(n, len(files)))
 
 
-def decoded_batches(files: list[str], rels: list[str], spec: PreprocessSpec, what: str, batch_size: int,
-                    names: PathNames = PathNames(), threads: int | None = None
-                    ) -> Iterator[tuple[int, list[str], list[tuple[int, np.ndarray]]]]:
+class decoded_batches:  # noqa: N801 - used as the generator it was
     """Every file read as the model sees it, ``batch_size`` files at a time, in input order: per
     chunk ``(start, errors, good)``: each file's error (``kind: reason``, empty when read; the file
     named as ``names`` names it) and the ``(index, image)`` of each readable one. ``threads`` files
-    are decoded at once, and the next three chunks are decoding while the caller uses this one (the
-    model runs in TensorFlow's threads meanwhile); only those chunks are held, whatever the number
-    of files. A bad file is logged (one line) and the rest go on, whatever the failure."""
-    threads = threads or decode_threads(files)
-    starts = list(range(0, len(files), batch_size))
+    are decoded at once, from the moment this is made (so a model can load meanwhile), and the next
+    three chunks are decoding while the caller uses this one (the model runs in TensorFlow's
+    threads meanwhile); only those chunks are held, whatever the number of files. A bad file is
+    logged (one line) and the rest go on, whatever the failure. Iterate it once, or ``close()`` it
+    (a ``with`` block does) to cancel what is left."""
 
-    def read(i: int):
+    def __init__(self, files: list[str], rels: list[str], spec: PreprocessSpec, what: str, batch_size: int,
+                 names: PathNames = PathNames(), threads: int | None = None):
+        self.files, self.rels, self.spec, self.what, self.names = files, rels, spec, what, names
+        self.starts = list(range(0, len(files), batch_size))
+        self.size = batch_size
+        self.pool = ThreadPoolExecutor(threads or decode_threads(files))
+        self.ahead: deque = deque(self._submit(start) for start in self.starts[:3])
+
+    def _read(self, i: int):
         try:
-            return load_image(files[i], spec), ""
+            return load_image(self.files[i], self.spec), ""
         except Exception as e:  # noqa: BLE001 - DicomReadError, or anything else: a row with its reason
-            return None, names.scrub(file_error(e), files[i], rels[i])
+            return None, self.names.scrub(file_error(e), self.files[i], self.rels[i])
 
-    with Progress(len(files), f"{what}: read") as bar, ThreadPoolExecutor(threads) as pool:
-        ahead: deque = deque()
-        for start in starts[:3]:
-            ahead.append([pool.submit(read, i) for i in range(start, min(start + batch_size, len(files)))])
-        for k, start in enumerate(starts):
-            errors, good = [], []
-            for j, fut in enumerate(ahead.popleft()):
-                img, err = fut.result()
-                errors.append(err)
-                if err:
-                    log.warning("%s: %s: %s", what, names.name(rels[start + j]), err)
-                else:
-                    good.append((start + j, img))
-                bar.update()
-            if k + 3 < len(starts):
-                nxt = starts[k + 3]
-                ahead.append([pool.submit(read, i) for i in range(nxt, min(nxt + batch_size, len(files)))])
-            yield start, errors, good
+    def _submit(self, start: int) -> list:
+        return [self.pool.submit(self._read, i) for i in range(start, min(start + self.size, len(self.files)))]
+
+    def __iter__(self) -> Iterator[tuple[int, list[str], list[tuple[int, np.ndarray]]]]:
+        try:
+            with Progress(len(self.files), f"{self.what}: read") as bar:
+                for k, start in enumerate(self.starts):
+                    errors, good = [], []
+                    for j, fut in enumerate(self.ahead.popleft()):
+                        img, err = fut.result()
+                        errors.append(err)
+                        if err:
+                            log.warning("%s: %s: %s", self.what, self.names.name(self.rels[start + j]), err)
+                        else:
+                            good.append((start + j, img))
+                        bar.update()
+                    if k + 3 < len(self.starts):
+                        self.ahead.append(self._submit(self.starts[k + 3]))
+                    yield start, errors, good
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "decoded_batches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load_inputs(files: list[str], rels: list[str], spec: PreprocessSpec, what: str,
@@ -182,13 +201,17 @@ def predict_files(run: str | Path, inputs: list[str], out_csv: str | Path, *, ba
         scheme, spec, errors, probs = _predict_with_ray(run, files, rels, names, batch_size, address, num_cpus,
                                                         precision)
     else:
-        lm = load_run_model(run, precision)
-        scheme, spec = lm.scheme, lm.spec
-        errors, probs = [], np.full((len(files), scheme.num_classes), np.nan)
-        for _, errs, good in decoded_batches(files, rels, lm.preprocess, "predict", batch_size, names):
-            errors += errs  # the model scores this chunk while the next ones decode
-            if good:
-                probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
+        # the files start decoding first (the run's preprocessing is in its spec), while the model
+        # loads and its forward pass is compiled; then it scores each chunk while the next ones decode
+        with decoded_batches(files, rels, run_preprocess(run), "predict", batch_size, names) as chunks:
+            lm = load_run_model(run, precision)
+            ready_scorer(lm.model)
+            scheme, spec = lm.scheme, lm.spec
+            errors, probs = [], np.full((len(files), scheme.num_classes), np.nan)
+            for _, errs, good in chunks:
+                errors += errs
+                if good:
+                    probs[[i for i, _ in good]] = predict_arrays(lm, np.stack([img for _, img in good]), batch_size)
     threshold, thresholds = spec_thresholds(spec)
     rows = [{"path": names.name(rel), "prediction": "", "error": err} for rel, err in zip(rels, errors)]
     for i, row in enumerate(rows):

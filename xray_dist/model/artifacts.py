@@ -213,6 +213,19 @@ def load_run_model(run: str | Path, precision: str = "float32") -> LoadedModel:
                        spec_thresholds(spec)[0], spec, chosen.name)
 
 
+def run_preprocess(run: str | Path) -> PreprocessSpec:
+    """How a run's model reads files (its spec's preprocessing), without loading the model."""
+    return PreprocessSpec.from_dict(read_spec(model_dir_of(run))["preprocess"])
+
+
+def ready_scorer(model) -> None:
+    """Compile ``model``'s forward pass (:func:`~xray_dist.model.network.scorer`) now, before its
+    first batch (the part that is Python: tracing; it overlaps with decoding files)."""
+    from xray_dist.model.network import scorer  # TensorFlow: a model is loaded already
+
+    scorer(model).trace()
+
+
 def predict_arrays(lm: LoadedModel, images: np.ndarray, batch_size: int = 32, calibrated: bool = True) -> np.ndarray:
     """``(n, K)`` probabilities: of each class, or (multi-label) of each finding; at the model's
     calibration temperature when it has one (``calibrated=False``: as the network gives them)."""

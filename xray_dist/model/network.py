@@ -240,17 +240,26 @@ def scorer(model: keras.Model):
     eager calls in bfloat16 on a CPU spend about as long between operations as in them."""
     fn = _SCORERS.get(model)
     if fn is None:
+        fn = _SCORERS[model] = _Scorer(model)
+    return fn
+
+
+class _Scorer:
+    """:func:`scorer`'s function: one ``tf.function`` over any batch size of the model's input."""
+
+    def __init__(self, model: keras.Model):
         ref = weakref.ref(model)  # the cache must not keep the model alive
         spec = model.inputs[0]
-        fn = tf.function(lambda x: ref()(x, training=False),
-                         input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
-        _SCORERS[model] = fn
-    dtype = model.inputs[0].dtype.as_numpy_dtype
+        self.dtype = spec.dtype.as_numpy_dtype
+        self.fn = tf.function(lambda x: ref()(x, training=False),
+                              input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
 
-    def run(x) -> np.ndarray:
-        return fn(np.asarray(x, dtype=dtype)).numpy()
+    def trace(self) -> None:
+        """Build the graph now rather than at the first batch."""
+        self.fn.get_concrete_function()
 
-    return run
+    def __call__(self, x) -> np.ndarray:
+        return self.fn(np.asarray(x, dtype=self.dtype)).numpy()
 
 
 _SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
