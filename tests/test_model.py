@@ -131,3 +131,29 @@ class TestTopModel:
         tf_keras.utils.set_random_seed(8)
         other = self.weighted(build_top_model(spec, (4, 4, 256), weights, seed=8))
         assert not np.array_equal(other["logits"][0], top_w["logits"][0])
+
+
+def test_the_compiled_forward_pass_is_the_model_and_lets_it_go():
+    """network.scorer: the same numbers as the model's own call at any batch size and split into
+    batches (float32 here, where compiled and eager agree to rounding), (n, S, S, 1) images read as
+    (n, S, S); one compiled function per model, and a model nobody holds is freed with its entry."""
+    import gc
+    import weakref
+
+    from xray_dist.model import network
+
+    tf_keras.utils.set_random_seed(0)
+    cached = len(network._SCORERS)
+    model = build_model(ModelSpec(image_size=32, num_outputs=3, head_width=8))
+    x = np.random.default_rng(0).integers(0, 256, (7, 32, 32), dtype=np.uint8)
+    run = network.scorer(model)
+    assert network.scorer(model) is run
+    whole = run(x)
+    np.testing.assert_allclose(whole, np.asarray(model(x, training=False)), atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([run(x[:3]), run(x[3:])]), whole)
+    np.testing.assert_array_equal(run(x[..., None]), whole)
+    assert run.fn.experimental_get_tracing_count() == 1  # one graph for batches of 7, 3, 4
+    ref = weakref.ref(model)
+    del model, run
+    gc.collect()
+    assert ref() is None and len(network._SCORERS) == cached

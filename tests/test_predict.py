@@ -109,6 +109,7 @@ def test_files_decode_while_the_model_loads_and_stop_when_it_cannot(two_worker_r
 
     monkeypatch.setattr(predict_mod, "load_image", read)
     monkeypatch.setattr(predict_mod, "load_run_model", load)
+    monkeypatch.setattr(predict_mod, "decode_threads", lambda files: 2)  # fewer than the 12 reads queued
     rows = predict_mod.predict_files(run, files, tmp_path / "p.csv", engine="local", batch_size=4,
                                      precision="float32")
     assert len(rows) == len(files) and sorted(started) == sorted(files)

@@ -58,7 +58,8 @@ def gradcam(lm: LoadedModel, images: np.ndarray, class_index: int | None = None)
 
     model = lm.model
     # the probabilities, and the class explained by default, come from the forward pass predict
-    # uses, so explain.csv reports predict's numbers exactly; the pass below is for the gradient
+    # uses, so explain.csv gives the network's probabilities exactly as predict computes them
+    # (before a calibration temperature, which explain does not apply); the pass below is for the gradient
     probs = lm.scheme.probabilities(scorer(model)(images)).astype(np.float64)
     target = (np.argmax(probs, axis=1) if class_index is None else np.full(len(images), class_index)).astype(np.int32)
     base = model.get_layer("vgg16")

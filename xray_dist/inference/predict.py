@@ -113,7 +113,7 @@ class decoded_batches:  # noqa: N801 - used as the generator it was
         self.files, self.rels, self.spec, self.what, self.names = files, rels, spec, what, names
         self.starts = list(range(0, len(files), batch_size))
         self.size = batch_size
-        self.pool = ThreadPoolExecutor(threads or decode_threads(files))
+        self.pool, self.closed = ThreadPoolExecutor(threads or decode_threads(files)), False
         self.ahead: deque = deque(self._submit(start) for start in self.starts[:3])
 
     def _read(self, i: int):
@@ -126,6 +126,8 @@ class decoded_batches:  # noqa: N801 - used as the generator it was
         return [self.pool.submit(self._read, i) for i in range(start, min(start + self.size, len(self.files)))]
 
     def __iter__(self) -> Iterator[tuple[int, list[str], list[tuple[int, np.ndarray]]]]:
+        if self.closed:
+            raise RuntimeError("decoded_batches: iterated once already, or closed")
         try:
             with Progress(len(self.files), f"{self.what}: read") as bar:
                 for k, start in enumerate(self.starts):
@@ -145,7 +147,10 @@ class decoded_batches:  # noqa: N801 - used as the generator it was
             self.close()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel the reads not started; those running finish in their threads (an archive's
+        request is not waited for)."""
+        self.closed = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "decoded_batches":
         return self

@@ -225,8 +225,6 @@ def trainable_parameters(model: keras.Model) -> int:
     return int(sum(int(tf.size(w)) for w in model.trainable_weights))
 
 
-
-
 def scorer(model: keras.Model):
     """``model``'s forward pass at inference (``training=False``), compiled once per model for any
     batch size: ``scorer(model)(x)`` → a NumPy array.
@@ -237,29 +235,34 @@ def scorer(model: keras.Model):
     a compiled graph fuses each convolution with its bias and activation, and in bfloat16 that
     rounds differently from layer-by-layer eager calls (by up to 1e-3 in a probability), while
     between compiled graphs of the same layers the numbers are the same. It is also the fast way:
-    eager calls in bfloat16 on a CPU spend about as long between operations as in them."""
+    eager calls in bfloat16 on a CPU spend about as long between operations as in them.
+
+    The cache holds the model weakly: keep the model while you use its scorer."""
     fn = _SCORERS.get(model)
     if fn is None:
-        fn = _SCORERS[model] = _Scorer(model)
+        fn = _SCORERS[model] = _CompiledForward(model)
     return fn
 
 
-class _Scorer:
+class _CompiledForward:
     """:func:`scorer`'s function: one ``tf.function`` over any batch size of the model's input."""
 
     def __init__(self, model: keras.Model):
         ref = weakref.ref(model)  # the cache must not keep the model alive
         spec = model.inputs[0]
-        self.dtype = spec.dtype.as_numpy_dtype
-        self.fn = tf.function(lambda x: ref()(x, training=False),
-                              input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+        self.dtype, self.shape = spec.dtype.as_numpy_dtype, tuple(spec.shape[1:])
+        self.fn = tf.function(lambda x: ref()(x, training=False), autograph=False,
+                              input_signature=[tf.TensorSpec((None, *self.shape), spec.dtype)])
 
     def trace(self) -> None:
         """Build the graph now rather than at the first batch."""
         self.fn.get_concrete_function()
 
     def __call__(self, x) -> np.ndarray:
-        return self.fn(np.asarray(x, dtype=self.dtype)).numpy()
+        x = np.asarray(x, dtype=self.dtype)
+        if x.ndim == len(self.shape) + 2 and x.shape[-1] == 1:  # (n, S, S, 1) images: the model takes (n, S, S)
+            x = x[..., 0]
+        return self.fn(x).numpy()
 
 
 _SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

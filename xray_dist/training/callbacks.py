@@ -1,8 +1,8 @@
 """What happens at the end of each epoch on a worker: the Keras callbacks of :func:`train_loop`.
 
 :class:`WeightsInSync` (first): every rank hashes its trainable weights and compares them with
-rank 0's. The epoch reporter (then): rank 0 scores the whole validation split with direct model
-calls (no collectives; :class:`ValidationSet`), computes the metrics of
+rank 0's. The epoch reporter (then): rank 0 scores the whole validation split through the
+compiled forward pass predict uses (no collectives; :class:`ValidationSet`), computes the metrics of
 :mod:`xray_dist.results.metrics`, writes the checkpoint (weights, optimizer and RNG state, the
 epoch history, validation scores), TensorBoard scalars and the MLflow epoch; every worker then
 reports (a barrier). Each epoch is recorded once: the history travels inside the checkpoint.

@@ -43,7 +43,9 @@ def features_key(cache: str | Path, weights: str, seed: int, unfreeze_blocks: in
     w = weights if weights in ("imagenet", "none") else "sha256:" + storage.content_sha256(weights)
     key = {"images": images_key(cache), "weights": w, "seed": seed if weights == "none" else None,
            "depth": unfreeze_blocks}
-    return stable_hash(key if precision == "float32" else {**key, "precision": precision})
+    # bfloat16 features computed eagerly (before every path went through network.scorer) round
+    # differently from the compiled pass by about 1e-3: a new key, so they are not reused
+    return stable_hash(key if precision == "float32" else {**key, "precision": precision, "pass": "compiled"})
 
 
 class _Extractor:
