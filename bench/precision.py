@@ -177,10 +177,9 @@ def bench_extract(image_size: int, batch: int, seconds: float, peaks: dict) -> d
 def bench_predict(files: list[str], run: Path, work: Path) -> dict:
     """``predict_files(engine="local")`` images/s in each precision: three runs each, alternating
     (float32, bfloat16, float32, ...); the best run of each counts (a 2-core VM's runs vary by 30 %)."""
-    from xray_dist.config import PreprocessSpec
     from xray_dist.data.dicom import load_image
     from xray_dist.inference.predict import predict_files
-    from xray_dist.model.artifacts import model_dir_of, read_spec
+    from xray_dist.model.artifacts import run_preprocess
 
     res: dict = {"files": len(files), "seconds": {p: [] for p in PRECISIONS}}
     for i in range(3):
@@ -194,8 +193,7 @@ def bench_predict(files: list[str], run: Path, work: Path) -> dict:
         res[f"images_per_s_{p}"] = len(files) / min(res["seconds"][p])
     res["bf16_ratio"] = res["images_per_s_bfloat16"] / res["images_per_s_float32"]
     # the part no precision changes: reading and resizing every file, as predict does (one pass)
-    spec = read_spec(model_dir_of(run))
-    pre = PreprocessSpec.from_dict(spec["preprocess"])
+    pre = run_preprocess(run)
     t0 = time.perf_counter()
     for f in files:
         load_image(f, pre)

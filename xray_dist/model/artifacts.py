@@ -214,7 +214,9 @@ def load_run_model(run: str | Path, precision: str = "float32") -> LoadedModel:
 
 
 def run_preprocess(run: str | Path) -> PreprocessSpec:
-    """How a run's model reads files (its spec's preprocessing), without loading the model."""
+    """How a run's model reads files (its spec's preprocessing), without loading the model; a
+    location that cannot work fails here, as :func:`load_run_model` would."""
+    storage.check_location(run)
     return PreprocessSpec.from_dict(read_spec(model_dir_of(run))["preprocess"])
 
 
